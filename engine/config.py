@@ -1,0 +1,70 @@
+"""Engine configuration: one frozen object, built by the caller (CLI/app/tests); the engine never reads env."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_DTYPES = ("float32", "float16", "bfloat16", "auto")
+_KERNEL_BACKENDS = ("auto", "triton", "ref")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Path to a Hugging Face model folder (config.json, *.safetensors, tokenizer files).
+    model: str
+    # "auto" picks cuda when available, else cpu.
+    device: str = "auto"
+    # "auto" = bfloat16 on cuda, float32 on cpu.
+    dtype: str = "auto"
+    # Tokens per KV block; also the prefix cache's granularity (only full blocks are shared).
+    block_size: int = 16
+    # Exact number of KV blocks; wins over kv_cache_bytes and gpu_memory_fraction when set.
+    num_kv_blocks: int | None = None
+    # Bytes for the KV cache (the CPU budget); on GPU the default is a fraction of free memory.
+    kv_cache_bytes: int | None = None
+    # On GPU: the share of total device memory the engine may use (weights + adapters + KV).
+    gpu_memory_fraction: float = 0.9
+    # Most sequences in one step.
+    max_num_seqs: int = 64
+    # Token budget of one step (prefill chunks + decodes); smaller = shorter steps, more chunking.
+    max_num_batched_tokens: int = 2048
+    # Longest prompt + output; None = the model's max_position_embeddings.
+    max_model_len: int | None = None
+    # GPU adapter slots: how many distinct adapters can be in one batch.
+    max_loras: int = 4
+    # CPU tier (pinned memory on GPU hosts) for adapters not currently in a GPU slot.
+    max_cpu_loras: int = 8
+    # Adapters of higher rank are refused; slots are padded to this rank.
+    max_lora_rank: int = 64
+    # Reuse KV of full blocks with the same (salt, adapter, tokens) chain.
+    enable_prefix_caching: bool = True
+    # auto = Triton on CUDA, torch reference on CPU.
+    kernel_backend: str = "auto"
+    # Seed for requests without their own seed (sampling) and for random init in demos.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.max_loras < 0:
+            raise ValueError(f"max_loras must be >= 0, got {self.max_loras}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        if self.max_lora_rank <= 0:
+            raise ValueError(f"max_lora_rank must be positive, got {self.max_lora_rank}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.kernel_backend not in _KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {_KERNEL_BACKENDS}, got {self.kernel_backend!r}")

@@ -1,0 +1,165 @@
+"""The request model shared by scheduler, block manager, model runner and the public outputs. No torch."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.sampling_params import SamplingParams
+
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    lora_name: str  # display name only; never part of a cache key
+    lora_path: str | None = None  # folder with adapter_config.json + adapter_model.safetensors
+    content_hash: str | None = None  # sha256 hex of adapter_model.safetensors; computed from the file if None
+    lora_int_id: int = 0  # unused by us; kept for vLLM users' code
+
+    def __post_init__(self) -> None:
+        if self.content_hash is not None:
+            return
+        if self.lora_path is None:
+            raise ValueError(f"LoRARequest {self.lora_name!r} needs lora_path or content_hash")
+        weights = os.path.join(self.lora_path, ADAPTER_WEIGHTS_FILE)
+        if not os.path.isfile(weights):
+            raise ValueError(f"LoRARequest {self.lora_name!r}: no {ADAPTER_WEIGHTS_FILE} in {self.lora_path}")
+        # The content hash, not the name, keys the adapter cache and the prefix cache: two tenants
+        # naming different weights alike must never share slots or cached blocks.
+        object.__setattr__(self, "content_hash", sha256_file(weights))
+
+    @property
+    def key(self) -> str:
+        assert self.content_hash is not None
+        return self.content_hash
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass(slots=True)
+class Request:
+    """One sequence. With n > 1 each sample is its own Request (same prompt, own index and seed)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_id: int | None = None
+    lora: LoRARequest | None = None
+    cache_salt: str | None = None
+    fairness_key: str = ""
+    # For n > 1: the caller's id and this sample's index in RequestOutput.outputs.
+    parent_id: str | None = None
+    index: int = 0
+    all_token_ids: list[int] = field(default_factory=list)  # prompt + output
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    # Chain hashes of this request's full blocks so far (filled by the block manager).
+    block_hashes: list[bytes] = field(default_factory=list)
+    lora_slot: int = -1  # -1 = base model only
+    status: RequestStatus = RequestStatus.WAITING
+    num_cached_tokens: int = -1  # -1 until first scheduled: prefix-cache hits, in tokens
+    num_preemptions: int = 0
+    stop_reason: int | str | None = None
+    # One dict {token_id: logprob} per output token when params.logprobs is set.
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    # Sampler state (a torch.Generator for seeded requests); opaque here so this module stays torch-free.
+    generator: Any = None
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("prompt must have at least one token")
+        if not self.all_token_ids:
+            self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def adapter_hash(self) -> str | None:
+        return self.lora.content_hash if self.lora is not None else None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.status in (RequestStatus.WAITING, RequestStatus.RUNNING):
+            return None
+        return self.status.value
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length | abort | error | None
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, float]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None
+    prompt: str | None = None
