@@ -1,0 +1,212 @@
+"""Cross-field checks of OpenAI request bodies, and their translation into engine sampling arguments.
+
+Pure functions with no engine import, so every refusal is a plain 400 decided before anything reaches the
+engine (and before a usage row or a rate-limit token is spent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.domain.completions.schemas import ChatCompletionRequest, CompletionRequest, _SamplingFields
+
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 256
+MAX_PROMPT_CHARS = 1_000_000
+
+
+class RequestError(Exception):
+    """An error for the client in OpenAI's envelope; `param` names the offending request field."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_
+
+
+def invalid(param: str, message: str, code: str = "invalid_value") -> RequestError:
+    return RequestError(400, message, param=param, code=code)
+
+
+@dataclass(frozen=True, slots=True)
+class TextPrompt:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPrompt:
+    token_ids: list[int]
+
+
+@dataclass(slots=True)
+class SamplingSpec:
+    """What the engine needs besides the prompt: keyword arguments of `engine.SamplingParams`.
+
+    `max_tokens` None means "up to the context", resolved once the prompt length is known.
+    """
+
+    max_tokens: int | None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise invalid("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+    for s in stops:
+        if not s or len(s) > MAX_STOP_LENGTH:
+            raise invalid("stop", f"each stop sequence must have 1 to {MAX_STOP_LENGTH} characters")
+    return stops
+
+
+def _common(req: _SamplingFields, max_tokens: int | None) -> SamplingSpec:
+    if req.cache_salt is not None:
+        raise invalid("cache_salt", "cache_salt is set by the server from your tenant; do not send it")
+    if req.logit_bias:
+        raise invalid("logit_bias", "logit_bias is not supported", code="unsupported_parameter")
+    if req.stream_options is not None and not req.stream:
+        raise invalid("stream_options", "stream_options is only allowed when stream is true")
+    if max_tokens is not None and req.min_tokens > max_tokens:
+        raise invalid("min_tokens", "min_tokens must not exceed max_tokens")
+    kwargs: dict[str, Any] = {"n": req.n, "temperature": 1.0 if req.temperature is None else req.temperature}
+    optional = {
+        "top_p": req.top_p,
+        "min_p": req.min_p,
+        "seed": req.seed,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+    }
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    # 0 and -1 both mean "no top-k" across OpenAI-compatible servers; the engine's default says the same.
+    if req.top_k is not None and req.top_k > 0:
+        kwargs["top_k"] = req.top_k
+    if req.min_tokens:
+        kwargs["min_tokens"] = req.min_tokens
+    if req.ignore_eos:
+        kwargs["ignore_eos"] = True
+    stops = _stop_list(req.stop)
+    if stops:
+        kwargs["stop"] = stops
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return SamplingSpec(max_tokens=max_tokens, kwargs=kwargs, stream=req.stream, include_usage=include_usage)
+
+
+def completion_spec(req: CompletionRequest) -> SamplingSpec:
+    if req.echo:
+        raise invalid("echo", "echo is not supported", code="unsupported_parameter")
+    if req.suffix:
+        raise invalid("suffix", "suffix is not supported", code="unsupported_parameter")
+    if req.best_of is not None and req.best_of != req.n:
+        raise invalid("best_of", "best_of must equal n when set", code="unsupported_parameter")
+    spec = _common(req, req.max_tokens)
+    if req.logprobs is not None:
+        spec.logprobs = req.logprobs
+        spec.kwargs["logprobs"] = req.logprobs
+    return spec
+
+
+def chat_spec(req: ChatCompletionRequest) -> SamplingSpec:
+    if req.tools:
+        raise invalid("tools", "tools are not supported", code="unsupported_parameter")
+    both = req.max_tokens is not None and req.max_completion_tokens is not None
+    if both and req.max_tokens != req.max_completion_tokens:
+        raise invalid("max_completion_tokens", "max_tokens and max_completion_tokens disagree")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid("top_logprobs", "top_logprobs requires logprobs to be true")
+    spec = _common(req, req.max_completion_tokens or req.max_tokens)
+    if req.logprobs:
+        spec.logprobs = req.top_logprobs or 0
+        spec.kwargs["logprobs"] = spec.logprobs
+    return spec
+
+
+def normalize_prompt(prompt: str | list[Any]) -> TextPrompt | TokenPrompt:
+    """One prompt per request: a string, token ids, or a one-element list of either."""
+    if isinstance(prompt, str):
+        return _text(prompt)
+    if not prompt:
+        raise invalid("prompt", "prompt must not be empty")
+    if all(isinstance(p, int) for p in prompt):
+        return TokenPrompt(list(prompt))
+    if len(prompt) > 1:
+        raise invalid("prompt", "send one prompt per request (batched prompts are not supported)")
+    only = prompt[0]
+    if isinstance(only, str):
+        return _text(only)
+    if isinstance(only, list) and only:
+        return TokenPrompt(list(only))
+    raise invalid("prompt", "prompt must be a string or a non-empty list of token ids")
+
+
+def _text(text: str) -> TextPrompt:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise invalid("prompt", f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+    return TextPrompt(text)
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    """Messages as the chat template wants them: role + plain text content."""
+    out: list[dict[str, str]] = []
+    total = 0
+    for i, m in enumerate(req.messages):
+        if m.content is None:
+            text = ""
+        elif isinstance(m.content, str):
+            text = m.content
+        else:
+            pieces = []
+            for part in m.content:
+                if part.type != "text" or part.text is None:
+                    raise invalid(f"messages[{i}].content", "only text content parts are supported")
+                pieces.append(part.text)
+            text = "".join(pieces)
+        total += len(text)
+        # Chat templates predate the "developer" role; it carries the same meaning as "system".
+        role = "system" if m.role == "developer" else m.role
+        out.append({"role": role, "content": text})
+    if total > MAX_PROMPT_CHARS:
+        raise invalid("messages", f"messages are longer than {MAX_PROMPT_CHARS} characters")
+    return out
+
+
+def check_tokens(token_ids: list[int], vocab_size: int, param: str = "prompt") -> None:
+    bad = next((t for t in token_ids if t >= vocab_size), None)
+    if bad is not None:
+        raise invalid(param, f"token id {bad} is outside the vocabulary (size {vocab_size})")
+
+
+def fit_context(prompt_len: int, max_tokens: int | None, max_model_len: int, prompt_param: str) -> int:
+    """The number of tokens to generate, or a 400 when prompt (+ max_tokens) exceeds the context."""
+    if prompt_len == 0:
+        raise invalid(prompt_param, "the prompt has no tokens")
+    if prompt_len >= max_model_len:
+        raise invalid(
+            prompt_param,
+            f"this model's maximum context length is {max_model_len} tokens; the prompt has {prompt_len}",
+            code="context_length_exceeded",
+        )
+    room = max_model_len - prompt_len
+    if max_tokens is None:
+        return room
+    if max_tokens > room:
+        raise invalid(
+            "max_tokens",
+            f"this model's maximum context length is {max_model_len} tokens; you requested "
+            f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} for the completion)",
+            code="context_length_exceeded",
+        )
+    return max_tokens
