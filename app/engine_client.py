@@ -1,0 +1,200 @@
+"""The app's handle on the inference engine: started in the lifespan, asked by /ready, fed adapters.
+
+The engine module (and with it torch) is imported only when the engine starts, so the API package stays
+importable and quick to test without it. Loading runs in a worker thread: /health answers at once and
+/ready turns 200 only when the model is loaded and the engine loop ticks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot take requests (still loading, failed to load, or died); the client gets 503."""
+
+
+class AdapterSource(Protocol):
+    """Where the engine's loader finds an adapter's files by content hash (see adapter_files.py)."""
+
+    def local_folder(self, content_hash: str) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """Only what the engine needs from the settings."""
+
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    max_loras: int = 4
+    max_cpu_loras: int = 16
+    max_lora_rank: int = 64
+    gpu_memory_fraction: float = 0.85
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    kv_cache_bytes: int | None = None
+    # The loop is "not ticking" when it has not come round for this long: a stuck step or a dead thread.
+    stall_seconds: float = 30.0
+
+
+class EngineClient:
+    def __init__(self, options: EngineOptions, adapters: AdapterSource | None = None) -> None:
+        self.options = options
+        self._adapters = adapters
+        self._engine: Any = None
+        self._load_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start_loading(self) -> None:
+        """Begin loading in a worker thread; returns at once (the app's startup hook calls this)."""
+        self._task = asyncio.get_running_loop().create_task(self._load(), name="engine-load")
+
+    async def wait_loaded(self, timeout: float | None = None) -> None:
+        if self._task is not None:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+
+    async def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            self._engine = await asyncio.to_thread(self._build)
+        except Exception as exc:
+            self._load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("engine failed to load model %s", self.options.model)
+            return
+        log.info(
+            "engine ready: model %s, max_model_len %s, %.1fs",
+            self._engine.model_name,
+            self._engine.max_model_len,
+            time.monotonic() - started,
+        )
+
+    def _build(self) -> Any:
+        from engine.async_engine import AsyncLLMEngine
+
+        from engine.config import EngineConfig
+
+        o = self.options
+        config = EngineConfig(
+            model=o.model,
+            device=o.device,
+            dtype=o.dtype,
+            max_loras=o.max_loras,
+            max_cpu_loras=o.max_cpu_loras,
+            max_lora_rank=o.max_lora_rank,
+            gpu_memory_fraction=o.gpu_memory_fraction,
+            max_model_len=o.max_model_len,
+            max_num_seqs=o.max_num_seqs,
+            kv_cache_bytes=o.kv_cache_bytes,
+        )
+        engine = AsyncLLMEngine.from_config(config, adapter_loader=self._load_adapter)
+        engine.start()
+        return engine
+
+    async def shutdown(self) -> None:
+        if self._task is not None and not self._task.done():
+            # A load in progress cannot be interrupted; let it finish so its thread does not outlive us.
+            await asyncio.wait([self._task])
+        if self._engine is not None:
+            await self._engine.shutdown()
+            self._engine = None
+
+    # ---- the loader callback (runs on the engine's loader thread) -----------------------------------
+    def _load_adapter(self, lora: Any) -> str:
+        if self._adapters is None:
+            if lora.lora_path is None:
+                raise FileNotFoundError(f"no adapter source for {lora.lora_name}")
+            return str(lora.lora_path)
+        return self._adapters.local_folder(lora.content_hash)
+
+    # ---- state ------------------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason) for /ready: model loaded, loop alive and ticking."""
+        if self._load_error is not None:
+            return False, f"model failed to load: {self._load_error}"
+        engine = self._engine
+        if engine is None:
+            return False, "model loading"
+        if not engine.is_healthy:
+            return False, f"engine dead: {engine.dead_error}"
+        stalled = time.monotonic() - engine.last_tick
+        if stalled > self.options.stall_seconds:
+            return False, f"engine loop has not ticked for {stalled:.0f}s"
+        return True, "ok"
+
+    @property
+    def engine(self) -> Any:
+        """The running engine, or EngineUnavailable (a 503) when it is not ready."""
+        ready, reason = self.readiness()
+        if not ready:
+            raise EngineUnavailable(reason)
+        return self._engine
+
+    # ---- what the completion path uses ------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return str(self.engine.model_name)
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.max_model_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.vocab_size)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.engine.encode(text))
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        return list(self.engine.apply_chat_template(messages))
+
+    def decode_token(self, token_id: int) -> str:
+        return str(self.engine.decode([token_id]))
+
+    def lora_request(self, name: str, folder: Path, content_hash: str) -> Any:
+        from engine.request import LoRARequest
+
+        return LoRARequest(lora_name=name, lora_path=str(folder), content_hash=content_hash)
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        max_tokens: int,
+        sampling: dict[str, Any],
+        lora: Any,
+        cache_salt: str,
+        fairness_key: str,
+    ) -> AsyncIterator[Any]:
+        from engine.sampling_params import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, **sampling)
+        return self.engine.generate(  # type: ignore[no-any-return]
+            request_id,
+            prompt_token_ids,
+            params,
+            lora=lora,
+            cache_salt=cache_salt,
+            fairness_key=fairness_key,
+        )
+
+    def abort(self, request_id: str) -> None:
+        if self._engine is not None:
+            self._engine.abort(request_id)
+
+    def evict_adapter(self, content_hash: str) -> None:
+        if self._engine is not None:
+            self._engine.evict_adapter(content_hash)
+
+    def stats(self) -> Any:
+        return self._engine.stats() if self._engine is not None else None
