@@ -1,0 +1,119 @@
+"""Engine gauges and counters read from `AsyncLLMEngine.stats()` at scrape time (nothing is cached here).
+
+`stats()` may return a dataclass-like object or a mapping; the fields read are listed in docs/internals.md
+("App seams: limits and metering"). A field the engine does not report is simply not exported, and a
+failing `stats()` (engine dead or not started) exports no engine series rather than failing `/metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+
+def field(stats: Any, *names: str) -> Any:
+    """The first of `names` that `stats` carries, as attribute or key; None if none."""
+    for name in names:
+        if isinstance(stats, Mapping):
+            if name in stats:
+                return stats[name]
+        elif hasattr(stats, name):
+            return getattr(stats, name)
+    return None
+
+
+class EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], object | None], model_name: str) -> None:
+        self._stats = stats
+        self._model = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = self._stats()
+        except Exception:
+            log.warning("engine stats unavailable for /metrics", exc_info=True)
+            return
+        if stats is None:
+            return
+        yield from self._gauges(stats)
+        yield from self._prefix_cache(stats)
+        yield from self._adapters(stats)
+
+    def _gauge(self, name: str, doc: str, value: Any) -> Iterator[Metric]:
+        if value is None:
+            return
+        family = GaugeMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric([self._model], float(value))
+        yield family
+
+    def _counter(self, name: str, doc: str, value: Any) -> Iterator[Metric]:
+        if value is None:
+            return
+        family = CounterMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric([self._model], float(value))
+        yield family
+
+    def _gauges(self, stats: Any) -> Iterator[Metric]:
+        yield from self._gauge(
+            "vllm:num_requests_running",
+            "Requests in the running batch.",
+            field(stats, "num_running", "running"),
+        )
+        yield from self._gauge(
+            "vllm:num_requests_waiting",
+            "Requests waiting to be scheduled.",
+            field(stats, "num_waiting", "waiting"),
+        )
+        usage = field(stats, "kv_cache_usage", "kv_usage", "gpu_cache_usage")
+        yield from self._gauge("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.", usage)
+        yield from self._gauge("vllm:gpu_cache_usage_perc", "KV-cache usage (the older vLLM name).", usage)
+
+    def _prefix_cache(self, stats: Any) -> Iterator[Metric]:
+        queries = field(stats, "prefix_cache_queries", "prefix_queried_tokens")
+        hits = field(stats, "prefix_cache_hits", "prefix_hit_tokens")
+        yield from self._counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", queries
+        )
+        yield from self._counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", hits)
+        rate = field(stats, "prefix_cache_hit_rate", "prefix_hit_rate")
+        if rate is None and queries:
+            rate = float(hits or 0) / float(queries)
+        yield from self._gauge("vllm:gpu_prefix_cache_hit_rate", "Prefix-cache hit rate (tokens).", rate)
+
+    def _adapters(self, stats: Any) -> Iterator[Metric]:
+        running = field(stats, "running_adapters", "running_lora_adapters")
+        waiting = field(stats, "waiting_adapters", "waiting_lora_adapters")
+        max_lora = field(stats, "max_loras", "max_lora")
+        if running is not None or waiting is not None:
+            info = GaugeMetricFamily(
+                "vllm:lora_requests_info",
+                "Adapters of running and waiting requests; the value is the time of this reading.",
+                labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )
+            info.add_metric(
+                [str(max_lora or 0), ",".join(sorted(running or ())), ",".join(sorted(waiting or ()))],
+                time.time(),
+            )
+            yield info
+        cache = field(stats, "adapter_cache", "adapter_cache_stats")
+        if cache is None:
+            return
+        for key, name, doc in (
+            ("hits", "loraplex:adapter_cache_hits", "Adapter lookups served by a resident GPU slot."),
+            ("misses", "loraplex:adapter_cache_misses", "Adapter lookups that had to load."),
+            ("loads", "loraplex:adapter_cache_loads", "Adapters loaded into a GPU slot."),
+            ("load_seconds", "loraplex:adapter_load_seconds", "Seconds spent loading adapters."),
+        ):
+            yield from self._counter(name, doc, field(cache, key))
+        for key, name, doc in (
+            ("gpu_resident", "loraplex:adapters_gpu_resident", "Adapters resident in GPU slots."),
+            ("cpu_resident", "loraplex:adapters_cpu_resident", "Adapters resident in the CPU tier."),
+        ):
+            yield from self._gauge(name, doc, field(cache, key))

@@ -1,0 +1,138 @@
+"""Prometheus metrics named like vLLM's, so routers and dashboards built for vLLM read ours unchanged.
+
+One `Metrics` per app, each with its own `CollectorRegistry` (two apps in one process, as in the tests,
+never share counters). Request-level series are fed by the completion path through the hooks below;
+engine gauges are read from `engine.stats()` at scrape time by `EngineCollector`. Labels are
+`model_name` and low-cardinality enums only: never a tenant, key or request id (billing comes from the
+usage rows, not from here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from app.metrics.engine_collector import EngineCollector
+
+# vLLM's buckets, so dashboards' histogram_quantile panels look the same.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class Metrics:
+    def __init__(self, model_name: str = "", engine_stats: Callable[[], object | None] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        r, label = self.registry, ["model_name"]
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            label,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Time between output tokens.",
+            label,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "vllm:time_per_output_token_seconds",
+            "Time between output tokens (the older vLLM name).",
+            label,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            label,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "vllm:request_queue_time_seconds",
+            "Time a request waited before first being scheduled.",
+            label,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", label, registry=r)
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Generation tokens processed.", label, registry=r
+        )
+        self.request_success = Counter(
+            "vllm:request_success",
+            "Finished requests by finish reason.",
+            [*label, "finished_reason"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "loraplex:rate_limited_requests",
+            "Requests refused by a tenant limit, by limit.",
+            ["reason"],
+            registry=r,
+        )
+        self.limiter_fallback = Gauge(
+            "loraplex:limiter_in_process",
+            "1 while Redis is down or absent and the in-process limiter decides.",
+            registry=r,
+        )
+        self.usage_pending = Gauge(
+            "loraplex:usage_settles_pending",
+            "Usage settles waiting for the database to come back.",
+            registry=r,
+        )
+        # Series exist from the first scrape, so rate() and absent() work before any traffic.
+        for metric in (self.ttft, self.inter_token, self.time_per_output_token, self.e2e, self.queue_time):
+            metric.labels(model_name)
+        self.prompt_tokens.labels(model_name)
+        self.generation_tokens.labels(model_name)
+        for reason in FINISH_REASONS:
+            self.request_success.labels(model_name, reason)
+        if engine_stats is not None:
+            self.registry.register(EngineCollector(engine_stats, model_name))
+
+    # ---- hooks called by the completion path ----
+    def first_token(self, ttft_s: float) -> None:
+        self.ttft.labels(self.model_name).observe(max(0.0, ttft_s))
+
+    def output_tokens(self, gap_s: float, num_tokens: int = 1) -> None:
+        """A chunk of `num_tokens` tokens arrived `gap_s` after the previous one (not for the first token)."""
+        if num_tokens <= 0:
+            return
+        per_token = max(0.0, gap_s) / num_tokens
+        for _ in range(num_tokens):
+            self.inter_token.labels(self.model_name).observe(per_token)
+            self.time_per_output_token.labels(self.model_name).observe(per_token)
+
+    def request_finished(
+        self,
+        finish_reason: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        e2e_s: float | None,
+        queue_s: float | None = None,
+    ) -> None:
+        reason = finish_reason if finish_reason in FINISH_REASONS else "error"
+        self.request_success.labels(self.model_name, reason).inc()
+        self.prompt_tokens.labels(self.model_name).inc(max(0, prompt_tokens))
+        self.generation_tokens.labels(self.model_name).inc(max(0, completion_tokens))
+        if e2e_s is not None:
+            self.e2e.labels(self.model_name).observe(max(0.0, e2e_s))
+        if queue_s is not None:
+            self.queue_time.labels(self.model_name).observe(max(0.0, queue_s))
+
+    def request_rate_limited(self, reason: str | None) -> None:
+        self.rate_limited.labels(reason or "unknown").inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
