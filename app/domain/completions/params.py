@@ -26,6 +26,7 @@ class RequestError(Exception):
         param: str | None = None,
         code: str | None = None,
         type_: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -33,6 +34,7 @@ class RequestError(Exception):
         self.param = param
         self.code = code
         self.type = type_
+        self.headers = headers or {}
 
 
 def invalid(param: str, message: str, code: str = "invalid_value") -> RequestError:

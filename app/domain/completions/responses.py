@@ -1,0 +1,164 @@
+"""Running a CompletionRun to a full response body, or to SSE frames as tokens arrive."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from app.domain.completions import render
+from app.domain.completions.run import CompletionRun, RunDriver
+from app.domain.completions.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionResponse,
+    Usage,
+)
+from app.engine_client import EngineUnavailable
+
+
+def run_usage(run: CompletionRun) -> Usage:
+    return render.usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens)
+
+
+async def complete(
+    driver: RunDriver, run: CompletionRun, chat: bool
+) -> CompletionResponse | ChatCompletionResponse:
+    """Wait for the whole output. Raises EngineUnavailable (-> 503) when the engine fails meanwhile."""
+    try:
+        async for _ in driver.outputs(run):
+            pass
+    finally:
+        await driver.finish(run)
+    outputs = sorted(run.last.outputs, key=lambda o: o.index) if run.last is not None else []
+    decode = driver.engine.decode_token
+    top_n = run.spec.logprobs
+    if chat:
+        return ChatCompletionResponse(
+            id=run.request_id,
+            created=run.created,
+            model=run.target.model,
+            choices=[
+                ChatChoice(
+                    index=o.index,
+                    message=AssistantMessage(content=o.text),
+                    logprobs=render.chat_logprobs(o.token_ids, o.logprobs or [], top_n, decode)
+                    if top_n is not None
+                    else None,
+                    finish_reason=render.finish_reason(o.finish_reason),
+                )
+                for o in outputs
+            ],
+            usage=run_usage(run),
+        )
+    return CompletionResponse(
+        id=run.request_id,
+        created=run.created,
+        model=run.target.model,
+        choices=[
+            CompletionChoice(
+                index=o.index,
+                text=o.text,
+                logprobs=render.completion_logprobs(o.token_ids, o.logprobs or [], top_n, decode)
+                if top_n is not None
+                else None,
+                finish_reason=render.finish_reason(o.finish_reason),
+            )
+            for o in outputs
+        ],
+        usage=run_usage(run),
+    )
+
+
+class StreamState:
+    """Per-choice progress, so each chunk carries only what is new (text, and logprobs of new tokens)."""
+
+    def __init__(self, n: int) -> None:
+        self.tokens_sent = [0] * n
+        self.text_sent = [0] * n
+        self.role_sent = [False] * n
+        self.finished = [False] * n
+
+
+def _chunk(run: CompletionRun, out: Any, state: StreamState, chat: bool, decode: Any) -> list[bytes]:
+    frames: list[bytes] = []
+    top_n = run.spec.logprobs
+    for o in sorted(out.outputs, key=lambda o: o.index):
+        i = o.index
+        if state.finished[i]:
+            continue
+        new_ids = o.token_ids[state.tokens_sent[i] :]
+        new_lps = (o.logprobs or [])[state.tokens_sent[i] :]
+        # The full text is authoritative: a stop string can trim text that an earlier delta looked ahead to.
+        new_text = o.text[state.text_sent[i] :]
+        reason = render.finish_reason(o.finish_reason)
+        if not new_text and reason is None and not (chat and not state.role_sent[i]):
+            continue
+        state.tokens_sent[i] = len(o.token_ids)
+        state.text_sent[i] = len(o.text)
+        state.finished[i] = reason is not None
+        if chat:
+            delta = ChatDelta(content=new_text)
+            if not state.role_sent[i]:
+                delta.role, state.role_sent[i] = "assistant", True
+            lps = render.chat_logprobs(new_ids, new_lps, top_n, decode) if top_n is not None else None
+            body: Any = ChatCompletionChunk(
+                id=run.request_id,
+                created=run.created,
+                model=run.target.model,
+                choices=[ChatChunkChoice(index=i, delta=delta, logprobs=lps, finish_reason=reason)],
+            )
+        else:
+            offset = state.text_sent[i] - len(new_text)
+            lp = (
+                render.completion_logprobs(new_ids, new_lps, top_n, decode, offset)
+                if top_n is not None
+                else None
+            )
+            body = CompletionResponse(
+                id=run.request_id,
+                created=run.created,
+                model=run.target.model,
+                choices=[CompletionChoice(index=i, text=new_text, logprobs=lp, finish_reason=reason)],
+            )
+        frames.append(render.sse_frame(body))
+    return frames
+
+
+async def stream(
+    driver: RunDriver, run: CompletionRun, chat: bool, outputs: AsyncIterator[Any], first: Any
+) -> AsyncIterator[bytes]:
+    """SSE frames: one chunk per new piece of text, the usage chunk when asked, then `[DONE]`.
+
+    `first` is the first item of `outputs` (driver.outputs(run)), awaited before the response started so an
+    engine failure before any token is still a plain 503. A disconnect cancels this generator; `finally` settles the run.
+    """
+    decode = driver.engine.decode_token
+    state = StreamState(run.spec.kwargs.get("n", 1))
+    try:
+        for frame in _chunk(run, first, state, chat, decode):
+            yield frame
+        if not run.finished:
+            async for out in outputs:
+                for frame in _chunk(run, out, state, chat, decode):
+                    yield frame
+        if run.spec.include_usage:
+            cls: Any = ChatCompletionChunk if chat else CompletionResponse
+            yield render.sse_frame(
+                cls(
+                    id=run.request_id,
+                    created=run.created,
+                    model=run.target.model,
+                    choices=[],
+                    usage=run_usage(run),
+                )
+            )
+        yield render.DONE_FRAME
+    except EngineUnavailable as exc:
+        yield render.sse_error(f"the engine failed: {exc}", "service_unavailable_error", "engine_unavailable")
+    finally:
+        await driver.finish(run)

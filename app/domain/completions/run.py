@@ -1,0 +1,183 @@
+"""One engine request from admission to settlement: limiter, usage reservation, engine stream, settle once.
+
+`begin()` is the last point where a request can be refused cleanly (429 from the limiter, 503 when the
+usage row cannot be written). Once it returns, `finish()` must run exactly once whatever happens
+(finished, client gone, engine dead); it is idempotent and shielded from cancellation, so the streaming
+path can call it from a `finally` while its task is being cancelled by a disconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+
+from app.domain.completions.params import RequestError, SamplingSpec
+from app.engine_client import EngineClient, EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Meter(Protocol):
+    """The usage-metering seam (app/domain/usage): reserve before the engine, settle exactly once."""
+
+    async def reserve(self, run: CompletionRun) -> None: ...
+    async def settle(self, run: CompletionRun, status: str) -> None: ...
+
+
+class Limits(Protocol):
+    async def admit(self, tenant: Any, reserve_tokens: int) -> Any: ...
+    async def settle(self, admission: Any, used_tokens: int) -> None: ...
+
+
+@dataclass(slots=True)
+class Caller:
+    tenant: Any  # the tenant row: id and limits
+    tenant_id: str
+    key_id: str | None
+
+
+@dataclass(slots=True)
+class Target:
+    model: str  # the name the client sent, echoed back in responses
+    adapter: Any | None = None  # the registry row, None for the base model
+    lora: Any | None = None  # engine LoRARequest
+
+
+@dataclass(slots=True)
+class CompletionRun:
+    request_id: str
+    caller: Caller
+    target: Target
+    prompt_ids: list[int]
+    max_tokens: int
+    spec: SamplingSpec
+    cache_salt: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.monotonic)
+    admission: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    last: Any = None  # the newest engine RequestOutput
+    first_token_at: float | None = None
+    error: str | None = None
+    settled: bool = False
+
+    # ---- what metering and responses read ----------------------------------------------------------
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(o.token_ids) for o in self.last.outputs) if self.last is not None else 0
+
+    @property
+    def cached_tokens(self) -> int:
+        return max(int(self.last.num_cached_tokens), 0) if self.last is not None else 0
+
+    @property
+    def finished(self) -> bool:
+        return self.last is not None and bool(self.last.finished)
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.last is None:
+            return None
+        reasons = [o.finish_reason for o in self.last.outputs if o.finish_reason]
+        return reasons[0] if reasons else None
+
+    @property
+    def reserve_tokens(self) -> int:
+        return self.prompt_tokens + self.max_tokens * self.spec.kwargs.get("n", 1)
+
+    def timings(self) -> dict[str, float | None]:
+        m = getattr(self.last, "metrics", None)
+        now = time.monotonic()
+        queue = None
+        if m is not None and m.first_scheduled_time is not None:
+            queue = max(m.first_scheduled_time - m.arrival_time, 0.0)
+        ttft = self.first_token_at - self.started if self.first_token_at is not None else None
+        return {"queue_time_s": queue, "ttft_s": ttft, "latency_s": now - self.started}
+
+
+class RunDriver:
+    """Runs CompletionRuns against the engine with the limiter and meter the app was built with."""
+
+    def __init__(self, engine: EngineClient, limiter: Limits | None, meter: Meter | None) -> None:
+        self.engine = engine
+        self.limiter = limiter
+        self.meter = meter
+
+    async def begin(self, run: CompletionRun) -> None:
+        if self.limiter is not None:
+            admission = await self.limiter.admit(run.caller.tenant, run.reserve_tokens)
+            run.headers.update(admission.headers)
+            if not admission.allowed:
+                raise RequestError(
+                    429,
+                    admission.message,
+                    code="rate_limit_exceeded",
+                    type_="rate_limit_error",
+                    headers={**admission.headers, **admission.retry_after_header},
+                )
+            run.admission = admission
+        if self.meter is not None:
+            try:
+                await self.meter.reserve(run)
+            except Exception:
+                await self._release(run)
+                raise
+
+    async def outputs(self, run: CompletionRun) -> AsyncIterator[Any]:
+        """The engine's outputs for this run; EngineUnavailable when the engine is or goes down."""
+        try:
+            stream = self.engine.generate(
+                run.request_id,
+                run.prompt_ids,
+                run.max_tokens,
+                run.spec.kwargs,
+                run.target.lora,
+                run.cache_salt,
+                run.caller.tenant_id,
+            )
+            async for out in stream:
+                if run.first_token_at is None and any(o.token_ids for o in out.outputs):
+                    run.first_token_at = time.monotonic()
+                run.last = out
+                yield out
+        except EngineUnavailable as exc:
+            run.error = str(exc)
+            raise
+        except (GeneratorExit, anyio.get_cancelled_exc_class()):
+            raise
+        except Exception as exc:
+            # The engine's loop died under this request (or refused it); either way the client gets 503.
+            run.error = f"{type(exc).__name__}: {exc}"
+            log.warning("engine failed request %s: %s", run.request_id, run.error)
+            raise EngineUnavailable(run.error) from exc
+
+    async def finish(self, run: CompletionRun) -> None:
+        """Settle exactly once: abort the engine request if still running, write usage, free limits."""
+        if run.settled:
+            return
+        run.settled = True
+        with anyio.CancelScope(shield=True):
+            if not run.finished:
+                self.engine.abort(run.request_id)
+            status = "ok" if run.finished and run.error is None else ("error" if run.error else "aborted")
+            if self.meter is not None:
+                try:
+                    await self.meter.settle(run, status)
+                except Exception:
+                    log.exception("usage settle failed for %s", run.request_id)
+            await self._release(run)
+
+    async def _release(self, run: CompletionRun) -> None:
+        if self.limiter is not None and run.admission is not None:
+            admission, run.admission = run.admission, None
+            used = run.prompt_tokens + run.completion_tokens if run.last is not None else 0
+            await self.limiter.settle(admission, used)

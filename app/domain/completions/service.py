@@ -1,0 +1,96 @@
+"""Turning a validated OpenAI request into a CompletionRun: resolve `model`, tokenize, fit the context.
+
+Everything here happens before the limiter and before a usage row, so a refusal costs the tenant nothing
+and never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from app.domain.completions import params
+from app.domain.completions.adapter_files import AdapterFiles
+from app.domain.completions.run import Caller, CompletionRun, Target
+from app.domain.completions.schemas import ChatCompletionRequest, CompletionRequest
+from app.engine_client import EngineClient
+
+# resolve(tenant_id, model_name) -> the tenant's adapter row (name or name@N), or None.
+Resolver = Callable[[str, str], Awaitable[Any]]
+
+
+def cache_salt(secret: str, tenant_id: str) -> str:
+    """The prefix-cache salt: only the server can make it, so no client can aim at another's blocks."""
+    return hmac.new(secret.encode(), f"prefix-cache:{tenant_id}".encode(), hashlib.sha256).hexdigest()
+
+
+class CompletionService:
+    def __init__(
+        self, engine: EngineClient, files: AdapterFiles | None, secret: str, resolve: Resolver
+    ) -> None:
+        self.engine = engine
+        self.files = files
+        self.secret = secret
+        self.resolve = resolve
+
+    async def target(self, caller: Caller, model: str) -> Target:
+        if model == self.engine.model_name:
+            return Target(model=model)
+        adapter = await self.resolve(caller.tenant_id, model)
+        # Another tenant's adapter and a missing one look exactly alike: same status, same words.
+        if adapter is None or self.files is None:
+            raise params.RequestError(
+                404,
+                f"The model '{model}' does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+                type_="not_found_error",
+            )
+        folder = await self.files.ensure(adapter)
+        lora = self.engine.lora_request(f"{adapter.name}@{adapter.version}", folder, adapter.sha256)
+        return Target(model=model, adapter=adapter, lora=lora)
+
+    async def prepare_completion(self, caller: Caller, req: CompletionRequest) -> CompletionRun:
+        spec = params.completion_spec(req)
+        prompt = params.normalize_prompt(req.prompt)
+        target = await self.target(caller, req.model)
+        if isinstance(prompt, params.TokenPrompt):
+            params.check_tokens(prompt.token_ids, self.engine.vocab_size)
+            ids = prompt.token_ids
+        else:
+            ids = self.engine.encode(prompt.text)
+        return self._run("cmpl", caller, target, ids, spec, "prompt")
+
+    async def prepare_chat(self, caller: Caller, req: ChatCompletionRequest) -> CompletionRun:
+        spec = params.chat_spec(req)
+        messages = params.chat_messages(req)
+        target = await self.target(caller, req.model)
+        ids = self.engine.apply_chat_template(messages)
+        return self._run("chatcmpl", caller, target, ids, spec, "messages")
+
+    def _run(
+        self,
+        prefix: str,
+        caller: Caller,
+        target: Target,
+        ids: list[int],
+        spec: params.SamplingSpec,
+        prompt_param: str,
+    ) -> CompletionRun:
+        max_tokens = params.fit_context(len(ids), spec.max_tokens, self.engine.max_model_len, prompt_param)
+        if spec.kwargs.get("min_tokens", 0) > max_tokens:
+            raise params.invalid(
+                "min_tokens", f"min_tokens exceeds the {max_tokens} tokens left in the context"
+            )
+        return CompletionRun(
+            request_id=f"{prefix}-{uuid.uuid4().hex}",
+            caller=caller,
+            target=target,
+            prompt_ids=ids,
+            max_tokens=max_tokens,
+            spec=spec,
+            cache_salt=cache_salt(self.secret, caller.tenant_id),
+        )
