@@ -29,6 +29,22 @@ class Meter(Protocol):
     async def settle(self, run: CompletionRun, status: str) -> None: ...
 
 
+class RequestMetrics(Protocol):
+    """The hooks of app/metrics' `Metrics` that the completion path feeds."""
+
+    def first_token(self, ttft_s: float) -> None: ...
+    def output_tokens(self, gap_s: float, num_tokens: int = 1) -> None: ...
+    def request_finished(
+        self,
+        finish_reason: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        e2e_s: float | None,
+        queue_s: float | None = None,
+    ) -> None: ...
+    def request_rate_limited(self, reason: str | None) -> None: ...
+
+
 class Limits(Protocol):
     async def admit(self, tenant: Any, reserve_tokens: int) -> Any: ...
     async def settle(self, admission: Any, used_tokens: int) -> None: ...
@@ -63,6 +79,7 @@ class CompletionRun:
     headers: dict[str, str] = field(default_factory=dict)
     last: Any = None  # the newest engine RequestOutput
     first_token_at: float | None = None
+    last_token_at: float = 0.0
     error: str | None = None
     settled: bool = False
 
@@ -107,16 +124,25 @@ class CompletionRun:
 class RunDriver:
     """Runs CompletionRuns against the engine with the limiter and meter the app was built with."""
 
-    def __init__(self, engine: EngineClient, limiter: Limits | None, meter: Meter | None) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        limiter: Limits | None,
+        meter: Meter | None,
+        metrics: RequestMetrics | None = None,
+    ) -> None:
         self.engine = engine
         self.limiter = limiter
         self.meter = meter
+        self.metrics = metrics
 
     async def begin(self, run: CompletionRun) -> None:
         if self.limiter is not None:
             admission = await self.limiter.admit(run.caller.tenant, run.reserve_tokens)
             run.headers.update(admission.headers)
             if not admission.allowed:
+                if self.metrics is not None:
+                    self.metrics.request_rate_limited(admission.reason)
                 raise RequestError(
                     429,
                     admission.message,
@@ -145,8 +171,7 @@ class RunDriver:
                 run.caller.tenant_id,
             )
             async for out in stream:
-                if run.first_token_at is None and any(o.token_ids for o in out.outputs):
-                    run.first_token_at = time.monotonic()
+                self._observe(run, out)
                 run.last = out
                 yield out
         except EngineUnavailable as exc:
@@ -160,6 +185,21 @@ class RunDriver:
             log.warning("engine failed request %s: %s", run.request_id, run.error)
             raise EngineUnavailable(run.error) from exc
 
+    def _observe(self, run: CompletionRun, out: Any) -> None:
+        now = time.monotonic()
+        new_tokens = sum(len(o.token_ids) for o in out.outputs) - run.completion_tokens
+        if new_tokens <= 0:
+            return
+        if run.first_token_at is None:
+            run.first_token_at = now
+            if self.metrics is not None:
+                self.metrics.first_token(now - run.started)
+                if new_tokens > 1:
+                    self.metrics.output_tokens(0.0, new_tokens - 1)
+        elif self.metrics is not None:
+            self.metrics.output_tokens(now - run.last_token_at, new_tokens)
+        run.last_token_at = now
+
     async def finish(self, run: CompletionRun) -> None:
         """Settle exactly once: abort the engine request if still running, write usage, free limits."""
         if run.settled:
@@ -169,6 +209,12 @@ class RunDriver:
             if not run.finished:
                 self.engine.abort(run.request_id)
             status = "ok" if run.finished and run.error is None else ("error" if run.error else "aborted")
+            if self.metrics is not None:
+                t = run.timings()
+                reason = run.finish_reason if status == "ok" else ("error" if run.error else "abort")
+                self.metrics.request_finished(
+                    reason, run.prompt_tokens, run.completion_tokens, t["latency_s"], t["queue_time_s"]
+                )
             if self.meter is not None:
                 try:
                     await self.meter.settle(run, status)
