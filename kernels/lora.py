@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 
@@ -115,3 +117,262 @@ def lora_expand_ref(
             cols = slice(off, off + width)
             y[idx, cols] = (y[idx, cols].float() + float(scales[slot]) * delta).to(y.dtype)
             off += width
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels. Grid: (m-block within a segment, segment, slice [x split]). The grid depends only on
+# T, S_max and the weight shapes, never on the slot mix; programs past their segment's end return at
+# once, so unused segments and slot -1 tokens cost an early exit and nothing else.
+
+MAX_SLICES_PER_LAUNCH = 3  # q/k/v; more slices are launched in groups of three
+
+
+@triton.jit
+def _pick(n, p0, p1, p2):
+    p = p0
+    if n == 1:
+        p = p1
+    if n == 2:
+        p = p2
+    return p
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a0_ptr, a1_ptr, a2_ptr, out_ptr,
+    sorted_ids_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, ranks_ptr,
+    hidden, max_rank, k_per_split,
+    stride_xt, stride_xh, stride_as, stride_ar, stride_ah, stride_on, stride_ot, stride_or,
+    HAS_RANKS: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m, seg, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seg_len = tl.load(seg_lens_ptr + seg)
+    if pid_m * BLOCK_M >= seg_len:
+        return
+    slot = tl.load(seg_slots_ptr + seg)
+    rank = max_rank
+    if HAS_RANKS:
+        rank = tl.load(ranks_ptr + slot)
+    n, split = pid_z // SPLIT_K, pid_z % SPLIT_K
+    a_ptr = _pick(n, a0_ptr, a1_ptr, a2_ptr)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seg_len
+    tok = tl.load(sorted_ids_ptr + tl.load(seg_starts_ptr + seg) + offs_m, mask=m_mask, other=0)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank  # rows past this slot's rank are never read: they only cost a mask
+    a_base = a_ptr + slot.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar
+    x_base = x_ptr + tok[:, None].to(tl.int64) * stride_xt
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_begin = split * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, hidden)
+    for k in range(k_begin, k_end, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_end
+        xt = tl.load(x_base + offs_k[None, :] * stride_xh, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_base + offs_k[:, None] * stride_ah, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+        acc += tl.dot(xt, at, input_precision=PRECISION)  # [BLOCK_M, BLOCK_R]
+    out_ptrs = out_ptr + n * stride_on + tok[:, None].to(tl.int64) * stride_ot + offs_r[None, :] * stride_or
+    out_mask = m_mask[:, None] & (offs_r < max_rank)[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc, mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _expand_kernel(
+    buf_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr,
+    sorted_ids_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, ranks_ptr, scales_ptr,
+    width0, width1, width2, col0, col1, col2, stride_bs0, stride_bs1, stride_bs2,
+    max_rank, tiles_per_slice,
+    stride_fn, stride_ft, stride_fr, stride_bo, stride_br, stride_yt, stride_yo,
+    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m, seg, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seg_len = tl.load(seg_lens_ptr + seg)
+    if pid_m * BLOCK_M >= seg_len:
+        return
+    n, tile = pid_z // tiles_per_slice, pid_z % tiles_per_slice
+    width = _pick(n, width0, width1, width2)
+    if tile * BLOCK_N >= width:
+        return
+    slot = tl.load(seg_slots_ptr + seg)
+    rank = max_rank
+    if HAS_RANKS:
+        rank = tl.load(ranks_ptr + slot)
+    b_ptr = _pick(n, b0_ptr, b1_ptr, b2_ptr)
+    stride_bs = _pick(n, stride_bs0, stride_bs1, stride_bs2)
+    col = _pick(n, col0, col1, col2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seg_len
+    tok = tl.load(sorted_ids_ptr + tl.load(seg_starts_ptr + seg) + offs_m, mask=m_mask, other=0)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    offs_o = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_mask = offs_o < width
+    h = tl.load(
+        buf_ptr + n * stride_fn + tok[:, None].to(tl.int64) * stride_ft + offs_r[None, :] * stride_fr,
+        mask=m_mask[:, None] & r_mask[None, :],
+        other=0.0,
+    )  # [BLOCK_M, BLOCK_R] float32
+    bt = tl.load(
+        b_ptr + slot.to(tl.int64) * stride_bs + offs_o[None, :] * stride_bo + offs_r[:, None] * stride_br,
+        mask=r_mask[:, None] & o_mask[None, :],
+        other=0.0,
+    )  # [BLOCK_R, BLOCK_N]
+    delta = tl.dot(h.to(bt.dtype), bt, input_precision=PRECISION) * tl.load(scales_ptr + slot)
+    y_ptrs = y_ptr + tok[:, None].to(tl.int64) * stride_yt + (col + offs_o)[None, :] * stride_yo
+    y_mask = m_mask[:, None] & o_mask[None, :]
+    y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    tl.store(y_ptrs, (y_old.to(tl.float32) + delta).to(y_old.dtype), mask=y_mask)
+
+
+@dataclass(frozen=True)
+class LoRALaunch:
+    """Block shapes of one launch; None picks them from the shapes. Exposed for tests and tuning."""
+
+    block_m: int | None = None
+    block_k: int = 128  # shrink: hidden columns per step
+    block_n: int = 128  # expand: output columns per program
+    split_k: int | None = None  # shrink: programs sharing one token block's hidden dimension
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _block_r(max_rank: int) -> int:
+    return max(16, triton.next_power_of_2(max_rank))  # tl.dot wants every dimension >= 16
+
+
+def _block_m(num_tokens: int, meta: LoRAMeta, cfg: LoRALaunch) -> int:
+    if cfg.block_m is not None:
+        return cfg.block_m
+    per_segment = num_tokens / max(1, meta.num_segments)
+    return 16 if per_segment <= 16 else 32 if per_segment <= 32 else 64
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 weights get exact float32 products (the engine's fp32 path must match PEFT token for token).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_meta(meta: LoRAMeta, num_tokens: int, device: torch.device) -> None:
+    assert meta.sorted_token_ids.shape == (num_tokens,), "meta was built for another number of tokens"
+    for t in (meta.sorted_token_ids, meta.seg_slots, meta.seg_starts, meta.seg_lens):
+        assert t.dtype == torch.int32 and t.is_contiguous() and t.device == device
+
+
+def _check_ranks(ranks: Tensor | None, num_slots: int, device: torch.device) -> None:
+    if ranks is not None:
+        assert ranks.shape == (num_slots,) and ranks.dtype == torch.int32 and ranks.device == device
+
+
+def lora_shrink(
+    x: Tensor,
+    weights_a: list[Tensor],
+    meta: LoRAMeta,
+    out: Tensor,
+    ranks: Tensor | None = None,
+    *,
+    launch: LoRALaunch | None = None,
+) -> None:
+    """out[n, t, :] = x[t] @ A_n[slot(t)].T for every slice n; tokens with slot -1 get zeros.
+
+    x [T, H] (fp16/bf16/fp32, last dim contiguous); weights_a: N tensors [S, R, H], contiguous, x's dtype;
+    meta from make_lora_meta over these T tokens; out [N, T, R] float32 contiguous (overwritten);
+    ranks [S] int32 or None: rows >= ranks[slot] of A are not read and come out as zeros.
+    """
+    cfg = launch or LoRALaunch()
+    num_tokens, hidden = x.shape
+    num_slices, num_slots, max_rank = len(weights_a), weights_a[0].shape[0], weights_a[0].shape[1]
+    assert x.dim() == 2 and x.stride(1) == 1, "x must be [T, H] with contiguous rows"
+    for a in weights_a:
+        assert a.shape == (num_slots, max_rank, hidden) and a.dtype == x.dtype and a.is_contiguous()
+    assert out.shape == (num_slices, num_tokens, max_rank) and out.dtype == torch.float32
+    assert out.is_contiguous()
+    _check_meta(meta, num_tokens, x.device)
+    _check_ranks(ranks, num_slots, x.device)
+    out.zero_()
+    if num_tokens == 0:
+        return
+    block_m, block_r = _block_m(num_tokens, meta, cfg), _block_r(max_rank)
+    split_k = cfg.split_k
+    if split_k is None:
+        # Few token blocks (decode) leave most of the GPU idle: split the hidden dim across programs.
+        # float32 stays unsplit so its sums are deterministic.
+        blocks = (meta.num_segments + triton.cdiv(num_tokens, block_m)) * num_slices
+        split_k = 1 if x.dtype == torch.float32 else max(1, min(8, 512 // max(1, blocks)))
+        split_k = min(split_k, triton.cdiv(hidden, cfg.block_k))
+    k_per_split = triton.cdiv(triton.cdiv(hidden, split_k), cfg.block_k) * cfg.block_k
+    for first in range(0, num_slices, MAX_SLICES_PER_LAUNCH):
+        group = weights_a[first : first + MAX_SLICES_PER_LAUNCH]
+        a0, a1, a2 = (group + [group[0]] * 2)[:3]
+        part = out[first : first + len(group)]
+        grid = (triton.cdiv(num_tokens, block_m), meta.seg_slots.shape[0], len(group) * split_k)
+        _shrink_kernel[grid](
+            x, a0, a1, a2, part,
+            meta.sorted_token_ids, meta.seg_slots, meta.seg_starts, meta.seg_lens,
+            ranks if ranks is not None else meta.seg_lens,
+            hidden, max_rank, k_per_split,
+            x.stride(0), x.stride(1), a0.stride(0), a0.stride(1), a0.stride(2),
+            part.stride(0), part.stride(1), part.stride(2),
+            HAS_RANKS=ranks is not None, SPLIT_K=split_k, PRECISION=_precision(x.dtype),
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+
+def lora_expand(
+    buf: Tensor,
+    weights_b: list[Tensor],
+    meta: LoRAMeta,
+    y: Tensor,
+    scales: Tensor,
+    ranks: Tensor | None = None,
+    *,
+    launch: LoRALaunch | None = None,
+) -> None:
+    """y[t, off_n:off_n+O_n] += scales[slot(t)] * buf[n, t] @ B_n[slot(t)].T; y unchanged for slot -1.
+
+    buf [N, T, R] float32 (from lora_shrink); weights_b: N tensors [S, O_n, R], contiguous, y's dtype;
+    y [T, sum O_n] (in place, last dim contiguous); scales [S] float32; ranks [S] int32 or None
+    (None = R for every slot). Sums in float32, rounds once into y.
+    """
+    cfg = launch or LoRALaunch()
+    num_slices, num_tokens, max_rank = buf.shape
+    num_slots = weights_b[0].shape[0]
+    assert len(weights_b) == num_slices and buf.dtype == torch.float32 and buf.is_contiguous()
+    widths = [b.shape[1] for b in weights_b]
+    for b in weights_b:
+        assert b.shape == (num_slots, b.shape[1], max_rank) and b.dtype == y.dtype and b.is_contiguous()
+    assert y.dim() == 2 and y.shape == (num_tokens, sum(widths)) and y.stride(1) == 1
+    assert scales.shape == (num_slots,) and scales.dtype == torch.float32 and scales.device == y.device
+    _check_meta(meta, num_tokens, y.device)
+    _check_ranks(ranks, num_slots, y.device)
+    if num_tokens == 0:
+        return
+    block_m, block_r = _block_m(num_tokens, meta, cfg), _block_r(max_rank)
+    offsets = [sum(widths[:i]) for i in range(num_slices)]
+    for first in range(0, num_slices, MAX_SLICES_PER_LAUNCH):
+        group = list(range(first, min(first + MAX_SLICES_PER_LAUNCH, num_slices)))
+        bs = [weights_b[i] for i in group]
+        w = [widths[i] for i in group]
+        c = [offsets[i] for i in group]
+        pad = 3 - len(group)
+        bs, w, c = bs + [bs[0]] * pad, w + [0] * pad, c + [0] * pad
+        tiles = triton.cdiv(max(w), cfg.block_n)
+        part = buf[first : first + len(group)]
+        grid = (triton.cdiv(num_tokens, block_m), meta.seg_slots.shape[0], len(group) * tiles)
+        _expand_kernel[grid](
+            part, bs[0], bs[1], bs[2], y,
+            meta.sorted_token_ids, meta.seg_slots, meta.seg_starts, meta.seg_lens,
+            ranks if ranks is not None else meta.seg_lens, scales,
+            w[0], w[1], w[2], c[0], c[1], c[2], bs[0].stride(0), bs[1].stride(0), bs[2].stride(0),
+            max_rank, tiles,
+            part.stride(0), part.stride(1), part.stride(2), bs[0].stride(1), bs[0].stride(2),
+            y.stride(0), y.stride(1),
+            HAS_RANKS=ranks is not None, PRECISION=_precision(y.dtype),
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip

@@ -1,0 +1,168 @@
+"""Triton multi-LoRA shrink/expand against the references, on fresh random inputs.
+
+On CPU these run in Triton's interpreter (fp32/fp16, tiny shapes); on a GPU the same cases run compiled,
+plus bf16 at Llama-3-8B sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.lora import (
+    LoRALaunch,
+    lora_expand,
+    lora_expand_ref,
+    lora_shrink,
+    lora_shrink_ref,
+    make_lora_meta,
+)
+
+# max relative error ||out - ref|| / ||ref||; fp16/bf16 round the float32 rank buffer once in expand.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in kernel output"
+    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def make_slots(mix: str, num_tokens: int, num_slots: int) -> torch.Tensor:
+    if mix == "distinct":
+        slots = torch.randperm(num_tokens) % num_slots
+    elif mix == "identical":
+        slots = torch.full((num_tokens,), num_slots - 1)
+    elif mix == "skewed":
+        slots = torch.where(torch.rand(num_tokens) < 0.8, 1, torch.randint(0, num_slots, (num_tokens,)))
+    elif mix == "none":
+        slots = torch.full((num_tokens,), -1)
+    elif mix == "with_minus_one":
+        slots = torch.randint(-1, num_slots, (num_tokens,))
+    else:
+        raise AssertionError(mix)
+    return slots.to(torch.int32)
+
+
+def run_both(
+    slots, hidden, widths, max_rank, num_slots, max_segments, dtype, device, ranks=None, launch=None
+):
+    num_tokens = slots.shape[0]
+    x = torch.randn(num_tokens, hidden, dtype=dtype, device=device)
+    a_list = [
+        torch.randn(num_slots, max_rank, hidden, dtype=dtype, device=device) / hidden**0.5 for _ in widths
+    ]
+    b_list = [torch.randn(num_slots, w, max_rank, dtype=dtype, device=device) for w in widths]
+    scales = torch.rand(num_slots, device=device) + 0.5
+    meta = make_lora_meta(slots.to(device), max_segments)
+    out = torch.full((len(widths), num_tokens, max_rank), float("nan"), device=device)
+    want_out = torch.empty_like(out)
+    lora_shrink(x, a_list, meta, out, ranks, launch=launch)
+    lora_shrink_ref(x, a_list, meta, want_out, ranks)
+    y0 = torch.randn(num_tokens, sum(widths), dtype=dtype, device=device)
+    y, want_y = y0.clone(), y0.clone()
+    lora_expand(want_out, b_list, meta, y, scales, ranks, launch=launch)
+    lora_expand_ref(want_out, b_list, meta, want_y, scales, ranks)
+    return out, want_out, y, want_y, y0
+
+
+MIXES = ["distinct", "identical", "skewed", "with_minus_one"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("num_tokens", [1, 19])
+def test_shrink_expand_match_reference(mix, num_tokens, dtype, device):
+    slots = make_slots(mix, num_tokens, num_slots=4)
+    out, want_out, y, want_y, y0 = run_both(
+        slots, hidden=40, widths=[24, 8, 8], max_rank=8, num_slots=4, max_segments=6, dtype=dtype,
+        device=device, launch=LoRALaunch(block_k=16),
+    )  # fmt: skip
+    assert rel_err(out, want_out) < REL_TOL[dtype]
+    assert rel_err(y - y0, want_y - y0) < REL_TOL[dtype]
+    untouched = (slots == -1).to(device)
+    assert torch.equal(y[untouched], y0[untouched]), "slot -1 rows must stay bit-identical"
+    assert torch.all(out[:, untouched] == 0)
+
+
+def test_no_lora_tokens_leave_everything_untouched(device):
+    slots = make_slots("none", 7, num_slots=3)
+    out, _, y, _, y0 = run_both(slots, 32, [16], 16, 3, 3, torch.float32, device)
+    assert torch.all(out == 0) and torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_split_k_sums_to_the_same_result(split_k, device):
+    slots = make_slots("with_minus_one", 21, num_slots=3)
+    out, want_out, *_ = run_both(
+        slots, 70, [16, 16], 8, 3, 3, torch.float32, device, launch=LoRALaunch(block_k=16, split_k=split_k)
+    )
+    assert rel_err(out, want_out) < REL_TOL[torch.float32]
+
+
+def test_mixed_ranks_mask_rows_past_each_slots_rank(device):
+    slots = make_slots("distinct", 17, num_slots=4)
+    ranks = torch.tensor([8, 2, 0, 5], dtype=torch.int32, device=device)
+    out, want_out, y, want_y, y0 = run_both(
+        slots, 24, [8, 16], 8, 4, 4, torch.float32, device, ranks=ranks, launch=LoRALaunch(block_k=16)
+    )
+    assert rel_err(out, want_out) < REL_TOL[torch.float32]
+    assert rel_err(y - y0, want_y - y0) < REL_TOL[torch.float32]
+    for slot, rank in enumerate(ranks.tolist()):
+        rows = (slots == slot).to(device)
+        assert torch.all(out[:, rows, rank:] == 0), "rows past a slot's rank must be zero"
+    rank0 = (slots == 2).to(device)
+    assert torch.equal(y[rank0], y0[rank0])
+
+
+def test_more_slices_than_one_launch_and_block_m_32(device):
+    slots = make_slots("skewed", 40, num_slots=3)
+    out, want_out, y, want_y, y0 = run_both(
+        slots, 16, [8, 8, 8, 8], 16, 3, 5, torch.float32, device, launch=LoRALaunch(block_m=32, block_k=16)
+    )
+    assert rel_err(out, want_out) < REL_TOL[torch.float32]
+    assert rel_err(y - y0, want_y - y0) < REL_TOL[torch.float32]
+
+
+def test_zero_tokens_is_a_no_op(device):
+    slots = torch.zeros(0, dtype=torch.int32)
+    out, _, y, _, _ = run_both(slots, 16, [8], 8, 2, 2, torch.float32, device)
+    assert out.shape == (1, 0, 8) and y.shape == (0, 8)
+
+
+def test_wrapper_rejects_mismatched_inputs(device):
+    meta = make_lora_meta(torch.zeros(4, dtype=torch.int32, device=device), 2)
+    x = torch.randn(4, 16, device=device)
+    a = torch.randn(2, 8, 16, device=device, dtype=torch.float16)
+    with pytest.raises(AssertionError):
+        lora_shrink(x, [a], meta, torch.empty(1, 4, 8, device=device))
+    with pytest.raises(AssertionError):
+        lora_shrink(x, [a.float()], meta, torch.empty(1, 4, 8, device=device, dtype=torch.float16))
+    other = make_lora_meta(torch.zeros(5, dtype=torch.int32, device=device), 2)
+    with pytest.raises(AssertionError):
+        lora_shrink(x, [a.float()], other, torch.empty(1, 4, 8, device=device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mix", [*MIXES, "none"])
+@pytest.mark.parametrize(
+    "num_tokens,num_slots,max_rank", [(64, 64, 16), (256, 8, 64), (2048, 1, 8), (1, 1, 64)]
+)
+def test_llama3_8b_qkv_bf16(mix, num_tokens, num_slots, max_rank):
+    slots = make_slots(mix, num_tokens, num_slots)
+    out, want_out, y, want_y, y0 = run_both(
+        slots, 4096, [4096, 1024, 1024], max_rank, num_slots, num_slots, torch.bfloat16, "cuda"
+    )
+    if mix != "none":
+        assert rel_err(out, want_out) < REL_TOL[torch.bfloat16]
+        assert rel_err(y.float() - y0.float(), want_y.float() - y0.float()) < REL_TOL[torch.bfloat16]
+    untouched = (slots == -1).cuda()
+    assert torch.equal(y[untouched], y0[untouched])
+
+
+@pytest.mark.gpu
+def test_llama3_8b_down_proj_mixed_ranks_bf16():
+    slots = make_slots("with_minus_one", 300, 16)
+    ranks = torch.randint(0, 65, (16,), dtype=torch.int32, device="cuda")
+    out, want_out, y, want_y, y0 = run_both(slots, 14336, [4096], 64, 16, 16, torch.bfloat16, "cuda", ranks)
+    assert rel_err(out, want_out) < REL_TOL[torch.bfloat16]
+    assert rel_err(y.float() - y0.float(), want_y.float() - y0.float()) < REL_TOL[torch.bfloat16]
