@@ -128,9 +128,12 @@ class BlockManager:
             if block_id is None or not self._matches(self.blocks[block_id], request, i):
                 break
             hits.append(block_id)
-        self.stats.queried_tokens += request.num_tokens
-        self.stats.hit_tokens += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
+
+    def record_lookup(self, num_tokens: int, num_cached: int) -> None:
+        """Counted by the scheduler once per admission (a lookup may be repeated while a request waits)."""
+        self.stats.queried_tokens += num_tokens
+        self.stats.hit_tokens += num_cached
 
     def _register(self, request: Request, upto_tokens: int) -> None:
         """Enter this request's full blocks below upto_tokens into the prefix cache. Called when they are

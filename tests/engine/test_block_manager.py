@@ -20,6 +20,7 @@ def admit(bm: BlockManager, req: Request) -> int:
     """What the scheduler does on admission: take the hits, then allocate the rest of the prompt."""
     hits, cached = bm.get_computed_blocks(req)
     assert bm.allocate_slots(req, req.num_tokens - cached, hits)
+    bm.record_lookup(req.num_tokens, cached)
     return cached
 
 

@@ -1,0 +1,228 @@
+"""Continuous batching over one rule: a request needs tokens [num_computed_tokens, num_tokens) computed.
+
+Prefill, chunked prefill, decode, prefix hits and recompute after preemption all fall out of that rule.
+Each step: running requests first (in admission order, preempting from the tail when blocks run out),
+then admission of waiting requests by deficit round robin over fairness keys, charged in tokens, so that
+one tenant flooding the queue cannot starve the others. Plain Python, no torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.block_manager import BlockManager
+from engine.request import LoRARequest, Request, RequestStatus
+
+
+class AdapterSlots(Protocol):
+    """The part of AdapterCache the scheduler uses (engine/adapter_cache.py)."""
+
+    def acquire(self, lora: LoRARequest) -> int | None: ...
+    def release(self, lora: LoRARequest) -> None: ...
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        adapter_slots: AdapterSlots | None,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        fairness_quantum: int | None = None,
+    ) -> None:
+        self.block_manager = block_manager
+        self.adapter_slots = adapter_slots
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        # Tokens a fairness key earns per round-robin turn; smaller = finer interleaving, more turns.
+        self.quantum = fairness_quantum or max_num_batched_tokens
+        self.running: list[Request] = []
+        # Waiting requests per fairness key; the dict's order is the round-robin ring, head = current turn.
+        self.queues: OrderedDict[str, deque[Request]] = OrderedDict()
+        self.deficit: dict[str, int] = {}
+        self.requests: dict[str, Request] = {}
+
+    # ---- queue bookkeeping ----
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def waiting(self) -> list[Request]:
+        return [r for q in self.queues.values() for r in q]
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        longest = request.num_tokens + (request.params.max_tokens or 0) - request.num_output_tokens
+        if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
+            # Alone in the engine it would still preempt itself forever.
+            raise ValueError(
+                f"request needs {longest} tokens but the KV cache holds only "
+                f"{self.block_manager.num_blocks * self.block_manager.block_size}"
+            )
+        self.requests[request.request_id] = request
+        self._enqueue(request, front=False)
+
+    def _enqueue(self, request: Request, front: bool) -> None:
+        request.status = RequestStatus.WAITING
+        key = request.fairness_key
+        if key not in self.queues:
+            self.queues[key] = deque()
+            self.deficit[key] = 0
+        if front:
+            self.queues[key].appendleft(request)
+        else:
+            self.queues[key].append(request)
+
+    def _remove_waiting(self, request: Request) -> None:
+        key = request.fairness_key
+        queue = self.queues[key]
+        queue.remove(request)
+        if not queue:
+            self._drop_key(key)
+
+    def _drop_key(self, key: str) -> None:
+        # Classic DRR: a key whose queue empties loses its saved credit, so idling earns no burst later.
+        del self.queues[key]
+        del self.deficit[key]
+
+    # ---- leaving the engine ----
+    def _release(self, request: Request) -> None:
+        self.block_manager.free(request)
+        if request.lora is not None and request.lora_slot >= 0 and self.adapter_slots is not None:
+            self.adapter_slots.release(request.lora)
+        request.lora_slot = -1
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Take a request out (finished, aborted or failed); frees its blocks and adapter pin."""
+        assert status.finished
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+            self._release(request)
+        elif request.status == RequestStatus.WAITING:
+            self._remove_waiting(request)
+        request.status = status
+        request.metrics.finished_time = time.monotonic()
+        self.requests.pop(request.request_id, None)
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute later: drop the KV (cached full blocks stay findable) and requeue at the front."""
+        self._release(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self._enqueue(request, front=True)
+
+    # ---- the step ----
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled_ids: set[str] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.block_manager.allocate_slots(request, n):
+                victim = self.running.pop()  # the most recently admitted, never one already scheduled
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                break  # it preempted itself: nothing behind it is left either
+            out.scheduled.append((request, n))
+            scheduled_ids.add(request.request_id)
+            budget -= n
+            if request.num_computed_tokens >= request.num_prompt_tokens:
+                self._charge(request.fairness_key, n)  # decode tokens count against a key's share too
+            i += 1
+        if not out.preempted:
+            self._admit(out, budget)
+        return out
+
+    def _charge(self, key: str, tokens: int) -> None:
+        if key in self.deficit:
+            self.deficit[key] -= tokens
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        stalled = 0  # consecutive turns in which a key had nothing admittable
+        while (
+            self.queues
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+            and stalled < len(self.queues)
+        ):
+            key = next(iter(self.queues))
+            outcome, budget = self._serve_turn(key, out, budget)
+            if outcome == "full":
+                return  # the step is full; this key resumes its turn next step
+            stalled = stalled + 1 if outcome == "blocked" else 0
+            if outcome == "deficit":
+                self.deficit[key] += self.quantum
+            if key in self.queues:
+                self.queues.move_to_end(key)
+
+    def _serve_turn(self, key: str, out: SchedulerOutput, budget: int) -> tuple[str, int]:
+        """Admit this key's requests while its deficit covers them. Requests whose adapter cannot get a GPU
+        slot now are skipped, not waited on. Returns (outcome, budget left): "full" (step out of tokens,
+        seats or blocks), "deficit" (turn over, credit short), "blocked" (nothing admittable)."""
+        progressed = False
+        for request in list(self.queues[key]):
+            hits, num_cached = self.block_manager.get_computed_blocks(request)
+            cost = request.num_tokens - num_cached
+            if cost > self.deficit[key]:
+                return "deficit", budget
+            slot = -1
+            if request.lora is not None:
+                assert self.adapter_slots is not None, "a LoRA request needs an adapter cache"
+                acquired = self.adapter_slots.acquire(request.lora)
+                if acquired is None:
+                    continue
+                slot = acquired
+            n = min(cost, budget)
+            if not self.block_manager.allocate_slots(request, n, hits):
+                if request.lora is not None:
+                    self.adapter_slots.release(request.lora)  # type: ignore[union-attr]
+                return "full", budget
+            self.deficit[key] -= cost
+            self._remove_waiting(request)
+            self.block_manager.record_lookup(request.num_tokens, num_cached)
+            request.lora_slot = slot
+            request.status = RequestStatus.RUNNING
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            out.scheduled.append((request, n))
+            budget -= n
+            progressed = True
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                return "full", budget
+            if key not in self.queues:
+                return "emptied", budget
+        return ("emptied" if progressed else "blocked"), budget
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """After the model ran: the scheduled tokens are computed."""
+        for request, n in out.scheduled:
+            request.num_computed_tokens += n

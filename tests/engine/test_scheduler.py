@@ -1,0 +1,169 @@
+"""Scheduler: token budget, chunked prefill, seats, preemption by recompute, adapter-slot admission."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.request import LoRARequest, RequestStatus
+from tests.engine.sched_fakes import Harness, SlotTable, expected_output, make_scheduler, next_token, req
+
+LORA_A = LoRARequest("a", content_hash="a" * 64)
+LORA_B = LoRARequest("b", content_hash="b" * 64)
+
+
+def test_chunked_prefill_then_decode_one_token_per_step():
+    s = make_scheduler(max_num_batched_tokens=8)
+    r = req("r", list(range(1, 21)), max_tokens=3)
+    s.add(r)
+    h = Harness(s)
+    chunks = [h.step()[0][1] for _ in range(5)]
+    assert chunks == [8, 8, 4, 1, 1]
+    assert r.is_finished and r.output_token_ids == expected_output(list(range(1, 21)), 3)
+
+
+def test_running_requests_go_first_and_share_the_budget():
+    s = make_scheduler(max_num_batched_tokens=10)
+    a, b = req("a", list(range(1, 7)), 5), req("b", list(range(11, 17)), 5)
+    s.add(a)
+    s.add(b)
+    h = Harness(s)
+    assert [(r.request_id, n) for r, n in h.step()] == [("a", 6), ("b", 4)]
+    # a decodes (1), b finishes its prompt (2).
+    assert [(r.request_id, n) for r, n in h.step()] == [("a", 1), ("b", 2)]
+    assert [(r.request_id, n) for r, n in h.step()] == [("a", 1), ("b", 1)]
+
+
+def test_max_num_seqs_caps_the_batch():
+    s = make_scheduler(max_num_seqs=2)
+    for i in range(5):
+        s.add(req(f"r{i}", [i + 1, 2, 3], 3))
+    h = Harness(s)
+    assert len(h.step()) == 2
+    assert s.num_running == 2 and s.num_waiting == 3
+    h.run()
+    assert len(h.finished_at) == 5
+
+
+def test_preemption_by_recompute_keeps_outputs_and_requeues_at_the_front():
+    prompts = {f"r{i}": [i + 1] * 6 + list(range(i * 10, i * 10 + 5)) for i in range(4)}
+    s = make_scheduler(num_blocks=10, block_size=4, max_num_batched_tokens=64)
+    reqs = [req(rid, p, max_tokens=12) for rid, p in prompts.items()]
+    for r in reqs:
+        s.add(r)
+    h = Harness(s)
+    preempted = []
+    while s.has_unfinished():
+        out = s.schedule()
+        preempted += [r.request_id for r in out.preempted]
+        if out.preempted:
+            # The victim is the most recently admitted one, and it waits at the head of its queue.
+            assert s.waiting()[0] is out.preempted[-1]
+            assert out.preempted[-1].num_computed_tokens == 0 and out.preempted[-1].block_table == []
+        s.advance(out)
+        for r, _ in out.scheduled:
+            if r.num_computed_tokens == r.num_tokens:
+                r.append_token(next_token(r.all_token_ids))
+                if r.num_output_tokens >= 12:
+                    s.finish(r, RequestStatus.FINISHED_LENGTH)
+        h.step_count += 1
+        assert h.step_count < 1000
+    assert preempted, "the tiny KV cache must force preemption"
+    for r in reqs:
+        assert r.output_token_ids == expected_output(prompts[r.request_id], 12)
+    assert s.block_manager.num_free_blocks == 10
+
+
+def test_a_request_alone_preempts_itself_only_when_nothing_else_can_go():
+    s = make_scheduler(num_blocks=3, block_size=4, max_num_batched_tokens=64)
+    r = req("r", [1, 2, 3, 4, 5], max_tokens=7)  # 12 tokens = 3 blocks, fits alone
+    s.add(r)
+    Harness(s).run()
+    assert r.output_token_ids == expected_output([1, 2, 3, 4, 5], 7)
+    assert r.num_preemptions == 0
+
+
+def test_adapter_slots_bound_admission_without_head_of_line_blocking():
+    slots = SlotTable(1)
+    s = make_scheduler(slots=slots)
+    a1 = req("a1", [1, 2, 3], 4, lora=LORA_A)
+    b1 = req("b1", [1, 2, 3], 4, lora=LORA_B)
+    base = req("base", [4, 5, 6], 4)
+    a2 = req("a2", [7, 8, 9], 4, lora=LORA_A)
+    for r in (a1, b1, base, a2):
+        s.add(r)
+    h = Harness(s)
+    first = {r.request_id for r, _ in h.step()}
+    # b1 cannot get the only slot while a-requests hold it, but does not block base or a2 behind it.
+    assert first == {"a1", "base", "a2"}
+    assert a1.lora_slot == a2.lora_slot == 0 and base.lora_slot == -1
+    assert b1.status == RequestStatus.WAITING
+    h.run()
+    assert b1.is_finished and h.finished_at["b1"] > h.finished_at["a1"]
+    assert slots.pins == {"a" * 64: 0, "b" * 64: 0}
+
+
+def test_adapter_pin_is_released_on_preempt_and_on_abort():
+    slots = SlotTable(2)
+    s = make_scheduler(slots=slots, num_blocks=4, block_size=4)
+    a = req("a", list(range(1, 9)), 8, lora=LORA_A)
+    b = req("b", list(range(11, 19)), 8, lora=LORA_B)
+    s.add(a)
+    s.add(b)
+    h = Harness(s)
+    h.step()
+    assert slots.pins == {"a" * 64: 1, "b" * 64: 1}
+    while not b.num_preemptions:
+        h.step()
+    assert slots.pins["b" * 64] == 0 and b.lora_slot == -1
+    s.finish(a, RequestStatus.FINISHED_ABORTED)
+    assert slots.pins["a" * 64] == 0 and a.block_table == []
+    h.run()
+    assert slots.pins == {"a" * 64: 0, "b" * 64: 0}
+    assert s.block_manager.num_free_blocks == 4
+
+
+def test_abort_of_a_waiting_request_and_duplicate_ids():
+    s = make_scheduler(max_num_seqs=1)
+    a, b = req("a", [1, 2]), req("b", [3, 4])
+    s.add(a)
+    s.add(b)
+    with pytest.raises(ValueError, match="already"):
+        s.add(req("a", [5]))
+    s.finish(b, RequestStatus.FINISHED_ABORTED)
+    assert s.num_waiting == 1 and b.finish_reason == "abort"
+    Harness(s).run()
+    assert a.is_finished and not s.has_unfinished()
+
+
+def test_prefix_hit_skips_cached_tokens_and_sets_num_cached_tokens():
+    s = make_scheduler(block_size=4)
+    prompt = list(range(1, 14))  # 3 full blocks + 1
+    a = req("a", prompt, 2, salt="t")
+    s.add(a)
+    h = Harness(s)
+    h.run()
+    b = req("b", prompt, 2, salt="t")
+    c = req("c", prompt, 2, salt="u")
+    s.add(b)
+    s.add(c)
+    step = dict((r.request_id, n) for r, n in h.step())
+    assert b.num_cached_tokens == 12 and step["b"] == 1
+    assert c.num_cached_tokens == 0 and step["c"] == 13
+    h.run()
+    assert b.output_token_ids == c.output_token_ids == a.output_token_ids
+
+
+def test_waiting_requests_fill_leftover_budget_with_a_chunk():
+    s = make_scheduler(max_num_batched_tokens=6)
+    a, b = req("a", [1, 2, 3, 4], 5), req("b", list(range(10, 20)), 2)
+    s.add(a)
+    s.add(b)
+    h = Harness(s)
+    assert [(r.request_id, n) for r, n in h.step()] == [("a", 4), ("b", 2)]
+    assert b.num_computed_tokens == 2 and b.status == RequestStatus.RUNNING
+
+
+def test_a_request_that_can_never_fit_is_refused_up_front():
+    s = make_scheduler(num_blocks=3, block_size=4)
+    with pytest.raises(ValueError, match="KV cache"):
+        s.add(req("big", list(range(1, 10)), max_tokens=4))  # 13 tokens > 12 slots
