@@ -1,17 +1,38 @@
-"""Real services for integration tests: a fresh PostgreSQL database per session, Redis, and moto's S3 server.
+"""Real services for integration tests: a fresh PostgreSQL database per test, Redis, and moto's S3 server,
+plus the app on them.
 
 PostgreSQL (127.0.0.1:5432, trust auth) and Redis (127.0.0.1:6379) are started by .ci/run when down;
 the S3 server is moto's, started here on a free loopback port.
+
+App fixtures (see docs/foundation.md, "Adding a domain"):
+- `migrated_database_url`: `pg_database_url` upgraded to the head migration.
+- `app_settings`: Settings on that database, with a test secret and `TEST_ADMIN_KEY` as the admin key.
+- `build_app(database_url=None, **overrides)`: a new app (default: the migrated database), for
+  tests that need other settings (e.g. `redis_url=...`).
+- `app`, `client` (litestar TestClient, started), `async_client` (AsyncTestClient, started).
+- `admin_headers`; `make_tenant(**fields) -> dict`; `make_key(tenant_id, scopes=("completions",)) -> str`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from litestar import Litestar
+    from litestar.testing import AsyncTestClient, TestClient
+
+    from app.config import Settings
+
+TEST_SECRET = "test-secret-0123456789abcdef"
+TEST_ADMIN_KEY = "lpx_testadminkey0123456789"
 
 PG_ADMIN_DSN = os.environ.get("LORAPLEX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("LORAPLEX_TEST_REDIS", "redis://127.0.0.1:6379/15")
@@ -98,3 +119,87 @@ def s3_server() -> Iterator[dict[str, str]]:
         yield info
     finally:
         server.stop()
+
+
+# ---- the app on a migrated database ----
+
+
+@pytest.fixture
+def migrated_database_url(pg_database_url: str) -> str:
+    from app.db.migrate import upgrade
+
+    upgrade(pg_database_url, "head")
+    return pg_database_url
+
+
+@pytest.fixture
+def build_app(migrated_database_url: str, tmp_path: Path) -> Callable[..., Litestar]:
+    from app.config import Settings
+    from app.main import create_app
+
+    def build(database_url: str | None = None, **overrides: Any) -> Litestar:
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            database_url=database_url or migrated_database_url,
+            secret=TEST_SECRET,
+            admin_key=TEST_ADMIN_KEY,
+            log_format="json",
+        )
+        return create_app(dataclasses.replace(settings, **overrides))
+
+    return build
+
+
+@pytest.fixture
+def app(build_app: Callable[..., Litestar]) -> Litestar:
+    return build_app()
+
+
+@pytest.fixture
+def app_settings(app: Litestar) -> Settings:
+    return app.state.settings  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def client(app: Litestar) -> Iterator[TestClient[Litestar]]:
+    from litestar.testing import TestClient
+
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+async def async_client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    from litestar.testing import AsyncTestClient
+
+    async with AsyncTestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TEST_ADMIN_KEY}"}
+
+
+@pytest.fixture
+def make_tenant(client: TestClient[Litestar], admin_headers: dict[str, str]) -> Callable[..., dict[str, Any]]:
+    counter = iter(range(1_000_000))
+
+    def make(**fields: Any) -> dict[str, Any]:
+        fields.setdefault("name", f"tenant-{next(counter)}")
+        response = client.post("/admin/tenants", json=fields, headers=admin_headers)
+        assert response.status_code == 201, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    return make
+
+
+@pytest.fixture
+def make_key(client: TestClient[Litestar], admin_headers: dict[str, str]) -> Callable[..., str]:
+    def make(tenant_id: str, scopes: tuple[str, ...] = ("completions",), **fields: Any) -> str:
+        body = {"scopes": list(scopes), **fields}
+        response = client.post(f"/admin/tenants/{tenant_id}/api-keys", json=body, headers=admin_headers)
+        assert response.status_code == 201, response.text
+        return response.json()["key"]  # type: ignore[no-any-return]
+
+    return make

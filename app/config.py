@@ -1,0 +1,186 @@
+"""Settings from `LORAPLEX_*` environment variables, validated once at start.
+
+Each field of `Settings` is read from `LORAPLEX_<FIELD NAME IN UPPER CASE>`; its type annotation decides
+how the text is parsed, so adding a setting is one line here (plus a check in `_validate` when a range
+matters). Defaults make `loraplex serve` work on a laptop with nothing else running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "LORAPLEX_"
+SECRET_FILE = "secret"
+
+
+class SettingsError(ValueError):
+    """A `LORAPLEX_*` variable holds a value we cannot use; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Storage. database_url None = SQLite file under data_dir (filled in by from_env).
+    data_dir: Path = Path("./data")
+    database_url: str | None = None
+    redis_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+
+    # Model and engine sizing.
+    model: str | None = None
+    device: str = "auto"
+    max_loras: int = 4
+    max_cpu_loras: int = 16
+    max_lora_rank: int = 64
+    gpu_memory_fraction: float = 0.85
+
+    # Security. secret None = generated once and kept in data_dir/secret (see ensure_secret).
+    secret: str | None = field(default=None, repr=False)
+    admin_key: str | None = field(default=None, repr=False)
+    key_cache_ttl_seconds: float = 2.0
+    last_used_flush_seconds: float = 10.0
+
+    # HTTP server.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_request_bytes: int = 1_048_576
+
+    # Logs: json (one object a line), console (readable), or auto (json unless stderr is a terminal).
+    log_format: str = "auto"
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from `LORAPLEX_*` variables; raises SettingsError naming the first bad variable."""
+        env = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            values[f.name] = _parse(name, raw.strip(), hints[f.name])
+        settings = cls(**values)
+        if settings.database_url is None:
+            db_path = (settings.data_dir / "loraplex.db").resolve()
+            settings = dataclasses.replace(settings, database_url=f"sqlite+aiosqlite:///{db_path}")
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise SettingsError for the first value out of range; called by from_env and create_app."""
+        for msg_field, ok, expect in _checks(self):
+            if not ok:
+                value = getattr(self, msg_field)
+                raise SettingsError(f"{ENV_PREFIX}{msg_field.upper()}: {expect}, got {value!r}")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return (self.database_url or "").startswith("sqlite")
+
+    def only(self, *names: str) -> dict[str, Any]:
+        """The named fields as a dict, so a component receives just what it needs."""
+        return {n: getattr(self, n) for n in names}
+
+
+def _checks(s: Settings) -> list[tuple[str, bool, str]]:
+    db = s.database_url or ""
+    return [
+        (
+            "database_url",
+            db.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")),
+            "expected an async URL starting with sqlite+aiosqlite:// or postgresql+asyncpg://",
+        ),
+        (
+            "redis_url",
+            s.redis_url is None or s.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            "expected redis://, rediss:// or unix://",
+        ),
+        (
+            "s3_endpoint_url",
+            s.s3_endpoint_url is None or s.s3_endpoint_url.startswith(("http://", "https://")),
+            "expected an http(s):// URL",
+        ),
+        (
+            "device",
+            s.device in ("auto", "cpu", "cuda") or s.device.startswith("cuda:"),
+            "expected auto, cpu, cuda or cuda:N",
+        ),
+        ("max_loras", s.max_loras >= 1, "expected an integer >= 1"),
+        ("max_cpu_loras", s.max_cpu_loras >= s.max_loras, "expected an integer >= LORAPLEX_MAX_LORAS"),
+        ("max_lora_rank", 1 <= s.max_lora_rank <= 1024, "expected an integer between 1 and 1024"),
+        ("gpu_memory_fraction", 0.0 < s.gpu_memory_fraction <= 1.0, "expected a number in (0, 1]"),
+        ("secret", s.secret is None or len(s.secret) >= 16, "expected at least 16 characters"),
+        (
+            "admin_key",
+            s.admin_key is None
+            or (len(s.admin_key) >= 20 and s.admin_key.isprintable() and " " not in s.admin_key),
+            "expected at least 20 printable characters without spaces",
+        ),
+        (
+            "key_cache_ttl_seconds",
+            0.0 <= s.key_cache_ttl_seconds <= 5.0,
+            "expected 0..5 seconds (revocation must take effect within 5 s)",
+        ),
+        ("last_used_flush_seconds", s.last_used_flush_seconds > 0.0, "expected a positive number"),
+        ("port", 0 <= s.port <= 65535, "expected a port number 0..65535"),
+        ("max_request_bytes", s.max_request_bytes >= 1024, "expected an integer >= 1024"),
+        ("log_format", s.log_format in ("auto", "json", "console"), "expected auto, json or console"),
+        (
+            "log_level",
+            s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+            "expected DEBUG, INFO, WARNING or ERROR",
+        ),
+    ]
+
+
+def _parse(name: str, raw: str, hint: Any) -> Any:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = inner[0]
+    try:
+        if hint is bool:
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint is Path:
+            return Path(raw)
+        return hint(raw)
+    except ValueError:
+        kind = {int: "an integer", float: "a number", bool: "true or false"}.get(hint, "a valid value")
+        raise SettingsError(f"{name}: expected {kind}, got {raw!r}") from None
+
+
+def ensure_secret(settings: Settings) -> Settings:
+    """Settings with a secret: the configured one, else the one kept in data_dir (made on first call)."""
+    if settings.secret is not None:
+        return settings
+    path = settings.data_dir / SECRET_FILE
+    if path.exists():
+        secret = path.read_text().strip()
+    else:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(48)
+        # O_EXCL: two processes starting at once must not end up with different secrets.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            secret = path.read_text().strip()
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secret + "\n")
+    result = dataclasses.replace(settings, secret=secret)
+    result.validate()
+    return result

@@ -1,0 +1,1 @@
+"""Database: the declarative base, model discovery, the Litestar plugin config and migrations."""

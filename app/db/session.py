@@ -1,0 +1,74 @@
+"""Engine and sessions through advanced-alchemy's Litestar plugin.
+
+Handlers receive `db_session: AsyncSession` by dependency injection; it commits when the response is
+2xx and rolls back otherwise, so a failed request never leaves half its writes behind. Code running
+outside a request (background tasks, lifespan hooks) opens its own session with `session_maker(app)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from advanced_alchemy.extensions.litestar import (
+    AsyncSessionConfig,
+    EngineConfig,
+    SQLAlchemyAsyncConfig,
+    SQLAlchemyPlugin,
+)
+from sqlalchemy import event
+
+from app.db.models import load_metadata
+
+if TYPE_CHECKING:
+    from litestar import Litestar
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+    from app.config import Settings
+
+DB_CONFIG_STATE_KEY = "db_config"
+
+
+def make_db_config(settings: Settings) -> SQLAlchemyAsyncConfig:
+    url = settings.database_url
+    assert url is not None, "Settings.from_env fills in database_url"
+    if settings.is_sqlite:
+        engine_config = EngineConfig(connect_args={"timeout": 30})
+    else:
+        engine_config = EngineConfig(pool_size=10, max_overflow=10, pool_pre_ping=True)
+    config = SQLAlchemyAsyncConfig(
+        connection_string=url,
+        metadata=load_metadata(),
+        session_config=AsyncSessionConfig(expire_on_commit=False),
+        engine_config=engine_config,
+        before_send_handler="autocommit",
+        session_dependency_key="db_session",
+        create_all=False,
+        # Our own handlers (app/errors.py) put repository errors into the error envelope.
+        set_default_exception_handler=False,
+    )
+    if settings.is_sqlite:
+        _sqlite_foreign_keys(config.get_engine())
+    return config
+
+
+def _sqlite_foreign_keys(engine: AsyncEngine) -> None:
+    # SQLite ignores ON DELETE CASCADE and FK checks unless asked, per connection.
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+
+def make_db_plugin(config: SQLAlchemyAsyncConfig) -> SQLAlchemyPlugin:
+    return SQLAlchemyPlugin(config=config)
+
+
+def db_config(app: Litestar) -> SQLAlchemyAsyncConfig:
+    return cast("SQLAlchemyAsyncConfig", app.state[DB_CONFIG_STATE_KEY])
+
+
+def session_maker(app: Litestar) -> Callable[[], AsyncSession]:
+    """A session factory for work outside a request; use as `async with session_maker(app)() as s:`."""
+    return db_config(app).create_session_maker()

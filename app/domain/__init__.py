@@ -1,0 +1,1 @@
+"""One package per area: models, schemas, services and thin controllers."""

@@ -1,0 +1,54 @@
+"""Tenant API keys: create (shown once), list (never the secret), revoke. Admin keys only."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from litestar import Controller, Request, delete, get, post
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth import require_admin
+from app.auth.middleware import AUTHENTICATOR_STATE_KEY
+from app.config import Settings
+from app.domain.keys.schemas import KeyCreate, KeyCreated, KeyList
+from app.domain.keys.service import ApiKeyService
+from app.domain.tenants.service import TenantService
+
+
+def _secret(settings: Settings) -> str:
+    assert settings.secret is not None, "create_app resolves the secret"
+    return settings.secret
+
+
+class ApiKeyController(Controller):
+    path = "/admin"
+    guards = (require_admin,)
+    tags = ("admin: api keys",)
+
+    @post(
+        "/tenants/{tenant_id:uuid}/api-keys",
+        operation_id="createApiKey",
+        summary="Issue a key for a tenant; the key is in this response only",
+    )
+    async def create_key(
+        self, db_session: AsyncSession, settings: Settings, tenant_id: UUID, data: KeyCreate
+    ) -> KeyCreated:
+        await TenantService(db_session).get(tenant_id)
+        return await ApiKeyService(db_session, _secret(settings)).create_tenant_key(tenant_id, data)
+
+    @get(
+        "/tenants/{tenant_id:uuid}/api-keys",
+        operation_id="listApiKeys",
+        summary="List a tenant's keys, without their secrets",
+    )
+    async def list_keys(self, db_session: AsyncSession, settings: Settings, tenant_id: UUID) -> KeyList:
+        await TenantService(db_session).get(tenant_id)
+        return KeyList(data=await ApiKeyService(db_session, _secret(settings)).list_for_tenant(tenant_id))
+
+    @delete("/api-keys/{key_id:uuid}", operation_id="revokeApiKey", summary="Revoke a key")
+    async def revoke_key(
+        self, request: Request[Any, Any, Any], db_session: AsyncSession, settings: Settings, key_id: UUID
+    ) -> None:
+        await ApiKeyService(db_session, _secret(settings)).revoke(key_id)
+        request.app.state[AUTHENTICATOR_STATE_KEY].forget_key(key_id)

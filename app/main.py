@@ -1,0 +1,109 @@
+"""`create_app(settings)`: the Litestar application, assembled from each area's pieces.
+
+Each area registers itself in the lists inside `create_app` (one line per list it needs); everything
+else here is shared plumbing: settings, database plugin, auth, errors, logs, OpenAPI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.events import EventListener
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.types import ControllerRouterHandler
+
+from app.auth.authenticator import KeyAuthenticator
+from app.auth.guards import provide_principal
+from app.auth.middleware import AUTHENTICATOR_STATE_KEY, auth_middleware
+from app.config import Settings, ensure_secret
+from app.db.session import DB_CONFIG_STATE_KEY, make_db_config, make_db_plugin
+from app.domain.health.controller import READY_CHECKS_STATE_KEY, ReadyCheck, database_check, health, ready
+from app.domain.keys.controller import ApiKeyController
+from app.domain.tenants.controller import TenantController
+from app.errors import exception_handlers
+from app.lifespan import last_used_writer
+from app.logging import RequestIdMiddleware, configure_logging
+
+Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = ensure_secret(settings or Settings.from_env())
+    settings.validate()
+    configure_logging(settings)
+
+    # ---- Registration: each area adds one line to each list it needs. ----
+    route_handlers: list[ControllerRouterHandler] = [
+        health,
+        ready,
+        TenantController,
+        ApiKeyController,
+    ]
+    # Async context managers taking the app; entered in order at start, left in reverse at stop.
+    lifespans: list[Lifespan] = [
+        last_used_writer,
+    ]
+    # /ready runs each; a check returns None when fine or a short reason.
+    ready_checks: dict[str, ReadyCheck] = {
+        "database": database_check,
+    }
+    # litestar.events listeners (`@listener("event")` functions).
+    listeners: Sequence[EventListener] = []
+    # App-wide dependencies, available to every handler by parameter name.
+    dependencies: dict[str, Provide] = {
+        "settings": Provide(lambda: settings, sync_to_thread=False, use_cache=True),
+        "principal": Provide(provide_principal, sync_to_thread=False),
+    }
+    # ---- End of registration. ----
+
+    db_config = make_db_config(settings)
+    assert settings.secret is not None
+    authenticator = KeyAuthenticator(
+        session_maker=db_config.create_session_maker(),
+        secret=settings.secret,
+        admin_key=settings.admin_key,
+        ttl_seconds=settings.key_cache_ttl_seconds,
+    )
+    app = Litestar(
+        route_handlers=route_handlers,
+        plugins=[make_db_plugin(db_config)],
+        middleware=[auth_middleware()],
+        exception_handlers=exception_handlers(),
+        dependencies=dependencies,
+        lifespan=list(lifespans),
+        listeners=list(listeners),
+        openapi_config=_openapi_config(),
+        request_max_body_size=settings.max_request_bytes,
+        logging_config=None,
+        state=State(
+            {
+                "settings": settings,
+                DB_CONFIG_STATE_KEY: db_config,
+                AUTHENTICATOR_STATE_KEY: authenticator,
+                READY_CHECKS_STATE_KEY: ready_checks,
+            }
+        ),
+    )
+    # Outermost, so 404s, 405s and errors also get a request id and an access-log line.
+    app.asgi_handler = RequestIdMiddleware(app.asgi_handler)
+    return app
+
+
+def _openapi_config() -> OpenAPIConfig:
+    bearer: Any = SecurityScheme(type="http", scheme="bearer", description="An API key: lpx_...")
+    return OpenAPIConfig(
+        title="loraplex",
+        version="0.1.0",
+        description="Multi-tenant LoRA serving with an OpenAI-compatible API.",
+        path="/schema",
+        render_plugins=[SwaggerRenderPlugin()],
+        components=Components(security_schemes={"BearerAuth": bearer}),
+        security=[{"BearerAuth": []}],
+    )
