@@ -1,0 +1,214 @@
+"""A Hugging Face model folder -> our config, our model (weights from safetensors only) and its tokenizer.
+
+Only the tokenizer comes from transformers; the network is ours (engine/models/). Weights are read with
+safetensors, never torch.load, so a model folder cannot run code on load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from engine.config import EngineConfig
+from engine.models import MODEL_REGISTRY
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ROPE_TYPES = ("default", "llama3", "linear")
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What our model code needs from config.json, with each family's defaults made explicit."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # {"rope_type": "llama3" | "linear", "factor": ..., ...}; None = plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
+    # Mistral v0.1 declares one; our attention is full, which is exact for contexts up to this length.
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def parse_config(raw: dict[str, Any]) -> ModelConfig:
+    """config.json contents -> ModelConfig; unsupported architectures or settings raise ValueError."""
+    archs = raw.get("architectures") or []
+    arch = archs[0] if archs else raw.get("model_type", "<none>")
+    if arch not in MODEL_REGISTRY:
+        raise ValueError(
+            f"unsupported model architecture {arch!r}; supported: {', '.join(sorted(MODEL_REGISTRY))}"
+        )
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{arch}: unsupported hidden_act {act!r} (only silu)")
+    # transformers 5 writes `rope_parameters` (with rope_theta inside); older folders `rope_scaling`.
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in _ROPE_TYPES:
+        raise ValueError(f"{arch}: unsupported rope scaling type {rope_type!r} (supported: {_ROPE_TYPES})")
+    rope_theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    heads = int(raw["num_attention_heads"])
+    hidden = int(raw["hidden_size"])
+    head_dim = raw.get("head_dim") or hidden // heads
+    kv_heads = int(raw.get("num_key_value_heads") or heads)
+    if heads % kv_heads:
+        raise ValueError(f"{arch}: {heads} query heads are not a multiple of {kv_heads} KV heads")
+    is_qwen2 = arch == "Qwen2ForCausalLM"
+    attention_bias = bool(raw.get("attention_bias", False))
+    sliding = raw.get("sliding_window")
+    if is_qwen2 and not raw.get("use_sliding_window", False):
+        sliding = None
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(raw["intermediate_size"]),
+        num_layers=int(raw["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=int(head_dim),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=is_qwen2 or attention_bias,
+        o_bias=attention_bias and not is_qwen2,
+        mlp_bias=bool(raw.get("mlp_bias", False)),
+        rope_scaling=dict(rope) if rope_type != "default" else None,
+        sliding_window=int(sliding) if sliding else None,
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=_token_ids(raw.get("eos_token_id")),
+    )
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    path = Path(model_dir)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{path} is not a Hugging Face model folder: no config.json")
+    config = parse_config(json.loads(cfg_file.read_text()))
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        # generation_config.json often lists more stop ids than config.json (Llama 3 chat turns).
+        extra = _token_ids(json.loads(gen_file.read_text()).get("eos_token_id"))
+        merged = tuple(dict.fromkeys(config.eos_token_ids + extra))
+        config = ModelConfig(**{**config.__dict__, "eos_token_ids": merged})
+    return config
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a folder: the shards its index names, or every *.safetensors."""
+    path = Path(model_dir)
+    index = path / _INDEX_FILE
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / n for n in names]
+        for f in files:
+            # The index is data from the folder: a shard name must not walk out of it.
+            if f.resolve().parent != path.resolve() or not f.is_file():
+                raise ValueError(f"{index}: bad or missing shard {f.name!r}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors weights (other formats are refused: they can run code)")
+    return files
+
+
+def iter_weights(model_dir: str | Path) -> Any:
+    """Yield (name, tensor) over every weight of the folder, one shard open at a time."""
+    for f in weight_files(model_dir):
+        with safe_open(str(f), framework="pt") as shard:
+            for name in shard.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, shard.get_tensor(name)
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; one of {sorted(_DTYPES)} or auto")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class LoadedModel:
+    """Everything the engine needs about the base model, made once at start."""
+
+    name: str
+    path: str
+    config: ModelConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = self.config.eos_token_ids
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        return ids if tok_eos is None or tok_eos in ids else (*ids, tok_eos)
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    """Build our model for `config.model`, load its weights on the target device and dtype."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model_config = load_config(config.model)
+    model_cls = MODEL_REGISTRY[model_config.architecture]
+    model = model_cls.from_weights(model_config, iter_weights(config.model), dtype=dtype, device=device)
+    return LoadedModel(
+        name=Path(config.model).resolve().name,
+        path=str(config.model),
+        config=model_config,
+        model=model,
+        tokenizer=load_tokenizer(config.model),
+        device=device,
+        dtype=dtype,
+    )

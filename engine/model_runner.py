@@ -1,0 +1,149 @@
+"""Model runner: the only engine part that builds tensors. One step = one forward over a flat batch.
+
+It owns the KV cache (sized once, from the memory budget) and turns the scheduler's (request, n) pairs
+into the step tensors of docs/internals.md: token ids, positions, cache slots, block tables, sequence
+lengths, query offsets and the token -> adapter slot grouping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engine.adapter_cache import AdapterCache
+from engine.config import EngineConfig
+from engine.model_loader import LoadedModel, ModelConfig
+from engine.ops import AttentionBatch, LoRABatch, get_ops
+from engine.request import Request
+
+# CPU default when the config sets no budget: enough for the demo model and small tests, bounded so a
+# big model on a laptop does not take all its memory.
+CPU_KV_CACHE_BYTES = 256 << 20
+# Room kept free on the GPU for activations of one step, on top of an estimate from the step size.
+GPU_ACTIVATION_SLACK = 512 << 20
+
+
+def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block over all layers (K and V)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * element
+
+
+def decide_num_kv_blocks(config: EngineConfig, model: LoadedModel, cuda_mem: tuple[int, int] | None) -> int:
+    """config.num_kv_blocks, else kv_cache_bytes, else (GPU) the free memory under gpu_memory_fraction
+    left after weights and adapter slots (already allocated) and an activation reserve, else the CPU default.
+    `cuda_mem` is (free, total) bytes from the device, or None on CPU."""
+    per_block = kv_block_bytes(model.config, config.block_size, model.dtype)
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    if config.kv_cache_bytes is not None:
+        budget = config.kv_cache_bytes
+    elif cuda_mem is not None:
+        free, total = cuda_mem
+        cfg = model.config
+        element = torch.empty((), dtype=model.dtype).element_size()
+        width = 4 * cfg.hidden_size + 2 * cfg.intermediate_size + cfg.q_size + 2 * cfg.kv_size
+        activations = (
+            config.max_num_batched_tokens * width * element + config.max_num_seqs * cfg.vocab_size * 4
+        )
+        budget = free - int(total * (1.0 - config.gpu_memory_fraction)) - activations - GPU_ACTIVATION_SLACK
+    else:
+        budget = CPU_KV_CACHE_BYTES
+    blocks = budget // per_block
+    if blocks < 1:
+        raise ValueError(
+            f"no memory left for the KV cache (budget {budget} bytes, one block {per_block} bytes); "
+            "lower max_loras/max_lora_rank or raise gpu_memory_fraction / kv_cache_bytes"
+        )
+    return int(blocks)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: LoadedModel, adapter_cache: AdapterCache) -> None:
+        self.config = config
+        self.model = model
+        self.adapter_cache = adapter_cache
+        self.device = model.device
+        self.block_size = config.block_size
+        self.ops = get_ops(config.kernel_backend, self.device)
+        cuda_mem = torch.cuda.mem_get_info(self.device) if self.device.type == "cuda" else None
+        self.num_kv_blocks = decide_num_kv_blocks(config, model, cuda_mem)
+        cfg = model.config
+        shape = (self.num_kv_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches: list[tuple[Tensor, Tensor]] = [
+            (
+                torch.zeros(shape, dtype=model.dtype, device=self.device),
+                torch.zeros(shape, dtype=model.dtype, device=self.device),
+            )
+            for _ in range(cfg.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(self, batch: list[tuple[Request, int]]) -> Tensor:
+        """Compute tokens [num_computed, num_computed + n) of each request, writing their KV into its
+        blocks. Returns float32 logits [B, V] of each request's last computed token."""
+        if not batch:
+            raise ValueError("empty batch")
+        step = self._prepare(batch)
+        hidden = self.model.model(
+            step["input_ids"], step["positions"], self.kv_caches, step["attn"], step["lora"], self.ops
+        )
+        last = step["attn"].query_start_loc[1:].to(torch.int64) - 1  # [B]
+        return self.model.model.compute_logits(hidden[last])  # [B, V]
+
+    def _prepare(self, batch: list[tuple[Request, int]]) -> dict[str, Any]:
+        bs = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        token_lora: list[int] = []
+        seq_lens: list[int] = []
+        query_start = [0]
+        tables: list[list[int]] = []
+        for req, n in batch:
+            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            if n <= 0 or end > req.num_tokens:
+                raise ValueError(f"request {req.request_id}: cannot compute tokens [{start}, {end})")
+            if len(req.block_table) * bs < end:
+                raise ValueError(f"request {req.request_id}: {len(req.block_table)} blocks for {end} tokens")
+            if not -1 <= req.lora_slot < self.adapter_cache.slots.num_slots:
+                raise ValueError(f"request {req.request_id}: lora slot {req.lora_slot} out of range")
+            token_ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(req.block_table[p // bs] * bs + p % bs for p in range(start, end))
+            token_lora.extend([req.lora_slot] * n)
+            seq_lens.append(end)
+            query_start.append(query_start[-1] + n)
+            tables.append(req.block_table)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+
+        def tensor(values: list[Any], dtype: torch.dtype) -> Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        attn = AttentionBatch(
+            slot_mapping=tensor(slots, torch.int64),  # [T]
+            block_tables=tensor(padded, torch.int32),  # [B, max_blocks]
+            seq_lens=tensor(seq_lens, torch.int32),  # [B]
+            query_start_loc=tensor(query_start, torch.int32),  # [B+1]
+        )
+        lora = None
+        if any(s >= 0 for s in token_lora):
+            # Steps without any adapter skip the LoRA launches entirely.
+            weights = self.adapter_cache.slots
+            lora = LoRABatch(
+                meta=self.ops.make_lora_meta(tensor(token_lora, torch.int32), max(weights.num_slots, 1)),
+                a=weights.a,
+                b=weights.b,
+                scales=weights.scales,
+                ranks=weights.ranks,
+                ops=self.ops,
+            )
+        return {
+            "input_ids": tensor(token_ids, torch.int64),  # [T]
+            "positions": tensor(positions, torch.int64),  # [T]
+            "attn": attn,
+            "lora": lora,
+        }

@@ -1,0 +1,110 @@
+"""Kernel dispatch: the Triton kernels on CUDA, their plain-torch references elsewhere.
+
+The model and the runner call only these functions, so swapping the implementation never touches model
+code. The choice comes from `EngineConfig.kernel_backend` (never from the environment), made once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kernels import attention, lora
+from kernels.lora import LoRAMeta, make_lora_meta
+
+BACKENDS = ("auto", "triton", "ref")
+
+
+@dataclass(frozen=True)
+class Ops:
+    name: str  # "triton" or "ref"
+    lora_shrink: Callable[..., None]
+    lora_expand: Callable[..., None]
+    write_kv: Callable[..., None]
+    paged_attention: Callable[..., Tensor]
+
+    @staticmethod
+    def make_lora_meta(token_slots: Tensor, max_segments: int) -> LoRAMeta:
+        return make_lora_meta(token_slots, max_segments)
+
+
+def _triton_fn(module: Any, name: str) -> Callable[..., Any]:
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise ValueError(f"kernel_backend 'triton' asked for, but kernels.{module.__name__} has no {name}")
+    return fn  # type: ignore[no-any-return]
+
+
+def get_ops(backend: str, device: torch.device) -> Ops:
+    """`auto` = Triton on CUDA, references on CPU; `triton` on a CPU only works under TRITON_INTERPRET=1."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {backend!r}")
+    use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda")
+    if not use_triton:
+        return Ops(
+            name="ref",
+            lora_shrink=lora.lora_shrink_ref,
+            lora_expand=lora.lora_expand_ref,
+            write_kv=attention.write_kv_ref,
+            paged_attention=attention.paged_attention_ref,
+        )
+    return Ops(
+        name="triton",
+        lora_shrink=_triton_fn(lora, "lora_shrink"),
+        lora_expand=_triton_fn(lora, "lora_expand"),
+        write_kv=_triton_fn(attention, "write_kv"),
+        paged_attention=_triton_fn(attention, "paged_attention"),
+    )
+
+
+@dataclass
+class AttentionBatch:
+    """Per-step paged-attention inputs, shared by every layer (see docs/internals.md)."""
+
+    slot_mapping: Tensor  # [T] int64, cache slot of each new token (-1 = do not write)
+    block_tables: Tensor  # [B, max_blocks] int32
+    seq_lens: Tensor  # [B] int32, context length including the new tokens
+    query_start_loc: Tensor  # [B+1] int32, cumulative new-token counts
+
+
+@dataclass
+class LoRABatch:
+    """Per-step LoRA inputs: the token->slot grouping plus the slot weights of the adapter cache.
+
+    `a[m]` is [L, S, R, in_m], `b[m]` is [L, S, out_m, R] (zeros where an adapter does not target m),
+    `scales` [S] float32 and `ranks` [L, G, S] int32 with G the module groups below.
+    """
+
+    meta: LoRAMeta
+    a: dict[str, Tensor]
+    b: dict[str, Tensor]
+    scales: Tensor
+    ranks: Tensor
+    ops: Ops
+
+    def apply(self, layer: int, group: int, x: Tensor, y: Tensor) -> None:
+        """y += LoRA delta of every module of `group` (its slices side by side in y). x [T, in]; y [T, sum O]."""
+        modules = MODULE_GROUPS[group]
+        weights_a = [self.a[m][layer] for m in modules]  # each [S, R, in]
+        weights_b = [self.b[m][layer] for m in modules]  # each [S, O_n, R]
+        buf = torch.empty(
+            len(modules), x.shape[0], weights_a[0].shape[1], dtype=torch.float32, device=x.device
+        )
+        ranks = self.ranks[layer, group]  # [S]
+        self.ops.lora_shrink(x, weights_a, self.meta, buf)
+        self.ops.lora_expand(buf, weights_b, self.meta, y, self.scales, ranks)
+
+
+# One launch per group: q/k/v share the attention input, gate/up the MLP input.
+MODULE_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("o_proj",),
+    ("gate_proj", "up_proj"),
+    ("down_proj",),
+)
+QKV, O_PROJ, GATE_UP, DOWN = range(4)
+LORA_MODULES: tuple[str, ...] = tuple(m for group in MODULE_GROUPS for m in group)
