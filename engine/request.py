@@ -75,7 +75,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
     lora: LoRARequest | None = None
     cache_salt: str | None = None
     fairness_key: str = ""
@@ -92,6 +92,7 @@ class Request:
     num_cached_tokens: int = -1  # -1 until first scheduled: prefix-cache hits, in tokens
     num_preemptions: int = 0
     stop_reason: int | str | None = None
+    error: str | None = None  # why it FINISHED_ERROR (e.g. its adapter could not be loaded)
     # One dict {token_id: logprob} per output token when params.logprobs is set.
     logprobs: list[dict[int, float]] = field(default_factory=list)
     # Sampler state (a torch.Generator for seeded requests); opaque here so this module stays torch-free.

@@ -28,6 +28,8 @@ class AdapterSlots(Protocol):
 class SchedulerOutput:
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # Requests that cannot run at all (their adapter failed to load); already finished with an error.
+    failed: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -194,7 +196,15 @@ class Scheduler:
             slot = -1
             if request.lora is not None:
                 assert self.adapter_slots is not None, "a LoRA request needs an adapter cache"
-                acquired = self.adapter_slots.acquire(request.lora)
+                try:
+                    acquired = self.adapter_slots.acquire(request.lora)
+                except Exception as exc:  # a failed background load: this request cannot run
+                    request.error = str(exc) or type(exc).__name__
+                    self.finish(request, RequestStatus.FINISHED_ERROR)
+                    out.failed.append(request)
+                    if key not in self.queues:
+                        return "emptied", budget
+                    continue
                 if acquired is None:
                     continue
                 slot = acquired

@@ -167,3 +167,22 @@ def test_a_request_that_can_never_fit_is_refused_up_front():
     s = make_scheduler(num_blocks=3, block_size=4)
     with pytest.raises(ValueError, match="KV cache"):
         s.add(req("big", list(range(1, 10)), max_tokens=4))  # 13 tokens > 12 slots
+
+
+class FailingSlots(SlotTable):
+    def acquire(self, lora: LoRARequest) -> int | None:
+        if lora.key == "b" * 64:
+            raise RuntimeError("adapter bbbb could not be loaded: bad safetensors")
+        return super().acquire(lora)
+
+
+def test_a_request_whose_adapter_fails_to_load_fails_alone():
+    s = make_scheduler(slots=FailingSlots(2))
+    bad = req("bad", [1, 2, 3], 3, lora=LORA_B)
+    good = req("good", [1, 2, 3], 3, lora=LORA_A)
+    s.add(bad)
+    s.add(good)
+    out = s.schedule()
+    assert out.failed == [bad] and bad.finish_reason == "error" and "bad safetensors" in bad.error
+    assert [r for r, _ in out.scheduled] == [good]
+    assert "bad" not in s.requests and s.num_waiting == 0

@@ -1,0 +1,148 @@
+"""Logits -> next tokens (+ top-n logprobs), on the logits' device.
+
+Order: penalties, min_tokens masking, temperature, top-k / top-p / min-p, then argmax (greedy) or an
+exponential race (random). Seeded requests draw from their own torch.Generator, so a seed gives the same
+text whatever else shares the batch; unseeded ones share the engine's generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.request import Request
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    # Per row: {token_id: logprob} (top-n plus the sampled token), or None when not asked for.
+    logprobs: list[dict[int, float] | None]
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    @torch.inference_mode()
+    def __call__(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
+        """logits [B, V] float32, one row per request (in order)."""
+        assert logits.dim() == 2 and logits.shape[0] == len(requests), (tuple(logits.shape), len(requests))
+        logits = logits.to(torch.float32, copy=True)
+        self._apply_penalties(logits, requests)
+        self._apply_min_tokens(logits, requests)
+        temps = [r.params.temperature for r in requests]
+        greedy = [t == 0.0 for t in temps]
+        if not all(greedy):
+            scale = torch.tensor([t if t > 0.0 else 1.0 for t in temps], device=logits.device)
+            logits.div_(scale.unsqueeze(1))
+            _apply_top_k_top_p_min_p(
+                logits, [r for r, g in zip(requests, greedy, strict=True) if not g], greedy
+            )
+        tokens = logits.argmax(dim=-1)  # [B]
+        for row, request in enumerate(requests):
+            if not greedy[row]:
+                tokens[row] = self._draw(logits[row], request)
+        token_ids = tokens.tolist()
+        return SamplerOutput(token_ids, self._logprobs(logits, requests, token_ids))
+
+    # ---- steps ----
+    def _apply_penalties(self, logits: Tensor, requests: list[Request]) -> None:
+        vocab = logits.shape[1]
+        for row, request in enumerate(requests):
+            p = request.params
+            if not p.has_penalties:
+                continue
+            output = torch.tensor(request.output_token_ids, dtype=torch.int64, device=logits.device)
+            counts = torch.bincount(output, minlength=vocab)[:vocab].to(torch.float32)
+            if p.repetition_penalty != 1.0:
+                # HF semantics: every token seen in prompt or output is pushed towards "less likely".
+                seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+                prompt = torch.tensor(request.prompt_token_ids, dtype=torch.int64, device=logits.device)
+                seen[prompt[prompt < vocab]] = True
+                seen |= counts > 0
+                row_logits = logits[row]
+                penalized = torch.where(
+                    row_logits > 0, row_logits / p.repetition_penalty, row_logits * p.repetition_penalty
+                )
+                logits[row] = torch.where(seen, penalized, row_logits)
+            if p.frequency_penalty != 0.0:
+                logits[row] -= p.frequency_penalty * counts
+            if p.presence_penalty != 0.0:
+                logits[row] -= p.presence_penalty * (counts > 0).to(torch.float32)
+
+    def _apply_min_tokens(self, logits: Tensor, requests: list[Request]) -> None:
+        vocab = logits.shape[1]
+        for row, request in enumerate(requests):
+            if request.num_output_tokens >= request.params.min_tokens:
+                continue
+            banned = set(request.params.stop_token_ids)
+            if not request.params.ignore_eos:
+                banned.update(request.eos_token_ids)
+            ids = [t for t in banned if t < vocab]
+            if ids:
+                logits[row, ids] = float("-inf")
+
+    def _draw(self, row_logits: Tensor, request: Request) -> Tensor:
+        """One categorical draw: argmax(p / q) with q ~ Exp(1) picks token i with probability p_i."""
+        generator = self.generator
+        if request.params.seed is not None:
+            if request.generator is None:
+                request.generator = torch.Generator(device=row_logits.device)
+                request.generator.manual_seed(request.params.seed)
+            generator = request.generator
+        probs = torch.softmax(row_logits, dim=-1)
+        q = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
+        return (probs / q).argmax()
+
+    def _logprobs(
+        self, logits: Tensor, requests: list[Request], token_ids: list[int]
+    ) -> list[dict[int, float] | None]:
+        wanted = [r.params.logprobs for r in requests]
+        if all(w is None for w in wanted):
+            return [None] * len(requests)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        most = max(w or 0 for w in wanted)
+        top_vals, top_ids = logprobs.topk(most, dim=-1) if most else (None, None)
+        chosen = logprobs.gather(1, torch.tensor(token_ids, device=logits.device).unsqueeze(1)).squeeze(1)
+        chosen_list = chosen.tolist()
+        out: list[dict[int, float] | None] = []
+        for row, n in enumerate(wanted):
+            if n is None:
+                out.append(None)
+                continue
+            entry = {token_ids[row]: chosen_list[row]}
+            if n and top_ids is not None and top_vals is not None:
+                for tid, val in zip(top_ids[row, :n].tolist(), top_vals[row, :n].tolist(), strict=True):
+                    entry.setdefault(tid, val)
+            out.append(entry)
+        return out
+
+
+def _apply_top_k_top_p_min_p(logits: Tensor, sampled: list[Request], greedy: list[bool]) -> None:
+    """Mask (to -inf) what top-k, top-p and min-p exclude, on the rows that sample (greedy rows untouched)."""
+    if not any(r.params.top_k or r.params.top_p < 1.0 or r.params.min_p > 0.0 for r in sampled):
+        return
+    vocab = logits.shape[1]
+    rows = torch.tensor([i for i, g in enumerate(greedy) if not g], device=logits.device)
+    sub = logits.index_select(0, rows)  # [Bs, V]
+    top_k = torch.tensor([r.params.top_k or vocab for r in sampled], device=logits.device).clamp_(max=vocab)
+    top_p = torch.tensor([r.params.top_p for r in sampled], device=logits.device)
+    min_p = torch.tensor([r.params.min_p for r in sampled], device=logits.device)
+    sorted_logits, order = sub.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, V]
+    drop = ranks >= top_k.unsqueeze(1)
+    full = torch.softmax(sorted_logits, dim=-1)
+    # min-p: tokens less likely than min_p times the most likely one.
+    drop |= full < min_p.unsqueeze(1) * full[:, :1]
+    probs = torch.softmax(sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf")), dim=-1)
+    # top-p over what top-k kept: the smallest prefix whose mass reaches top_p.
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= top_p.unsqueeze(1)
+    drop[:, 0] = False  # the most likely token always survives
+    sub.scatter_(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    logits.index_copy_(0, rows, sub)
