@@ -13,6 +13,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from app.limits.memory import NEED_BASELINE, MemoryBackend
 from app.limits.redis_backend import RedisBackend
 from app.limits.types import Admission, Decision, LimitSubject, TenantLimits, month_window, rate_limit_headers
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 QuotaBaseline = Callable[[str, str], Awaitable[int]]
 
 MAX_PENDING_SETTLES = 100_000
+# What a dead, restarting or unreachable Redis raises. Anything else (a quota baseline the database
+# could not give, say) is not Redis's fault and propagates to the caller.
+REDIS_DOWN = (RedisError, OSError, TimeoutError)
 
 
 class Limiter:
@@ -102,7 +107,7 @@ class Limiter:
             assert self._redis is not None
             try:
                 return await self._redis.running(tenant_id, now)
-            except Exception as exc:
+            except REDIS_DOWN as exc:
                 self._mark_down(exc)
         return self._memory.running(tenant_id, now)
 
@@ -138,7 +143,7 @@ class Limiter:
                 admission.limits,
                 admission.month,
             )
-        except Exception as exc:
+        except REDIS_DOWN as exc:
             self._mark_down(exc)
             return None
         admission.backend = "redis"
@@ -166,7 +171,7 @@ class Limiter:
         try:
             await self._flush_pending()
             await self._redis.settle(admission.limits, admission.id, delta, self._clock(), admission.month)
-        except Exception as exc:
+        except REDIS_DOWN as exc:
             self._mark_down(exc)
             if len(self._pending) < MAX_PENDING_SETTLES:
                 self._pending.append((admission, delta))

@@ -30,13 +30,17 @@ def field(stats: Any, *names: str) -> Any:
 
 
 class EngineCollector(Collector):
-    def __init__(self, stats: Callable[[], object | None], model_name: str) -> None:
-        self._stats = stats
-        self._model = model_name
+    def __init__(self, stats: Callable[[], object | None], model_name: Callable[[], str]) -> None:
+        self.stats = stats
+        self._model_name = model_name
+
+    @property
+    def _model(self) -> str:
+        return self._model_name()
 
     def collect(self) -> Iterator[Metric]:
         try:
-            stats = self._stats()
+            stats = self.stats()
         except Exception:
             log.warning("engine stats unavailable for /metrics", exc_info=True)
             return

@@ -10,6 +10,7 @@ usage rows, not from here).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -80,25 +81,48 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.limiter_fallback = Gauge(
+        self._limiter_fallback = Gauge(
             "loraplex:limiter_in_process",
             "1 while Redis is down or absent and the in-process limiter decides.",
             registry=r,
         )
-        self.usage_pending = Gauge(
+        self._usage_pending = Gauge(
             "loraplex:usage_settles_pending",
             "Usage settles waiting for the database to come back.",
             registry=r,
         )
+        self._engine: EngineCollector | None = None
+        self._label_children()
+        if engine_stats is not None:
+            self.bind_engine(engine_stats)
+
+    def _label_children(self) -> None:
         # Series exist from the first scrape, so rate() and absent() work before any traffic.
         for metric in (self.ttft, self.inter_token, self.time_per_output_token, self.e2e, self.queue_time):
-            metric.labels(model_name)
-        self.prompt_tokens.labels(model_name)
-        self.generation_tokens.labels(model_name)
+            metric.labels(self.model_name)
+        self.prompt_tokens.labels(self.model_name)
+        self.generation_tokens.labels(self.model_name)
         for reason in FINISH_REASONS:
-            self.request_success.labels(model_name, reason)
-        if engine_stats is not None:
-            self.registry.register(EngineCollector(engine_stats, model_name))
+            self.request_success.labels(self.model_name, reason)
+
+    # ---- wiring: where scrape-time values come from ----
+    def bind_engine(self, stats: Callable[[], object | None], model_name: str | None = None) -> None:
+        """Read engine gauges from `stats()` at every scrape; call when the engine is built. A model name
+        given here labels the series from now on (the engine knows it only once loaded)."""
+        if model_name and model_name != self.model_name:
+            self.model_name = model_name
+            self._label_children()
+        if self._engine is None:
+            self._engine = EngineCollector(stats, lambda: self.model_name)
+            self.registry.register(self._engine)
+        else:
+            self._engine.stats = stats
+
+    def bind_limiter(self, limiter: Any) -> None:
+        self._limiter_fallback.set_function(lambda: float(limiter.backend == "memory"))
+
+    def bind_metering(self, metering: Any) -> None:
+        self._usage_pending.set_function(lambda: float(metering.pending))
 
     # ---- hooks called by the completion path ----
     def first_token(self, ttft_s: float) -> None:
