@@ -9,7 +9,12 @@ Shape vocabulary: T tokens in the step, B sequences, Hq/Hkv query/KV heads, D he
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 
@@ -55,4 +60,236 @@ def paged_attention_ref(
         probs = torch.softmax(scores, dim=-1)
         out[q_begin:q_end] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
     assert out.shape[2] == head_dim
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels.
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_kv_heads, head_dim, block_size,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_cs, stride_ch, stride_vcb, stride_vcs, stride_vch,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + t)
+    if slot < 0:
+        return
+    block, offset = slot // block_size, slot % block_size
+    offs_h, offs_d = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
+    mask = (offs_h < num_kv_heads)[:, None] & (offs_d < head_dim)[None, :]
+    src = offs_h[:, None] * stride_kh + offs_d[None, :]
+    k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + src, mask=mask)
+    tl.store(k_cache_ptr + block * stride_cb + offset * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :],
+             k, mask=mask)  # fmt: skip
+    src = offs_h[:, None] * stride_vh + offs_d[None, :]
+    v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + src, mask=mask)
+    tl.store(v_cache_ptr + block * stride_vcb + offset * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :],
+             v, mask=mask)  # fmt: skip
+
+
+def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """k_cache[slot // bs, slot % bs] = k[t] (same for v); slot -1 skips the token.
+
+    k, v [T, Hkv, D] (last dim contiguous; token/head strides free, e.g. views into a fused qkv);
+    caches [num_blocks, block_size, Hkv, D] contiguous, k's dtype; slot_mapping [T] int64 (or int32).
+    """
+    num_tokens, num_kv_heads, head_dim = k.shape
+    assert v.shape == k.shape and k.stride(2) == 1 and v.stride(2) == 1
+    assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (num_kv_heads, head_dim)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert k_cache.dtype == k.dtype == v.dtype == v_cache.dtype
+    assert slot_mapping.shape == (num_tokens,) and slot_mapping.dtype in (torch.int64, torch.int32)
+    if num_tokens == 0:
+        return
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping, num_kv_heads, head_dim, k_cache.shape[1],
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+    )  # fmt: skip
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    scale_log2, num_seqs, keys_per_split, head_dim,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_bt, stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
+    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # Program (i, kv head, split): the i-th query tile counted as `query_start_loc[b] // BLOCK_T + b`
+    # for the tiles of sequence b, an upper bound on tiles before b that needs no host sync.
+    pid, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    lo, hi = num_seqs * 0, num_seqs + 0  # tensors from the start: loop-carried values keep one type
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_T + mid <= pid:
+            lo = mid
+        else:
+            hi = mid
+    q_begin = tl.load(query_start_loc_ptr + lo)
+    q_len = tl.load(query_start_loc_ptr + lo + 1) - q_begin
+    t0 = (pid - (q_begin // BLOCK_T + lo)) * BLOCK_T
+    if t0 >= q_len:
+        return
+    ctx = tl.load(seq_lens_ptr + lo)
+    # Rows are (token, query head of this KV head's group) pairs: GQA shares each K/V tile across them.
+    rows = tl.arange(0, BLOCK_T * GROUP_PAD)
+    tok = t0 + rows // GROUP_PAD
+    head = kvh * GROUP + rows % GROUP_PAD
+    row_mask = (tok < q_len) & (rows % GROUP_PAD < GROUP)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    q = tl.load(
+        q_ptr + (q_begin + tok)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_mask[:, None] & d_mask[None, :], other=0.0,
+    )  # fmt: skip
+    q_pos = ctx - q_len + tok  # [rows] absolute position: query i attends keys 0..q_pos
+    kv_end = ctx - q_len + tl.minimum(t0 + BLOCK_T, q_len)
+    kv_lo = split * keys_per_split
+    kv_hi = tl.minimum(kv_end, kv_lo + keys_per_split)
+    m_i = tl.full((BLOCK_T * GROUP_PAD,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_T * GROUP_PAD,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_T * GROUP_PAD, BLOCK_D), dtype=tl.float32)
+    table = block_tables_ptr + lo.to(tl.int64) * stride_bt
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < kv_hi
+        page = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k_off = page * stride_kb + (offs_n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+        k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        v_off = page * stride_vb + (offs_n % BLOCK_SIZE) * stride_vs + kvh * stride_vh
+        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [rows, N], log2 units
+        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out_ptrs = (
+        out_ptr + split * stride_os + (q_begin + tok)[:, None].to(tl.int64) * stride_ot
+        + head[:, None] * stride_oh + offs_d[None, :]
+    )  # fmt: skip
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    if SPLIT:
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        lse_ptrs = lse_ptr + split * stride_ls + (q_begin + tok).to(tl.int64) * stride_lt + head
+        tl.store(lse_ptrs, lse, mask=row_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_ptr, lse_ptr, out_ptr, num_splits, head_dim,
+    stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    t, h = tl.program_id(0), tl.program_id(1)
+    offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+    s_mask, d_mask = offs_s < num_splits, offs_d < head_dim
+    lse = tl.load(
+        lse_ptr + offs_s * stride_ls + t.to(tl.int64) * stride_lt + h, mask=s_mask, other=float("-inf")
+    )
+    weight = tl.exp2(lse - tl.max(lse, 0))  # splits that saw no keys have lse -inf: weight 0
+    part = tl.load(
+        part_ptr + offs_s[:, None] * stride_ps + t.to(tl.int64) * stride_pt + h * stride_ph + offs_d[None, :],
+        mask=s_mask[:, None] & d_mask[None, :], other=0.0,
+    )  # fmt: skip
+    out = tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + offs_d, out, mask=d_mask)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _pick_num_splits(programs: int, max_context: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    # Few programs (small batch) on long contexts leave SMs idle: give each a slice of the context.
+    want = triton.cdiv(2 * _num_sms(device.index or 0), max(1, programs))
+    return max(1, min(want, triton.cdiv(max_context, 256), 32))
+
+
+def paged_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> Tensor:
+    """out[t, h] = softmax(scale * q[t, h] . K[b, :p+1, h // G]) @ V[b, :p+1, h // G], p = position of t.
+
+    Causal attention of each sequence's new tokens over its whole paged context (cached + new).
+    q [T, Hq, D] (last dim contiguous); k_cache, v_cache [num_blocks, block_size, Hkv, D] contiguous, q's
+    dtype; block_tables [B, max_blocks] int32; seq_lens [B] int32 = context length *including* the new
+    tokens; query_start_loc [B+1] int32, cumulative new-token counts, query_start_loc[B] == T. Sequence b's
+    queries are its last (query_start_loc[b+1] - query_start_loc[b]) positions. G = Hq // Hkv (GQA).
+    Returns [T, Hq, D] in q's dtype. The launch grid depends only on shapes (CUDA-graph safe);
+    num_splits (None: picked from shapes) splits long contexts across programs, merged afterwards.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs = block_tables.shape[0]
+    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
+    assert k_cache.dtype == v_cache.dtype == q.dtype
+    assert num_q_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads"
+    assert block_tables.dtype == seq_lens.dtype == query_start_loc.dtype == torch.int32
+    assert block_tables.stride(1) == 1 and seq_lens.shape == (num_seqs,)
+    assert query_start_loc.shape == (num_seqs + 1,)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    group = num_q_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    # Decode batches (about one token per sequence) want few rows per tile, prefill many.
+    rows = 16 if num_tokens <= num_seqs else 64
+    block_t = max(1, rows // group_pad)
+    tiles = num_tokens // block_t + num_seqs
+    max_context = block_tables.shape[1] * block_size
+    splits = num_splits or _pick_num_splits(tiles * num_kv_heads, max_context, q.device)
+    keys_per_split = triton.cdiv(triton.cdiv(max_context, splits), block_n) * block_n
+    if splits > 1:
+        part = torch.empty((splits, num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=q.device)
+        lse = torch.empty((splits, num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
+    else:
+        part, lse = out[None], out  # lse unused without splits
+    _attention_kernel[(tiles, num_kv_heads, splits)](
+        q, k_cache, v_cache, part, lse, block_tables, seq_lens, query_start_loc,
+        scale * math.log2(math.e), num_seqs, keys_per_split, head_dim,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
+        lse.stride(0) if splits > 1 else 0, lse.stride(1) if splits > 1 else 0,
+        BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(head_dim), SPLIT=splits > 1,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        _merge_splits_kernel[(num_tokens, num_q_heads)](
+            part, lse, out, splits, head_dim,
+            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(head_dim),
+        )  # fmt: skip
     return out
