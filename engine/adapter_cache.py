@@ -66,7 +66,7 @@ class AdapterCache:
         self._free = list(range(slots.num_slots))
         self._cpu: OrderedDict[str, LoRAAdapter] = OrderedDict()  # LRU first
         self._loading: dict[str, Future[tuple[LoRAAdapter, float]]] = {}
-        self._failed: dict[str, tuple[str, float]] = {}  # key -> (message, monotonic time)
+        self._failed: dict[str, tuple[str, float]] = {}  # key -> (message, first report time or -1)
         self._failure_ttl = failure_ttl
         self._discard: set[str] = set()  # evicted while loading
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
@@ -115,6 +115,10 @@ class AdapterCache:
                 return resident.slot
             if key in self._failed:
                 message, when = self._failed[key]
+                # Reported at least once, then to every acquire within the TTL; retried after it.
+                if when < 0:
+                    self._failed[key] = (message, time.monotonic())
+                    raise AdapterLoadError(message)
                 if time.monotonic() - when < self._failure_ttl:
                     raise AdapterLoadError(message)
                 del self._failed[key]
@@ -223,7 +227,7 @@ class AdapterCache:
                 adapter, seconds = future.result()
             except Exception as exc:
                 self._stats["load_failures"] += 1
-                self._failed[key] = (f"adapter {key[:12]} could not be loaded: {exc}", time.monotonic())
+                self._failed[key] = (f"adapter {key[:12]} could not be loaded: {exc}", -1.0)
                 continue
             self._stats["loads"] += 1
             self._stats["load_seconds"] += seconds

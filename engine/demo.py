@@ -6,7 +6,12 @@ seconds on a CPU from nothing but code in this file (no downloads).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
 
 BOS = "<|begin_of_text|>"
 EOS = "<|im_end|>"
@@ -63,7 +68,7 @@ def write_tokenizer(out_dir: Path, vocab_size: int = 512) -> None:
     fast.save_pretrained(str(out_dir))
 
 
-def demo_config(vocab_size: int) -> dict[str, object]:
+def demo_config(vocab_size: int) -> dict[str, Any]:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -83,3 +88,116 @@ def demo_config(vocab_size: int) -> dict[str, object]:
         "attention_bias": False,
         "mlp_bias": False,
     }
+
+
+DEMO_ADAPTERS: dict[str, dict[str, Any]] = {
+    # name -> (rank, alpha, target modules): two different ranks and target sets, like real tenants.
+    "demo-attn": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "demo-mlp": {"r": 4, "lora_alpha": 8, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
+}
+_DONE_MARKER = ".loraplex-demo-complete"
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _random_weights(cfg: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    h, i, v = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["vocab_size"])
+    d = int(cfg["head_dim"])
+    q, kv = int(cfg["num_attention_heads"]) * d, int(cfg["num_key_value_heads"]) * d
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * 0.1
+
+    w = {
+        "model.embed_tokens.weight": rand(v, h),
+        "model.norm.weight": torch.ones(h),
+        "lm_head.weight": rand(v, h),
+    }
+    for layer in range(int(cfg["num_hidden_layers"])):
+        p = f"model.layers.{layer}"
+        w.update(
+            {
+                f"{p}.input_layernorm.weight": torch.ones(h),
+                f"{p}.post_attention_layernorm.weight": torch.ones(h),
+                f"{p}.self_attn.q_proj.weight": rand(q, h),
+                f"{p}.self_attn.k_proj.weight": rand(kv, h),
+                f"{p}.self_attn.v_proj.weight": rand(kv, h),
+                f"{p}.self_attn.o_proj.weight": rand(h, q),
+                f"{p}.mlp.gate_proj.weight": rand(i, h),
+                f"{p}.mlp.up_proj.weight": rand(i, h),
+                f"{p}.mlp.down_proj.weight": rand(h, i),
+            }
+        )
+    return w
+
+
+def _module_dims(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    h, i, d = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["head_dim"])
+    q, kv = int(cfg["num_attention_heads"]) * d, int(cfg["num_key_value_heads"]) * d
+    return {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+
+
+def write_adapter(
+    out_dir: Path, cfg: dict[str, Any], r: int, lora_alpha: float, target_modules: list[str], seed: int
+) -> Path:
+    """A PEFT-format LoRA adapter with random non-zero A and B (zero B would be a no-op adapter)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    dims = _module_dims(cfg)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(int(cfg["num_hidden_layers"])):
+        for module in target_modules:
+            d_in, d_out = dims[module]
+            prefix = (
+                f"base_model.model.model.layers.{layer}.{'self_attn' if module in _ATTN else 'mlp'}.{module}"
+            )
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, d_in, generator=gen) * 0.1
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, r, generator=gen) * 0.1
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(target_modules),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def write_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the demo model folder (weights, config, tokenizer, chat template, adapters/). Idempotent:
+    a folder that is already complete is left as it is."""
+    out = Path(out_dir)
+    if (out / _DONE_MARKER).is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_size = 512
+    write_tokenizer(out, vocab_size=vocab_size)
+    cfg = demo_config(vocab_size)
+    cfg.update(bos_token_id=SPECIAL_TOKENS.index(BOS), eos_token_id=SPECIAL_TOKENS.index(EOS))
+    cfg["pad_token_id"] = SPECIAL_TOKENS.index(PAD)
+    gen = torch.Generator().manual_seed(seed)
+    save_file(_random_weights(cfg, gen), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    for index, (name, spec) in enumerate(DEMO_ADAPTERS.items()):
+        write_adapter(out / "adapters" / name, cfg, seed=seed + 1 + index, **spec)
+    (out / _DONE_MARKER).write_text("complete\n")
+    return out
