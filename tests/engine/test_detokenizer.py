@@ -1,0 +1,102 @@
+"""Incremental detokenizer: never a split multi-byte character in a delta, stop strings across tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.demo import write_tokenizer
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    write_tokenizer(folder)
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def stream(
+    tok, text: str, params: SamplingParams, prompt: str = "Hi"
+) -> tuple[list[str], str | None, object]:
+    ids = tok.encode(text, add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, tok.encode(prompt), params)
+    deltas = []
+    stopped = None
+    for i, t in enumerate(ids):
+        stopped = d.add_token(t)
+        deltas.append(d.take_delta(finished=stopped is not None or i == len(ids) - 1))
+        if stopped:
+            break
+    return deltas, stopped, d
+
+
+def test_multibyte_characters_split_over_tokens_never_leak_replacement_chars(tokenizer):
+    text = "naïve 😀 café 🚀🚀 日本語 déjà vu"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    # The tiny byte-level BPE really splits these characters into several tokens.
+    assert any("\ufffd" in tokenizer.decode([t]) for t in ids)
+    deltas, stopped, d = stream(tokenizer, text, SamplingParams())
+    assert stopped is None
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert "".join(deltas) == text == d.text
+    assert "" in deltas  # some tokens completed no character and were held back
+
+
+def test_spaces_between_words_survive_incremental_decoding(tokenizer):
+    text = "The quick brown fox jumps over the lazy dog."
+    deltas, _, _ = stream(tokenizer, text, SamplingParams())
+    assert "".join(deltas) == text
+
+
+def test_stop_string_spanning_token_boundaries_cuts_the_text(tokenizer):
+    text = "Hello, world! How are you today?"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    stop = "ld! Ho"
+    # The stop string is not one token: it starts inside one token and ends inside a later one.
+    pieces = [tokenizer.decode([t]) for t in ids]
+    assert stop not in pieces and all(stop not in p for p in pieces)
+    deltas, stopped, d = stream(tokenizer, text, SamplingParams(stop=["zzz", stop]))
+    assert stopped == stop
+    assert d.text == "Hello, wor"
+    assert "".join(deltas) == "Hello, wor"
+    # Deltas only ever append, so no prefix of the stop string ("l", "ld", ...) was streamed first.
+
+
+def test_streamed_text_holds_back_a_possible_stop_prefix(tokenizer):
+    text = "one, two, three, four"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    d = IncrementalDetokenizer(tokenizer, [1], SamplingParams(stop=[", fi"]))
+    streamed = ""
+    for t in ids:
+        assert d.add_token(t) is None
+        streamed += d.take_delta(finished=False)
+        # The last 3 characters (len(stop) - 1) are always held while streaming.
+        assert streamed == d.text[: max(0, len(d.text) - 3)]
+    streamed += d.take_delta(finished=True)
+    assert streamed == text
+
+
+def test_include_stop_str_in_output_and_earliest_match_wins(tokenizer):
+    text = "one, two, three, four"
+    _, stopped, d = stream(
+        tokenizer, text, SamplingParams(stop=["three", "two"], include_stop_str_in_output=True)
+    )
+    assert stopped == "two" and d.text == "one, two"
+
+
+def test_stop_string_in_the_first_token_and_special_tokens_skipped(tokenizer):
+    eos = tokenizer.eos_token_id
+    d = IncrementalDetokenizer(tokenizer, [1, 2], SamplingParams())
+    for t in [*tokenizer.encode("Hello", add_special_tokens=False), eos]:
+        d.add_token(t)
+    assert d.text == "Hello"
+    d2 = IncrementalDetokenizer(tokenizer, [1, 2], SamplingParams(skip_special_tokens=False))
+    for t in [*tokenizer.encode("Hello", add_special_tokens=False), eos]:
+        d2.add_token(t)
+    assert d2.text == "Hello" + tokenizer.eos_token
+    d3 = IncrementalDetokenizer(tokenizer, [1], SamplingParams(stop=["He"]))
+    assert d3.add_token(tokenizer.encode("Hello", add_special_tokens=False)[0]) == "He"
+    assert d3.text == "" and d3.take_delta(finished=True) == ""
