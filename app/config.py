@@ -33,6 +33,13 @@ class Settings:
     redis_url: str | None = None
     s3_endpoint_url: str | None = None
     s3_bucket: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = field(default=None, repr=False)
+    s3_secret_access_key: str | None = field(default=None, repr=False)
+    # Adapter uploads (docs/adapters.md): the weights file's size limit (1 GiB), and how often files
+    # left behind by failed uploads or deletions are swept from the object store.
+    max_upload_bytes: int = 1_073_741_824
+    adapter_sweep_interval_seconds: float = 600.0
 
     # Model and engine sizing.
     model: str | None = None
@@ -134,6 +141,8 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
         ("last_used_flush_seconds", s.last_used_flush_seconds > 0.0, "expected a positive number"),
         ("port", 0 <= s.port <= 65535, "expected a port number 0..65535"),
         ("max_request_bytes", s.max_request_bytes >= 1024, "expected an integer >= 1024"),
+        ("max_upload_bytes", s.max_upload_bytes >= 1024, "expected an integer >= 1024"),
+        ("adapter_sweep_interval_seconds", s.adapter_sweep_interval_seconds > 0.0, "expected a positive number"),
         ("log_format", s.log_format in ("auto", "json", "console"), "expected auto, json or console"),
         (
             "log_level",
