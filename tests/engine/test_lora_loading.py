@@ -1,0 +1,220 @@
+"""Reading PEFT adapters: scaling, ranks, content hash, and every refusal of a bad or unsupported one.
+
+Adapters are tenant uploads, so each refusal is tried with a real file that exercises it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.lora import AdapterError, load_adapter
+from engine.model_loader import load_config
+from engine.ops import DOWN, GATE_UP, O_PROJ, QKV
+from tests.helpers.hf_models import ALL_TARGETS, make_peft_adapter, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("base"), "llama")
+
+
+@pytest.fixture(scope="module")
+def good(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_peft_adapter(base, tmp_path_factory.mktemp("good"), r=8, alpha=16, target_modules=ALL_TARGETS)
+
+
+def copy_adapter(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(folder: Path, **changes: object) -> None:
+    path = folder / "adapter_config.json"
+    raw = json.loads(path.read_text())
+    raw.update(changes)
+    path.write_text(json.dumps(raw))
+
+
+def edit_tensors(folder: Path, fn) -> None:
+    path = folder / "adapter_model.safetensors"
+    tensors = fn(load_file(str(path)))
+    save_file(tensors, str(path))
+
+
+def test_reads_a_peft_adapter(base: Path, good: Path) -> None:
+    cfg = load_config(base)
+    adapter = load_adapter(good, cfg, max_rank=16)
+    digest = hashlib.sha256((good / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert adapter.content_hash == digest
+    assert adapter.rank == 8 and adapter.scaling == pytest.approx(2.0)
+    assert set(adapter.a) == set(ALL_TARGETS)
+    assert adapter.a["q_proj"].shape == (cfg.num_layers, 8, cfg.hidden_size)
+    assert adapter.b["k_proj"].shape == (cfg.num_layers, cfg.kv_size, 8)
+    assert adapter.b["down_proj"].shape == (cfg.num_layers, cfg.hidden_size, 8)
+    assert (adapter.ranks == 8).all()
+    raw = load_file(str(good / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    assert torch.equal(adapter.b["up_proj"][1], raw[key])
+
+
+def test_rslora_scaling_and_patterns(base: Path, tmp_path: Path) -> None:
+    cfg = load_config(base)
+    rs = load_adapter(make_peft_adapter(base, tmp_path / "rs", r=16, alpha=8, use_rslora=True), cfg, 16)
+    assert rs.scaling == pytest.approx(8 / math.sqrt(16))
+    pat = make_peft_adapter(
+        base,
+        tmp_path / "pat",
+        r=8,
+        alpha=16,
+        target_modules=("q_proj", "o_proj", "gate_proj"),
+        rank_pattern={"o_proj": 2},
+        alpha_pattern={"gate_proj": 64},
+    )
+    adapter = load_adapter(pat, cfg, 16)
+    assert adapter.a["o_proj"].shape[1] == 2
+    assert adapter.ranks[:, QKV].tolist() == [8, 8]
+    assert adapter.ranks[:, O_PROJ].tolist() == [2, 2]
+    assert adapter.ranks[:, GATE_UP].tolist() == [8, 8] and adapter.ranks[:, DOWN].tolist() == [0, 0]
+    # gate_proj's own scale is 64/8 = 8, 4x the adapter's 2: folded into its B.
+    raw = load_file(str(pat / "adapter_model.safetensors"))
+    b = raw["base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight"]
+    torch.testing.assert_close(adapter.b["gate_proj"][0], b * 4)
+    # o_proj: rank 2 with alpha 16 -> scale 8, also 4x.
+    b = raw["base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"]
+    torch.testing.assert_close(adapter.b["o_proj"][0], b * 4)
+
+
+def test_layers_to_transform_leaves_other_layers_zero(base: Path, tmp_path: Path) -> None:
+    folder = make_peft_adapter(
+        base, tmp_path / "l1", r=4, target_modules=("v_proj",), layers_to_transform=[1]
+    )
+    adapter = load_adapter(folder, load_config(base), 16)
+    assert torch.count_nonzero(adapter.a["v_proj"][0]) == 0
+    assert torch.count_nonzero(adapter.a["v_proj"][1]) > 0
+    assert adapter.ranks[:, QKV].tolist() == [0, 4]
+
+
+@pytest.mark.parametrize(
+    ("lora_kwargs", "message"),
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"bias": "lora_only"}, "bias"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ],
+)
+def test_unsupported_peft_features_are_refused(base: Path, tmp_path: Path, lora_kwargs, message) -> None:
+    folder = make_peft_adapter(base, tmp_path / "x", r=4, **lora_kwargs)
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(folder, load_config(base), 16)
+
+
+def test_unsupported_targets_are_refused(base: Path, tmp_path: Path) -> None:
+    folder = make_peft_adapter(base, tmp_path / "emb", r=4, target_modules=("q_proj", "embed_tokens"))
+    with pytest.raises(AdapterError, match="embed_tokens"):
+        load_adapter(folder, load_config(base), 16)
+
+
+def test_rank_above_max_is_refused(base: Path, good: Path) -> None:
+    with pytest.raises(AdapterError, match="exceeds max_lora_rank 4"):
+        load_adapter(good, load_config(base), 4)
+
+
+def test_adapter_for_another_model_is_refused(good: Path, tmp_path: Path) -> None:
+    other = make_tiny_model(tmp_path / "wide", "llama", hidden_size=96, intermediate_size=128)
+    with pytest.raises(AdapterError, match="do not fit"):
+        load_adapter(good, load_config(other), 16)
+    shallow = make_tiny_model(tmp_path / "shallow", "llama", num_hidden_layers=1)
+    with pytest.raises(AdapterError, match="layer 1"):
+        load_adapter(good, load_config(shallow), 16)
+
+
+def test_hash_mismatch_is_refused(base: Path, good: Path) -> None:
+    with pytest.raises(AdapterError, match="does not match"):
+        load_adapter(good, load_config(base), 16, expected_hash="0" * 64)
+
+
+def test_pickled_weights_are_never_loaded(base: Path, good: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(good / "adapter_config.json", folder)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.write_text, ("ran",))
+
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(AdapterError, match=r"no adapter_model\.safetensors"):
+        load_adapter(folder, load_config(base), 16)
+    assert not marker.exists()
+
+
+def test_malformed_files_are_refused(base: Path, good: Path, tmp_path: Path) -> None:
+    cfg = load_config(base)
+    folder = copy_adapter(good, tmp_path / "garbage")
+    (folder / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(AdapterError, match="not a readable safetensors"):
+        load_adapter(folder, cfg, 16)
+    folder = copy_adapter(good, tmp_path / "badjson")
+    (folder / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        load_adapter(folder, cfg, 16)
+    folder = copy_adapter(good, tmp_path / "list")
+    (folder / "adapter_config.json").write_text("[]")
+    with pytest.raises(AdapterError, match="JSON object"):
+        load_adapter(folder, cfg, 16)
+    folder = copy_adapter(good, tmp_path / "huge")
+    (folder / "adapter_config.json").write_text('{"r": 8, "pad": "' + "x" * (1 << 20) + '"}')
+    with pytest.raises(AdapterError, match="larger than"):
+        load_adapter(folder, cfg, 16)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"peft_type": "IA3"}, "IA3"),
+        ({"r": 0}, "r must be"),
+        ({"lora_alpha": "16"}, "lora_alpha must be"),
+        ({"r": 4}, "disagrees"),
+        ({"rank_pattern": ["q_proj"]}, "rank_pattern"),
+        ({"alpha_pattern": {"(": 3}}, "bad pattern"),
+        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+    ],
+)
+def test_bad_configs_are_refused(base: Path, good: Path, tmp_path: Path, changes, message) -> None:
+    folder = copy_adapter(good, tmp_path / "cfg")
+    edit_config(folder, **changes)
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(folder, load_config(base), 16)
+
+
+def test_bad_tensors_are_refused(base: Path, good: Path, tmp_path: Path) -> None:
+    cfg = load_config(base)
+    key_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    key_b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    cases = [
+        (lambda t: {k: v for k, v in t.items() if k != key_b}, "both be present"),
+        (lambda t: t | {key_a: t[key_a].to(torch.int32)}, "float type"),
+        (lambda t: t | {key_b: torch.full_like(t[key_b], float("nan"))}, "NaN"),
+        (lambda t: t | {key_a: t[key_a][:, :-1].contiguous()}, "do not fit"),
+        (lambda t: t | {"base_model.model.lm_head.lora_A.weight": torch.zeros(8, 64)}, "unsupported tensor"),
+        (
+            lambda t: t | {"base_model.model.model.layers.0.self_attn.q_proj.bias": torch.zeros(64)},
+            "unsupported",
+        ),
+        (lambda t: {}, "no LoRA weights"),
+    ]
+    for i, (fn, message) in enumerate(cases):
+        folder = copy_adapter(good, tmp_path / f"t{i}")
+        edit_tensors(folder, fn)
+        with pytest.raises(AdapterError, match=message):
+            load_adapter(folder, cfg, 16)

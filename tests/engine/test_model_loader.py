@@ -1,0 +1,162 @@
+"""Model loading: sharded and single-file weights, tied embeddings, dtypes, refusals, KV sizing, dispatch."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.model_loader import load_config, load_model, parse_config, weight_files
+from engine.model_runner import CPU_KV_CACHE_BYTES, decide_num_kv_blocks, kv_block_bytes
+from engine.ops import get_ops
+from tests.helpers.hf_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "single": make_tiny_model(root / "single", "llama", seed=7),
+        "sharded": make_tiny_model(root / "sharded", "llama", seed=7, sharded=True),
+        "tied": make_tiny_model(root / "tied", "qwen2", tie_word_embeddings=True),
+    }
+
+
+def load(path: Path, dtype: str = "float32"):
+    return load_model(EngineConfig(model=str(path), device="cpu", dtype=dtype))
+
+
+def test_sharded_and_single_file_load_the_same_weights(models: dict[str, Path]) -> None:
+    assert len(weight_files(models["sharded"])) > 1
+    assert len(weight_files(models["single"])) == 1
+    single = load(models["single"]).model.state_dict()
+    sharded = load(models["sharded"]).model.state_dict()
+    assert single.keys() == sharded.keys()
+    for name, tensor in single.items():
+        assert torch.equal(tensor, sharded[name]), name
+
+
+def test_tied_embeddings_use_the_embedding_matrix(models: dict[str, Path]) -> None:
+    loaded = load(models["tied"])
+    assert loaded.config.tie_word_embeddings and loaded.config.qkv_bias
+    assert loaded.model.lm_head is None
+    hidden = torch.randn(2, loaded.config.hidden_size)
+    expected = hidden @ loaded.model.embed_tokens.weight.T
+    torch.testing.assert_close(loaded.model.compute_logits(hidden), expected)
+
+
+def test_half_precision_dtypes(models: dict[str, Path]) -> None:
+    for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        loaded = load(models["single"], name)
+        assert loaded.dtype == dtype
+        assert {p.dtype for p in loaded.model.parameters()} == {dtype}
+    with pytest.raises(ValueError, match="dtype"):
+        EngineConfig(model="x", dtype="float64")
+
+
+def test_tokenizer_and_eos_ids(models: dict[str, Path]) -> None:
+    loaded = load(models["single"])
+    ids = loaded.tokenizer.encode("Hello world")
+    assert loaded.tokenizer.decode(ids, skip_special_tokens=True) == "Hello world"
+    assert 3 in loaded.eos_token_ids
+    assert loaded.name == "single"
+
+
+def test_generation_config_eos_ids_are_merged(models: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text((models["single"] / "config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 7]}))
+    assert load_config(folder).eos_token_ids == (3, 7)
+
+
+def _raw(models: dict[str, Path]) -> dict:
+    return json.loads((models["single"] / "config.json").read_text())
+
+
+def test_unsupported_architecture_is_refused_by_name(models: dict[str, Path]) -> None:
+    raw = _raw(models) | {"architectures": ["GPT2LMHeadModel"]}
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        parse_config(raw)
+    with pytest.raises(ValueError, match="yarn"):
+        parse_config(_raw(models) | {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="gelu"):
+        parse_config(_raw(models) | {"hidden_act": "gelu"})
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        load_config(models["single"].parent / "nowhere")
+
+
+def test_older_rope_scaling_key_is_read(models: dict[str, Path]) -> None:
+    raw = _raw(models)
+    raw.pop("rope_parameters", None)
+    raw |= {"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    cfg = parse_config(raw)
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling == {"type": "linear", "factor": 2.0}
+
+
+def test_pickle_weights_are_refused_and_never_unpickled(models: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "config.json").write_text((models["single"] / "config.json").read_text())
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.write_text, ("ran",))
+
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ValueError, match="safetensors"):
+        load(folder)
+    assert not marker.exists()
+
+
+def test_index_cannot_point_outside_the_folder(models: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "../outside.safetensors"}})
+    )
+    (tmp_path / "outside.safetensors").write_bytes((models["single"] / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="bad or missing shard"):
+        weight_files(folder)
+
+
+def test_checkpoint_that_does_not_fit_the_config_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    raw = _raw(models) | {"num_hidden_layers": 3}  # weights have 2 layers
+    (folder / "config.json").write_text(json.dumps(raw))
+    (folder / "model.safetensors").write_bytes((models["single"] / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="missing"):
+        load(folder)
+    raw = _raw(models) | {"num_hidden_layers": 1}  # weights have an extra layer
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="unexpected"):
+        load(folder)
+
+
+def test_kv_cache_sizing(models: dict[str, Path]) -> None:
+    loaded = load(models["single"])
+    per_block = kv_block_bytes(loaded.config, 16, torch.float32)
+    assert per_block == 2 * 2 * 16 * 2 * 16 * 4  # K+V, layers, tokens, kv heads, head dim, fp32
+    base = {"model": str(models["single"]), "device": "cpu", "dtype": "float32"}
+    assert decide_num_kv_blocks(EngineConfig(**base, num_kv_blocks=5), loaded, None) == 5
+    assert decide_num_kv_blocks(EngineConfig(**base, kv_cache_bytes=10 * per_block + 1), loaded, None) == 10
+    assert decide_num_kv_blocks(EngineConfig(**base), loaded, None) == CPU_KV_CACHE_BYTES // per_block
+    gib = 1 << 30
+    # GPU: 40 of 80 GiB free, fraction 0.9 -> 40 - 8 GiB minus the activation reserve.
+    gpu = decide_num_kv_blocks(EngineConfig(**base, gpu_memory_fraction=0.9), loaded, (40 * gib, 80 * gib))
+    assert 31 * gib // per_block < gpu < 32 * gib // per_block
+    with pytest.raises(ValueError, match="no memory left"):
+        decide_num_kv_blocks(EngineConfig(**base, gpu_memory_fraction=0.5), loaded, (30 * gib, 80 * gib))
+
+
+def test_kernel_dispatch() -> None:
+    assert get_ops("auto", torch.device("cpu")).name == "ref"
+    assert get_ops("ref", torch.device("cuda")).name == "ref"
+    with pytest.raises(ValueError, match="kernel_backend"):
+        get_ops("cuda", torch.device("cpu"))
