@@ -32,7 +32,7 @@ class AdapterSource(Protocol):
 class EngineOptions:
     """Only what the engine needs from the settings."""
 
-    model: str
+    model: str | None  # a Hugging Face model folder; None = no model configured
     device: str = "auto"
     dtype: str = "auto"
     max_loras: int = 4
@@ -53,6 +53,10 @@ class EngineClient:
         self._engine: Any = None
         self._load_error: str | None = None
         self._task: asyncio.Task[None] | None = None
+
+    def attach_adapters(self, adapters: AdapterSource) -> None:
+        """Where the loader finds adapter files; set before the engine starts."""
+        self._adapters = adapters
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -84,6 +88,7 @@ class EngineClient:
         from engine.config import EngineConfig
 
         o = self.options
+        assert o.model is not None
         config = EngineConfig(
             model=o.model,
             device=o.device,
@@ -119,6 +124,8 @@ class EngineClient:
     # ---- state ------------------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
         """(ready, reason) for /ready: model loaded, loop alive and ticking."""
+        if self.options.model is None:
+            return False, "no model configured (set LORAPLEX_MODEL)"
         if self._load_error is not None:
             return False, f"model failed to load: {self._load_error}"
         engine = self._engine

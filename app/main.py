@@ -24,6 +24,8 @@ from app.auth.guards import provide_principal
 from app.auth.middleware import AUTHENTICATOR_STATE_KEY, auth_middleware
 from app.config import Settings, ensure_secret
 from app.db.session import DB_CONFIG_STATE_KEY, make_db_config, make_db_plugin
+from app.domain.completions.controller import CompletionsController
+from app.domain.completions.serving import SERVING_STATE_KEY, Serving
 from app.domain.health.controller import READY_CHECKS_STATE_KEY, ReadyCheck, database_check, health, ready
 from app.domain.keys.controller import ApiKeyController
 from app.domain.tenants.controller import TenantController
@@ -40,22 +42,28 @@ def create_app(settings: Settings | None = None) -> Litestar:
     configure_logging(settings)
 
     # ---- Registration: each area adds one line to each list it needs. ----
+    serving = Serving(settings)  # the engine and the /v1 completion path of this app
     route_handlers: list[ControllerRouterHandler] = [
         health,
         ready,
         TenantController,
         ApiKeyController,
+        CompletionsController,
     ]
     # Async context managers taking the app; entered in order at start, left in reverse at stop.
     lifespans: list[Lifespan] = [
         last_used_writer,
+        serving.lifespan,
     ]
     # /ready runs each; a check returns None when fine or a short reason.
     ready_checks: dict[str, ReadyCheck] = {
         "database": database_check,
+        "engine": serving.ready_check,
     }
     # litestar.events listeners (`@listener("event")` functions).
-    listeners: Sequence[EventListener] = []
+    listeners: Sequence[EventListener] = [
+        *serving.listeners(),
+    ]
     # App-wide dependencies, available to every handler by parameter name.
     dependencies: dict[str, Provide] = {
         "settings": Provide(lambda: settings, sync_to_thread=False, use_cache=True),
@@ -88,6 +96,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 DB_CONFIG_STATE_KEY: db_config,
                 AUTHENTICATOR_STATE_KEY: authenticator,
                 READY_CHECKS_STATE_KEY: ready_checks,
+                SERVING_STATE_KEY: serving,
             }
         ),
     )

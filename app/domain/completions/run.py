@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,10 +23,32 @@ log = logging.getLogger(__name__)
 
 
 class Meter(Protocol):
-    """The usage-metering seam (app/domain/usage): reserve before the engine, settle exactly once."""
+    """app/domain/usage's `Metering`: a reserved row before the engine, settled exactly once."""
 
-    async def reserve(self, run: CompletionRun) -> None: ...
-    async def settle(self, run: CompletionRun, status: str) -> None: ...
+    async def reserve(
+        self,
+        request_id: str,
+        tenant_id: str,
+        key_id: str | None,
+        adapter_id: str | None,
+        adapter_version: int | None,
+        model: str,
+        prompt_tokens: int,
+        max_tokens: int,
+    ) -> None: ...
+
+    async def settle(
+        self,
+        request_id: str,
+        prompt_tokens: int,
+        cached_tokens: int,
+        completion_tokens: int,
+        finish_reason: str | None,
+        status: str,
+        queue_time_s: float | None = None,
+        ttft_s: float | None = None,
+        latency_s: float | None = None,
+    ) -> bool: ...
 
 
 class RequestMetrics(Protocol):
@@ -122,23 +144,32 @@ class CompletionRun:
 
 
 class RunDriver:
-    """Runs CompletionRuns against the engine with the limiter and meter the app was built with."""
+    """Runs CompletionRuns against the engine with the app's limiter, meter and metrics.
 
-    def __init__(
-        self,
-        engine: EngineClient,
-        limiter: Limits | None,
-        meter: Meter | None,
-        metrics: RequestMetrics | None = None,
-    ) -> None:
+    They are read from the app's state on use (keys below), because other lifespans create them and the
+    order in which lifespans start should not matter.
+    """
+
+    def __init__(self, engine: EngineClient, state: Mapping[str, Any]) -> None:
         self.engine = engine
-        self.limiter = limiter
-        self.meter = meter
-        self.metrics = metrics
+        self._state = state
+
+    @property
+    def limiter(self) -> Limits | None:
+        return self._state.get("limiter")
+
+    @property
+    def meter(self) -> Meter | None:
+        return self._state.get("metering")
+
+    @property
+    def metrics(self) -> RequestMetrics | None:
+        return self._state.get("metrics")
 
     async def begin(self, run: CompletionRun) -> None:
-        if self.limiter is not None:
-            admission = await self.limiter.admit(run.caller.tenant, run.reserve_tokens)
+        limiter, meter = self.limiter, self.meter
+        if limiter is not None:
+            admission = await limiter.admit(run.caller.tenant, run.reserve_tokens)
             run.headers.update(admission.headers)
             if not admission.allowed:
                 if self.metrics is not None:
@@ -151,10 +182,20 @@ class RunDriver:
                     headers={**admission.headers, **admission.retry_after_header},
                 )
             run.admission = admission
-        if self.meter is not None:
+        if meter is not None:
+            adapter = run.target.adapter
             try:
-                await self.meter.reserve(run)
-            except Exception:
+                await meter.reserve(
+                    run.request_id,
+                    run.caller.tenant_id,
+                    run.caller.key_id,
+                    str(adapter.id) if adapter is not None else None,
+                    int(adapter.version) if adapter is not None else None,
+                    run.target.model,
+                    run.prompt_tokens,
+                    run.max_tokens * run.spec.kwargs.get("n", 1),
+                )
+            except BaseException:
                 await self._release(run)
                 raise
 
@@ -209,21 +250,35 @@ class RunDriver:
             if not run.finished:
                 self.engine.abort(run.request_id)
             status = "ok" if run.finished and run.error is None else ("error" if run.error else "aborted")
-            if self.metrics is not None:
-                t = run.timings()
+            t = run.timings()
+            metrics, meter = self.metrics, self.meter
+            if metrics is not None:
                 reason = run.finish_reason if status == "ok" else ("error" if run.error else "abort")
-                self.metrics.request_finished(
+                metrics.request_finished(
                     reason, run.prompt_tokens, run.completion_tokens, t["latency_s"], t["queue_time_s"]
                 )
-            if self.meter is not None:
+            if meter is not None:
                 try:
-                    await self.meter.settle(run, status)
+                    await meter.settle(
+                        run.request_id,
+                        run.prompt_tokens,
+                        run.cached_tokens,
+                        run.completion_tokens,
+                        run.finish_reason,
+                        status,
+                        queue_time_s=t["queue_time_s"],
+                        ttft_s=t["ttft_s"],
+                        latency_s=t["latency_s"],
+                    )
                 except Exception:
+                    # Metering keeps and retries settlements the database refused; anything else is a bug
+                    # to log, never a reason to fail a response that was already produced.
                     log.exception("usage settle failed for %s", run.request_id)
             await self._release(run)
 
     async def _release(self, run: CompletionRun) -> None:
-        if self.limiter is not None and run.admission is not None:
+        limiter = self.limiter
+        if limiter is not None and run.admission is not None:
             admission, run.admission = run.admission, None
             used = run.prompt_tokens + run.completion_tokens if run.last is not None else 0
-            await self.limiter.settle(admission, used)
+            await limiter.settle(admission, used)

@@ -1,0 +1,164 @@
+"""`POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`: thin handlers over the service.
+
+Errors here use OpenAI's statuses: a body that fails validation is a 400 naming the parameter (the
+foundation's 422 is for the admin API), an unknown model is a 404 on `model`, a dead engine a 503.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.background_tasks import BackgroundTask
+from litestar.exceptions import ValidationException
+from litestar.response import Stream
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth.guards import require_scope
+from app.auth.principal import Principal
+from app.domain.completions import responses
+from app.domain.completions.params import RequestError
+from app.domain.completions.run import Caller, CompletionRun
+from app.domain.completions.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from app.domain.completions.serving import Serving, serving_of
+from app.domain.tenants.models import Tenant
+from app.engine_client import EngineUnavailable
+from app.errors import ApiError, error_response
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _api_error(exc: RequestError) -> ApiError:
+    return ApiError(
+        exc.status, exc.message, code=exc.code, param=exc.param, type=exc.type, headers=exc.headers
+    )
+
+
+def _unavailable(reason: str) -> ApiError:
+    return ApiError(503, f"The model is not available: {reason}", code="engine_unavailable")
+
+
+def _bad_body(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    """A body msgspec refused: OpenAI answers 400 and names the parameter."""
+    for item in exc.extra if isinstance(exc.extra, list) else []:
+        if isinstance(item, dict) and item.get("key") and item.get("source") == "body":
+            param = str(item["key"]).removeprefix("$.")
+            text = f"Invalid value for '{param}': {item.get('message') or exc.detail}"
+            return error_response(ApiError(400, text, param=param, code="invalid_value"))
+    if "JSON" in exc.detail or "decode" in exc.detail.lower():
+        return error_response(ApiError(400, "Malformed JSON body", code="invalid_json"))
+    return error_response(ApiError(400, exc.detail, code="invalid_value"))
+
+
+async def _caller(principal: Principal, db_session: AsyncSession) -> Caller:
+    tenant = await db_session.get(Tenant, principal.tenant_id)
+    if tenant is None:
+        raise ApiError(401, "Unknown tenant", code="invalid_api_key")
+    return Caller(
+        tenant=tenant, tenant_id=str(tenant.id), key_id=str(principal.key_id) if principal.key_id else None
+    )
+
+
+async def _serve(serving: Serving, run: CompletionRun, chat: bool) -> Any:
+    driver = serving.driver
+    await driver.begin(run)
+    if not run.spec.stream:
+        try:
+            body = await responses.complete(driver, run, chat)
+        except EngineUnavailable as exc:
+            raise _unavailable(str(exc)) from exc
+        return Response(body, headers=run.headers)
+    outputs = driver.outputs(run)
+    try:
+        # Wait for the first output before answering, so a dead engine is still a plain 503.
+        first = await outputs.__anext__()
+    except (EngineUnavailable, StopAsyncIteration) as exc:
+        await driver.finish(run)
+        raise _unavailable(str(exc) or "no output") from exc
+    except BaseException:
+        await driver.finish(run)
+        raise
+    frames = responses.stream(driver, run, chat, outputs, first)
+    # finish() is idempotent: this background call settles a run whose stream never started.
+    return Stream(
+        frames,
+        media_type="text/event-stream",
+        headers={**SSE_HEADERS, **run.headers},
+        background=BackgroundTask(driver.finish, run),
+    )
+
+
+class CompletionsController(Controller):
+    path = "/v1"
+    tags = ("completions",)
+    guards = (require_scope("completions"),)
+    exception_handlers = {ValidationException: _bad_body}  # noqa: RUF012
+
+    @post(
+        "/completions",
+        operation_id="createCompletion",
+        summary="Complete a prompt with the base model or one of your adapters",
+        status_code=200,
+    )
+    async def create_completion(
+        self,
+        request: Request[Any, Any, Any],
+        data: CompletionRequest,
+        principal: Principal,
+        db_session: AsyncSession,
+    ) -> CompletionResponse:
+        serving = serving_of(request.app)
+        try:
+            run = await serving.service.prepare_completion(await _caller(principal, db_session), data)
+            return await _serve(serving, run, chat=False)  # type: ignore[no-any-return]
+        except RequestError as exc:
+            raise _api_error(exc) from exc
+        except EngineUnavailable as exc:
+            raise _unavailable(str(exc)) from exc
+
+    @post(
+        "/chat/completions",
+        operation_id="createChatCompletion",
+        summary="Chat with the base model or one of your adapters (the tokenizer's chat template)",
+        status_code=200,
+    )
+    async def create_chat_completion(
+        self,
+        request: Request[Any, Any, Any],
+        data: ChatCompletionRequest,
+        principal: Principal,
+        db_session: AsyncSession,
+    ) -> ChatCompletionResponse:
+        serving = serving_of(request.app)
+        try:
+            run = await serving.service.prepare_chat(await _caller(principal, db_session), data)
+            return await _serve(serving, run, chat=True)  # type: ignore[no-any-return]
+        except RequestError as exc:
+            raise _api_error(exc) from exc
+        except EngineUnavailable as exc:
+            raise _unavailable(str(exc)) from exc
+
+    @get("/models", operation_id="listModels", summary="The base model and your adapters")
+    async def list_models(self, request: Request[Any, Any, Any], principal: Principal) -> ModelList:
+        serving = serving_of(request.app)
+        try:
+            base = serving.engine.model_name
+        except EngineUnavailable as exc:
+            raise _unavailable(str(exc)) from exc
+        now = int(time.time())
+        cards = [ModelCard(id=base, created=now, owned_by="loraplex", root=base, parent=None)]
+        for adapter in await serving.list_adapters(str(principal.tenant_id)):
+            created = int(adapter.created_at.timestamp()) if getattr(adapter, "created_at", None) else now
+            for model_id in (adapter.name, f"{adapter.name}@{adapter.version}"):
+                cards.append(
+                    ModelCard(id=model_id, created=created, owned_by="tenant", root=model_id, parent=base)
+                )
+        return ModelList(data=cards)

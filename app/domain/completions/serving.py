@@ -1,0 +1,126 @@
+"""One `Serving` per app: the engine client, the adapter disk cache and the completion service, with the
+lifespan, readiness check and `adapter_deleted` listener that `create_app` registers.
+
+Created in `create_app` (not at import), so two apps in one process (as in tests) never share an engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar
+from litestar.events import EventListener, listener
+
+from app.config import Settings
+from app.domain.completions.adapter_files import AdapterFiles
+from app.domain.completions.run import RunDriver
+from app.domain.completions.service import CompletionService
+from app.engine_client import EngineClient, EngineOptions
+
+log = logging.getLogger(__name__)
+
+SERVING_STATE_KEY = "serving"
+
+
+def engine_options(settings: Settings) -> EngineOptions:
+    return EngineOptions(
+        model=settings.model,
+        device=settings.device,
+        max_loras=settings.max_loras,
+        max_cpu_loras=settings.max_cpu_loras,
+        max_lora_rank=settings.max_lora_rank,
+        gpu_memory_fraction=settings.gpu_memory_fraction,
+        max_model_len=getattr(settings, "max_model_len", None),
+        max_num_seqs=getattr(settings, "max_num_seqs", 64),
+        kv_cache_bytes=getattr(settings, "kv_cache_bytes", None),
+    )
+
+
+class Serving:
+    def __init__(self, settings: Settings) -> None:
+        assert settings.secret is not None
+        self.settings = settings
+        self.engine = EngineClient(engine_options(settings))
+        self.files: AdapterFiles | None = None
+        self.driver = RunDriver(self.engine, {})  # rebound to the app's state when the app starts
+        self.service = CompletionService(self.engine, None, settings.secret, self._resolve)
+        self._app: Litestar | None = None
+        self._session_maker: Any = None
+
+    # ---- what create_app registers ----------------------------------------------------------------
+    @asynccontextmanager
+    async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
+        self._app = app
+        self.driver = RunDriver(self.engine, app.state)
+        if self.settings.model is None:
+            # `loraplex serve` always sets a model (the demo one by default); an app built without one
+            # (API tests of other areas) serves the admin API only and answers /v1 calls with 503.
+            log.warning("no model configured: /v1 completions are disabled")
+            yield
+            return
+        self.files = self._adapter_files(app)
+        self.service.files = self.files
+        self.engine.attach_adapters(self.files)
+        self.engine.start_loading()
+        try:
+            yield
+        finally:
+            await self.engine.shutdown()
+
+    async def ready_check(self, app: Litestar) -> str | None:
+        if self.settings.model is None:
+            return None
+        ok, reason = self.engine.readiness()
+        return None if ok else reason
+
+    def listeners(self) -> list[EventListener]:
+        @listener("adapter_deleted")
+        async def on_adapter_deleted(sha256: str, **_: Any) -> None:
+            # Unpinned copies go at once; a copy in use by a running request goes when it is released.
+            self.engine.evict_adapter(sha256)
+            if self.files is not None:
+                self.files.remove(sha256)
+            log.info("adapter %s evicted after deletion", sha256[:12])
+
+        return [on_adapter_deleted]
+
+    # ---- wiring -------------------------------------------------------------------------------------
+    def _adapter_files(self, app: Litestar) -> AdapterFiles:
+        from app.domain.adapters.service import download_adapter
+        from app.storage import make_object_store
+
+        st = self.settings
+        store = make_object_store(
+            data_dir=st.data_dir,
+            s3_bucket=st.s3_bucket,
+            s3_endpoint_url=st.s3_endpoint_url,
+            s3_region=getattr(st, "s3_region", None),
+            s3_access_key_id=getattr(st, "s3_access_key_id", None),
+            s3_secret_access_key=getattr(st, "s3_secret_access_key", None),
+        )
+        root = self.settings.data_dir / "adapter-cache"
+        return AdapterFiles(root.resolve(), lambda adapter, dest: download_adapter(store, adapter, dest))
+
+    async def list_adapters(self, tenant_id: str) -> list[Any]:
+        from app.db.session import session_maker
+        from app.domain.adapters.service import list_adapters
+
+        assert self._app is not None
+        async with session_maker(self._app)() as session:
+            return list(await list_adapters(session, tenant_id))
+
+    async def _resolve(self, tenant_id: str, model: str) -> Any:
+        from app.db.session import session_maker
+        from app.domain.adapters.service import resolve_adapter
+
+        assert self._app is not None
+        async with session_maker(self._app)() as session:
+            return await resolve_adapter(session, tenant_id, model)
+
+
+def serving_of(app: Litestar) -> Serving:
+    serving: Serving = app.state[SERVING_STATE_KEY]
+    return serving
