@@ -60,6 +60,14 @@ class Settings:
     port: int = 8000
     max_request_bytes: int = 1_048_576
 
+    # Limits and metering (docs/metering.md). A reservation older than usage_sweep_after_seconds
+    # belongs to a dead process: the sweeper expires it and its concurrency slot is freed.
+    redis_key_prefix: str = "lpx"
+    usage_sweep_after_seconds: float = 900.0
+    usage_sweep_interval_seconds: float = 60.0
+    usage_retry_seconds: float = 1.0
+    usage_db_timeout_seconds: float = 5.0
+
     # Logs: json (one object a line), console (readable), or auto (json unless stderr is a terminal).
     log_format: str = "auto"
     log_level: str = "INFO"
@@ -142,7 +150,16 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
         ("port", 0 <= s.port <= 65535, "expected a port number 0..65535"),
         ("max_request_bytes", s.max_request_bytes >= 1024, "expected an integer >= 1024"),
         ("max_upload_bytes", s.max_upload_bytes >= 1024, "expected an integer >= 1024"),
-        ("adapter_sweep_interval_seconds", s.adapter_sweep_interval_seconds > 0.0, "expected a positive number"),
+        (
+            "adapter_sweep_interval_seconds",
+            s.adapter_sweep_interval_seconds > 0.0,
+            "expected a positive number",
+        ),
+        ("redis_key_prefix", s.redis_key_prefix.isidentifier(), "expected letters, digits or underscores"),
+        ("usage_sweep_after_seconds", s.usage_sweep_after_seconds >= 60.0, "expected at least 60 seconds"),
+        ("usage_sweep_interval_seconds", s.usage_sweep_interval_seconds > 0.0, "expected a positive number"),
+        ("usage_retry_seconds", s.usage_retry_seconds > 0.0, "expected a positive number"),
+        ("usage_db_timeout_seconds", s.usage_db_timeout_seconds > 0.0, "expected a positive number"),
         ("log_format", s.log_format in ("auto", "json", "console"), "expected auto, json or console"),
         (
             "log_level",

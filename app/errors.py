@@ -135,7 +135,7 @@ def _from_http_exception(request: Request[Any, Any, Any], exc: HTTPException) ->
             ApiError(405, f"Method {request.method} not allowed on {request.url.path}", headers=exc.headers)
         )
     if status >= 500:
-        log.error("server error: %s", exc.detail)
+        log.error("server error: %s", exc.detail, exc_info=exc)
         return error_response(ApiError(status, "Internal server error", code="internal_error"))
     message = exc.detail or HTTPStatus(status).phrase
     return error_response(ApiError(status, message, headers=exc.headers))

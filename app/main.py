@@ -29,9 +29,12 @@ from app.domain.completions.serving import SERVING_STATE_KEY, Serving
 from app.domain.health.controller import READY_CHECKS_STATE_KEY, ReadyCheck, database_check, health, ready
 from app.domain.keys.controller import ApiKeyController
 from app.domain.tenants.controller import TenantController
+from app.domain.usage.controller import admin_usage, metrics_endpoint, own_usage
+from app.domain.usage.lifespan import METRICS_STATE_KEY, usage_services
 from app.errors import exception_handlers
 from app.lifespan import last_used_writer
 from app.logging import RequestIdMiddleware, configure_logging
+from app.metrics import Metrics
 
 Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
 
@@ -48,11 +51,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ready,
         TenantController,
         ApiKeyController,
+        admin_usage,
+        own_usage,
+        metrics_endpoint,
         CompletionsController,
     ]
     # Async context managers taking the app; entered in order at start, left in reverse at stop.
     lifespans: list[Lifespan] = [
         last_used_writer,
+        usage_services,  # limiter, metering (+ sweeper); before the engine starts taking requests
         serving.lifespan,
     ]
     # /ready runs each; a check returns None when fine or a short reason.
@@ -96,6 +103,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 DB_CONFIG_STATE_KEY: db_config,
                 AUTHENTICATOR_STATE_KEY: authenticator,
                 READY_CHECKS_STATE_KEY: ready_checks,
+                METRICS_STATE_KEY: Metrics(),
                 SERVING_STATE_KEY: serving,
             }
         ),

@@ -6,6 +6,8 @@ from typing import Any
 from uuid import UUID
 
 from litestar import Controller, Request, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import require_admin
@@ -15,10 +17,12 @@ from app.domain.keys.schemas import KeyCreate, KeyCreated, KeyList
 from app.domain.keys.service import ApiKeyService
 from app.domain.tenants.service import TenantService
 
+DbSession = NamedDependency[AsyncSession]
 
-def _secret(settings: Settings) -> str:
+
+def _keys(db_session: AsyncSession, settings: Settings) -> ApiKeyService:
     assert settings.secret is not None, "create_app resolves the secret"
-    return settings.secret
+    return ApiKeyService(db_session, settings.secret)
 
 
 class ApiKeyController(Controller):
@@ -32,23 +36,33 @@ class ApiKeyController(Controller):
         summary="Issue a key for a tenant; the key is in this response only",
     )
     async def create_key(
-        self, db_session: AsyncSession, settings: Settings, tenant_id: UUID, data: KeyCreate
+        self,
+        db_session: DbSession,
+        settings: NamedDependency[Settings],
+        tenant_id: FromPath[UUID],
+        data: JSONBody[KeyCreate],
     ) -> KeyCreated:
         await TenantService(db_session).get(tenant_id)
-        return await ApiKeyService(db_session, _secret(settings)).create_tenant_key(tenant_id, data)
+        return await _keys(db_session, settings).create_tenant_key(tenant_id, data)
 
     @get(
         "/tenants/{tenant_id:uuid}/api-keys",
         operation_id="listApiKeys",
         summary="List a tenant's keys, without their secrets",
     )
-    async def list_keys(self, db_session: AsyncSession, settings: Settings, tenant_id: UUID) -> KeyList:
+    async def list_keys(
+        self, db_session: DbSession, settings: NamedDependency[Settings], tenant_id: FromPath[UUID]
+    ) -> KeyList:
         await TenantService(db_session).get(tenant_id)
-        return KeyList(data=await ApiKeyService(db_session, _secret(settings)).list_for_tenant(tenant_id))
+        return KeyList(data=await _keys(db_session, settings).list_for_tenant(tenant_id))
 
-    @delete("/api-keys/{key_id:uuid}", operation_id="revokeApiKey", summary="Revoke a key")
+    @delete("/api-keys/{key_id:uuid}", operation_id="revokeApiKey", summary="Revoke a key (idempotent)")
     async def revoke_key(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, settings: Settings, key_id: UUID
+        self,
+        request: Request[Any, Any, Any],
+        db_session: DbSession,
+        settings: NamedDependency[Settings],
+        key_id: FromPath[UUID],
     ) -> None:
-        await ApiKeyService(db_session, _secret(settings)).revoke(key_id)
+        await _keys(db_session, settings).revoke(key_id)
         request.app.state[AUTHENTICATOR_STATE_KEY].forget_key(key_id)

@@ -90,7 +90,9 @@ class ApiKeyService:
         return await self.repo.count(kind="admin", revoked_at=None)
 
     async def list_for_tenant(self, tenant_id: UUID) -> list[KeyOut]:
-        keys = await self.repo.list(OrderBy(field_name="created_at", sort_order="asc"), tenant_id=tenant_id)
+        keys = await self.repo.get_many(
+            OrderBy(field_name="created_at", sort_order="asc"), tenant_id=tenant_id
+        )
         return [to_out(k) for k in keys]
 
     async def revoke(self, key_id: UUID) -> ApiKey:

@@ -6,13 +6,16 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from litestar import Controller, Request, get, patch, post
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import require_admin
 from app.auth.middleware import AUTHENTICATOR_STATE_KEY
 from app.domain.tenants.schemas import TenantCreate, TenantList, TenantOut, TenantUpdate
 from app.domain.tenants.service import TenantService, to_out
+
+DbSession = NamedDependency[AsyncSession]
 
 
 class TenantController(Controller):
@@ -21,31 +24,34 @@ class TenantController(Controller):
     tags = ("admin: tenants",)
 
     @post("/", operation_id="createTenant", summary="Create a tenant")
-    async def create_tenant(self, db_session: AsyncSession, data: TenantCreate) -> TenantOut:
+    async def create_tenant(self, db_session: DbSession, data: JSONBody[TenantCreate]) -> TenantOut:
         return to_out(await TenantService(db_session).create(data))
 
     @get("/", operation_id="listTenants", summary="List tenants, oldest first")
     async def list_tenants(
         self,
-        db_session: AsyncSession,
-        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Parameter(ge=0)] = 0,
+        db_session: DbSession,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+        offset: Annotated[int, QueryParameter(ge=0)] = 0,
     ) -> TenantList:
         tenants, total = await TenantService(db_session).list(limit, offset)
         return TenantList(data=[to_out(t) for t in tenants], total=total)
 
     @get("/{tenant_id:uuid}", operation_id="getTenant", summary="Get a tenant")
-    async def get_tenant(self, db_session: AsyncSession, tenant_id: UUID) -> TenantOut:
+    async def get_tenant(self, db_session: DbSession, tenant_id: FromPath[UUID]) -> TenantOut:
         return to_out(await TenantService(db_session).get(tenant_id))
 
     @patch(
         "/{tenant_id:uuid}", operation_id="updateTenant", summary="Change a tenant's name, limits or status"
     )
     async def update_tenant(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, tenant_id: UUID, data: TenantUpdate
+        self,
+        request: Request[Any, Any, Any],
+        db_session: DbSession,
+        tenant_id: FromPath[UUID],
+        data: JSONBody[TenantUpdate],
     ) -> TenantOut:
         tenant = await TenantService(db_session).update(tenant_id, data)
-        out = to_out(tenant)
         # Suspension must bite at once in this process; other processes follow within the cache TTL.
         request.app.state[AUTHENTICATOR_STATE_KEY].forget_tenant(tenant_id)
-        return out
+        return to_out(tenant)

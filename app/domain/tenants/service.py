@@ -52,7 +52,7 @@ class TenantService:
         return await self.repo.add(tenant)
 
     async def list(self, limit: int, offset: int) -> tuple[list[Tenant], int]:
-        return await self.repo.list_and_count(
+        return await self.repo.get_many_and_count(
             LimitOffset(limit=limit, offset=offset), OrderBy(field_name="created_at", sort_order="asc")
         )
 
