@@ -218,3 +218,67 @@ def test_mixed_adapter_greedy_matches_peft(lora_setup: tuple[Path, dict[str, Pat
     expected = hf_greedy(base, adapters, prompts, names, max_new_tokens=6)
     assert [r.output_token_ids for r in reqs] == expected
     assert len({tuple(e) for e in expected}) >= 3
+
+
+_BACKEND_CHILD = """
+import json, sys
+import torch
+from engine.adapter_cache import AdapterCache
+from engine.config import EngineConfig
+from engine.model_loader import load_model
+from engine.model_runner import ModelRunner
+from engine.request import LoRARequest, Request
+from engine.sampling_params import SamplingParams
+
+base, adapters = sys.argv[1], sys.argv[2:]
+rows = {}
+for backend in ("ref", "triton"):
+    cfg = EngineConfig(model=base, device="cpu", dtype="float32", num_kv_blocks=32, block_size=4,
+                       max_loras=2, max_lora_rank=16, kernel_backend=backend)
+    loaded = load_model(cfg)
+    cache = AdapterCache.for_model(cfg, loaded)
+    runner = ModelRunner(cfg, loaded, cache)
+    slots = []
+    for path in adapters:
+        lora = LoRARequest("x", path)
+        if cache.acquire(lora) is None:
+            cache.wait_for_loads(30)
+        slots.append(cache.acquire(lora))
+    reqs = []
+    for i, slot in enumerate([slots[0], -1, slots[1]]):
+        req = Request(request_id=str(i), prompt_token_ids=[0, *range(10 + i, 20 + 2 * i)], params=SamplingParams())
+        req.lora_slot, req.block_table = slot, [3 * i + 1, 3 * i + 2, 3 * i + 3, 20 + i, 25 + i]
+        reqs.append(req)
+    first = runner.execute([(r, 5) for r in reqs])
+    for r in reqs:
+        r.num_computed_tokens = 5
+    rest = runner.execute([(r, r.num_tokens - 5) for r in reqs])
+    rows[backend] = (runner.ops.name, torch.cat([first, rest]).tolist())
+print(json.dumps(rows))
+"""
+
+
+def test_triton_backend_matches_reference_in_interpreter(lora_setup: tuple[Path, dict[str, Path]]) -> None:
+    """The model drives the Triton kernels through ops.py exactly as the references (shapes, dtypes,
+    contiguity): run both backends under Triton's interpreter, in a child so the mode stays there."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    base, adapters = lora_setup
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    paths = [str(adapters["all8"]), str(adapters["qv4"])]
+    done = subprocess.run(
+        [sys.executable, "-c", _BACKEND_CHILD, str(base), *paths],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert rows["ref"][0] == "ref" and rows["triton"][0] == "triton"
+    ref, tri = torch.tensor(rows["ref"][1]), torch.tensor(rows["triton"][1])
+    torch.testing.assert_close(tri, ref, atol=ATOL, rtol=0)
