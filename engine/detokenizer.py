@@ -37,9 +37,14 @@ class IncrementalDetokenizer:
             )
         )
 
-    def add_token(self, token_id: int) -> str | None:
+    @property
+    def sent_text(self) -> str:
+        return self.text[: self._sent]
+
+    def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
         """Append one generated token. Returns the stop string that now ends the text, if any; the text
-        is then cut before it (or after it with include_stop_str_in_output)."""
+        is then cut before it (or after it with include_stop_str_in_output). check_stop=False while
+        min_tokens is not reached yet: stop strings in that text never end the output."""
         self._ids.append(token_id)
         before = self._decode(self._ids[self._prefix_offset : self._read_offset])
         now = self._decode(self._ids[self._prefix_offset :])
@@ -49,7 +54,7 @@ class IncrementalDetokenizer:
         self.text += now[len(before) :]
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        return self._check_stop(start)
+        return self._check_stop(start) if check_stop else None
 
     def _check_stop(self, new_from: int) -> str | None:
         best: tuple[int, str] | None = None

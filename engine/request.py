@@ -164,3 +164,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     prompt: str | None = None
+    error: str | None = None  # set when the request failed (finish_reason "error"), e.g. its adapter

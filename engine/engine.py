@@ -1,0 +1,226 @@
+"""LLMEngine: requests in, one step = schedule -> run -> postprocess, outputs out. Single-threaded.
+
+With n > 1 a request becomes n sequences ("{id}#{i}") that share the prompt's blocks through the prefix
+cache; outputs are grouped back under the caller's id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.outputs import Group, build_output
+from engine.request import LoRARequest, Request, RequestOutput, RequestStatus
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_usage: float  # share of KV blocks held by requests (cached blocks nobody holds count as free)
+    num_kv_blocks: int
+    prefix_hit_rate: float  # cached / looked-up prompt tokens since start
+    adapter_cache: dict[str, float] = field(default_factory=dict)
+    running_adapters: list[str] = field(default_factory=list)  # adapter display names, one per request
+    waiting_adapters: list[str] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model: Any, runner: Any, adapter_cache: Any) -> None:
+        """model: a LoadedModel (engine/model_loader.py) — name, tokenizer, eos_token_ids, config;
+        runner: ModelRunner (execute, num_kv_blocks, device); adapter_cache: AdapterCache."""
+        self.config = config
+        self.model = model
+        self.runner = runner
+        self.adapter_cache = adapter_cache
+        self.tokenizer = model.tokenizer
+        self.model_name: str = model.name
+        self.vocab_size: int = model.config.vocab_size
+        self.eos_token_ids: tuple[int, ...] = tuple(model.eos_token_ids)
+        capacity = runner.num_kv_blocks * config.block_size
+        limits = [model.config.max_position_embeddings, capacity]
+        if config.max_model_len is not None:
+            limits.append(config.max_model_len)
+        self.max_model_len: int = min(limits)
+        self.block_manager = BlockManager(
+            runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, adapter_cache, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.sampler = Sampler(runner.device, config.seed)
+        self.groups: dict[str, Group] = {}
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, adapter_loader: Any = None) -> LLMEngine:
+        from engine.adapter_cache import AdapterCache
+        from engine.model_loader import load_model
+        from engine.model_runner import ModelRunner
+
+        loaded = load_model(config)
+        cache = AdapterCache.for_model(config, loaded, adapter_loader)
+        return cls(config, loaded, ModelRunner(config, loaded, cache), cache)
+
+    # ---- requests in ----
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lora: LoRARequest | None = None,
+        cache_salt: str | None = None,
+        fairness_key: str | None = None,
+        prompt: str | None = None,
+    ) -> None:
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        prompt_token_ids = self._check_prompt(prompt_token_ids)
+        if lora is not None and lora.content_hash is None:
+            raise ValueError(f"adapter {lora.lora_name!r} has no content hash")
+        params = self._fit_params(params, len(prompt_token_ids))
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.seed is not None and i > 0:
+                child_params = dataclasses.replace(params, seed=params.seed + i)
+            children.append(
+                Request(
+                    request_id if params.n == 1 else f"{request_id}#{i}",
+                    prompt_token_ids,
+                    child_params,
+                    eos_token_ids=self.eos_token_ids,
+                    lora=lora,
+                    cache_salt=cache_salt,
+                    fairness_key=fairness_key or "",
+                    parent_id=request_id,
+                    index=i,
+                )
+            )
+        detoks = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, c.params) for c in children]
+        for child in children:
+            self.scheduler.add(child)
+        self.groups[request_id] = Group(request_id, prompt, prompt_token_ids, children, detoks)
+
+    def _check_prompt(self, prompt_token_ids: list[int]) -> list[int]:
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise ValueError("prompt must have at least one token")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in ids):
+            # An out-of-range id would index past the embedding table and kill the step for everyone.
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens; this engine's context is {self.max_model_len} "
+                "and at least one must be left to generate"
+            )
+        return ids
+
+    def _fit_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        room = self.max_model_len - prompt_len
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if max_tokens == params.max_tokens:
+            return params
+        return dataclasses.replace(
+            params, max_tokens=max_tokens, min_tokens=min(params.min_tokens, max_tokens)
+        )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is; returns its final output (finish_reason "abort"), or None."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return None
+        for child in group.children:
+            if not child.is_finished:
+                self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+        return build_output(group, group.children)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.groups)
+
+    # ---- the step ----
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        logits = self.runner.execute(batch.scheduled) if batch.scheduled else None
+        self.scheduler.advance(batch)
+        rows = [i for i, (r, _) in enumerate(batch.scheduled) if r.num_computed_tokens == r.num_tokens]
+        ready = [batch.scheduled[i][0] for i in rows]
+        if ready:
+            assert logits is not None
+            self._postprocess(ready, self.sampler(logits[rows], ready))
+        if not batch.scheduled and not batch.failed:
+            self._wait_idle()
+        return self._collect([*ready, *batch.failed])
+
+    def _postprocess(self, requests: list[Request], sampled: Any) -> None:
+        for request, token, logprobs in zip(requests, sampled.token_ids, sampled.logprobs, strict=True):
+            request.append_token(token)
+            if logprobs is not None:
+                request.logprobs.append(logprobs)
+            request.metrics.first_token_time = request.metrics.first_token_time or time.monotonic()
+            status = self._stop_status(request, token)
+            if status is not None:
+                self.scheduler.finish(request, status)
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.params
+        min_reached = request.num_output_tokens > params.min_tokens
+        if token in self.eos_token_ids and not params.ignore_eos and min_reached:
+            return RequestStatus.FINISHED_STOPPED
+        if token in params.stop_token_ids and min_reached:
+            request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        detok = self.groups[request.parent_id or request.request_id].detoks[request.index]
+        stop = detok.add_token(token, check_stop=min_reached)
+        if stop is not None:
+            request.stop_reason = stop
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= (params.max_tokens or 0) or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _collect(self, touched: list[Request]) -> list[RequestOutput]:
+        by_group: dict[str, list[Request]] = {}
+        for request in touched:
+            by_group.setdefault(request.parent_id or request.request_id, []).append(request)
+        outputs = []
+        for group_id, changed in by_group.items():
+            group = self.groups[group_id]
+            output = build_output(group, changed)
+            if output.finished:
+                del self.groups[group_id]
+            outputs.append(output)
+        return outputs
+
+    def _wait_idle(self) -> None:
+        """Nothing could run (e.g. every waiting request's adapter is still loading): wait, don't spin."""
+        if self.scheduler.has_unfinished() and self.adapter_cache is not None:
+            self.adapter_cache.wait_for_loads(timeout=0.05)
+
+    # ---- operations ----
+    def evict_adapter(self, content_hash: str) -> None:
+        self.adapter_cache.evict(content_hash)
+
+    def stats(self) -> EngineStats:
+        running = self.scheduler.running
+        return EngineStats(
+            running=len(running),
+            waiting=self.scheduler.num_waiting,
+            kv_usage=self.block_manager.usage,
+            num_kv_blocks=self.block_manager.num_blocks,
+            prefix_hit_rate=self.block_manager.stats.hit_rate,
+            adapter_cache=dict(self.adapter_cache.stats()) if self.adapter_cache is not None else {},
+            running_adapters=[r.lora.lora_name for r in running if r.lora is not None],
+            waiting_adapters=[r.lora.lora_name for r in self.scheduler.waiting() if r.lora is not None],
+        )
+
+    def close(self) -> None:
+        if self.adapter_cache is not None:
+            self.adapter_cache.close()
