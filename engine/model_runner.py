@@ -7,6 +7,7 @@ lengths, query offsets and the token -> adapter slot grouping.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,6 +61,14 @@ def decide_num_kv_blocks(config: EngineConfig, model: LoadedModel, cuda_mem: tup
     return int(blocks)
 
 
+@dataclass
+class StepInputs:
+    input_ids: Tensor  # [T] int64
+    positions: Tensor  # [T] int64
+    attn: AttentionBatch
+    lora: LoRABatch | None  # None when no token of the step uses an adapter
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: LoadedModel, adapter_cache: AdapterCache) -> None:
         self.config = config
@@ -86,14 +95,14 @@ class ModelRunner:
         blocks. Returns float32 logits [B, V] of each request's last computed token."""
         if not batch:
             raise ValueError("empty batch")
-        step = self._prepare(batch)
+        step = self.prepare(batch)
         hidden = self.model.model(
-            step["input_ids"], step["positions"], self.kv_caches, step["attn"], step["lora"], self.ops
+            step.input_ids, step.positions, self.kv_caches, step.attn, step.lora, self.ops
         )
-        last = step["attn"].query_start_loc[1:].to(torch.int64) - 1  # [B]
+        last = step.attn.query_start_loc[1:].to(torch.int64) - 1  # [B]
         return self.model.model.compute_logits(hidden[last])  # [B, V]
 
-    def _prepare(self, batch: list[tuple[Request, int]]) -> dict[str, Any]:
+    def prepare(self, batch: list[tuple[Request, int]]) -> StepInputs:
         bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
@@ -108,6 +117,9 @@ class ModelRunner:
                 raise ValueError(f"request {req.request_id}: cannot compute tokens [{start}, {end})")
             if len(req.block_table) * bs < end:
                 raise ValueError(f"request {req.request_id}: {len(req.block_table)} blocks for {end} tokens")
+            if req.block_table and not 0 <= min(req.block_table) <= max(req.block_table) < self.num_kv_blocks:
+                # A wrong block id would read or overwrite another sequence's (another tenant's) KV.
+                raise ValueError(f"request {req.request_id}: block ids outside [0, {self.num_kv_blocks})")
             if not -1 <= req.lora_slot < self.adapter_cache.slots.num_slots:
                 raise ValueError(f"request {req.request_id}: lora slot {req.lora_slot} out of range")
             token_ids.extend(req.all_token_ids[start:end])
@@ -141,9 +153,4 @@ class ModelRunner:
                 ranks=weights.ranks,
                 ops=self.ops,
             )
-        return {
-            "input_ids": tensor(token_ids, torch.int64),  # [T]
-            "positions": tensor(positions, torch.int64),  # [T]
-            "attn": attn,
-            "lora": lora,
-        }
+        return StepInputs(tensor(token_ids, torch.int64), tensor(positions, torch.int64), attn, lora)

@@ -282,3 +282,28 @@ def test_triton_backend_matches_reference_in_interpreter(lora_setup: tuple[Path,
     assert rows["ref"][0] == "ref" and rows["triton"][0] == "triton"
     ref, tri = torch.tensor(rows["ref"][1]), torch.tensor(rows["triton"][1])
     torch.testing.assert_close(tri, ref, atol=ATOL, rtol=0)
+
+
+def test_runner_refuses_bad_steps(lora_setup: tuple[Path, dict[str, Path]]) -> None:
+    base, _ = lora_setup
+    runner = make_runner(base, num_blocks=8, max_loras=2)
+    with pytest.raises(ValueError, match="empty batch"):
+        runner.execute([])
+    req = new_request("r", prompt(40, 9))
+    req.block_table = [1, 2]  # 8 slots for 9 tokens
+    with pytest.raises(ValueError, match="2 blocks for 9 tokens"):
+        runner.execute([(req, 9)])
+    req.block_table = [1, 2, 8]  # block 8 does not exist
+    with pytest.raises(ValueError, match="block ids outside"):
+        runner.execute([(req, 9)])
+    req.block_table = [1, 2, -1]
+    with pytest.raises(ValueError, match="block ids outside"):
+        runner.execute([(req, 9)])
+    req.block_table = [1, 2, 3]
+    with pytest.raises(ValueError, match="cannot compute"):
+        runner.execute([(req, 10)])
+    req.lora_slot = 2
+    with pytest.raises(ValueError, match="lora slot 2"):
+        runner.execute([(req, 9)])
+    req.lora_slot = -1
+    assert runner.execute([(req, 9)]).shape == (1, 512)  # positive control
