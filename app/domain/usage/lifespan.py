@@ -1,0 +1,84 @@
+"""The limiter, the metering service, its sweeper and the metrics registry, for the life of one app.
+
+They live in `app.state` (never in module globals) and are reached with `limiter_of(app)`,
+`metering_of(app)` and `metrics_of(app)`. `Metrics` exists from `create_app` on (the `/metrics` route
+needs no lifespan); the limiter and metering service are built when the app starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import cast
+
+from litestar import Litestar
+
+from app.config import Settings
+from app.db.session import session_maker
+from app.domain.usage.metering import DB_DOWN, Metering
+from app.limits import Limiter
+from app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+LIMITER_STATE_KEY = "limiter"
+METERING_STATE_KEY = "metering"
+METRICS_STATE_KEY = "metrics"
+
+
+def limiter_of(app: Litestar) -> Limiter:
+    return cast("Limiter", app.state[LIMITER_STATE_KEY])
+
+
+def metering_of(app: Litestar) -> Metering:
+    return cast("Metering", app.state[METERING_STATE_KEY])
+
+
+def metrics_of(app: Litestar) -> Metrics:
+    return cast("Metrics", app.state[METRICS_STATE_KEY])
+
+
+@asynccontextmanager
+async def usage_services(app: Litestar) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metering = Metering(
+        session_maker(app),
+        timeout_s=settings.usage_db_timeout_seconds,
+        retry_s=settings.usage_retry_seconds,
+    )
+    limiter = Limiter(
+        settings.redis_url,
+        key_prefix=settings.redis_key_prefix,
+        lease_ttl_s=settings.usage_sweep_after_seconds,
+        quota_baseline=metering.month_tokens,
+    )
+    metrics = metrics_of(app)
+    metrics.bind_limiter(limiter)
+    metrics.bind_metering(metering)
+    app.state[LIMITER_STATE_KEY] = limiter
+    app.state[METERING_STATE_KEY] = metering
+    metering.start()
+    sweeper = asyncio.create_task(
+        _sweep_forever(metering, settings.usage_sweep_after_seconds, settings.usage_sweep_interval_seconds),
+        name="usage-sweeper",
+    )
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        await metering.stop()
+        await limiter.close()
+
+
+async def _sweep_forever(metering: Metering, older_than_s: float, interval_s: float) -> None:
+    while True:
+        try:
+            await metering.sweep(older_than_s)
+        except DB_DOWN as exc:
+            log.warning("usage sweeper: database unavailable: %s", exc)
+        await asyncio.sleep(interval_s)

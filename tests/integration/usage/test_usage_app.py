@@ -1,0 +1,127 @@
+"""The usage services inside a running app: /metrics in Prometheus format without tenant or key labels,
+the limiter on Redis and on its in-process fallback (Redis absent or on a dead port: no 500, /health 200),
+and a sweep started by the app's lifespan."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from litestar.testing import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.domain.usage.lifespan import limiter_of, metering_of, metrics_of
+from tests.integration.conftest import free_port
+
+FORBIDDEN_LABELS = {"tenant", "tenant_id", "tenant_name", "key", "key_id", "api_key", "user", "request_id"}
+
+
+def scrape(client: TestClient) -> tuple[str, dict[str, float]]:  # type: ignore[type-arg]
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    values = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            assert not FORBIDDEN_LABELS & set(s.labels), (s.name, s.labels)
+            values[s.name] = s.value
+    return r.text, values
+
+
+def test_metrics_have_vllm_names_and_no_tenant_labels(client, make_tenant, make_key) -> None:  # type: ignore[no-untyped-def]
+    tenant = make_tenant(name="metrics-tenant", max_concurrent_requests=1)
+    key = make_key(tenant["id"])
+    app = client.app
+    limiter = limiter_of(app)
+
+    class Row:
+        id = tenant["id"]
+        requests_per_minute = None
+        tokens_per_minute = None
+        max_concurrent_requests = 1
+        monthly_token_quota = None
+
+    first = client.blocking_portal.call(limiter.admit, Row(), 5)
+    refused = client.blocking_portal.call(limiter.admit, Row(), 5)
+    assert first.allowed and not refused.allowed
+    metrics = metrics_of(app)
+    metrics.request_rate_limited(refused.reason)
+    metrics.first_token(0.02)
+    metrics.output_tokens(0.03, 2)
+    metrics.request_finished("stop", 7, 3, 0.2, 0.001)
+
+    text, values = scrape(client)
+    for name in (
+        "vllm:time_to_first_token_seconds_count",
+        "vllm:inter_token_latency_seconds_count",
+        "vllm:time_per_output_token_seconds_count",
+        "vllm:e2e_request_latency_seconds_count",
+        "vllm:request_queue_time_seconds_count",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "loraplex:rate_limited_requests_total",
+        "loraplex:usage_settles_pending",
+    ):
+        assert name in values, name
+    assert values["vllm:prompt_tokens_total"] == 7
+    assert values["loraplex:limiter_in_process"] == 1  # no LORAPLEX_REDIS_URL in this app
+    for secret in (tenant["id"], tenant["name"], key, key[:12]):
+        assert secret not in text
+    # /metrics needs no key (Prometheus scrapes it) and tells nothing per tenant.
+    assert client.get("/metrics", headers={"Authorization": "Bearer nonsense"}).status_code == 200
+
+
+def test_engine_stats_bound_by_the_serving_side(client) -> None:  # type: ignore[no-untyped-def]
+    stats = {
+        "num_running": 2,
+        "num_waiting": 1,
+        "kv_cache_usage": 0.5,
+        "running_adapters": ["x"],
+        "max_loras": 4,
+    }
+    metrics_of(client.app).bind_engine(lambda: stats, "demo-model")
+    text, values = scrape(client)
+    assert values["vllm:num_requests_running"] == 2 and values["vllm:kv_cache_usage_perc"] == 0.5
+    assert 'vllm:num_requests_running{model_name="demo-model"}' in text
+    assert 'running_lora_adapters="x"' in text
+    stats["num_running"] = 0
+    assert scrape(client)[1]["vllm:num_requests_running"] == 0
+
+
+def test_app_on_real_redis_uses_it(build_app, redis_url) -> None:  # type: ignore[no-untyped-def]
+    app = build_app(redis_url=redis_url, redis_key_prefix=f"lpxapp{uuid.uuid4().hex[:6]}")
+    with TestClient(app) as client:
+        limiter = limiter_of(app)
+        assert limiter.backend == "redis"
+        assert client.blocking_portal.call(limiter.ping)
+        assert scrape(client)[1]["loraplex:limiter_in_process"] == 0
+
+
+def test_app_with_redis_on_a_dead_port_still_serves(build_app) -> None:  # type: ignore[no-untyped-def]
+    app = build_app(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        limiter = limiter_of(app)
+
+        class Row:
+            id = str(uuid.uuid4())
+            requests_per_minute = 2
+            tokens_per_minute = None
+            max_concurrent_requests = None
+            monthly_token_quota = None
+
+        results = [client.blocking_portal.call(limiter.admit, Row(), 1) for _ in range(3)]
+        assert [a.allowed for a in results] == [True, True, False]
+        assert {a.backend for a in results} == {"memory"}
+        assert results[2].retry_after_header["retry-after"] == "30"
+        assert scrape(client)[1]["loraplex:limiter_in_process"] == 1
+        assert client.get("/health").status_code == 200
+
+
+def test_lifespan_metering_is_wired_to_the_apps_database(client, make_tenant) -> None:  # type: ignore[no-untyped-def]
+    tenant = make_tenant()
+    metering = metering_of(client.app)
+    portal = client.blocking_portal
+    portal.call(metering.reserve, "req-1", tenant["id"], None, None, None, "base", 4, 8)
+    assert portal.call(metering.settle, "req-1", 4, 0, 2, "stop", "ok")
+    assert portal.call(metering.month_tokens, tenant["id"], datetime.now(UTC).strftime("%Y%m")) == 6
