@@ -307,3 +307,45 @@ def test_runner_refuses_bad_steps(lora_setup: tuple[Path, dict[str, Path]]) -> N
         runner.execute([(req, 9)])
     req.lora_slot = -1
     assert runner.execute([(req, 9)]).shape == (1, 512)  # positive control
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_with_adapters_stays_close_to_fp32_peft(
+    lora_setup: tuple[Path, dict[str, Path]], dtype: str
+) -> None:
+    """Half precision cannot be token-exact, but the casts (weights, adapters, KV, float32 LoRA buffers)
+    must keep logits close to the fp32 oracle; a wrong cast shows up as an error of order one."""
+    base, adapters = lora_setup
+    config = EngineConfig(
+        model=str(base),
+        device="cpu",
+        dtype=dtype,
+        block_size=4,
+        num_kv_blocks=32,
+        max_loras=2,
+        max_lora_rank=16,
+    )
+    loaded = load_model(config)
+    runner = ModelRunner(config, loaded, AdapterCache.for_model(config, loaded))
+    chosen = {k: adapters[k] for k in ("all8", "pattern")}
+    slots = _acquire_all(runner, chosen)
+    assert runner.adapter_cache.slots.a["q_proj"].dtype == loaded.dtype
+    hf = load_hf(base, chosen)
+    blocks = Blocks(runner.block_size)
+    names: list[str | None] = ["all8", None, "pattern"]
+    prompts = [prompt(50 + i, 10 + i) for i in range(3)]
+    reqs = [
+        new_request(str(i), p, -1 if n is None else slots[n])
+        for i, (p, n) in enumerate(zip(prompts, names, strict=True))
+    ]
+    run_step(runner, blocks, [(r, 6) for r in reqs])
+    logits = run_step(runner, blocks, [(r, r.num_tokens - 6) for r in reqs])
+    assert logits.dtype == torch.float32
+    tolerance = {"bfloat16": 0.05, "float16": 0.01}[dtype]
+    for row, p, name in zip(logits, prompts, names, strict=True):
+        ref = hf_logits(hf, p, name)[-1]
+        error = (row - ref).abs().max()
+        assert error < tolerance * ref.abs().max()
+        if name is not None:  # the adapter's effect is well above the rounding noise, and present
+            effect = (ref - hf_logits(hf, p, None)[-1]).abs().max()
+            assert error < 0.25 * effect
