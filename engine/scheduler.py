@@ -56,6 +56,7 @@ class Scheduler:
         self.queues: OrderedDict[str, deque[Request]] = OrderedDict()
         self.deficit: dict[str, int] = {}
         self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0  # since start, for stats and tests
 
     # ---- queue bookkeeping ----
     @property
@@ -132,6 +133,7 @@ class Scheduler:
         self._release(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self._enqueue(request, front=True)
 
     # ---- the step ----
