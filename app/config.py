@@ -48,6 +48,11 @@ class Settings:
     max_cpu_loras: int = 16
     max_lora_rank: int = 64
     gpu_memory_fraction: float = 0.85
+    # Engine sizing (docs/serving.md): longest prompt + output (None = the model's own limit), most
+    # sequences per step, and the KV-cache budget in bytes (None = the engine's default for the device).
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    kv_cache_bytes: int | None = None
 
     # Security. secret None = generated once and kept in data_dir/secret (see ensure_secret).
     secret: str | None = field(default=None, repr=False)
@@ -134,6 +139,13 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
         ("max_cpu_loras", s.max_cpu_loras >= s.max_loras, "expected an integer >= LORAPLEX_MAX_LORAS"),
         ("max_lora_rank", 1 <= s.max_lora_rank <= 1024, "expected an integer between 1 and 1024"),
         ("gpu_memory_fraction", 0.0 < s.gpu_memory_fraction <= 1.0, "expected a number in (0, 1]"),
+        ("max_model_len", s.max_model_len is None or s.max_model_len >= 16, "expected an integer >= 16"),
+        ("max_num_seqs", s.max_num_seqs >= 1, "expected an integer >= 1"),
+        (
+            "kv_cache_bytes",
+            s.kv_cache_bytes is None or s.kv_cache_bytes >= 1 << 20,
+            "expected at least 1 MiB",
+        ),
         ("secret", s.secret is None or len(s.secret) >= 16, "expected at least 16 characters"),
         (
             "admin_key",

@@ -11,8 +11,10 @@ import re
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+from advanced_alchemy.exceptions import DuplicateKeyError, IntegrityError, NotFoundError
 from litestar import MediaType, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 
 if TYPE_CHECKING:
     from litestar import Request
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]{1,100})`")
+_FIELD_IN_MESSAGE = re.compile(r"(unknown|missing required) field `([^`]{1,100})`")
 
 # OpenAI's error types, by status.
 _TYPE_BY_STATUS = {
@@ -107,27 +109,40 @@ def _validation_param(exc: ValidationException) -> tuple[str | None, str]:
     for item in extra:
         if isinstance(item, dict) and item.get("key"):
             key = str(item["key"])
-            unknown = _UNKNOWN_FIELD.search(str(item.get("message", "")))
-            if unknown:
-                # msgspec blames the whole body ("data"); the client needs the field it sent.
-                return unknown.group(1), "unknown field"
-            # msgspec reports body paths as "$.field" or "$.items[0].name".
-            return key.removeprefix("$."), str(item.get("message") or exc.detail)
+            message = str(item.get("message") or exc.detail)
+            named = _FIELD_IN_MESSAGE.search(message)
+            if named:
+                # msgspec blames the whole body ("data"); the client needs the field it sent or missed.
+                return named.group(2), f"{named.group(1)} field"
+            if key == "data":
+                return None, message
+            # msgspec reports nested paths as "$.field" or "$.items[0].name".
+            return key.removeprefix("$."), message
     return None, exc.detail
+
+
+def _is_decode_error(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, SerializationException) or (
+            isinstance(seen, msgspec.DecodeError) and not isinstance(seen, msgspec.ValidationError)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _from_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     status = exc.status_code
+    if status == 400 and _is_decode_error(exc):
+        return error_response(ApiError(400, "Malformed JSON body", code="invalid_json"))
     if isinstance(exc, ValidationException):
         param, message = _validation_param(exc)
         if param is not None:
-            text = f"Invalid value for '{param}': {message}"
-            return error_response(ApiError(422, text, param=param))
-        if "JSON" in exc.detail or "decode" in exc.detail.lower():
-            return error_response(ApiError(400, "Malformed JSON body", code="invalid_json"))
-        return error_response(ApiError(400 if status == 400 else status, exc.detail))
-    if status == 400 and ("JSON" in exc.detail or "malformed" in exc.detail.lower()):
-        return error_response(ApiError(400, "Malformed JSON body", code="invalid_json"))
+            return error_response(ApiError(422, f"Invalid value for '{param}': {message}", param=param))
+        return error_response(ApiError(422, f"Invalid request body: {message}"))
     if status == 404:
         return error_response(ApiError(404, f"No route for {request.method} {request.url.path}"))
     if status == 405:
@@ -141,6 +156,14 @@ def _from_http_exception(request: Request[Any, Any, Any], exc: HTTPException) ->
     return error_response(ApiError(status, message, headers=exc.headers))
 
 
+def _from_repository(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    # Services check first; these catch the races (two creates of one name at once) and missed checks.
+    if isinstance(exc, NotFoundError):
+        return error_response(ApiError(404, "Not found"))
+    log.info("integrity error turned into 409: %s", exc)
+    return error_response(ApiError(409, "Conflicts with an existing record"))
+
+
 def _from_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error", exc_info=exc)
     return error_response(ApiError(500, "Internal server error", code="internal_error", type="server_error"))
@@ -151,5 +174,8 @@ def exception_handlers() -> ExceptionHandlersMap:
     return {
         ApiError: _from_api_error,
         HTTPException: _from_http_exception,
+        NotFoundError: _from_repository,
+        DuplicateKeyError: _from_repository,
+        IntegrityError: _from_repository,
         Exception: _from_unexpected,
     }

@@ -24,6 +24,9 @@ from app.auth.guards import provide_principal
 from app.auth.middleware import AUTHENTICATOR_STATE_KEY, auth_middleware
 from app.config import Settings, ensure_secret
 from app.db.session import DB_CONFIG_STATE_KEY, make_db_config, make_db_plugin
+from app.domain.adapters.controller import AdapterController
+from app.domain.adapters.deps import log_adapter_deleted
+from app.domain.adapters.sweep import adapter_sweeper
 from app.domain.completions.controller import CompletionsController
 from app.domain.completions.serving import SERVING_STATE_KEY, Serving
 from app.domain.health.controller import READY_CHECKS_STATE_KEY, ReadyCheck, database_check, health, ready
@@ -51,6 +54,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ready,
         TenantController,
         ApiKeyController,
+        AdapterController,
         admin_usage,
         own_usage,
         metrics_endpoint,
@@ -59,6 +63,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     # Async context managers taking the app; entered in order at start, left in reverse at stop.
     lifespans: list[Lifespan] = [
         last_used_writer,
+        adapter_sweeper,
         usage_services,  # limiter, metering (+ sweeper); before the engine starts taking requests
         serving.lifespan,
     ]
@@ -69,6 +74,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     }
     # litestar.events listeners (`@listener("event")` functions).
     listeners: Sequence[EventListener] = [
+        log_adapter_deleted,
         *serving.listeners(),
     ]
     # App-wide dependencies, available to every handler by parameter name.

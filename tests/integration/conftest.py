@@ -5,7 +5,7 @@ PostgreSQL (127.0.0.1:5432, trust auth) and Redis (127.0.0.1:6379) are started b
 the S3 server is moto's, started here on a free loopback port.
 
 App fixtures (see docs/foundation.md, "Adding a domain"):
-- `migrated_database_url`: `pg_database_url` upgraded to the head migration.
+- `migrated_database_url`: a fresh database at the head migration (a copy of one migrated per session).
 - `app_settings`: Settings on that database, with a test secret and `TEST_ADMIN_KEY` as the admin key.
 - `build_app(database_url=None, **overrides)`: a new app (default: the migrated database), for
   tests that need other settings (e.g. `redis_url=...`).
@@ -44,12 +44,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _create_db(name: str) -> None:
+async def _create_db(name: str, template: str | None = None) -> None:
     import asyncpg
 
     conn = await asyncpg.connect(PG_ADMIN_DSN)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        suffix = f' TEMPLATE "{template}"' if template else ""
+        await conn.execute(f'CREATE DATABASE "{name}"{suffix}')
     finally:
         await conn.close()
 
@@ -124,12 +125,37 @@ def s3_server() -> Iterator[dict[str, str]]:
 # ---- the app on a migrated database ----
 
 
-@pytest.fixture
-def migrated_database_url(pg_database_url: str) -> str:
+def _asyncpg_url(name: str) -> str:
+    return f"{PG_ADMIN_DSN.rsplit('/', 1)[0].replace('postgresql://', 'postgresql+asyncpg://', 1)}/{name}"
+
+
+@pytest.fixture(scope="session")
+def _migrated_template() -> Iterator[str]:
+    """One database migrated to head per test session; each test gets a copy (much faster than migrating)."""
+    import asyncio
+
     from app.db.migrate import upgrade
 
-    upgrade(pg_database_url, "head")
-    return pg_database_url
+    name = f"lpx_tmpl_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_create_db(name))
+    try:
+        upgrade(_asyncpg_url(name), "head")
+        yield name
+    finally:
+        asyncio.run(_drop_db(name))
+
+
+@pytest.fixture
+def migrated_database_url(_migrated_template: str) -> Iterator[str]:
+    """A new PostgreSQL database at the head migration for one test; dropped afterwards."""
+    import asyncio
+
+    name = f"lpx_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_create_db(name, template=_migrated_template))
+    try:
+        yield _asyncpg_url(name)
+    finally:
+        asyncio.run(_drop_db(name))
 
 
 @pytest.fixture

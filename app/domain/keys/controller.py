@@ -15,6 +15,7 @@ from app.auth.middleware import AUTHENTICATOR_STATE_KEY
 from app.config import Settings
 from app.domain.keys.schemas import KeyCreate, KeyCreated, KeyList
 from app.domain.keys.service import ApiKeyService
+from app.domain.strict import strict_body
 from app.domain.tenants.service import TenantService
 
 DbSession = NamedDependency[AsyncSession]
@@ -37,11 +38,13 @@ class ApiKeyController(Controller):
     )
     async def create_key(
         self,
+        request: Request[Any, Any, Any],
         db_session: DbSession,
         settings: NamedDependency[Settings],
         tenant_id: FromPath[UUID],
         data: JSONBody[KeyCreate],
     ) -> KeyCreated:
+        data = await strict_body(request, KeyCreate)
         await TenantService(db_session).get(tenant_id)
         return await _keys(db_session, settings).create_tenant_key(tenant_id, data)
 

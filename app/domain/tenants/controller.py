@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import require_admin
 from app.auth.middleware import AUTHENTICATOR_STATE_KEY
+from app.domain.strict import strict_body
 from app.domain.tenants.schemas import TenantCreate, TenantList, TenantOut, TenantUpdate
 from app.domain.tenants.service import TenantService, to_out
 
@@ -24,7 +25,10 @@ class TenantController(Controller):
     tags = ("admin: tenants",)
 
     @post("/", operation_id="createTenant", summary="Create a tenant")
-    async def create_tenant(self, db_session: DbSession, data: JSONBody[TenantCreate]) -> TenantOut:
+    async def create_tenant(
+        self, request: Request[Any, Any, Any], db_session: DbSession, data: JSONBody[TenantCreate]
+    ) -> TenantOut:
+        data = await strict_body(request, TenantCreate)
         return to_out(await TenantService(db_session).create(data))
 
     @get("/", operation_id="listTenants", summary="List tenants, oldest first")
@@ -51,6 +55,7 @@ class TenantController(Controller):
         tenant_id: FromPath[UUID],
         data: JSONBody[TenantUpdate],
     ) -> TenantOut:
+        data = await strict_body(request, TenantUpdate)
         tenant = await TenantService(db_session).update(tenant_id, data)
         # Suspension must bite at once in this process; other processes follow within the cache TTL.
         request.app.state[AUTHENTICATOR_STATE_KEY].forget_tenant(tenant_id)
