@@ -25,7 +25,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
 # download(adapter_row, dest_dir): writes both files of that adapter version into dest_dir.
-Download = Callable[[Any, Path], None]
+Download = Callable[[Any, Path], object]
 
 
 def sha256_file(path: Path) -> str:

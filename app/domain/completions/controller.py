@@ -11,7 +11,9 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.background_tasks import BackgroundTask
+from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
+from litestar.params import JSONBody
 from litestar.response import Stream
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -33,7 +35,17 @@ from app.domain.tenants.models import Tenant
 from app.engine_client import EngineUnavailable
 from app.errors import ApiError, error_response
 
+DbSession = NamedDependency[AsyncSession]
+CallerKey = NamedDependency[Principal]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class EventStream(Stream):
+    """SSE. Litestar lets the route's media type (JSON here) win over a Stream's own; this one keeps its own."""
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["media_type"] = "text/event-stream"
+        return super().to_asgi_response(*args, **kwargs)
 
 
 def _api_error(exc: RequestError) -> ApiError:
@@ -88,9 +100,8 @@ async def _serve(serving: Serving, run: CompletionRun, chat: bool) -> Any:
         raise
     frames = responses.stream(driver, run, chat, outputs, first)
     # finish() is idempotent: this background call settles a run whose stream never started.
-    return Stream(
+    return EventStream(
         frames,
-        media_type="text/event-stream",
         headers={**SSE_HEADERS, **run.headers},
         background=BackgroundTask(driver.finish, run),
     )
@@ -132,10 +143,10 @@ class CompletionsController(Controller):
     )
     async def create_chat_completion(
         self,
-        request: Request[Any, Any, Any],
-        data: ChatCompletionRequest,
-        principal: Principal,
-        db_session: AsyncSession,
+        request: Request,
+        data: JSONBody[ChatCompletionRequest],
+        principal: CallerKey,
+        db_session: DbSession,
     ) -> ChatCompletionResponse:
         serving = serving_of(request.app)
         try:
@@ -147,7 +158,7 @@ class CompletionsController(Controller):
             raise _unavailable(str(exc)) from exc
 
     @get("/models", operation_id="listModels", summary="The base model and your adapters")
-    async def list_models(self, request: Request[Any, Any, Any], principal: Principal) -> ModelList:
+    async def list_models(self, request: Request, principal: CallerKey) -> ModelList:
         serving = serving_of(request.app)
         try:
             base = serving.engine.model_name
@@ -155,9 +166,14 @@ class CompletionsController(Controller):
             raise _unavailable(str(exc)) from exc
         now = int(time.time())
         cards = [ModelCard(id=base, created=now, owned_by="loraplex", root=base, parent=None)]
-        for adapter in await serving.list_adapters(str(principal.tenant_id)):
-            created = int(adapter.created_at.timestamp()) if getattr(adapter, "created_at", None) else now
-            for model_id in (adapter.name, f"{adapter.name}@{adapter.version}"):
+        adapters = await serving.list_adapters(str(principal.tenant_id))
+        current = {a.name: a.version for a in adapters}  # rows come sorted by name, then version
+        for adapter in adapters:
+            created = int(adapter.created_at.timestamp())
+            ids = [f"{adapter.name}@{adapter.version}"]
+            if current[adapter.name] == adapter.version:
+                ids.insert(0, adapter.name)
+            for model_id in ids:
                 cards.append(
                     ModelCard(id=model_id, created=created, owned_by="tenant", root=model_id, parent=base)
                 )

@@ -34,7 +34,7 @@ async def complete(
             pass
     finally:
         await driver.finish(run)
-    outputs = sorted(run.last.outputs, key=lambda o: o.index) if run.last is not None else []
+    outputs = [o for _, o in sorted(run.choices.items())]
     decode = driver.engine.decode_token
     top_n = run.spec.logprobs
     if chat:
@@ -146,6 +146,8 @@ async def stream(
             async for out in outputs:
                 for frame in _chunk(run, out, state, chat, decode):
                     yield frame
+        # Settle before the last frames, so a client that reads its bill right after [DONE] finds it.
+        await driver.finish(run)
         if run.spec.include_usage:
             cls: Any = ChatCompletionChunk if chat else CompletionResponse
             yield render.sse_frame(

@@ -100,6 +100,8 @@ class CompletionRun:
     admission: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     last: Any = None  # the newest engine RequestOutput
+    # The newest CompletionOutput of each choice: an engine output carries only the choices that changed.
+    choices: dict[int, Any] = field(default_factory=dict)
     first_token_at: float | None = None
     last_token_at: float = 0.0
     error: str | None = None
@@ -112,7 +114,7 @@ class CompletionRun:
 
     @property
     def completion_tokens(self) -> int:
-        return sum(len(o.token_ids) for o in self.last.outputs) if self.last is not None else 0
+        return sum(len(o.token_ids) for o in self.choices.values())
 
     @property
     def cached_tokens(self) -> int:
@@ -124,9 +126,7 @@ class CompletionRun:
 
     @property
     def finish_reason(self) -> str | None:
-        if self.last is None:
-            return None
-        reasons = [o.finish_reason for o in self.last.outputs if o.finish_reason]
+        reasons = [o.finish_reason for _, o in sorted(self.choices.items()) if o.finish_reason]
         return reasons[0] if reasons else None
 
     @property
@@ -214,12 +214,17 @@ class RunDriver:
             async for out in stream:
                 self._observe(run, out)
                 run.last = out
+                run.choices.update({o.index: o for o in out.outputs})
                 yield out
         except EngineUnavailable as exc:
             run.error = str(exc)
             raise
         except (GeneratorExit, anyio.get_cancelled_exc_class()):
             raise
+        except ValueError as exc:
+            # The engine refused the request before running it; its messages start with the parameter.
+            run.error = str(exc)
+            raise RequestError(400, str(exc), param=str(exc).split(" ", 1)[0], code="invalid_value") from exc
         except Exception as exc:
             # The engine's loop died under this request (or refused it); either way the client gets 503.
             run.error = f"{type(exc).__name__}: {exc}"
@@ -228,7 +233,9 @@ class RunDriver:
 
     def _observe(self, run: CompletionRun, out: Any) -> None:
         now = time.monotonic()
-        new_tokens = sum(len(o.token_ids) for o in out.outputs) - run.completion_tokens
+        new_tokens = sum(
+            len(o.token_ids) - len(getattr(run.choices.get(o.index), "token_ids", ())) for o in out.outputs
+        )
         if new_tokens <= 0:
             return
         if run.first_token_at is None:

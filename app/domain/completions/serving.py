@@ -33,9 +33,9 @@ def engine_options(settings: Settings) -> EngineOptions:
         max_cpu_loras=settings.max_cpu_loras,
         max_lora_rank=settings.max_lora_rank,
         gpu_memory_fraction=settings.gpu_memory_fraction,
-        max_model_len=getattr(settings, "max_model_len", None),
-        max_num_seqs=getattr(settings, "max_num_seqs", 64),
-        kv_cache_bytes=getattr(settings, "kv_cache_bytes", None),
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        kv_cache_bytes=settings.kv_cache_bytes,
     )
 
 
@@ -89,20 +89,12 @@ class Serving:
 
     # ---- wiring -------------------------------------------------------------------------------------
     def _adapter_files(self, app: Litestar) -> AdapterFiles:
+        from app.domain.adapters.deps import object_store
         from app.domain.adapters.service import download_adapter
-        from app.storage import make_object_store
 
-        st = self.settings
-        store = make_object_store(
-            data_dir=st.data_dir,
-            s3_bucket=st.s3_bucket,
-            s3_endpoint_url=st.s3_endpoint_url,
-            s3_region=getattr(st, "s3_region", None),
-            s3_access_key_id=getattr(st, "s3_access_key_id", None),
-            s3_secret_access_key=getattr(st, "s3_secret_access_key", None),
-        )
-        root = self.settings.data_dir / "adapter-cache"
-        return AdapterFiles(root.resolve(), lambda adapter, dest: download_adapter(store, adapter, dest))
+        store = object_store(app)
+        root = (self.settings.data_dir / "adapter-cache").resolve()
+        return AdapterFiles(root, lambda adapter, dest: download_adapter(store, adapter, dest))
 
     async def list_adapters(self, tenant_id: str) -> list[Any]:
         from app.db.session import session_maker
