@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.limits.memory import NEED_BASELINE, MemoryBackend
 from app.limits.redis_backend import RedisBackend
@@ -28,6 +30,9 @@ MAX_PENDING_SETTLES = 100_000
 # What a dead, restarting or unreachable Redis raises. Anything else (a quota baseline the database
 # could not give, say) is not Redis's fault and propagates to the caller.
 REDIS_DOWN = (RedisError, OSError, TimeoutError)
+TIMEOUTS = (RedisTimeoutError, TimeoutError)
+# Replays per call, so the first request after an outage does not pay for all of them.
+FLUSH_BATCH = 64
 
 
 class Limiter:
@@ -51,7 +56,7 @@ class Limiter:
         self._lease_ttl = lease_ttl_s
         self._retry_s = redis_retry_s
         self._redis_down_until = 0.0  # monotonic
-        self._pending: list[tuple[Admission, int]] = []
+        self._pending: deque[tuple[Admission, int]] = deque()
         self._quota_baseline = quota_baseline
         self._clock = clock
 
@@ -145,6 +150,10 @@ class Limiter:
             )
         except REDIS_DOWN as exc:
             self._mark_down(exc)
+            if isinstance(exc, TIMEOUTS) and len(self._pending) < MAX_PENDING_SETTLES:
+                # The script may have run before the reply was lost: undo it once Redis answers
+                # (a no-op if it never ran), or its slot and tokens stay taken until the lease ends.
+                self._pending.append((admission, admission.reserved_tokens))
             return None
         admission.backend = "redis"
         return decision
@@ -178,10 +187,10 @@ class Limiter:
 
     async def _flush_pending(self) -> None:
         assert self._redis is not None
-        while self._pending:
+        for _ in range(min(FLUSH_BATCH, len(self._pending))):
             admission, delta = self._pending[0]
             await self._redis.settle(admission.limits, admission.id, delta, self._clock(), admission.month)
-            self._pending.pop(0)
+            self._pending.popleft()
 
     def _mark_down(self, exc: BaseException) -> None:
         if time.monotonic() >= self._redis_down_until:

@@ -147,8 +147,9 @@ async def test_redis_on_a_closed_port_falls_back_fast() -> None:
 def _start_redis(port: int) -> subprocess.Popen[bytes]:
     server = shutil.which("redis-server")
     assert server, "redis-server is needed on PATH"
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [server, *args, "--enable-debug-command", "local"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -202,4 +203,29 @@ async def test_redis_stopped_then_restarted(own_redis: tuple[int, list[subproces
     assert after.allowed and after.backend == "redis"
     assert client.zcard(f"lpx:{{{t.tenant_id}}}:l") == 1  # the replayed settle removed `held`
     assert await limiter.ping()
+    await limiter.close()
+
+
+async def test_reply_lost_to_a_timeout_is_undone_when_redis_answers(
+    own_redis: tuple[int, list[subprocess.Popen[bytes]]],
+) -> None:
+    port, _ = own_redis
+    limiter = Limiter(f"redis://127.0.0.1:{port}/0", redis_retry_s=0.2, redis_timeout_s=0.3)
+    t = tenant(max_concurrent_requests=5)
+    lease_key = f"lpx:{{{t.tenant_id}}}:l"
+    stall = redis_sync.Redis(port=port)
+    assert (await limiter.admit(tenant(), 1)).backend == "redis"  # a pooled connection, already set up
+    # Redis stalls for a second: the script queued behind the stall runs, but its reply comes too late.
+    sleeper = asyncio.get_running_loop().run_in_executor(None, stall.execute_command, "DEBUG", "SLEEP", "1")
+    await asyncio.sleep(0.1)
+    slow = await limiter.admit(t, 1)
+    assert slow.allowed and slow.backend == "memory"
+    await sleeper
+    assert stall.zcard(lease_key) == 1  # the lost admission holds a slot in Redis
+    time.sleep(0.25)
+    fresh = await limiter.admit(t, 1)
+    assert fresh.allowed and fresh.backend == "redis"
+    assert stall.zrange(lease_key, 0, -1) == [fresh.id.encode()]  # the lost one was undone
+    await limiter.settle(slow, 1)  # its real release goes to the memory backend that admitted it
+    assert await limiter.running(t.tenant_id) == 1
     await limiter.close()
