@@ -1,0 +1,1 @@
+"""Adapter registry: upload, validate, store, version, resolve and delete tenants' LoRA adapters."""

@@ -1,0 +1,222 @@
+"""Writing the registry: upload (validate -> pending row -> store and verify -> ready) and delete.
+
+No half states: a row turns `ready` only in the commit after both objects are stored and verified, and
+that same commit makes it the current version (current = highest ready version). When the store fails,
+the row turns `failed` and its objects are removed now if the store allows, else by the orphan sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from dataclasses import dataclass
+from uuid import UUID, uuid4
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.domain.adapters.models import CONFIG_FILE, WEIGHTS_FILE, Adapter, object_prefix
+from app.domain.adapters.service import NAME_RULE, find_adapters, is_valid_name
+from app.domain.adapters.upload import ReceivedFile, ReceivedForm
+from app.domain.tenants.models import Tenant
+from app.errors import ApiError, conflict, not_found
+from app.storage import ObjectStore, StoreUnavailable
+from app.validation import AdapterRejected, BaseModelSpec, ValidatedAdapter, validate_adapter
+
+log = logging.getLogger(__name__)
+
+MAX_IDEMPOTENCY_KEY = 255
+_VERSION_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class UploadResult:
+    adapter: Adapter
+    replayed: bool  # an earlier request with the same Idempotency-Key already made it
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise ApiError(
+            400,
+            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable characters",
+            code="invalid_idempotency_key",
+            param="Idempotency-Key",
+        )
+    return key
+
+
+def check_name(name: str) -> str:
+    if not is_valid_name(name):
+        raise AdapterRejected("invalid_name", f"name: {NAME_RULE} (and not shaped like a UUID)", param="name")
+    return name
+
+
+async def require_tenant(session: AsyncSession, tenant_id: UUID) -> None:
+    if await session.get(Tenant, tenant_id) is None:
+        raise not_found("Tenant", param="tenant_id")
+
+
+def _store_and_verify(store: ObjectStore, prefix: str, files: list[tuple[str, ReceivedFile]]) -> None:
+    """Blocking. Put each file, then read back what the store holds; any mismatch is a store failure."""
+    for filename, received in files:
+        key = prefix + filename
+        store.put_file(key, received.path, sha256=received.sha256, md5_base64=received.md5_base64)
+        info = store.stat(key)
+        md5_hex = base64.b64decode(received.md5_base64).hex()
+        if (
+            info is None
+            or info.size != received.size
+            or (info.sha256 is not None and info.sha256 != received.sha256)
+            or (info.md5 is not None and info.md5 != md5_hex)
+        ):
+            raise StoreUnavailable(f"object {key} does not match what was uploaded")
+
+
+def _remove_objects(store: ObjectStore, prefix: str) -> bool:
+    """Blocking, best effort: True when both objects are gone."""
+    try:
+        for filename in (WEIGHTS_FILE, CONFIG_FILE):
+            store.delete(prefix + filename)
+    except StoreUnavailable as exc:
+        log.warning("could not remove %s now, the orphan sweep will: %s", prefix, exc)
+        return False
+    return True
+
+
+class AdapterRegistry:
+    def __init__(self, session: AsyncSession, store: ObjectStore) -> None:
+        self.session = session
+        self.store = store
+
+    async def _replay(self, tenant_id: UUID, key: str, form: ReceivedForm) -> Adapter | None:
+        row = (
+            await self.session.scalars(
+                select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.idempotency_key == key)
+            )
+        ).first()
+        if row is None:
+            return None
+        if row.status != "ready":
+            raise conflict(
+                "An upload with this Idempotency-Key is still in progress", param="Idempotency-Key"
+            )
+        same = (row.name, row.sha256, row.config_sha256) == (
+            form.name,
+            form.weights.sha256,
+            form.adapter_config.sha256,
+        )
+        if not same:
+            raise conflict("This Idempotency-Key was used for a different upload", param="Idempotency-Key")
+        return row
+
+    async def upload(
+        self,
+        tenant_id: UUID,
+        form: ReceivedForm,
+        base: BaseModelSpec,
+        max_rank: int,
+        idempotency_key: str | None,
+    ) -> UploadResult:
+        check_name(form.name)
+        if idempotency_key and (previous := await self._replay(tenant_id, idempotency_key, form)):
+            return UploadResult(previous, replayed=True)
+        checked = await asyncio.to_thread(
+            validate_adapter, form.adapter_config.path, form.weights.path, base, max_rank
+        )
+        adapter = await self._add_pending(tenant_id, form, checked, idempotency_key)
+        prefix = object_prefix(tenant_id, adapter.id)
+        files = [(WEIGHTS_FILE, form.weights), (CONFIG_FILE, form.adapter_config)]
+        try:
+            await asyncio.to_thread(_store_and_verify, self.store, prefix, files)
+        except (StoreUnavailable, OSError) as exc:
+            await self._fail(adapter, prefix)
+            log.error("adapter upload %s failed in the object store: %s", adapter.id, exc)
+            raise ApiError(
+                503,
+                "The object store is unavailable; the adapter was not saved. Retry later.",
+                code="object_store_unavailable",
+            ) from None
+        await self._make_ready(adapter)
+        return UploadResult(adapter, replayed=False)
+
+    async def _add_pending(
+        self, tenant_id: UUID, form: ReceivedForm, checked: ValidatedAdapter, idempotency_key: str | None
+    ) -> Adapter:
+        spec = checked.spec
+        adapter = Adapter(
+            id=uuid4(),
+            tenant_id=tenant_id,
+            name=form.name,
+            version=None,
+            status="pending",
+            rank=spec.rank,
+            alpha=spec.alpha,
+            use_rslora=spec.use_rslora,
+            target_modules=list(spec.target_modules),
+            sha256=form.weights.sha256,
+            config_sha256=form.adapter_config.sha256,
+            size_bytes=form.weights.size,
+            warnings=list(spec.warnings),
+            idempotency_key=idempotency_key,
+        )
+        self.session.add(adapter)
+        try:
+            # Committed before any object is written: the sweep can always tell whose objects they are.
+            await self.session.commit()
+        except IntegrityError:
+            await self.session.rollback()
+            raise conflict(
+                "An upload with this Idempotency-Key is still in progress", param="Idempotency-Key"
+            ) from None
+        return adapter
+
+    async def _fail(self, adapter: Adapter, prefix: str) -> None:
+        adapter.status = "failed"
+        adapter.idempotency_key = None  # a retry with the same key must be able to start afresh
+        await self.session.commit()
+        if await asyncio.to_thread(_remove_objects, self.store, prefix):
+            await self.session.delete(adapter)
+            await self.session.commit()
+
+    async def _make_ready(self, adapter: Adapter) -> None:
+        for _ in range(_VERSION_ATTEMPTS):
+            latest = await self.session.scalar(
+                select(func.max(Adapter.version)).where(
+                    Adapter.tenant_id == adapter.tenant_id, Adapter.name == adapter.name
+                )
+            )
+            adapter.version = (latest or 0) + 1
+            adapter.status = "ready"
+            try:
+                await self.session.commit()
+                return
+            except IntegrityError:
+                # Another upload of this name took the number first; count again.
+                await self.session.rollback()
+        raise conflict("Too many concurrent uploads of this name; retry", param="name")
+
+    async def delete(self, tenant_id: UUID, ref: str) -> list[str]:
+        """Delete `name` (every version), `name@N` or an id; returns content hashes no longer in use."""
+        rows = await find_adapters(self.session, tenant_id, ref)
+        if not rows:
+            raise not_found("Adapter", param="name")
+        prefixes = [object_prefix(tenant_id, row.id) for row in rows]
+        hashes = {row.sha256 for row in rows}
+        for row in rows:
+            await self.session.delete(row)
+        # Rows go first: a row without objects would be a broken adapter; objects without a row are
+        # orphans that the sweep removes if deleting them now fails.
+        await self.session.commit()
+        for prefix in prefixes:
+            await asyncio.to_thread(_remove_objects, self.store, prefix)
+        still_used = set(
+            await self.session.scalars(
+                select(Adapter.sha256).where(Adapter.sha256.in_(hashes), Adapter.status == "ready")
+            )
+        )
+        return sorted(hashes - still_used)
