@@ -257,6 +257,8 @@ class LoRASlots:
             self.b[module] = torch.zeros(layers, s, d_out, r, dtype=dtype, device=device)  # [L, S, out, R]
         self.scales = torch.zeros(s, dtype=torch.float32, device=device)  # [S]
         self.ranks = torch.zeros(layers, len(MODULE_GROUPS), s, dtype=torch.int32, device=device)  # [L, G, S]
+        # Host copy of `ranks`, so a step can tell which launches it needs without a device sync.
+        self.host_ranks = torch.zeros(layers, len(MODULE_GROUPS), s, dtype=torch.int32)
         # On CUDA, slot writes run on a side stream so that loading never stalls the running batch.
         self._stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
 
@@ -264,10 +266,17 @@ class LoRASlots:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
 
+    def active_groups(self, slots: list[int]) -> list[list[bool]]:
+        """[L][G]: does any of these slots have a non-zero rank in group g of layer l?"""
+        if not slots:
+            return [[False] * self.host_ranks.shape[1] for _ in range(self.host_ranks.shape[0])]
+        return (self.host_ranks[:, :, slots].amax(dim=-1) > 0).tolist()  # type: ignore[no-any-return]
+
     def write(self, slot: int, adapter: LoRAAdapter) -> Any:
         """Copy `adapter` into `slot`. Returns a CUDA event to check before use, or None when done."""
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
+        self.host_ranks[:, :, slot] = adapter.ranks
         if self._stream is None:
             self._write(slot, adapter)
             return None

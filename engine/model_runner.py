@@ -152,5 +152,6 @@ class ModelRunner:
                 scales=weights.scales,
                 ranks=weights.ranks,
                 ops=self.ops,
+                active=weights.active_groups(sorted({s for s in token_lora if s >= 0})),
             )
         return StepInputs(tensor(token_ids, torch.int64), tensor(positions, torch.int64), attn, lora)

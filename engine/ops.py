@@ -76,7 +76,8 @@ class LoRABatch:
     """Per-step LoRA inputs: the token->slot grouping plus the slot weights of the adapter cache.
 
     `a[m]` is [L, S, R, in_m], `b[m]` is [L, S, out_m, R] (zeros where an adapter does not target m),
-    `scales` [S] float32 and `ranks` [L, G, S] int32 with G the module groups below.
+    `scales` [S] float32 and `ranks` [L, G, S] int32 with G the module groups below. `active[l][g]` is
+    False where no adapter of this step targets group g of layer l: those launches are skipped.
     """
 
     meta: LoRAMeta
@@ -85,9 +86,12 @@ class LoRABatch:
     scales: Tensor
     ranks: Tensor
     ops: Ops
+    active: list[list[bool]]
 
     def apply(self, layer: int, group: int, x: Tensor, y: Tensor) -> None:
         """y += LoRA delta of every module of `group` (its slices side by side in y). x [T, in]; y [T, sum O]."""
+        if not self.active[layer][group]:
+            return
         modules = MODULE_GROUPS[group]
         weights_a = [self.a[m][layer] for m in modules]  # each [S, R, in]
         weights_b = [self.b[m][layer] for m in modules]  # each [S, O_n, R]
@@ -95,7 +99,7 @@ class LoRABatch:
             len(modules), x.shape[0], weights_a[0].shape[1], dtype=torch.float32, device=x.device
         )
         ranks = self.ranks[layer, group]  # [S]
-        self.ops.lora_shrink(x, weights_a, self.meta, buf)
+        self.ops.lora_shrink(x, weights_a, self.meta, buf, ranks)
         self.ops.lora_expand(buf, weights_b, self.meta, y, self.scales, ranks)
 
 

@@ -238,6 +238,10 @@ def test_mixed_ranks_and_targets_fill_slots_exactly(adapter_dirs: dict[str, Path
     assert slots.ranks[:, QKV, 1].tolist() == [4, 4]
     assert slots.ranks[:, O_PROJ, 1].tolist() == [0, 0]
     assert slots.ranks[:, QKV, 0].tolist() == [8, 8] and slots.ranks[:, O_PROJ, 0].tolist() == [8, 8]
+    # Which fused launches a step needs: b alone needs only q/k/v; with a also o_proj; none without slots.
+    assert slots.active_groups([1]) == [[True, False, False, False]] * 2
+    assert slots.active_groups([0, 1]) == [[True, True, False, False]] * 2
+    assert slots.active_groups([]) == [[False] * 4] * 2
     # a's slot reused by d (o/up only): nothing of a's q/k/v may remain.
     cache.release(a)
     assert acquire_now(cache, d) == 0
@@ -246,6 +250,7 @@ def test_mixed_ranks_and_targets_fill_slots_exactly(adapter_dirs: dict[str, Path
     assert torch.count_nonzero(slots.a["o_proj"][:, 0]) > 0
     assert slots.ranks[:, QKV, 0].tolist() == [0, 0]
     assert slots.ranks[:, GATE_UP, 0].tolist() == [8, 8] and slots.ranks[:, DOWN, 0].tolist() == [0, 0]
+    assert slots.active_groups([0]) == [[False, True, True, False]] * 2
     assert slots.scales[0] == pytest.approx(2.0)
 
 
