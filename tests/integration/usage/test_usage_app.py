@@ -5,7 +5,7 @@ and a sweep started by the app's lifespan."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from litestar.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -125,3 +125,37 @@ def test_lifespan_metering_is_wired_to_the_apps_database(client, make_tenant) ->
     portal.call(metering.reserve, "req-1", tenant["id"], None, None, None, "base", 4, 8)
     assert portal.call(metering.settle, "req-1", 4, 0, 2, "stop", "ok")
     assert portal.call(metering.month_tokens, tenant["id"], datetime.now(UTC).strftime("%Y%m")) == 6
+
+
+def test_the_apps_sweeper_expires_a_dead_processs_reservation(build_app, admin_headers) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    from sqlalchemy import select, update
+
+    from app.db.session import session_maker
+    from app.domain.usage.models import UsageRecord
+
+    app = build_app(usage_sweep_interval_seconds=0.1)
+    with TestClient(app) as client:
+        tenant = client.post("/admin/tenants", json={"name": "sweepme"}, headers=admin_headers).json()
+        portal = client.blocking_portal
+        portal.call(metering_of(app).reserve, "orphan", tenant["id"], None, None, None, "base", 4, 8)
+        portal.call(metering_of(app).reserve, "alive", tenant["id"], None, None, None, "base", 4, 8)
+
+        async def age_and_read(request_id: str, age: bool) -> str:
+            async with session_maker(app)() as session:
+                if age:
+                    old = datetime.now(UTC) - timedelta(hours=1)
+                    await session.execute(
+                        update(UsageRecord).where(UsageRecord.request_id == request_id).values(created_at=old)
+                    )
+                    await session.commit()
+                query = select(UsageRecord.status).where(UsageRecord.request_id == request_id)
+                return str((await session.execute(query)).scalar_one())
+
+        portal.call(age_and_read, "orphan", True)
+        deadline = time.monotonic() + 5
+        while portal.call(age_and_read, "orphan", False) != "expired" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert portal.call(age_and_read, "orphan", False) == "expired"
+        assert portal.call(age_and_read, "alive", False) == "reserved"
