@@ -94,7 +94,11 @@ class EngineCollector(Collector):
     def _adapters(self, stats: Any) -> Iterator[Metric]:
         running = field(stats, "running_adapters", "running_lora_adapters")
         waiting = field(stats, "waiting_adapters", "waiting_lora_adapters")
+        cache = field(stats, "adapter_cache", "adapter_cache_stats")
+        # The adapter cache's GPU slot count is max_loras when the engine does not report it apart.
         max_lora = field(stats, "max_loras", "max_lora")
+        if max_lora is None and cache is not None:
+            max_lora = field(cache, "slots")
         if running is not None or waiting is not None:
             info = GaugeMetricFamily(
                 "vllm:lora_requests_info",
@@ -102,11 +106,10 @@ class EngineCollector(Collector):
                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
             )
             info.add_metric(
-                [str(max_lora or 0), ",".join(sorted(running or ())), ",".join(sorted(waiting or ()))],
+                [str(int(max_lora or 0)), ",".join(sorted(running or ())), ",".join(sorted(waiting or ()))],
                 time.time(),
             )
             yield info
-        cache = field(stats, "adapter_cache", "adapter_cache_stats")
         if cache is None:
             return
         for key, name, doc in (
@@ -114,6 +117,7 @@ class EngineCollector(Collector):
             ("misses", "loraplex:adapter_cache_misses", "Adapter lookups that had to load."),
             ("loads", "loraplex:adapter_cache_loads", "Adapters loaded into a GPU slot."),
             ("load_seconds", "loraplex:adapter_load_seconds", "Seconds spent loading adapters."),
+            ("load_failures", "loraplex:adapter_load_failures", "Adapter loads that failed."),
         ):
             yield from self._counter(name, doc, field(cache, key))
         for key, name, doc in (

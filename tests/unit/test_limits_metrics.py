@@ -100,3 +100,28 @@ def test_mapping_stats_and_a_failing_engine() -> None:
     got = samples(broken)  # still renders, without engine series
     assert not any(name == "vllm:num_requests_running" for name, _ in got)
     assert any(name == "vllm:prompt_tokens_total" for name, _ in got)
+
+
+def test_the_engines_own_stats_snapshot_is_read() -> None:
+    # The real EngineStats of engine/engine.py, so a renamed field shows up here and not on a dashboard.
+    from engine.engine import EngineStats
+
+    snapshot = EngineStats(
+        running=2,
+        waiting=5,
+        kv_usage=0.75,
+        num_kv_blocks=64,
+        prefix_hit_rate=0.4,
+        adapter_cache={"hits": 3.0, "misses": 1.0, "loads": 1.0, "load_seconds": 0.2, "slots": 4.0},
+        running_adapters=["x", "y"],
+        waiting_adapters=[],
+    )
+    got = samples(Metrics("demo", engine_stats=lambda: snapshot))
+    lbl = (("model_name", "demo"),)
+    assert got[("vllm:num_requests_running", lbl)] == 2
+    assert got[("vllm:num_requests_waiting", lbl)] == 5
+    assert got[("vllm:kv_cache_usage_perc", lbl)] == 0.75
+    assert got[("vllm:gpu_prefix_cache_hit_rate", lbl)] == 0.4
+    assert got[("loraplex:adapter_cache_misses_total", lbl)] == 1
+    info = next(labels for name, labels in got if name == "vllm:lora_requests_info")
+    assert dict(info) == {"max_lora": "4", "running_lora_adapters": "x,y", "waiting_lora_adapters": ""}
