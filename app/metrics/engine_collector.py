@@ -106,7 +106,11 @@ class EngineCollector(Collector):
                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
             )
             info.add_metric(
-                [str(int(max_lora or 0)), ",".join(sorted(running or ())), ",".join(sorted(waiting or ()))],
+                [
+                    str(int(max_lora or 0)),
+                    ",".join(sorted(set(running or ()))),
+                    ",".join(sorted(set(waiting or ()))),
+                ],
                 time.time(),
             )
             yield info
