@@ -153,3 +153,17 @@ async def test_negative_limit_is_zero_not_unlimited() -> None:
 
     assert TenantLimits.of(Tenant()).requests_per_minute == 0
     assert not (await Limiter(clock=Clock()).admit(Tenant(), 1)).allowed
+
+
+async def test_quota_baseline_failure_is_not_mistaken_for_redis_down() -> None:
+    from app.errors import ApiError
+
+    async def database_down(tenant_id: str, month: str) -> int:
+        raise ApiError(503, "database unavailable", code="database_unavailable")
+
+    limiter = Limiter(clock=Clock(), quota_baseline=database_down)
+    with pytest.raises(ApiError) as err:
+        await limiter.admit(limits(monthly_token_quota=10), 1)
+    assert err.value.status_code == 503
+    # Without a quota the database is not asked at all.
+    assert (await limiter.admit(limits(tokens_per_minute=10), 1)).allowed
