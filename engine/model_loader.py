@@ -160,7 +160,8 @@ def iter_weights(model_dir: str | Path) -> Any:
 def load_tokenizer(model_dir: str | Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    # Never run code shipped in a model folder.
+    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
 
 
 def resolve_device(device: str) -> torch.device:

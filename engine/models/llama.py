@@ -193,7 +193,8 @@ class LlamaForCausalLM(nn.Module):
         """Build on the meta device (no random init), then take every tensor from `weights` (HF names)."""
         with torch.device("meta"):
             model = cls(cfg)
-        hf = dict(weights)
+        # Cast and move each tensor as it is read, so at most one copy of the weights is in host memory.
+        hf = {name: t.to(dtype=dtype, device=device) for name, t in weights}
         if cfg.tie_word_embeddings:
             hf.pop("lm_head.weight", None)  # some tied checkpoints still store the copy
         state: dict[str, Tensor] = {}
@@ -212,12 +213,12 @@ class LlamaForCausalLM(nn.Module):
         leftover = sorted(k for k in hf if not k.endswith("rotary_emb.inv_freq"))
         if leftover:
             raise ValueError(f"{cfg.architecture}: unexpected weights in checkpoint: {leftover[:5]}")
-        state = {k: v.to(dtype=dtype, device=device) for k, v in state.items()}
         try:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
             raise ValueError(f"{cfg.architecture}: checkpoint does not fit the config: {exc}") from exc
         model.inv_freq = rope_inv_freq(cfg).to(device)
+        model.requires_grad_(False)  # serving only: no autograd graph even outside inference_mode
         return model.eval()
 
 

@@ -12,8 +12,8 @@ import torch
 from engine.config import EngineConfig
 from engine.model_loader import load_config, load_model, parse_config, weight_files
 from engine.model_runner import CPU_KV_CACHE_BYTES, decide_num_kv_blocks, kv_block_bytes
-from engine.ops import get_ops
-from tests.helpers.hf_models import make_tiny_model
+from engine.ops import AttentionBatch, get_ops
+from tests.helpers.hf_models import hf_logits, load_hf, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +160,30 @@ def test_kernel_dispatch() -> None:
     assert get_ops("ref", torch.device("cuda")).name == "ref"
     with pytest.raises(ValueError, match="kernel_backend"):
         get_ops("cuda", torch.device("cpu"))
+
+
+def test_llama_attention_and_mlp_bias_match_hf(tmp_path: Path) -> None:
+    folder = make_tiny_model(tmp_path / "bias", "llama", attention_bias=True, mlp_bias=True)
+    loaded = load(folder)
+    assert loaded.config.qkv_bias and loaded.config.o_bias and loaded.config.mlp_bias
+    assert loaded.model.layers[0].self_attn.o_proj.bias.abs().sum() > 0
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    ids = [0, *range(20, 33)]
+    block_size = 16
+    kv = [
+        (torch.zeros(1, block_size, 2, 16), torch.zeros(1, block_size, 2, 16))
+        for _ in range(loaded.config.num_layers)
+    ]
+    n = len(ids)
+    attn = AttentionBatch(
+        slot_mapping=torch.arange(n),
+        block_tables=torch.zeros(1, 1, dtype=torch.int32),
+        seq_lens=torch.tensor([n], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+    )
+    with torch.inference_mode():
+        hidden = loaded.model(
+            torch.tensor(ids), torch.arange(n), kv, attn, None, get_ops("ref", loaded.device)
+        )
+        ours = loaded.model.compute_logits(hidden)
+    torch.testing.assert_close(ours, hf_logits(load_hf(folder), ids), atol=2e-4, rtol=0)

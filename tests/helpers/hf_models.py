@@ -87,12 +87,12 @@ def make_tiny_model(
     config = _config(arch, config_overrides)
     torch.manual_seed(seed)
     model = _model_class(arch)(config).to(torch.float32).eval()
-    if arch == "qwen2":
-        # HF zero-initialises biases; random ones make a wrong bias path visible.
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0.0, 0.1)
+    # HF zero-initialises biases (Qwen2's q/k/v, attention_bias, mlp_bias); random ones make a wrong
+    # bias path visible.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
     shard = "100KB" if sharded else "2GB"
     model.save_pretrained(str(out), safe_serialization=True, max_shard_size=shard)
     write_tokenizer(out, vocab_size=config.vocab_size)
