@@ -109,7 +109,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 DB_CONFIG_STATE_KEY: db_config,
                 AUTHENTICATOR_STATE_KEY: authenticator,
                 READY_CHECKS_STATE_KEY: ready_checks,
-                METRICS_STATE_KEY: Metrics(),
+                METRICS_STATE_KEY: Metrics(
+                    lambda: serving.engine.model_name, engine_stats=serving.engine.stats
+                ),
                 SERVING_STATE_KEY: serving,
             }
         ),

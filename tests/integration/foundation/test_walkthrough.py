@@ -1,0 +1,98 @@
+"""The documented first run, for real: `loraplex serve` on the embedded defaults in an empty folder, then
+the curl walk-through of docs/foundation.md exactly as written (only the port and the key filled in)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[3]
+DOC = REPO / "docs" / "foundation.md"
+
+
+def _walkthrough_script() -> str:
+    text = DOC.read_text()
+    section = text.split("## Walk-through (curl)", 1)[1]
+    match = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert match, "docs/foundation.md lost its walk-through"
+    return match.group(1)
+
+
+def _wait_for_admin_key(proc: subprocess.Popen[str], deadline: float) -> str:
+    assert proc.stdout is not None
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        found = re.search(r"\b(lpx_[0-9A-Za-z]{43})\b", line)
+        if found:
+            return found.group(1)
+    raise AssertionError(f"no admin key printed; stdout so far: {seen!r}")
+
+
+@pytest.mark.slow
+def test_first_start_and_documented_walkthrough(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    env["PYTHONPATH"] = str(REPO)
+    env["LORAPLEX_LOG_FORMAT"] = "json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        admin_key = _wait_for_admin_key(proc, time.monotonic() + 90)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not answer /health"
+            time.sleep(0.2)
+
+        # The embedded defaults: everything under ./data of the working folder.
+        data = tmp_path / "data"
+        assert (data / "loraplex.db").exists()
+        assert (data / "secret").exists()
+        assert admin_key not in (data / "secret").read_text()
+
+        script = _walkthrough_script()
+        script = script.replace("BASE=http://127.0.0.1:8000", f"BASE={base}")
+        script = re.sub(r"^ADMIN_KEY=lpx_\.\.\..*$", f"ADMIN_KEY={admin_key}", script, flags=re.M)
+        run = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60, env=env
+        )
+        assert run.returncode == 0, run.stderr + run.stdout
+        out = run.stdout.strip().splitlines()
+        assert out[-1] == "403", out
+        assert re.match(r"tenant: [0-9a-f-]{36}$", out[0]), out
+        assert re.match(r"tenant key: lpx_[0-9A-Za-z]{43}$", out[1]), out
+        assert '"name":"acme"' in out[2]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
