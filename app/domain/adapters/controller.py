@@ -31,7 +31,10 @@ RefParam = Annotated[
 
 
 def _api_error(exc: AdapterRejected) -> ApiError:
-    return ApiError(exc.status_code, exc.message, code=exc.code, param=exc.param)
+    # 413 and 415 are request errors too; the envelope says so for every refusal alike.
+    return ApiError(
+        exc.status_code, exc.message, code=exc.code, param=exc.param, type="invalid_request_error"
+    )
 
 
 class AdapterController(Controller):
