@@ -26,9 +26,16 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 class Metrics:
-    def __init__(self, model_name: str = "", engine_stats: Callable[[], object | None] | None = None) -> None:
+    def __init__(
+        self,
+        model_name: str | Callable[[], str] = "",
+        engine_stats: Callable[[], object | None] | None = None,
+    ) -> None:
+        """`model_name` may be a callable: the engine knows its name only once loaded, and the series
+        are labelled from the first time it answers (an exception or "" means "not yet")."""
         self.registry = CollectorRegistry()
-        self.model_name = model_name
+        self._name = model_name if isinstance(model_name, str) else ""
+        self._name_source = None if isinstance(model_name, str) else model_name
         r, label = self.registry, ["model_name"]
         self.ttft = Histogram(
             "vllm:time_to_first_token_seconds",
@@ -92,7 +99,8 @@ class Metrics:
             registry=r,
         )
         self._engine: EngineCollector | None = None
-        self._label_children()
+        if self._name_source is None:
+            self._label_children()
         if engine_stats is not None:
             self.bind_engine(engine_stats)
 
@@ -105,12 +113,24 @@ class Metrics:
         for reason in FINISH_REASONS:
             self.request_success.labels(self.model_name, reason)
 
+    @property
+    def model_name(self) -> str:
+        if self._name_source is not None:
+            try:
+                name = self._name_source()
+            except Exception:
+                name = ""
+            if name:
+                self._name, self._name_source = name, None
+                self._label_children()
+        return self._name
+
     # ---- wiring: where scrape-time values come from ----
     def bind_engine(self, stats: Callable[[], object | None], model_name: str | None = None) -> None:
         """Read engine gauges from `stats()` at every scrape; call when the engine is built. A model name
         given here labels the series from now on (the engine knows it only once loaded)."""
-        if model_name and model_name != self.model_name:
-            self.model_name = model_name
+        if model_name and model_name != self._name:
+            self._name, self._name_source = model_name, None
             self._label_children()
         if self._engine is None:
             self._engine = EngineCollector(stats, lambda: self.model_name)
@@ -159,4 +179,5 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
+        _ = self.model_name  # labels the series as soon as the engine knows its name
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4

@@ -125,3 +125,23 @@ def test_the_engines_own_stats_snapshot_is_read() -> None:
     assert got[("loraplex:adapter_cache_misses_total", lbl)] == 1
     info = next(labels for name, labels in got if name == "vllm:lora_requests_info")
     assert dict(info) == {"max_lora": "4", "running_lora_adapters": "x,y", "waiting_lora_adapters": ""}
+
+
+def test_model_name_learned_when_the_engine_has_loaded() -> None:
+    loaded: list[str] = []
+
+    def name() -> str:
+        if not loaded:
+            raise RuntimeError("model loading")
+        return loaded[0]
+
+    m = Metrics(name, engine_stats=lambda: None)
+    assert not any(labels for _, labels in samples(m) if ("model_name", "") in labels)
+    loaded.append("demo-llama")
+    m.request_finished("stop", 2, 1, 0.1)
+    got = samples(m)
+    assert got[("vllm:prompt_tokens_total", (("model_name", "demo-llama"),))] == 2
+    assert (
+        got[("vllm:request_success_total", (("finished_reason", "length"), ("model_name", "demo-llama")))]
+        == 0
+    )
