@@ -261,3 +261,29 @@ def test_release_without_acquire_and_disabled_lora(adapter_dirs: dict[str, Path]
     disabled = make_cache(max_loras=0)
     with pytest.raises(AdapterLoadError, match="max_loras=0"):
         disabled.acquire(lora(adapter_dirs, "a"))
+
+
+@pytest.mark.gpu
+def test_cuda_slot_copy_is_pinned_asynchronous_and_exact(adapter_dirs: dict[str, Path]) -> None:
+    from engine.lora import pin_adapter
+
+    device = torch.device("cuda")
+    slots = LoRASlots(MODEL, 2, 8, torch.bfloat16, device)
+
+    def read(folder: str, expected_hash: str | None):
+        return load_adapter(folder, MODEL, 8, torch.bfloat16, expected_hash)
+
+    cache = AdapterCache(slots, read, 3)
+    a = lora(adapter_dirs, "a")
+    deadline = time.monotonic() + 60
+    while (slot := cache.acquire(a)) is None:  # loading, then copying on the side stream
+        assert time.monotonic() < deadline
+        cache.wait_for_loads(timeout=1)
+        time.sleep(0.001)
+    expected = read(str(adapter_dirs["a"]), None)
+    assert pin_adapter(expected).a["q_proj"].is_pinned()
+    # Handed out only after the copy completed: the default stream sees the full contents.
+    assert torch.equal(slots.a["q_proj"][:, slot].cpu(), expected.a["q_proj"])
+    assert torch.equal(slots.b["o_proj"][:, slot].cpu(), expected.b["o_proj"])
+    assert torch.count_nonzero(slots.a["gate_proj"][:, slot]) == 0
+    assert slots.ranks[:, QKV, slot].tolist() == [8, 8]
