@@ -249,7 +249,7 @@ class LoRASlots:
         self, cfg: ModelConfig, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
     ) -> None:
         self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
-        layers, s, r = cfg.num_layers, max(num_slots, 1), max_rank
+        layers, s, r = cfg.num_layers, num_slots, max_rank
         self.a: dict[str, Tensor] = {}
         self.b: dict[str, Tensor] = {}
         for module, (d_in, d_out) in module_shapes(cfg).items():
