@@ -183,14 +183,16 @@ class AsyncLLMEngine:
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue
-                for output in self.engine.step():
+                outputs = self.engine.step()
+                # Snapshot first: a caller that just saw its request finish must not see it running.
+                self._stats = self.engine.stats()
+                for output in outputs:
                     stream = self._streams.get(output.request_id)
                     if stream is None:
                         continue
                     if output.finished:
                         del self._streams[output.request_id]
                     _deliver(stream, output)
-                self._stats = self.engine.stats()
         except BaseException as exc:
             self._die(exc)
             return

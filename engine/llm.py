@@ -57,6 +57,8 @@ class LLM:
         except BaseException:
             for request_id in ids:
                 self.engine.abort(request_id)
+            # A step that failed half-way may have registered blocks whose KV was never written.
+            self.engine.block_manager.reset_prefix_cache()
             raise
 
     def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:
