@@ -7,7 +7,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from sqlalchemy.exc import DBAPIError
+from advanced_alchemy.exceptions import AdvancedAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from app.config import Settings
@@ -39,10 +40,9 @@ async def _admin_key(settings: Settings, only_if_none: bool, name: str | None) -
             if only_if_none and await service.count_admin_keys() > 0:
                 return None
             return await service.create_admin_key(name=name)
-    except DBAPIError as exc:
-        raise BootstrapError(
-            f"cannot write the admin key ({exc.orig}); run `loraplex migrate` first?"
-        ) from exc
+    except (SQLAlchemyError, AdvancedAlchemyError) as exc:
+        cause = exc.__cause__ or exc
+        raise BootstrapError(f"cannot write the admin key ({cause}); run `loraplex migrate` first?") from exc
     finally:
         await engine.dispose()
 
