@@ -28,6 +28,9 @@ class EngineStats:
     kv_usage: float  # share of KV blocks held by requests (cached blocks nobody holds count as free)
     num_kv_blocks: int
     prefix_hit_rate: float  # cached / looked-up prompt tokens since start
+    prefix_queried_tokens: int = 0  # counters since start, for Prometheus
+    prefix_hit_tokens: int = 0
+    num_preemptions: int = 0
     adapter_cache: dict[str, float] = field(default_factory=dict)
     running_adapters: list[str] = field(default_factory=list)  # adapter display names, one per request
     waiting_adapters: list[str] = field(default_factory=list)
@@ -216,6 +219,9 @@ class LLMEngine:
             kv_usage=self.block_manager.usage,
             num_kv_blocks=self.block_manager.num_blocks,
             prefix_hit_rate=self.block_manager.stats.hit_rate,
+            prefix_queried_tokens=self.block_manager.stats.queried_tokens,
+            prefix_hit_tokens=self.block_manager.stats.hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
             adapter_cache=dict(self.adapter_cache.stats()) if self.adapter_cache is not None else {},
             running_adapters=[r.lora.lora_name for r in running if r.lora is not None],
             waiting_adapters=[r.lora.lora_name for r in self.scheduler.waiting() if r.lora is not None],

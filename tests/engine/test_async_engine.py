@@ -173,6 +173,7 @@ async def test_stats_show_running_waiting_and_adapter_names(engine, model):
     assert stats.running_adapters == ["tenant-adapter"]
     assert 0.0 < stats.kv_usage < 1.0 and stats.num_kv_blocks == 256
     assert stats.adapter_cache["gpu_resident"] == 1.0
+    assert stats.prefix_queried_tokens == 3 and stats.prefix_hit_tokens == 0 and stats.num_preemptions == 0
     await gen.aclose()
     await wait_idle(engine)
     engine.evict_adapter(lora.content_hash)
