@@ -9,6 +9,7 @@ refused with a clear message rather than crash or corrupt a batch shared with ot
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -17,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from torch import Tensor
 
 from engine.model_loader import ModelConfig
 from engine.ops import LORA_MODULES, MODULE_GROUPS
-from engine.request import sha256_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -145,12 +145,19 @@ def load_adapter(
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         raise AdapterError(f"no {WEIGHTS_FILE} in adapter folder (other weight formats are refused)")
-    content_hash = sha256_file(str(weights_file))
+    shapes = module_shapes(model_cfg)
+    # Largest file a valid adapter can be (fp32, every module at max_rank, plus header room): anything
+    # bigger is refused before it is read into memory.
+    limit = 4 * model_cfg.num_layers * max_rank * sum(i + o for i, o in shapes.values()) + (1 << 20)
+    if weights_file.stat().st_size > limit:
+        raise AdapterError(f"{WEIGHTS_FILE} is larger than any adapter of rank <= {max_rank} for this model")
+    # Hash and parse the same bytes: the file cannot change between the check and the read.
+    data = weights_file.read_bytes()
+    content_hash = hashlib.sha256(data).hexdigest()
     if expected_hash is not None and content_hash != expected_hash:
         raise AdapterError(f"adapter weights sha256 {content_hash} does not match expected {expected_hash}")
-    tensors = _read_tensors(weights_file)
+    tensors = _parse_tensors(data)
 
-    shapes = module_shapes(model_cfg)
     layers = model_cfg.num_layers
     found: dict[tuple[int, str], dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
@@ -162,7 +169,10 @@ def load_adapter(
             raise AdapterError(f"tensor {key!r} targets unsupported module {module!r}")
         if layer >= layers:
             raise AdapterError(f"tensor {key!r} targets layer {layer}; the model has {layers}")
-        found.setdefault((layer, module), {})[which] = tensor
+        pair = found.setdefault((layer, module), {})
+        if which in pair:
+            raise AdapterError(f"tensor {key!r} duplicates another lora_{which} of layer {layer} {module}")
+        pair[which] = tensor
     if not found:
         raise AdapterError("adapter holds no LoRA weights")
 
@@ -226,10 +236,9 @@ def load_adapter(
     )
 
 
-def _read_tensors(weights_file: Path) -> dict[str, Tensor]:
+def _parse_tensors(data: bytes) -> dict[str, Tensor]:
     try:
-        with safe_open(str(weights_file), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a mapping
+        tensors = safetensors_load(data)
     except Exception as exc:  # safetensors raises its own error types for malformed files
         raise AdapterError(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from exc
     for key, t in tensors.items():

@@ -164,6 +164,10 @@ def test_malformed_files_are_refused(base: Path, good: Path, tmp_path: Path) -> 
     (folder / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(AdapterError, match="not a readable safetensors"):
         load_adapter(folder, cfg, 16)
+    folder = copy_adapter(good, tmp_path / "oversized")
+    (folder / "adapter_model.safetensors").write_bytes(b"\0" * (2 << 20))
+    with pytest.raises(AdapterError, match="larger than any adapter"):
+        load_adapter(folder, cfg, 16)
     folder = copy_adapter(good, tmp_path / "badjson")
     (folder / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterError, match="not valid JSON"):
@@ -212,6 +216,10 @@ def test_bad_tensors_are_refused(base: Path, good: Path, tmp_path: Path) -> None
             "unsupported",
         ),
         (lambda t: {}, "no LoRA weights"),
+        (
+            lambda t: t | {key_a.replace("lora_A.weight", "lora_A.default.weight"): t[key_a].clone()},
+            "duplicates",
+        ),
     ]
     for i, (fn, message) in enumerate(cases):
         folder = copy_adapter(good, tmp_path / f"t{i}")
