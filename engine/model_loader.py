@@ -43,7 +43,7 @@ class ModelConfig:
     mlp_bias: bool = False
     # {"rope_type": "llama3" | "linear", "factor": ..., ...}; None = plain RoPE.
     rope_scaling: dict[str, Any] | None = None
-    # Mistral v0.1 declares one; our attention is full, which is exact for contexts up to this length.
+    # Mistral v0.1 declares one; our attention is full, so max_position_embeddings is capped to it.
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
@@ -93,6 +93,11 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     sliding = raw.get("sliding_window")
     if is_qwen2 and not raw.get("use_sliding_window", False):
         sliding = None
+    max_positions = int(raw.get("max_position_embeddings", 2048))
+    if sliding:
+        # Our attention is full; it equals sliding-window attention only up to the window, so the usable
+        # context stops there rather than silently diverging from the model beyond it.
+        max_positions = min(max_positions, int(sliding))
     return ModelConfig(
         architecture=arch,
         vocab_size=int(raw["vocab_size"]),
@@ -104,7 +109,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         head_dim=int(head_dim),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         rope_theta=rope_theta,
-        max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+        max_position_embeddings=max_positions,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=is_qwen2 or attention_bias,
         o_bias=attention_bias and not is_qwen2,

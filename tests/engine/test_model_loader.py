@@ -187,3 +187,14 @@ def test_llama_attention_and_mlp_bias_match_hf(tmp_path: Path) -> None:
         )
         ours = loaded.model.compute_logits(hidden)
     torch.testing.assert_close(ours, hf_logits(load_hf(folder), ids), atol=2e-4, rtol=0)
+
+
+def test_sliding_window_caps_the_context(models: dict[str, Path]) -> None:
+    raw = _raw(models) | {"architectures": ["MistralForCausalLM"], "max_position_embeddings": 32768}
+    cfg = parse_config(raw | {"sliding_window": 4096})
+    assert cfg.sliding_window == 4096 and cfg.max_position_embeddings == 4096
+    assert parse_config(raw | {"sliding_window": None}).max_position_embeddings == 32768
+    # Qwen2 declares a window but only uses it with use_sliding_window.
+    qwen = raw | {"architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096}
+    assert parse_config(qwen).max_position_embeddings == 32768
+    assert parse_config(qwen | {"use_sliding_window": True}).max_position_embeddings == 4096
