@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,35 +34,37 @@ def _file(tmp_path: Path, name: str, data: bytes) -> tuple[Path, str]:
 
 
 def test_put_stat_get_list_delete_round_trip(store, tmp_path):
+    # moto keeps one store per process: a fresh root keeps other tests' objects out of the listing.
+    root = f"r{uuid.uuid4().hex}/"
     data = bytes(range(256)) * 1000
     src, sha = _file(tmp_path, "w", data)
-    store.put_file("adapters/t1/a1/adapter_model.safetensors", src, sha256=sha)
-    store.put_file("adapters/t1/a2/adapter_model.safetensors", src, sha256=sha)
-    store.put_file("adapters/t2/a3/adapter_model.safetensors", src, sha256=sha)
+    store.put_file(root + "adapters/t1/a1/adapter_model.safetensors", src, sha256=sha)
+    store.put_file(root + "adapters/t1/a2/adapter_model.safetensors", src, sha256=sha)
+    store.put_file(root + "adapters/t2/a3/adapter_model.safetensors", src, sha256=sha)
 
-    info = store.stat("adapters/t1/a1/adapter_model.safetensors")
+    info = store.stat(root + "adapters/t1/a1/adapter_model.safetensors")
     assert info is not None and info.size == len(data) and info.sha256 == sha
     assert info.last_modified.tzinfo is not None
 
     out = tmp_path / "out"
-    store.get_to_file("adapters/t1/a1/adapter_model.safetensors", out)
+    store.get_to_file(root + "adapters/t1/a1/adapter_model.safetensors", out)
     assert out.read_bytes() == data
 
-    keys = [i.key for i in store.list("adapters/t1/")]
+    keys = [i.key for i in store.list(root + "adapters/t1/")]
     assert sorted(keys) == [
-        "adapters/t1/a1/adapter_model.safetensors",
-        "adapters/t1/a2/adapter_model.safetensors",
+        root + "adapters/t1/a1/adapter_model.safetensors",
+        root + "adapters/t1/a2/adapter_model.safetensors",
     ]
 
-    store.delete("adapters/t1/a1/adapter_model.safetensors")
-    store.delete("adapters/t1/a1/adapter_model.safetensors")  # absent: not an error
-    assert store.stat("adapters/t1/a1/adapter_model.safetensors") is None
-    assert sorted(i.key for i in store.list("adapters/")) == [
-        "adapters/t1/a2/adapter_model.safetensors",
-        "adapters/t2/a3/adapter_model.safetensors",
+    store.delete(root + "adapters/t1/a1/adapter_model.safetensors")
+    store.delete(root + "adapters/t1/a1/adapter_model.safetensors")  # absent: not an error
+    assert store.stat(root + "adapters/t1/a1/adapter_model.safetensors") is None
+    assert sorted(i.key for i in store.list(root + "adapters/")) == [
+        root + "adapters/t1/a2/adapter_model.safetensors",
+        root + "adapters/t2/a3/adapter_model.safetensors",
     ]
     with pytest.raises(ObjectNotFound):
-        store.get_to_file("adapters/t1/a1/adapter_model.safetensors", out)
+        store.get_to_file(root + "adapters/t1/a1/adapter_model.safetensors", out)
 
 
 @pytest.mark.parametrize("key", ["../escape", "/abs/key", "a//b", "a/../b", "a\\b", ".hidden/x", ""])
