@@ -34,6 +34,7 @@ from app.domain.keys.controller import ApiKeyController
 from app.domain.tenants.controller import TenantController
 from app.domain.usage.controller import admin_usage, metrics_endpoint, own_usage
 from app.domain.usage.lifespan import METRICS_STATE_KEY, usage_services
+from app.domain.usage.unavailable import database_unavailable_handlers
 from app.errors import exception_handlers
 from app.lifespan import last_used_writer
 from app.logging import RequestIdMiddleware, configure_logging
@@ -96,7 +97,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=route_handlers,
         plugins=[make_db_plugin(db_config)],
         middleware=[auth_middleware()],
-        exception_handlers=exception_handlers(),
+        exception_handlers={**exception_handlers(), **database_unavailable_handlers()},
         dependencies=dependencies,
         lifespan=list(lifespans),
         listeners=list(listeners),

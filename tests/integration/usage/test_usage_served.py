@@ -93,3 +93,40 @@ def test_limits_bill_and_metrics_around_real_completions(  # type: ignore[no-unt
         assert values[("loraplex:rate_limited_requests_total", (("reason", "requests"),))] == 1
         assert values[("loraplex:limiter_in_process", ())] == 0
         assert tenant["id"] not in text and key not in text
+
+
+def test_postgres_gone_new_requests_503_and_running_ones_are_billed_once(  # type: ignore[no-untyped-def]
+    build_app, admin_headers, demo_model, migrated_database_url
+) -> None:
+    import asyncio
+
+    from tests.integration.usage.usage_db import rename_database
+
+    name = migrated_database_url.rsplit("/", 1)[1]
+    app = build_app(model=str(demo_model), device="cpu", max_model_len=256, kv_cache_bytes=4 << 20)
+    with TestClient(app, timeout=60) as client:
+        _wait_ready(client)
+        tenant = client.post("/admin/tenants", json={"name": "pgdown"}, headers=admin_headers).json()
+        key = client.post(
+            f"/admin/tenants/{tenant['id']}/api-keys", json={"scopes": ["completions"]}, headers=admin_headers
+        ).json()["key"]
+        auth = {"Authorization": f"Bearer {key}"}
+        model = client.get("/v1/models", headers=auth).json()["data"][0]["id"]
+        body = {"model": model, "prompt": "hello there", "max_tokens": 3, "temperature": 0}
+        assert client.post("/v1/completions", json=body, headers=auth).status_code == 200
+
+        asyncio.run(rename_database(name, name + "_gone"))
+        try:
+            r = client.post("/v1/completions", json=body, headers=auth)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "database_unavailable" and r.headers["retry-after"] == "1"
+            billing = client.get("/admin/usage", headers=admin_headers)
+            assert billing.status_code == 503 and billing.json()["error"]["code"] == "database_unavailable"
+            assert client.get("/health").status_code == 200
+        finally:
+            asyncio.run(rename_database(name + "_gone", name))
+        deadline = time.monotonic() + 10
+        while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        bill = client.get("/v1/usage", params={"group_by": "tenant"}, headers=auth).json()
+        assert bill["totals"]["requests"] == 1
