@@ -95,7 +95,7 @@ def test_limits_bill_and_metrics_around_real_completions(  # type: ignore[no-unt
         assert tenant["id"] not in text and key not in text
 
 
-def test_postgres_gone_new_requests_503_and_running_ones_are_billed_once(  # type: ignore[no-untyped-def]
+def test_postgres_gone_new_requests_and_billing_503_health_200(  # type: ignore[no-untyped-def]
     build_app, admin_headers, demo_model, migrated_database_url
 ) -> None:
     import asyncio
