@@ -213,3 +213,9 @@ def live_server(
         yield server
     finally:
         server.stop()
+
+
+def error_of(exc: Any) -> dict[str, Any]:
+    """The OpenAI error object of an SDK exception (the SDK keeps either the envelope or its inside)."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    return dict(body.get("error", body))

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import TEST_ADMIN_KEY, LiveServer
+from tests.e2e.conftest import TEST_ADMIN_KEY, LiveServer, error_of
 
 PROMPT = "Language models predict the next token"
 MESSAGES = [
@@ -193,11 +193,6 @@ def test_n_seed_stop_and_logprobs(tenant_a: dict[str, Any]) -> None:
     )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
-
-
-def error_of(exc: openai.APIStatusError) -> dict[str, Any]:
-    body = exc.body if isinstance(exc.body, dict) else {}
-    return dict(body.get("error", body))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,137 @@
+"""What happens when things go wrong: a client leaving mid-stream, and the engine dying under requests.
+
+The engine-death test breaks this module's server for good, so it runs last here and has the module's
+server to itself.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import LiveServer, error_of
+
+LONG = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def row_of(server: LiveServer, request_id: str) -> dict[str, Any] | None:
+    return next((r for r in server.usage_rows() if r["request_id"] == request_id), None)
+
+
+def test_disconnect_mid_stream_aborts_the_engine_request_and_settles_usage(live_server: LiveServer) -> None:
+    tenant = live_server.tenant(max_concurrent_requests=1)
+    headers = {"Authorization": f"Bearer {live_server.key(tenant['id'])}"}
+    body = {"model": "demo-model", "stream": True, **LONG}
+    with httpx.stream(
+        "POST", live_server.url + "/v1/completions", json=body, headers=headers, timeout=30
+    ) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()  # kept referenced: a collected line iterator closes the connection
+        first = next(line for line in lines if line.startswith("data: {"))
+        request_id = json.loads(first[6:])["id"]
+        assert live_server.serving.engine.stats().running == 1
+        r.close()
+    # The client is gone: the engine request is aborted and its usage settled, exactly once.
+    wait_for(lambda: live_server.serving.engine.stats().running == 0)
+    wait_for(lambda: (row_of(live_server, request_id) or {}).get("status") == "aborted")
+    row = row_of(live_server, request_id)
+    assert row is not None and 0 < row["completion_tokens"] < 400
+    assert [r["request_id"] for r in live_server.usage_rows()].count(request_id) == 1
+    # Its concurrency slot came back: the tenant's one allowed request goes through.
+    ok = httpx.post(
+        live_server.url + "/v1/completions",
+        json={"model": "demo-model", "prompt": "hi", "max_tokens": 2},
+        headers=headers,
+        timeout=30,
+    )
+    assert ok.status_code == 200, ok.text
+
+
+def test_concurrency_limit_is_a_429_with_retry_headers(live_server: LiveServer) -> None:
+    tenant = live_server.tenant(max_concurrent_requests=1)
+    key = live_server.key(tenant["id"])
+    body = {"model": "demo-model", "stream": True, **LONG}
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.stream(
+        "POST", live_server.url + "/v1/completions", json=body, headers=headers, timeout=30
+    ) as r:
+        lines = r.iter_lines()  # kept referenced: a collected line iterator closes the connection
+        next(line for line in lines if line.startswith("data: {"))
+        with pytest.raises(openai.RateLimitError) as err:
+            live_server.openai(key).completions.create(model="demo-model", prompt="hi", max_tokens=2)
+        assert err.value.status_code == 429
+        assert error_of(err.value)["code"] == "rate_limit_exceeded"
+        assert int(err.value.response.headers["retry-after"]) >= 1
+
+
+def test_engine_death_turns_in_flight_requests_and_ready_into_503(live_server: LiveServer) -> None:
+    tenant = live_server.tenant()
+    key = live_server.key(tenant["id"])
+    client = live_server.openai(key)
+    results: dict[str, Any] = {}
+
+    def non_streaming() -> None:
+        try:
+            client.completions.create(model="demo-model", extra_body={"ignore_eos": True}, **_sdk(LONG))
+        except openai.APIStatusError as exc:
+            results["plain"] = exc
+
+    def streaming() -> None:
+        try:
+            for _ in client.completions.create(
+                model="demo-model", stream=True, extra_body={"ignore_eos": True}, **_sdk(LONG)
+            ):
+                results.setdefault("first_chunk", True)
+        except openai.APIError as exc:
+            results["stream"] = exc
+
+    rows_before = {r["request_id"] for r in live_server.usage_rows()}
+    threads = [threading.Thread(target=non_streaming), threading.Thread(target=streaming)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: live_server.serving.engine.stats().running == 2 and "first_chunk" in results)
+
+    engine = live_server.serving.engine._engine.engine
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("injected fault: the GPU fell off the bus")
+
+    engine.runner.execute = broken
+    for t in threads:
+        t.join(timeout=30)
+    assert isinstance(results.get("plain"), openai.InternalServerError)
+    assert results["plain"].status_code == 503
+    assert "injected fault" in results["plain"].message
+    # The stream had started (status 200 sent): the failure arrives as an error event.
+    assert isinstance(results.get("stream"), openai.APIError) and "injected fault" in str(results["stream"])
+
+    ready = live_server.admin.get("/ready")
+    assert ready.status_code == 503 and "engine dead" in ready.json()["checks"]["engine"]
+    assert live_server.admin.get("/health").status_code == 200
+    with pytest.raises(openai.InternalServerError) as err:
+        client.completions.create(model="demo-model", prompt="hi", max_tokens=2)
+    assert err.value.status_code == 503
+    # Both failed requests were settled once, as errors; the refused one never got a row.
+    new_rows = [r for r in live_server.usage_rows() if r["request_id"] not in rows_before]
+    assert sorted(r["status"] for r in new_rows) == ["error", "error"]
+    assert all(str(r["tenant_id"]) == tenant["id"] for r in new_rows)
+
+
+def _sdk(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k != "ignore_eos"}
