@@ -40,6 +40,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # auto = Triton on CUDA, torch reference on CPU.
     kernel_backend: str = "auto"
+    # Replay decode steps from CUDA graphs (batch-size buckets up to max_num_seqs). CUDA + Triton only;
+    # ignored elsewhere. Off = every step eager (for debugging, or to save the graphs' memory).
+    cuda_graphs: bool = True
     # Seed for requests without their own seed (sampling) and for random init in demos.
     seed: int = 0
 

@@ -157,7 +157,9 @@ class LLMEngine:
         ready = [batch.scheduled[i][0] for i in rows]
         if ready:
             assert logits is not None
-            self._postprocess(ready, self.sampler(logits[rows], ready))
+            # Pure decode steps sample every row: skip the gather (and its host -> device index copy).
+            ready_logits = logits if len(rows) == len(batch.scheduled) else logits[rows]
+            self._postprocess(ready, self.sampler(ready_logits, ready))
         if not batch.scheduled and not batch.failed:
             self._wait_idle()
         return self._collect([*ready, *batch.failed])

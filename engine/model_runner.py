@@ -15,6 +15,7 @@ from torch import Tensor
 
 from engine.adapter_cache import AdapterCache
 from engine.config import EngineConfig
+from engine.cuda_graphs import setup_decode_graphs
 from engine.model_loader import LoadedModel, ModelConfig
 from engine.ops import AttentionBatch, LoRABatch, get_ops
 from engine.request import Request
@@ -88,6 +89,8 @@ class ModelRunner:
             )
             for _ in range(cfg.num_layers)
         ]
+        # Last: the graphs' warm-up needs the KV cache, and the memory line reports everything above.
+        self.graphs = setup_decode_graphs(self, config.max_model_len)
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Request, int]]) -> Tensor:
@@ -95,6 +98,8 @@ class ModelRunner:
         blocks. Returns float32 logits [B, V] of each request's last computed token."""
         if not batch:
             raise ValueError("empty batch")
+        if self.graphs is not None and self.graphs.accepts(batch):
+            return self.graphs.run(batch)
         step = self.prepare(batch)
         hidden = self.model.model(
             step.input_ids, step.positions, self.kv_caches, step.attn, step.lora, self.ops

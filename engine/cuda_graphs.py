@@ -1,0 +1,311 @@
+"""Decode steps replayed from CUDA graphs, one graph per (batch-size bucket, LoRA module groups in use).
+
+A decode step (one new token per sequence) launches hundreds of small kernels; at small batches the
+launch gaps cost more than the kernels. Capturing the whole forward once per bucket and replaying it
+removes them. A graph replays fixed device addresses, so every per-step input lives in a fixed buffer
+sized for the largest bucket, and a step only writes new contents:
+
+  token ids, positions, cache slots, block tables, sequence lengths, query offsets,
+  and the LoRA token -> slot grouping (sorted token ids, per-segment slot / start / length)
+
+The grouping is built on the host (B values) and copied, so nothing inside the graph depends on the
+slot mix: the kernels' grids depend only on the bucket and the number of slots. Rows past the real batch
+are padding: slot -1 (no KV write, no LoRA), a one-token context in block 0, results never read.
+Whether a module group needs LoRA launches is a host decision; it picks the graph (up to 16 variants per
+bucket, captured on first use) instead of skipping launches inside one.
+
+Inputs travel through pinned host buffers (non-blocking copies); the only host sync of a decode step is
+the sampler reading back the new tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engine.ops import MODULE_GROUPS, AttentionBatch, LoRABatch
+from kernels.lora import LoRAMeta
+
+if TYPE_CHECKING:
+    from engine.model_runner import ModelRunner
+    from engine.request import Request
+
+log = logging.getLogger(__name__)
+
+GroupMask = tuple[bool, ...] | None  # None: no adapter in the step, no LoRA launches at all
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 up to 32, of 16 up to 128, of 32 beyond; the last is max_batch."""
+    sizes: list[int] = []
+    size = 1
+    while size < max_batch:
+        sizes.append(size)
+        step = 8 if size < 32 else 16 if size < 128 else 32
+        size = size * 2 if size < 8 else size + step
+    sizes.append(max_batch)
+    return sizes
+
+
+class DecodeGraphs:
+    """Fixed input buffers for decode batches of up to `max_batch` sequences, and their graphs.
+
+    `capture=False` runs the same forward eagerly over the same buffers: the CPU tests use it to check
+    the buffer layout (padding, grouping) against the runner's eager path."""
+
+    def __init__(self, runner: ModelRunner, max_batch: int, max_blocks: int, capture: bool = True) -> None:
+        self.runner = runner
+        self.capture_enabled = capture
+        self.buckets = bucket_sizes(max_batch)
+        self.max_batch, self.max_blocks = max_batch, max_blocks
+        dev = runner.device
+        pin = dev.type == "cuda"
+        self.num_slots = max(runner.adapter_cache.slots.num_slots, 1)
+        vocab = runner.model.config.vocab_size
+
+        def host(*shape: int, dtype: torch.dtype) -> Tensor:
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+
+        # Host staging (pinned on CUDA) and the device buffers the graphs read; numpy views for fast fills.
+        self.h_ids = host(max_batch, dtype=torch.int64)
+        self.h_pos = host(max_batch, dtype=torch.int64)
+        self.h_slot_mapping = host(max_batch, dtype=torch.int64)
+        self.h_tables = host(max_batch, max_blocks, dtype=torch.int32)
+        self.h_seq_lens = host(max_batch, dtype=torch.int32)
+        self.h_token_slots = host(max_batch, dtype=torch.int32)
+        self.h_sorted = host(max_batch, dtype=torch.int32)
+        self.h_segs = host(3, self.num_slots, dtype=torch.int32)  # seg slots, starts, lens
+        self.d_ids = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.d_pos = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.d_slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=dev)
+        self.d_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=dev)
+        self.d_seq_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
+        self.d_query_start = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
+        self.d_token_slots = torch.full((max_batch,), -1, dtype=torch.int32, device=dev)
+        self.d_sorted = torch.arange(max_batch, dtype=torch.int32, device=dev)
+        self.d_segs = torch.zeros(3, self.num_slots, dtype=torch.int32, device=dev)
+        self.d_segs[0].fill_(-1)
+        self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=dev)
+        self._copied: Any = None  # CUDA event of the last host -> device copy
+        self.graphs: dict[tuple[int, GroupMask], Any] = {}
+        self.pool: Any = torch.cuda.graph_pool_handle() if capture else None
+        self.capture_seconds = 0.0
+        self.replays = 0
+        self._num_segments = 0
+
+    # ---- the runner's side ----------------------------------------------------------------------------
+
+    def accepts(self, batch: list[tuple[Request, int]]) -> bool:
+        """Pure decode (one token per sequence), small enough, and every block table fits the buffer."""
+        return (
+            0 < len(batch) <= self.max_batch
+            and all(n == 1 for _, n in batch)
+            and all(len(r.block_table) <= self.max_blocks for r, _ in batch)
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: list[tuple[Request, int]]) -> Tensor:
+        """Same contract as ModelRunner.execute for a batch `accepts` took: float32 logits [B, V].
+        The result is a view of a buffer the next step overwrites."""
+        size = len(batch)
+        bucket = next(b for b in self.buckets if b >= size)
+        mask = self._fill(batch, bucket)
+        self._upload(bucket)
+        key = (bucket, mask)
+        if not self.capture_enabled:
+            self._forward(bucket, mask)
+        else:
+            graph = self.graphs.get(key)
+            if graph is None:
+                graph = self._capture(bucket, mask)
+            graph.replay()
+            self.replays += 1
+        return self.logits[:size]
+
+    @torch.inference_mode()
+    def capture_all(self, masks: list[GroupMask]) -> None:
+        """Capture every bucket for these group masks now (at start), largest first so that smaller
+        graphs reuse the larger ones' pool memory."""
+        for mask in masks:
+            for bucket in reversed(self.buckets):
+                if (bucket, mask) not in self.graphs:
+                    self._capture(bucket, mask)
+
+    # ---- internals ------------------------------------------------------------------------------------
+
+    def _fill(self, batch: list[tuple[Request, int]], bucket: int) -> GroupMask:
+        bs, num_blocks = self.runner.block_size, self.runner.num_kv_blocks
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copies read these host buffers
+        ids, pos, slots = self.h_ids.numpy(), self.h_pos.numpy(), self.h_slot_mapping.numpy()
+        tables, seq_lens, lora = self.h_tables.numpy(), self.h_seq_lens.numpy(), self.h_token_slots.numpy()
+        for i, (req, _) in enumerate(batch):
+            p = req.num_computed_tokens
+            table = req.block_table
+            if p + 1 > req.num_tokens or len(table) * bs < p + 1:
+                raise ValueError(f"request {req.request_id}: cannot compute token {p}")
+            if not -1 <= req.lora_slot < self.runner.adapter_cache.slots.num_slots:
+                raise ValueError(f"request {req.request_id}: lora slot {req.lora_slot} out of range")
+            ids[i] = req.all_token_ids[p]
+            pos[i] = p
+            tables[i, : len(table)] = table
+            slots[i] = table[p // bs] * bs + p % bs
+            seq_lens[i] = p + 1
+            lora[i] = req.lora_slot
+        size = len(batch)
+        # Padding rows: no KV write, a one-token context in block 0, no adapter.
+        ids[size:bucket], pos[size:bucket], slots[size:bucket] = 0, 0, -1
+        tables[size:bucket, 0], seq_lens[size:bucket], lora[size:bucket] = 0, 1, -1
+        # Entries past a row's length are stale ids that passed this same check before: checking the whole
+        # rows is a sound (and vectorised) version of the eager path's per-request range check.
+        rows = tables[:size]
+        if rows.size and (rows.min() < 0 or rows.max() >= num_blocks):
+            # A wrong block id would read or overwrite another sequence's (another tenant's) KV.
+            raise ValueError(f"block ids outside [0, {num_blocks})")
+        used = sorted({int(s) for s in lora[:size] if s >= 0})
+        if not used:
+            return None
+        self._group_tokens(lora[:bucket])
+        active = self.runner.adapter_cache.slots.host_ranks[:, :, used] > 0  # [L, G, used]
+        return tuple(bool(g) for g in active.any(dim=2).any(dim=0).tolist())
+
+    def _group_tokens(self, token_slots: np.ndarray) -> None:
+        """The LoRAMeta contents of make_lora_meta, computed on the host for B tokens."""
+        keys = np.where(token_slots < 0, self.num_slots, token_slots)
+        order = np.argsort(keys, kind="stable")
+        counts = np.bincount(keys, minlength=self.num_slots + 1)[: self.num_slots]
+        present = np.flatnonzero(counts)
+        starts = np.cumsum(counts) - counts
+        segs = self.h_segs.numpy()
+        segs[0].fill(-1)
+        segs[1:].fill(0)
+        k = len(present)
+        segs[0, :k], segs[1, :k], segs[2, :k] = present, starts[present], counts[present]
+        self.h_sorted.numpy()[: len(order)] = order
+        self._num_segments = k
+
+    def _upload(self, bucket: int) -> None:
+        pairs = (
+            (self.d_ids, self.h_ids),
+            (self.d_pos, self.h_pos),
+            (self.d_slot_mapping, self.h_slot_mapping),
+            (self.d_tables, self.h_tables),
+            (self.d_seq_lens, self.h_seq_lens),
+            (self.d_token_slots, self.h_token_slots),
+            (self.d_sorted, self.h_sorted),
+        )
+        for dst, src in pairs:
+            dst[:bucket].copy_(src[:bucket], non_blocking=True)
+        self.d_segs.copy_(self.h_segs, non_blocking=True)
+        if self.runner.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def _lora_batch(self, bucket: int, mask: GroupMask) -> LoRABatch | None:
+        if mask is None:
+            return None
+        weights = self.runner.adapter_cache.slots
+        # Captured graphs bake launch shapes from num_segments; assume one adapter per sequence (the
+        # many-tenant case). Correctness does not depend on it, only block sizes.
+        segments = min(bucket, self.num_slots) if self.capture_enabled else self._num_segments
+        meta = LoRAMeta(
+            token_slots=self.d_token_slots[:bucket],
+            sorted_token_ids=self.d_sorted[:bucket],
+            seg_slots=self.d_segs[0],
+            seg_starts=self.d_segs[1],
+            seg_lens=self.d_segs[2],
+            num_segments=segments,
+        )
+        layers = self.runner.model.config.num_layers
+        active = [list(mask) for _ in range(layers)]
+        return LoRABatch(meta, weights.a, weights.b, weights.scales, weights.ranks, self.runner.ops, active)
+
+    def _forward(self, bucket: int, mask: GroupMask) -> None:
+        attn = AttentionBatch(
+            slot_mapping=self.d_slot_mapping[:bucket],
+            block_tables=self.d_tables[:bucket],
+            seq_lens=self.d_seq_lens[:bucket],
+            query_start_loc=self.d_query_start[: bucket + 1],
+        )
+        model = self.runner.model.model
+        hidden = model(
+            self.d_ids[:bucket],
+            self.d_pos[:bucket],
+            self.runner.kv_caches,
+            attn,
+            self._lora_batch(bucket, mask),
+            self.runner.ops,
+        )  # [bucket, H]
+        self.logits[:bucket].copy_(model.compute_logits(hidden))
+
+    def _capture(self, bucket: int, mask: GroupMask) -> Any:
+        start = time.perf_counter()
+        # Warm-up on a side stream compiles the Triton kernels and creates library handles, which a
+        # capture cannot do. Its KV writes are the ones the replay makes (same inputs, same slots).
+        side = torch.cuda.Stream(self.runner.device)
+        side.wait_stream(torch.cuda.current_stream(self.runner.device))
+        with torch.cuda.stream(side):
+            self._forward(bucket, mask)
+        torch.cuda.current_stream(self.runner.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._forward(bucket, mask)
+        self.graphs[(bucket, mask)] = graph
+        self.capture_seconds += time.perf_counter() - start
+        return graph
+
+
+def all_groups_mask() -> tuple[bool, ...]:
+    return (True,) * len(MODULE_GROUPS)
+
+
+def setup_decode_graphs(runner: ModelRunner, max_model_len: int | None) -> DecodeGraphs | None:
+    """The runner's decode graphs when the config asks for them and the device can replay them (CUDA and
+    the Triton kernels: the torch references sync on the host), captured at start for the base model and
+    for all module groups; then the memory line. Other group masks are captured on first use."""
+    config = runner.config
+    graphs = None
+    masks: list[GroupMask] = [None]
+    if config.cuda_graphs and runner.device.type == "cuda" and runner.ops.name == "triton":
+        cfg = runner.model.config
+        longest = min(x for x in (cfg.max_position_embeddings, max_model_len) if x is not None)
+        longest = min(longest, runner.num_kv_blocks * runner.block_size)
+        max_blocks = -(-longest // runner.block_size)
+        graphs = DecodeGraphs(runner, config.max_num_seqs, max_blocks)
+        if runner.adapter_cache.slots.num_slots > 0:
+            masks.append(all_groups_mask())
+        graphs.capture_all(masks)
+    if runner.device.type == "cuda":
+        log_memory(runner, graphs, len(masks) if graphs is not None else 0)
+    return graphs
+
+
+def log_memory(runner: ModelRunner, graphs: DecodeGraphs | None, variants: int) -> None:
+    """One line at start: what weights, adapter slots, KV cache and graphs took against the budget."""
+    config = runner.config
+    free, total = torch.cuda.mem_get_info(runner.device)
+    kv = sum(k.numel() * k.element_size() * 2 for k, _ in runner.kv_caches)
+    graph_part = (
+        f"{len(graphs.buckets)} decode graph buckets (max {graphs.max_batch}) x {variants} variants "
+        f"captured in {graphs.capture_seconds:.1f} s"
+        if graphs is not None
+        else "decode CUDA graphs off"
+    )
+    log.info(
+        "GPU memory: KV cache %.2f GiB (%d blocks), adapter slots %.2f GiB; %s; peak allocated %.2f GiB, "
+        "in use on the device %.2f GiB of a %.2f GiB budget (gpu_memory_fraction %.2f of %.2f GiB)",
+        kv / 2**30,
+        runner.num_kv_blocks,
+        runner.adapter_cache.slots.nbytes / 2**30,
+        graph_part,
+        torch.cuda.max_memory_allocated(runner.device) / 2**30,
+        (total - free) / 2**30,
+        total * config.gpu_memory_fraction / 2**30,
+        config.gpu_memory_fraction,
+        total / 2**30,
+    )

@@ -1,0 +1,131 @@
+"""The decode-graph input path (fixed buffers, padding to buckets, host-built LoRA grouping) on the CPU.
+
+Graphs themselves need CUDA; `DecodeGraphs(capture=False)` runs the same forward over the same buffers
+eagerly, so these tests pin down everything a replay would read. The GPU run of benchmarks/serving.py
+checks replay against eager on the device.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, LoRARequest, SamplingParams
+from engine.cuda_graphs import DecodeGraphs, bucket_sizes
+from kernels.lora import make_lora_meta
+from tests.helpers.hf_models import ALL_TARGETS, VOCAB_SIZE, make_peft_adapter, make_tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[LoRARequest]]:
+    root = tmp_path_factory.mktemp("graphs")
+    base = make_tiny_model(root / "base", "llama")
+    specs = [("q_proj", "v_proj"), ALL_TARGETS, ("gate_proj", "up_proj", "down_proj")]
+    loras = [
+        LoRARequest(
+            f"a{i}", str(make_peft_adapter(base, root / f"a{i}", r=4 + 4 * i, seed=i, target_modules=t))
+        )
+        for i, t in enumerate(specs)
+    ]
+    return base, loras
+
+
+def make_llm(base: Path, graphs: bool) -> LLM:
+    llm = LLM(
+        str(base), device="cpu", dtype="float32", block_size=4, num_kv_blocks=256, max_lora_rank=16,
+        max_loras=3, max_cpu_loras=3, max_num_seqs=8,
+    )  # fmt: skip
+    runner = llm.engine.runner
+    assert runner.graphs is None  # CPU: the config flag is ignored
+    if graphs:
+        runner.graphs = DecodeGraphs(runner, max_batch=8, max_blocks=16, capture=False)
+    return llm
+
+
+def test_bucket_sizes_cover_every_batch() -> None:
+    assert bucket_sizes(1) == [1]
+    assert bucket_sizes(64)[:6] == [1, 2, 4, 8, 16, 24]
+    assert bucket_sizes(64)[-1] == 64 and bucket_sizes(100)[-1] == 100
+    for top in (1, 5, 33, 128, 256):
+        sizes = bucket_sizes(top)
+        assert sizes == sorted(set(sizes)) and sizes[-1] == top
+        assert all(any(b >= n for b in sizes) for n in range(1, top + 1))
+
+
+def test_fixed_buffer_decode_equals_eager(model: tuple[Path, list[LoRARequest]]) -> None:
+    """Mixed adapters (and none), batch sizes that pad to a bucket, long enough to cross block borders."""
+    base, loras = model
+    rng = random.Random(7)
+    prompts = [[0] + [rng.randrange(4, VOCAB_SIZE) for _ in range(3 + 2 * i)] for i in range(7)]
+    mix = [loras[0], None, loras[1], loras[2], loras[1], None, loras[0]]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    eager = make_llm(base, graphs=False).generate(prompts, params, lora_request=mix)
+    fixed_llm = make_llm(base, graphs=True)
+    fixed = fixed_llm.generate(prompts, params, lora_request=mix)
+    assert [o.outputs[0].token_ids for o in fixed] == [o.outputs[0].token_ids for o in eager]
+    # The decode steps really went through the fixed buffers (7 sequences -> bucket 8).
+    graphs = fixed_llm.engine.runner.graphs
+    assert graphs is not None and graphs.replays == 0 and graphs.h_seq_lens[7] == 1
+    assert graphs.h_slot_mapping[7] == -1
+
+
+def test_logits_and_grouping_match_eager_step(model: tuple[Path, list[LoRARequest]]) -> None:
+    base, loras = model
+    llm = make_llm(base, graphs=True)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for i, lora in enumerate([loras[2], None, loras[0]]):
+        engine.add_request(f"r{i}", [0, 5 + i, 9, 11 + i], params, lora=lora)
+    while not all(r.num_output_tokens >= 1 for r in engine.scheduler.running) or engine.scheduler.num_waiting:
+        engine.step()
+    batch = engine.scheduler.schedule().scheduled  # allocates the next token's block
+    assert len(batch) == 3 and all(n == 1 for _, n in batch)
+    runner = engine.runner
+    fixed = runner.graphs.run(batch).clone()  # bucket 4, one padding row
+    step = runner.prepare(batch)
+    hidden = runner.model.model(
+        step.input_ids, step.positions, runner.kv_caches, step.attn, step.lora, runner.ops
+    )
+    eager = runner.model.model.compute_logits(hidden)
+    torch.testing.assert_close(fixed, eager, rtol=1e-5, atol=1e-5)
+    # The host-built grouping is make_lora_meta's, padding row included (slot -1 sorts last).
+    g = runner.graphs
+    ref = make_lora_meta(g.h_token_slots[:4].clone(), g.num_slots)
+    assert g.h_sorted[:4].tolist() == ref.sorted_token_ids.tolist()
+    assert g.h_segs[0].tolist() == ref.seg_slots.tolist()
+    assert g.h_segs[1].tolist() == ref.seg_starts.tolist()
+    assert g.h_segs[2].tolist() == ref.seg_lens.tolist()
+    assert g.h_token_slots[3] == -1
+
+
+def test_refuses_foreign_blocks_and_slots(model: tuple[Path, list[LoRARequest]]) -> None:
+    """The fixed-buffer path keeps the eager path's guards: a bad block id or slot never reaches a kernel."""
+    base, _ = model
+    llm = make_llm(base, graphs=True)
+    engine = llm.engine
+    engine.add_request("x", [0, 5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    engine.step()
+    ((req, _),) = engine.scheduler.schedule().scheduled
+    graphs = engine.runner.graphs
+    good = list(req.block_table)
+    req.block_table = [*good[:-1], engine.runner.num_kv_blocks]
+    with pytest.raises(ValueError, match="block ids outside"):
+        graphs.run([(req, 1)])
+    req.block_table = good
+    req.lora_slot = 3
+    with pytest.raises(ValueError, match="lora slot 3 out of range"):
+        graphs.run([(req, 1)])
+    req.lora_slot = -1
+    assert not graphs.accepts([(req, 2)])  # not a decode step
+    assert not graphs.accepts([(req, 1)] * 9)  # larger than the largest bucket
