@@ -162,22 +162,15 @@ def test_kernel_dispatch() -> None:
         get_ops("cuda", torch.device("cpu"))
 
 
-def test_llama_attention_and_mlp_bias_match_hf(tmp_path: Path) -> None:
-    folder = make_tiny_model(tmp_path / "bias", "llama", attention_bias=True, mlp_bias=True)
-    loaded = load(folder)
-    assert loaded.config.qkv_bias and loaded.config.o_bias and loaded.config.mlp_bias
-    assert loaded.model.layers[0].self_attn.o_proj.bias.abs().sum() > 0
-    assert not any(p.requires_grad for p in loaded.model.parameters())
-    ids = [0, *range(20, 33)]
-    block_size = 16
-    kv = [
-        (torch.zeros(1, block_size, 2, 16), torch.zeros(1, block_size, 2, 16))
-        for _ in range(loaded.config.num_layers)
-    ]
-    n = len(ids)
+def _prefill_logits(loaded, ids: list[int]) -> torch.Tensor:
+    """Our logits at every position of one sequence, prefilled in one step into 16-token blocks."""
+    n, block_size = len(ids), 16
+    blocks = -(-n // block_size)
+    shape = (blocks, block_size, loaded.config.num_kv_heads, loaded.config.head_dim)
+    kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(loaded.config.num_layers)]
     attn = AttentionBatch(
         slot_mapping=torch.arange(n),
-        block_tables=torch.zeros(1, 1, dtype=torch.int32),
+        block_tables=torch.arange(blocks, dtype=torch.int32)[None],
         seq_lens=torch.tensor([n], dtype=torch.int32),
         query_start_loc=torch.tensor([0, n], dtype=torch.int32),
     )
@@ -185,8 +178,30 @@ def test_llama_attention_and_mlp_bias_match_hf(tmp_path: Path) -> None:
         hidden = loaded.model(
             torch.tensor(ids), torch.arange(n), kv, attn, None, get_ops("ref", loaded.device)
         )
-        ours = loaded.model.compute_logits(hidden)
-    torch.testing.assert_close(ours, hf_logits(load_hf(folder), ids), atol=2e-4, rtol=0)
+        return loaded.model.compute_logits(hidden)
+
+
+def test_llama_attention_and_mlp_bias_match_hf(tmp_path: Path) -> None:
+    folder = make_tiny_model(tmp_path / "bias", "llama", attention_bias=True, mlp_bias=True)
+    loaded = load(folder)
+    assert loaded.config.qkv_bias and loaded.config.o_bias and loaded.config.mlp_bias
+    assert loaded.model.layers[0].self_attn.o_proj.bias.abs().sum() > 0
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    ids = [0, *range(20, 33)]
+    torch.testing.assert_close(
+        _prefill_logits(loaded, ids), hf_logits(load_hf(folder), ids), atol=2e-4, rtol=0
+    )
+
+
+def test_linear_rope_scaling_matches_hf(tmp_path: Path) -> None:
+    linear = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    folder = make_tiny_model(tmp_path / "linear", "llama", rope_scaling=linear)
+    loaded = load(folder)
+    assert loaded.config.rope_scaling is not None and loaded.config.rope_scaling["rope_type"] == "linear"
+    ids = [0, *range(40, 80)]
+    torch.testing.assert_close(
+        _prefill_logits(loaded, ids), hf_logits(load_hf(folder), ids), atol=2e-4, rtol=0
+    )
 
 
 def test_sliding_window_caps_the_context(models: dict[str, Path]) -> None:
