@@ -99,7 +99,8 @@ class AdapterCache:
     def acquire(self, lora: LoRARequest) -> int | None:
         """Slot of `lora`, pinned (refcount + 1); None while it loads or every slot is pinned.
 
-        Never blocks on I/O. Raises AdapterLoadError once when its background load failed."""
+        Never blocks on I/O. Raises AdapterLoadError when its background load failed (to every caller
+        until `failure_ttl` seconds after the first report; the next acquire after that loads again)."""
         key = _key(lora)
         with self._lock:
             if self.slots.num_slots == 0:
