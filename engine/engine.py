@@ -206,8 +206,12 @@ class LLMEngine:
 
     def _wait_idle(self) -> None:
         """Nothing could run (e.g. every waiting request's adapter is still loading): wait, don't spin."""
-        if self.scheduler.has_unfinished() and self.adapter_cache is not None:
+        if not self.scheduler.has_unfinished():
+            return
+        if self.adapter_cache is not None and self.adapter_cache.has_pending_loads:
             self.adapter_cache.wait_for_loads(timeout=0.05)
+        else:
+            time.sleep(0.002)  # e.g. an evicted adapter draining: its slot frees at a release, soon
 
     # ---- operations ----
     def evict_adapter(self, content_hash: str) -> None:

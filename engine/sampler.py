@@ -44,9 +44,9 @@ class Sampler:
                 logits, [r for r, g in zip(requests, greedy, strict=True) if not g], greedy
             )
         tokens = logits.argmax(dim=-1)  # [B]
-        for row, request in enumerate(requests):
-            if not greedy[row]:
-                tokens[row] = self._draw(logits[row], request)
+        sampled_rows = [i for i, g in enumerate(greedy) if not g]
+        if sampled_rows:
+            tokens[sampled_rows] = self._draw(logits[sampled_rows], [requests[i] for i in sampled_rows])
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, self._logprobs(logits, requests, token_ids))
 
@@ -87,17 +87,22 @@ class Sampler:
             if ids:
                 logits[row, ids] = float("-inf")
 
-    def _draw(self, row_logits: Tensor, request: Request) -> Tensor:
-        """One categorical draw: argmax(p / q) with q ~ Exp(1) picks token i with probability p_i."""
-        generator = self.generator
-        if request.params.seed is not None:
+    def _draw(self, logits: Tensor, requests: list[Request]) -> Tensor:
+        """One categorical draw per row: argmax(p / q) with q ~ Exp(1) picks token i with probability p_i.
+        logits [Bs, V]. Seeded rows draw q from their own generator, the rest in one call from the shared one."""
+        probs = torch.softmax(logits, dim=-1)  # [Bs, V]
+        q = torch.empty_like(probs)
+        shared = [j for j, r in enumerate(requests) if r.params.seed is None]
+        if shared:
+            q[shared] = torch.empty_like(q[shared]).exponential_(generator=self.generator)
+        for j, request in enumerate(requests):
+            if request.params.seed is None:
+                continue
             if request.generator is None:
-                request.generator = torch.Generator(device=row_logits.device)
+                request.generator = torch.Generator(device=logits.device)
                 request.generator.manual_seed(request.params.seed)
-            generator = request.generator
-        probs = torch.softmax(row_logits, dim=-1)
-        q = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
-        return (probs / q).argmax()
+            q[j].exponential_(generator=request.generator)
+        return (probs / q.clamp_min_(1e-20)).argmax(dim=-1)
 
     def _logprobs(
         self, logits: Tensor, requests: list[Request], token_ids: list[int]

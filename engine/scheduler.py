@@ -165,7 +165,8 @@ class Scheduler:
 
     def _charge(self, key: str, tokens: int) -> None:
         if key in self.deficit:
-            self.deficit[key] -= tokens
+            # Floored, so a long decode-heavy stretch costs a bounded number of turns, not a lockout.
+            self.deficit[key] = max(self.deficit[key] - tokens, -8 * self.quantum)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         stalled = 0  # consecutive turns in which a key had nothing admittable
