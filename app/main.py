@@ -111,7 +111,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 AUTHENTICATOR_STATE_KEY: authenticator,
                 READY_CHECKS_STATE_KEY: ready_checks,
                 METRICS_STATE_KEY: Metrics(
-                    lambda: serving.engine.model_name, engine_stats=serving.engine.stats
+                    lambda: serving.engine.model_name,
+                    engine_stats=serving.engine.stats,
+                    adapter_label_key=settings.secret,
                 ),
                 SERVING_STATE_KEY: serving,
             }

@@ -30,9 +30,15 @@ def field(stats: Any, *names: str) -> Any:
 
 
 class EngineCollector(Collector):
-    def __init__(self, stats: Callable[[], object | None], model_name: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], object | None],
+        model_name: Callable[[], str],
+        adapter_label: Callable[[str], str] = str,
+    ) -> None:
         self.stats = stats
         self._model_name = model_name
+        self._adapter_label = adapter_label
 
     @property
     def _model(self) -> str:
@@ -64,6 +70,9 @@ class EngineCollector(Collector):
         family.add_metric([self._model], float(value))
         yield family
 
+    def _labels(self, names: Any) -> list[str] | None:
+        return None if names is None else sorted({self._adapter_label(str(n)) for n in names})
+
     def _gauges(self, stats: Any) -> Iterator[Metric]:
         yield from self._gauge(
             "vllm:num_requests_running",
@@ -92,8 +101,8 @@ class EngineCollector(Collector):
         yield from self._gauge("vllm:gpu_prefix_cache_hit_rate", "Prefix-cache hit rate (tokens).", rate)
 
     def _adapters(self, stats: Any) -> Iterator[Metric]:
-        running = field(stats, "running_adapters", "running_lora_adapters")
-        waiting = field(stats, "waiting_adapters", "waiting_lora_adapters")
+        running = self._labels(field(stats, "running_adapters", "running_lora_adapters"))
+        waiting = self._labels(field(stats, "waiting_adapters", "waiting_lora_adapters"))
         cache = field(stats, "adapter_cache", "adapter_cache_stats")
         # The adapter cache's GPU slot count is max_loras when the engine does not report it apart.
         max_lora = field(stats, "max_loras", "max_lora")

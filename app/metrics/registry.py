@@ -9,6 +9,8 @@ usage rows, not from here).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Callable
 from typing import Any
 
@@ -30,10 +32,18 @@ class Metrics:
         self,
         model_name: str | Callable[[], str] = "",
         engine_stats: Callable[[], object | None] | None = None,
+        adapter_label_key: str | None = None,
     ) -> None:
         """`model_name` may be a callable: the engine knows its name only once loaded, and the series
-        are labelled from the first time it answers (an exception or "" means "not yet")."""
+        are labelled from the first time it answers (an exception or "" means "not yet").
+        `adapter_label_key`: when set, adapters appear in `vllm:lora_requests_info` as an HMAC of their
+        name under this key, never as the name: /metrics is open to anyone who can reach it, and one
+        tenant must not learn another's adapter names there."""
         self.registry = CollectorRegistry()
+        self._adapter_label: Callable[[str], str] = str
+        if adapter_label_key is not None:
+            key = adapter_label_key.encode()
+            self._adapter_label = lambda name: hmac.new(key, name.encode(), hashlib.sha256).hexdigest()[:12]
         self._name = model_name if isinstance(model_name, str) else ""
         self._name_source = None if isinstance(model_name, str) else model_name
         r, label = self.registry, ["model_name"]
@@ -133,7 +143,7 @@ class Metrics:
             self._name, self._name_source = model_name, None
             self._label_children()
         if self._engine is None:
-            self._engine = EngineCollector(stats, lambda: self.model_name)
+            self._engine = EngineCollector(stats, lambda: self.model_name, self._adapter_label)
             self.registry.register(self._engine)
         else:
             self._engine.stats = stats

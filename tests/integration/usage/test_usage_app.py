@@ -72,18 +72,23 @@ def test_metrics_have_vllm_names_and_no_tenant_labels(client, make_tenant, make_
 
 
 def test_engine_stats_bound_by_the_serving_side(client) -> None:  # type: ignore[no-untyped-def]
-    stats = {
-        "num_running": 2,
+    running = ["acme-secret-bot@1", "acme-secret-bot@1", "globex-bot@2"]
+    stats: dict[str, object] = {
+        "num_running": 3,
         "num_waiting": 1,
         "kv_cache_usage": 0.5,
-        "running_adapters": ["x"],
+        "running_adapters": running,
         "max_loras": 4,
     }
     metrics_of(client.app).bind_engine(lambda: stats, "demo-model")
     text, values = scrape(client)
-    assert values["vllm:num_requests_running"] == 2 and values["vllm:kv_cache_usage_perc"] == 0.5
+    assert values["vllm:num_requests_running"] == 3 and values["vllm:kv_cache_usage_perc"] == 0.5
     assert 'vllm:num_requests_running{model_name="demo-model"}' in text
-    assert 'running_lora_adapters="x"' in text
+    # /metrics needs no key: tenants' adapter names appear only as opaque ids, one per adapter.
+    assert "acme" not in text and "globex" not in text
+    info = next(f for f in text_string_to_metric_families(text) if f.name == "vllm:lora_requests_info")
+    ids = info.samples[0].labels["running_lora_adapters"].split(",")
+    assert len(ids) == 2 and all(len(i) == 12 for i in ids)
     stats["num_running"] = 0
     assert scrape(client)[1]["vllm:num_requests_running"] == 0
 
