@@ -287,3 +287,45 @@ def test_cuda_slot_copy_is_pinned_asynchronous_and_exact(adapter_dirs: dict[str,
     assert torch.equal(slots.b["o_proj"][:, slot].cpu(), expected.b["o_proj"])
     assert torch.count_nonzero(slots.a["gate_proj"][:, slot]) == 0
     assert slots.ranks[:, QKV, slot].tolist() == [8, 8]
+
+
+def test_random_workload_never_serves_wrong_or_shared_weights(adapter_dirs: dict[str, Path]) -> None:
+    """Property check over a seeded random mix of acquire / release / evict: a slot handed out always
+    holds exactly that adapter's weights, and two pinned adapters never share a slot (sharing would give
+    one tenant's tokens another tenant's weights)."""
+    import random
+
+    rng = random.Random(1234)
+    cache = make_cache(max_loras=2, max_cpu=3)
+    names = sorted(adapter_dirs)
+    reqs = {n: lora(adapter_dirs, n) for n in names}
+    expected = {n: load_adapter(adapter_dirs[n], MODEL, 8) for n in names}
+    pins: dict[str, list[int]] = {n: [] for n in names}  # slots handed out and not yet released
+    served = 0
+    for _ in range(400):
+        name = rng.choice(names)
+        op = rng.random()
+        if op < 0.55:
+            slot = acquire_now(cache, reqs[name])
+            if slot is None:
+                continue
+            served += 1
+            pins[name].append(slot)
+            q = cache.slots.a["q_proj"][:, slot]
+            if "q_proj" in expected[name].a:
+                r = expected[name].a["q_proj"].shape[1]
+                assert torch.equal(q[:, :r], expected[name].a["q_proj"])
+            else:
+                assert torch.count_nonzero(q) == 0
+            assert cache.slots.ranks[:, :, slot].tolist() == expected[name].ranks.tolist()
+        elif op < 0.9 and pins[name]:
+            pins[name].pop()
+            cache.release(reqs[name])
+        else:
+            cache.evict(str(reqs[name].content_hash))
+        owners: dict[int, str] = {}
+        for n, held in pins.items():
+            for slot in held:
+                assert owners.setdefault(slot, n) == n, f"slot {slot} pinned by {owners[slot]} and {n}"
+        assert cache.stats()["pinned"] == sum(1 for held in pins.values() if held)
+    assert served > 50
