@@ -85,7 +85,7 @@ def test_one_adapter(llama):
     assert expected != hf_greedy(base, {}, ps, [None] * 4, 8)
 
 
-@pytest.mark.parametrize("max_loras", [4, 2])
+@pytest.mark.parametrize("max_loras", [4, 2, 1])
 def test_batch_mixing_four_adapters_of_different_ranks_and_targets_with_base(llama, max_loras):
     base, adapters = llama
     names: list[str | None] = [*ADAPTERS, None, "r2-qv", None, "r16-mlp", "r4-all", "r8-ko-down"]
@@ -314,3 +314,68 @@ def test_a_broken_adapter_fails_its_request_with_a_clear_error(llama, tmp_path):
     assert not llm.engine.has_unfinished()
     # The engine is fine afterwards.
     assert len(llm.generate([[0, 5, 6]], GREEDY)[0].outputs[0].token_ids) == 8
+
+
+def test_eos_ends_the_output_unless_ignored_and_min_tokens_holds_it_off(llama):
+    base, _ = llama
+    llm = make_llm(base)
+    p = prompts(1, seed=15)[0]
+    full = llm.generate([p], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0].outputs[0]
+    eos = full.token_ids[4]
+    first = full.token_ids.index(eos)
+    llm.engine.eos_token_ids = (eos,)  # pretend the model's EOS is a token it really emits
+    out = llm.generate([p], SamplingParams(max_tokens=12, temperature=0.0))[0].outputs[0]
+    assert out.token_ids == full.token_ids[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason is None
+    tok = llm.get_tokenizer()
+    assert out.text == tok.decode(full.token_ids[:first], skip_special_tokens=True).rstrip("\ufffd")
+    ignored = llm.generate([p], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+    assert ignored.outputs[0].token_ids == full.token_ids
+    held = llm.generate([p], SamplingParams(max_tokens=12, min_tokens=first + 2, temperature=0.0))[0].outputs[
+        0
+    ]
+    assert eos not in held.token_ids[: first + 2] and len(held.token_ids) >= first + 2
+
+
+def test_abort_frees_blocks_and_adapter_pins(llama):
+    base, adapters = llama
+    llm = make_llm(base)
+    engine = llm.engine
+    lora = LoRARequest("r4-all", str(adapters["r4-all"]))
+    engine.add_request("x", [0, 5, 6, 7, 8], SamplingParams(max_tokens=50, temperature=0.0), lora=lora)
+    engine.add_request("y", [0, 9, 10], SamplingParams(max_tokens=50, temperature=0.0))
+    while not engine.scheduler.running or len(engine.scheduler.running) < 2:
+        engine.step()
+    engine.step()
+    out = engine.abort("x")
+    assert out.finished and out.outputs[0].finish_reason == "abort" and out.outputs[0].token_ids
+    assert engine.abort("x") is None  # unknown / already gone
+    assert engine.adapter_cache.stats()["pinned"] == 0
+    held_by_y = len(engine.scheduler.running[0].block_table)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks - held_by_y
+    engine.abort("y")
+    assert (
+        not engine.has_unfinished()
+        and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    )
+
+
+def test_parallel_seeded_samples_differ_and_the_first_matches_n1(llama):
+    base, _ = llama
+    p = prompts(1, seed=16)[0]
+    llm = make_llm(base)
+    many = llm.generate([p], SamplingParams(n=3, max_tokens=10, temperature=1.0, seed=5, ignore_eos=True))[0]
+    one = llm.generate([p], SamplingParams(max_tokens=10, temperature=1.0, seed=5, ignore_eos=True))[0]
+    samples = [c.token_ids for c in many.outputs]
+    assert samples[0] == one.outputs[0].token_ids
+    assert len({tuple(x) for x in samples}) == 3
+
+
+def test_a_large_offline_batch_shows_a_progress_bar(llama, capsys):
+    base, _ = llama
+    llm = make_llm(base)
+    outs = llm.generate([[0, 4 + i] for i in range(32)], SamplingParams(max_tokens=1, temperature=0.0))
+    assert len(outs) == 32 and [o.prompt_token_ids[1] for o in outs] == [4 + i for i in range(32)]
+    assert "32/32" in capsys.readouterr().err
+    llm.generate([[0, 4]], SamplingParams(max_tokens=1))
+    assert "generating" not in capsys.readouterr().err
