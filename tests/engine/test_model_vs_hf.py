@@ -394,3 +394,25 @@ def test_cuda_triton_matches_reference_and_peft(lora_setup: tuple[Path, dict[str
         scale = refs.abs().amax(dim=-1, keepdim=True)
         assert ((rows["triton"] - rows["ref"]).abs() < 0.05 * scale).all()
         assert ((rows["triton"] - refs).abs() < 0.05 * scale).all()
+
+
+def test_oracle_equals_transformers_generate(lora_setup: tuple[Path, dict[str, Path]]) -> None:
+    """The hand-rolled greedy loop of hf_greedy is itself checked against `generate`, per adapter."""
+    base, adapters = lora_setup
+    chosen = {"qv4": adapters["qv4"]}
+    p = prompt(70, 7)
+    ours = hf_greedy(base, chosen, [p, p], [None, "qv4"], max_new_tokens=5)
+    model = load_hf(base, chosen)
+    for name, got in zip(["__base__", "qv4"], ours, strict=True):
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                adapter_names=[name],
+                do_sample=False,
+                max_new_tokens=5,
+                min_new_tokens=5,
+                pad_token_id=1,
+            )
+        assert out[0, len(p) :].tolist() == got
+    assert ours[0] != ours[1]
