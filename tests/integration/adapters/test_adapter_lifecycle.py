@@ -110,3 +110,24 @@ def test_idempotency_key_makes_one_adapter(app, client, admin_headers, make_tena
     assert upload(tenant["id"], "bot", folder).json()["version"] == 2
     too_long = upload(tenant["id"], "bot", folder, headers={"Idempotency-Key": "k" * 300})
     assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "invalid_idempotency_key"
+
+
+async def test_concurrent_uploads_of_one_name_get_distinct_versions(
+    app, async_client, admin_headers, make_adapter
+):
+    import asyncio
+
+    tenant = (await async_client.post("/admin/tenants", json={"name": "busy"}, headers=admin_headers)).json()
+    folder = make_adapter(r=4)
+    files = {
+        "adapter_config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
+        "weights": ("adapter_model.safetensors", (folder / "adapter_model.safetensors").read_bytes()),
+    }
+    url = f"/admin/tenants/{tenant['id']}/adapters"
+    responses = await asyncio.gather(
+        *(async_client.post(url, data={"name": "bot"}, files=files, headers=admin_headers) for _ in range(4))
+    )
+    assert [r.status_code for r in responses] == [201] * 4, [r.text for r in responses]
+    assert sorted(r.json()["version"] for r in responses) == [1, 2, 3, 4]
+    current = (await async_client.get(f"{url}/bot", headers=admin_headers)).json()
+    assert current["version"] == 4 and current["current"] is True
