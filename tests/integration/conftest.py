@@ -5,7 +5,7 @@ PostgreSQL (127.0.0.1:5432, trust auth) and Redis (127.0.0.1:6379) are started b
 the S3 server is moto's, started here on a free loopback port.
 
 App fixtures (see docs/foundation.md, "Adding a domain"):
-- `migrated_database_url`: a fresh database at the head migration (a copy of one migrated per session).
+- `migrated_database_url`: a database at the head migration, emptied before each test (one per session).
 - `app_settings`: Settings on that database, with a test secret and `TEST_ADMIN_KEY` as the admin key.
 - `build_app(database_url=None, **overrides)`: a new app (default: the migrated database), for
   tests that need other settings (e.g. `redis_url=...`).
@@ -44,13 +44,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _create_db(name: str, template: str | None = None) -> None:
+async def _create_db(name: str) -> None:
     import asyncpg
 
     conn = await asyncpg.connect(PG_ADMIN_DSN)
     try:
-        suffix = f' TEMPLATE "{template}"' if template else ""
-        await conn.execute(f'CREATE DATABASE "{name}"{suffix}')
+        await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
 
@@ -130,13 +129,13 @@ def _asyncpg_url(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def _migrated_template() -> Iterator[str]:
-    """One database migrated to head per test session; each test gets a copy (much faster than migrating)."""
+def _session_database() -> Iterator[str]:
+    """One database migrated to head per test session (creating and dropping one costs ~1 s each)."""
     import asyncio
 
     from app.db.migrate import upgrade
 
-    name = f"lpx_tmpl_{uuid.uuid4().hex[:12]}"
+    name = f"lpx_s_{uuid.uuid4().hex[:12]}"
     asyncio.run(_create_db(name))
     try:
         upgrade(_asyncpg_url(name), "head")
@@ -145,17 +144,34 @@ def _migrated_template() -> Iterator[str]:
         asyncio.run(_drop_db(name))
 
 
+async def _empty_tables(name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}")
+    try:
+        # A connection left open by an earlier test must fail this loudly, not hang it.
+        await conn.execute("SET lock_timeout = '10s'")
+        tables = [
+            r["tablename"]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            if r["tablename"] != "alembic_version"
+        ]
+        if tables:
+            await conn.execute(
+                f"TRUNCATE {', '.join(chr(34) + t + chr(34) for t in tables)} RESTART IDENTITY CASCADE"
+            )
+    finally:
+        await conn.close()
+
+
 @pytest.fixture
-def migrated_database_url(_migrated_template: str) -> Iterator[str]:
-    """A new PostgreSQL database at the head migration for one test; dropped afterwards."""
+def migrated_database_url(_session_database: str) -> str:
+    """The session's database at the head migration, emptied before this test. Share it, don't change
+    its schema: a test that migrates up and down takes `pg_database_url` instead."""
     import asyncio
 
-    name = f"lpx_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_create_db(name, template=_migrated_template))
-    try:
-        yield _asyncpg_url(name)
-    finally:
-        asyncio.run(_drop_db(name))
+    asyncio.run(_empty_tables(_session_database))
+    return _asyncpg_url(_session_database)
 
 
 @pytest.fixture
