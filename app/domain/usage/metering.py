@@ -213,10 +213,19 @@ class Metering:
         if self._pending:
             with contextlib.suppress(*DB_DOWN):
                 await asyncio.wait_for(self.flush(), flush_timeout_s)
-            if self._pending:
+            # The sweeper will expire these rows unbilled; the log keeps the real numbers for a repair.
+            for s in self._pending.values():
                 log.error(
-                    "%d usage settlements lost at shutdown: %s", len(self._pending), sorted(self._pending)
+                    "usage settlement lost at shutdown: request_id=%s status=%s prompt_tokens=%d "
+                    "cached_tokens=%d completion_tokens=%d finish_reason=%s",
+                    s.request_id,
+                    s.status,
+                    s.prompt_tokens,
+                    s.cached_tokens,
+                    s.completion_tokens,
+                    s.finish_reason,
                 )
+            self._pending.clear()
 
     async def flush(self) -> int:
         """Write every deferred settlement now; returns how many are still waiting. Raises if the

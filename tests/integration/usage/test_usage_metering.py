@@ -162,3 +162,15 @@ async def test_database_gone_mid_request_settle_is_retried_and_written_once(usag
         async with async_sessionmaker(engine)() as session:
             count = len((await session.execute(select(UsageRecord.id))).all())
         assert count == 1  # the refused request left nothing behind
+
+
+async def test_settlements_still_waiting_at_shutdown_are_logged_with_their_numbers(caplog) -> None:  # type: ignore[no-untyped-def]
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nothing"
+    async with metering_on(url, timeout_s=1) as (metering, _):
+        assert not await metering.settle("lost-1", 9, 1, 4, "length", "ok")
+        await metering.stop(flush_timeout_s=0.5)
+    lines = [r.getMessage() for r in caplog.records if "lost at shutdown" in r.getMessage()]
+    assert lines == [
+        "usage settlement lost at shutdown: request_id=lost-1 status=ok prompt_tokens=9 "
+        "cached_tokens=1 completion_tokens=4 finish_reason=length"
+    ]

@@ -28,7 +28,11 @@ async def test_metering_and_billing_on_sqlite(tmp_path: Path) -> None:
         async with async_sessionmaker(engine)() as session:
             rows = {
                 group: await usage_rows(
-                    session, start=now - timedelta(days=1), end=now + timedelta(days=1), tenant_id=None, group_by=group
+                    session,
+                    start=now - timedelta(days=1),
+                    end=now + timedelta(days=1),
+                    tenant_id=None,
+                    group_by=group,
                 )
                 for group in ("tenant", "day", "adapter")
             }
