@@ -140,7 +140,6 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        scheduled_ids: set[str] = set()
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -154,7 +153,6 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 break  # it preempted itself: nothing behind it is left either
             out.scheduled.append((request, n))
-            scheduled_ids.add(request.request_id)
             budget -= n
             if request.num_computed_tokens >= request.num_prompt_tokens:
                 self._charge(request.fairness_key, n)  # decode tokens count against a key's share too

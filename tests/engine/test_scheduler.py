@@ -186,3 +186,18 @@ def test_a_request_whose_adapter_fails_to_load_fails_alone():
     assert out.failed == [bad] and bad.finish_reason == "error" and "bad safetensors" in bad.error
     assert [r for r, _ in out.scheduled] == [good]
     assert "bad" not in s.requests and s.num_waiting == 0
+
+
+def test_decodes_admitted_earlier_are_never_stalled_by_a_later_long_prefill():
+    s = make_scheduler(num_blocks=128, max_num_batched_tokens=8)
+    shorts = [req(f"s{i}", [50 + i, 60 + i], 20) for i in range(3)]
+    for r in shorts:
+        s.add(r)
+    h = Harness(s)
+    h.step()
+    long = req("long", list(range(1, 41)), 2)
+    s.add(long)
+    for _ in range(4):
+        step = dict((r.request_id, n) for r, n in h.step())
+        # Running requests go first in admission order; the long prompt is chunked into what is left.
+        assert step == {"s0": 1, "s1": 1, "s2": 1, "long": 5}
