@@ -46,7 +46,10 @@ class ApiKeyController(Controller):
     ) -> KeyCreated:
         data = await strict_body(request, KeyCreate)
         await TenantService(db_session).get(tenant_id)
-        return await _keys(db_session, settings).create_tenant_key(tenant_id, data)
+        created = await _keys(db_session, settings).create_tenant_key(tenant_id, data)
+        # Commit before answering: a key shown to the client must exist.
+        await db_session.commit()
+        return created
 
     @get(
         "/tenants/{tenant_id:uuid}/api-keys",
@@ -68,4 +71,5 @@ class ApiKeyController(Controller):
         key_id: FromPath[UUID],
     ) -> None:
         await _keys(db_session, settings).revoke(key_id)
+        await db_session.commit()
         request.app.state[AUTHENTICATOR_STATE_KEY].forget_key(key_id)

@@ -29,7 +29,10 @@ class TenantController(Controller):
         self, request: Request[Any, Any, Any], db_session: DbSession, data: JSONBody[TenantCreate]
     ) -> TenantOut:
         data = await strict_body(request, TenantCreate)
-        return to_out(await TenantService(db_session).create(data))
+        tenant = await TenantService(db_session).create(data)
+        # Commit here, not after the response started: a failed commit must not be reported as 201.
+        await db_session.commit()
+        return to_out(tenant)
 
     @get("/", operation_id="listTenants", summary="List tenants, oldest first")
     async def list_tenants(
@@ -57,6 +60,7 @@ class TenantController(Controller):
     ) -> TenantOut:
         data = await strict_body(request, TenantUpdate)
         tenant = await TenantService(db_session).update(tenant_id, data)
+        await db_session.commit()
         # Suspension must bite at once in this process; other processes follow within the cache TTL.
         request.app.state[AUTHENTICATOR_STATE_KEY].forget_tenant(tenant_id)
         return to_out(tenant)

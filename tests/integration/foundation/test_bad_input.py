@@ -141,3 +141,36 @@ def test_pagination(client, admin_headers, make_tenant):
     page = client.get("/admin/tenants?limit=2&offset=1", headers=admin_headers).json()
     assert page["total"] == 3
     assert [t["id"] for t in page["data"]] == made[1:3]
+
+
+def test_non_json_content_types_never_500(client, admin_headers, migrated_database_url):
+    for content_type, raw in [
+        ("application/x-www-form-urlencoded", b"name=form"),
+        ("text/plain", b"hello"),
+        (
+            "multipart/form-data; boundary=x",
+            b"--x\r\nContent-Disposition: form-data; name=name\r\n\r\nm\r\n--x--\r\n",
+        ),
+        ("application/json", b""),
+    ]:
+        response = client.post(
+            "/admin/tenants", content=raw, headers={**admin_headers, "content-type": content_type}
+        )
+        assert 400 <= response.status_code < 500, (content_type, response.status_code, response.text)
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert _count(migrated_database_url, "tenants") == 0
+
+
+async def test_concurrent_creates_of_one_name_give_one_201_and_409s(
+    async_client, admin_headers, migrated_database_url
+):
+    responses = await asyncio.gather(
+        *[async_client.post("/admin/tenants", json={"name": "race"}, headers=admin_headers) for _ in range(6)]
+    )
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [201] + [409] * 5, [r.text for r in responses]
+    assert all(
+        set(r.json()["error"]) == {"message", "type", "param", "code"}
+        for r in responses
+        if r.status_code == 409
+    )
