@@ -61,7 +61,16 @@ def _instant(value: str | None, name: str, default: datetime) -> datetime:
         raise ApiError(
             400, f"'{name}' must be an ISO 8601 date or date-time, e.g. 2026-11-01", param=name
         ) from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    try:
+        parsed = parsed.astimezone(UTC)
+    except OverflowError:
+        parsed = datetime.min.replace(tzinfo=UTC)  # outside the range below: refused there
+    # The database cannot hold every date Python can; nothing was metered outside these years anyway.
+    if not 2000 <= parsed.year <= 2999:
+        raise ApiError(400, f"'{name}' must be between the years 2000 and 2999", param=name)
+    return parsed
 
 
 def _range(start: str | None, end: str | None) -> tuple[datetime, datetime]:

@@ -199,7 +199,9 @@ def test_v1_usage_is_the_callers_own(client, admin_headers, billed) -> None:  # 
         ({"start": "yesterday"}, "start"),
         ({"end": "2026-13-01"}, "end"),
         ({"start": "2026-05-02", "end": "2026-05-01"}, "end"),
-        ({"start": "1900-01-01", "end": "2100-01-01"}, "end"),
+        ({"start": "2001-01-01", "end": "2100-01-01"}, "end"),
+        ({"start": "0001-01-01T00:00:00+14:00"}, "start"),
+        ({"end": "9999-12-31T23:59:59-14:00"}, "end"),
     ],
 )
 def test_bad_query_names_the_parameter(client, admin_headers, params, param) -> None:  # type: ignore[no-untyped-def]
