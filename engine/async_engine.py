@@ -129,8 +129,7 @@ class AsyncLLMEngine:
                 if isinstance(item, BaseException):
                     raise item
                 if item.error is not None:
-                    finished = True
-                    raise RequestFailedError(item.error)
+                    raise RequestFailedError(item.error)  # `finally` aborts any sibling samples still running
                 finished = item.finished
                 yield item
                 if finished:

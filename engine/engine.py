@@ -108,8 +108,15 @@ class LLMEngine:
                 )
             )
         detoks = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, c.params) for c in children]
-        for child in children:
-            self.scheduler.add(child)
+        added: list[Request] = []
+        try:
+            for child in children:
+                self.scheduler.add(child)
+                added.append(child)
+        except Exception:
+            for child in added:  # all or nothing: an orphan sequence would have no group to report to
+                self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+            raise
         self.groups[request_id] = Group(request_id, prompt, prompt_token_ids, children, detoks)
 
     def _check_prompt(self, prompt_token_ids: list[int]) -> list[int]:

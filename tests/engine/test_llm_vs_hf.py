@@ -379,3 +379,15 @@ def test_a_large_offline_batch_shows_a_progress_bar(llama, capsys):
     assert "32/32" in capsys.readouterr().err
     llm.generate([[0, 4]], SamplingParams(max_tokens=1))
     assert "generating" not in capsys.readouterr().err
+
+
+def test_colliding_sample_ids_are_refused_without_leaving_orphans(llama):
+    base, _ = llama
+    engine = make_llm(base).engine
+    engine.add_request("x#1", [0, 5], GREEDY)
+    with pytest.raises(ValueError, match="already"):
+        engine.add_request("x", [0, 6], SamplingParams(n=2, max_tokens=4, temperature=0.0))
+    assert set(engine.scheduler.requests) == {"x#1"}
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
