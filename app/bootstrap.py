@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from app.config import Settings
-from app.db.migrate import ensure_sqlite_dir, upgrade
+from app.db.migrate import ensure_sqlite_dir, schema_status, upgrade
 from app.domain.keys.schemas import KeyCreated
 from app.domain.keys.service import ApiKeyService
 
@@ -29,6 +29,19 @@ def migrate(settings: Settings) -> None:
     assert settings.database_url is not None
     ensure_sqlite_dir(settings.database_url)
     upgrade(settings.database_url, "head")
+
+
+def check_schema(settings: Settings) -> None:
+    """Refuse to serve a database that is not at the latest migration (PostgreSQL is migrated separately)."""
+    assert settings.database_url is not None
+    try:
+        current, head = schema_status(settings.database_url)
+    except (SQLAlchemyError, OSError) as exc:
+        raise BootstrapError(f"cannot reach the database: {exc}") from exc
+    if current != head:
+        raise BootstrapError(
+            f"the database is at migration {current or 'none'}, the code needs {head}: run `loraplex migrate`"
+        )
 
 
 async def _admin_key(settings: Settings, only_if_none: bool, name: str | None) -> KeyCreated | None:

@@ -20,7 +20,7 @@ def _settings() -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.bootstrap import BootstrapError, ensure_model, first_admin_key, migrate
+    from app.bootstrap import BootstrapError, check_schema, ensure_model, first_admin_key, migrate
     from app.logging import configure_logging
     from app.main import create_app
 
@@ -33,6 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
         if settings.is_sqlite:
             # The embedded database has one writer: this process. Postgres deployments run `loraplex migrate`.
             migrate(settings)
+        else:
+            check_schema(settings)
         key = first_admin_key(settings)
     except BootstrapError as exc:
         print(f"loraplex: {exc}", file=sys.stderr)

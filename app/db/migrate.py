@@ -50,6 +50,26 @@ def downgrade(database_url: str, revision: str = "base") -> None:
     _in_plain_thread(command.downgrade, alembic_config(database_url), revision)
 
 
+async def _current_revision(database_url: str) -> str | None:
+    from alembic.migration import MigrationContext
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
+    finally:
+        await engine.dispose()
+
+
+def schema_status(database_url: str) -> tuple[str | None, str | None]:
+    """(revision the database is at, head revision of migrations/); equal when up to date."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
+    return asyncio.run(_current_revision(database_url)), head
+
+
 def ensure_sqlite_dir(database_url: str) -> None:
     """Create the folder of a SQLite file URL, so a fresh ./data works."""
     prefix = "sqlite+aiosqlite:///"

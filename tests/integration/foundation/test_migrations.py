@@ -101,3 +101,29 @@ def test_sqlite_round_trip(tmp_path):
     assert asyncio.run(_tables(url)) <= {"alembic_version"}
     upgrade(url, "head")
     assert asyncio.run(_diff(url, compare_type=False)) == []
+
+
+def test_serve_refuses_a_database_behind_the_code(pg_database_url):
+    import dataclasses
+
+    from app.bootstrap import BootstrapError, check_schema
+    from app.config import Settings
+
+    settings = dataclasses.replace(Settings(), database_url=pg_database_url)
+    try:
+        check_schema(settings)
+    except BootstrapError as err:
+        assert "loraplex migrate" in str(err) and "none" in str(err)
+    else:
+        raise AssertionError("an empty database was accepted")
+    upgrade(pg_database_url, "head")
+    check_schema(settings)  # at head: no error
+    unreachable = dataclasses.replace(
+        settings, database_url="postgresql+asyncpg://postgres@127.0.0.1:1/nowhere"
+    )
+    try:
+        check_schema(unreachable)
+    except BootstrapError as err:
+        assert "cannot reach the database" in str(err)
+    else:
+        raise AssertionError("an unreachable database was accepted")
