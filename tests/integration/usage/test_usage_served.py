@@ -130,3 +130,32 @@ def test_postgres_gone_new_requests_and_billing_503_health_200(  # type: ignore[
             time.sleep(0.2)
         bill = client.get("/v1/usage", params={"group_by": "tenant"}, headers=auth).json()
         assert bill["totals"]["requests"] == 1
+
+
+def test_redis_down_completions_still_limited_in_process(build_app, admin_headers, demo_model) -> None:  # type: ignore[no-untyped-def]
+    from tests.integration.conftest import free_port
+
+    app = build_app(
+        model=str(demo_model),
+        device="cpu",
+        max_model_len=256,
+        kv_cache_bytes=4 << 20,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+    )
+    with TestClient(app, timeout=60) as client:
+        _wait_ready(client)
+        tenant = client.post(
+            "/admin/tenants", json={"name": "noredis", "requests_per_minute": 1}, headers=admin_headers
+        ).json()
+        key = client.post(
+            f"/admin/tenants/{tenant['id']}/api-keys", json={"scopes": ["completions"]}, headers=admin_headers
+        ).json()["key"]
+        auth = {"Authorization": f"Bearer {key}"}
+        model = client.get("/v1/models", headers=auth).json()["data"][0]["id"]
+        body = {"model": model, "prompt": "hi", "max_tokens": 2, "temperature": 0}
+        first = client.post("/v1/completions", json=body, headers=auth)
+        assert first.status_code == 200 and first.headers["x-ratelimit-remaining-requests"] == "0"
+        second = client.post("/v1/completions", json=body, headers=auth)
+        assert second.status_code == 429 and int(second.headers["retry-after"]) == 60
+        assert client.get("/health").status_code == 200
+        assert "loraplex:limiter_in_process 1.0" in client.get("/metrics").text
