@@ -16,6 +16,7 @@ from uuid import UUID, uuid4
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
 
 from app.domain.adapters.models import CONFIG_FILE, WEIGHTS_FILE, Adapter, object_prefix
 from app.domain.adapters.service import NAME_RULE, find_adapters, is_valid_name
@@ -198,6 +199,13 @@ class AdapterRegistry:
             except IntegrityError:
                 # Another upload of this name took the number first; count again.
                 await self.session.rollback()
+            except StaleDataError:
+                # The sweep took this upload for a dead one (pending past the grace period) and removed
+                # its row and objects: nothing usable is left, so the client must upload again.
+                await self.session.rollback()
+                raise ApiError(
+                    503, "The upload took too long and was abandoned; upload again", code="upload_expired"
+                ) from None
         raise conflict("Too many concurrent uploads of this name; retry", param="name")
 
     async def delete(self, tenant_id: UUID, ref: str) -> list[str]:

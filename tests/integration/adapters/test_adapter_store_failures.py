@@ -190,3 +190,35 @@ def test_the_app_sweeps_on_its_own(build_app, store_settings, base_dir, tmp_path
         while store.stat(key) is not None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert store.stat(key) is None
+
+
+def test_an_upload_the_sweep_gave_up_on_never_turns_ready(
+    app, client, make_tenant, make_adapter, upload, migrated_database_url, monkeypatch
+):
+    import asyncio
+
+    import asyncpg
+
+    tenant = make_tenant()
+    real_put = S3ObjectStore.put_file
+    dsn = migrated_database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+    async def sweep_the_pending_row() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("DELETE FROM adapters WHERE status = 'pending'")
+        finally:
+            await conn.close()
+
+    def slow_put(self, key, path, **kwargs):
+        # As if this upload outlived the grace period and the sweep removed its row meanwhile.
+        asyncio.run(sweep_the_pending_row())
+        return real_put(self, key, path, **kwargs)
+
+    monkeypatch.setattr(S3ObjectStore, "put_file", slow_put)
+    response = upload(tenant["id"], "bot", make_adapter(r=4))
+    assert response.status_code == 503 and response.json()["error"]["code"] == "upload_expired"
+    assert rows(client, app, tenant["id"]) == []
+    monkeypatch.setattr(S3ObjectStore, "put_file", real_put)
+    sweep(client, app)
+    assert stored_keys(app, tenant["id"]) == []
