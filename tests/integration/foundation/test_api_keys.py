@@ -185,3 +185,17 @@ def test_last_used_is_written_in_batches(client, admin_headers, make_tenant, mak
     rows = asyncio.run(_fetch(migrated_database_url, "SELECT last_used_at FROM api_keys"))
     assert rows[0]["last_used_at"] is not None
     assert client.blocking_portal.call(flush) == 0
+
+
+def test_last_used_is_flushed_when_the_app_stops(build_app, admin_headers, migrated_database_url):
+    from litestar.testing import TestClient
+
+    app = build_app(last_used_flush_seconds=3600.0)
+    with TestClient(app) as client:
+        tenant = client.post("/admin/tenants", json={"name": "stopping"}, headers=admin_headers).json()
+        key = client.post(f"/admin/tenants/{tenant['id']}/api-keys", json={}, headers=admin_headers).json()[
+            "key"
+        ]
+        assert client.get("/admin/tenants", headers=_bearer(key)).status_code == 403
+    rows = asyncio.run(_fetch(migrated_database_url, "SELECT last_used_at FROM api_keys"))
+    assert rows[0]["last_used_at"] is not None

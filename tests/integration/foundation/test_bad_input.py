@@ -111,6 +111,19 @@ def test_oversize_body_is_413(client, admin_headers, app_settings, migrated_data
     headers = {**admin_headers, "content-type": "application/json"}
     error = _assert_envelope(client.post("/admin/tenants", content=big, headers=headers), 413)
     assert error["code"] == "request_too_large"
+
+    # Chunked, with no content-length to trust: the limit holds while reading.
+    def chunks():
+        yield b'{"name": "'
+        for _ in range(app_settings.max_request_bytes // 65536 + 2):
+            yield b"a" * 65536
+        yield b'"}'
+
+    _assert_envelope(client.post("/admin/tenants", content=chunks(), headers=headers), 413)
+    # A lying content-length is not believed either.
+    lying = {**headers, "content-length": "10"}
+    response = client.post("/admin/tenants", content=big, headers=lying)
+    assert response.status_code in (400, 413), response.text
     assert _count(migrated_database_url, "tenants") == 0
 
 
