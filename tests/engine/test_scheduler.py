@@ -201,3 +201,79 @@ def test_decodes_admitted_earlier_are_never_stalled_by_a_later_long_prefill():
         step = dict((r.request_id, n) for r, n in h.step())
         # Running requests go first in admission order; the long prompt is chunked into what is left.
         assert step == {"s0": 1, "s1": 1, "s2": 1, "long": 5}
+
+
+def check_invariants(s) -> None:
+    bm = s.block_manager
+    held: dict[int, int] = {}
+    for r in s.running:
+        assert r.status == RequestStatus.RUNNING
+        assert len(r.block_table) == len(set(r.block_table))
+        for b in r.block_table:
+            held[b] = held.get(b, 0) + 1
+    for r in s.waiting():
+        assert r.block_table == [] and r.num_computed_tokens == 0
+    free = set(bm._free_plain) | set(bm._free_cached)
+    assert len(free) == bm.num_free_blocks  # no block listed twice
+    for block in bm.blocks:
+        assert block.ref_count == held.get(block.block_id, 0)
+        assert (block.ref_count == 0) == (block.block_id in free)
+    for block_hash, block_id in bm._cached.items():
+        assert bm.blocks[block_id].block_hash == block_hash
+
+
+def run_random_workload(seed: int) -> int:
+    """Random arrivals, prompts with shared prefixes, adapters, aborts and a small KV pool; every step
+    checks the pool's bookkeeping, and every output must equal the unbatched one. Returns preemptions."""
+    import random
+
+    rng = random.Random(seed)
+    slots = SlotTable(2)
+    loras = [None, LORA_A, LORA_B, LoRARequest("c", content_hash="c" * 64)]
+    s = make_scheduler(
+        num_blocks=rng.choice([12, 20, 40]),
+        block_size=rng.choice([2, 4]),
+        max_num_seqs=rng.choice([2, 4, 8]),
+        max_num_batched_tokens=rng.choice([5, 16, 64]),
+        slots=slots,
+        quantum=rng.choice([None, 8]),
+    )
+    h = Harness(s)
+    expected: dict[str, list[int]] = {}
+    reqs = []
+    shared = [rng.randrange(1, 50) for _ in range(8)]
+    for _step in range(40):
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            n = len(reqs)
+            prompt = (shared[: rng.randrange(0, 8)] if rng.random() < 0.5 else []) + [
+                rng.randrange(1, 50) for _ in range(rng.randrange(1, 10))
+            ]
+            max_tokens = rng.randrange(1, 8)
+            r = req(f"r{n}", prompt, max_tokens, key=rng.choice("xyz"), lora=rng.choice(loras), salt="s")
+            s.add(r)
+            reqs.append(r)
+            expected[r.request_id] = expected_output(prompt, max_tokens)
+        if reqs and rng.random() < 0.1:
+            victim = rng.choice(reqs)
+            if not victim.is_finished:
+                s.finish(victim, RequestStatus.FINISHED_ABORTED)
+        scheduled = h.step()
+        assert len(scheduled) <= s.max_num_seqs
+        assert sum(n for _, n in scheduled) <= s.max_num_batched_tokens
+        check_invariants(s)
+    h.run()
+    check_invariants(s)
+    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
+    assert all(v == 0 for v in slots.pins.values())
+    for r in reqs:
+        if r.finish_reason == "length":
+            assert r.output_token_ids == expected[r.request_id], r.request_id
+        else:
+            assert r.finish_reason == "abort"
+            assert r.output_token_ids == expected[r.request_id][: r.num_output_tokens]
+    return s.num_preemptions
+
+
+def test_random_workloads_keep_every_invariant_and_every_output():
+    preemptions = [run_random_workload(seed) for seed in range(40)]
+    assert sum(preemptions) > 0, "the workloads must exercise preemption too"
