@@ -1,0 +1,224 @@
+"""The serving benchmark's workloads a-f, each measured next to its baseline in the same process.
+
+Every function takes a `Bench` (the engine, its model, adapter sets and sizes) and returns a plain dict
+for the JSON table. GPU times come from CUDA events after warm-up, medians; wall times from the host clock
+around whole engine steps (they include scheduling, sampling and the token read-back).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from benchmarks.serving_adapters import SeededAdapters
+from engine.engine import LLMEngine
+from engine.request import LoRARequest
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class Sizes:
+    batch_sizes: list[int]
+    decode_prompt: int
+    steps: int
+    warmup: int
+    b_batch: int
+    c_batch: int
+    c_prompt: int
+    c_new: int
+    c_adapters: int
+    d_system: int
+    d_question: int
+    d_tenants: int
+    e_adapters: int
+    e_requests: int
+    e_rate: float
+    e_prompt: int
+    e_new: int
+
+
+@dataclass
+class Bench:
+    engine: LLMEngine
+    qkvo: SeededAdapters
+    seven: SeededAdapters
+    sizes: Sizes
+    bandwidth: float  # bytes/s, measured device-to-device copy (read + write)
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+    runs: int = 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.engine.runner.device.type == "cuda"
+
+    def prompt(self, n: int) -> list[int]:
+        vocab = self.engine.vocab_size
+        return [self.rng.randrange(10, vocab - 10) for _ in range(n)]
+
+    def tag(self, name: str) -> str:
+        self.runs += 1
+        return f"{name}{self.runs}"
+
+
+class ForwardTimer:
+    """Wraps runner.execute: GPU time of each forward (CUDA events), and on request one graph-vs-eager
+    comparison of the same decode batch (the eager forward first; both write the same KV)."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner, self.inner = runner, runner.execute
+        self.events: list[tuple[Any, Any]] = []
+        self.walls: list[float] = []
+        self.check_next = False
+        self.check_error: float | None = None
+        self.last_logits: torch.Tensor | None = None
+        self.last_batch: list[Any] = []
+        runner.execute = self
+
+    def __call__(self, batch: list[Any]) -> torch.Tensor:
+        runner = self.runner
+        eager = None
+        if self.check_next and runner.graphs is not None and runner.graphs.accepts(batch):
+            step = runner.prepare(batch)
+            with torch.inference_mode():
+                hidden = runner.model.model(
+                    step.input_ids, step.positions, runner.kv_caches, step.attn, step.lora, runner.ops
+                )
+                eager = runner.model.model.compute_logits(hidden[step.attn.query_start_loc[1:].long() - 1])
+        if runner.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = self.inner(batch)
+            end.record()
+            self.events.append((start, end))
+        else:
+            t = time.perf_counter()
+            out = self.inner(batch)
+            self.walls.append(time.perf_counter() - t)
+        if eager is not None:
+            self.check_error = float((out - eager).norm() / eager.norm())
+            self.check_next = False
+        self.last_logits, self.last_batch = out, batch
+        return out
+
+    def reset(self) -> None:
+        self.events, self.walls = [], []
+
+    def median_ms(self) -> float:
+        if self.events:
+            torch.cuda.synchronize()
+            return statistics.median(s.elapsed_time(e) for s, e in self.events)
+        return statistics.median(self.walls) * 1e3
+
+
+def make_resident(bench: Bench, loras: list[LoRARequest]) -> None:
+    """Load adapters into GPU slots before a measurement (then unpinned: they stay, LRU)."""
+    cache = bench.engine.adapter_cache
+    for lora in loras:
+        while cache.acquire(lora) is None:
+            cache.wait_for_loads(timeout=0.1)
+        cache.release(lora)
+
+
+def timer_of(bench: Bench) -> ForwardTimer:
+    runner = bench.engine.runner
+    return runner.execute if isinstance(runner.execute, ForwardTimer) else ForwardTimer(runner)
+
+
+def weight_bytes(bench: Bench, batch: int) -> int:
+    """Bytes a decode step must read from the weights: every matrix once, the embedding's B rows only."""
+    model = bench.engine.runner.model.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.embed_tokens.weight
+    return total - emb.numel() * emb.element_size() + batch * emb.shape[1] * emb.element_size()
+
+
+def kv_bytes_per_token(bench: Bench) -> int:
+    k, _ = bench.engine.runner.kv_caches[0]
+    return 2 * len(bench.engine.runner.kv_caches) * k.shape[2] * k.shape[3] * k.element_size()
+
+
+def decode(bench: Bench, batch: int, loras: list[LoRARequest] | None, check: bool = False) -> dict[str, Any]:
+    """`batch` sequences of decode_prompt tokens, prefilled, then timed decode steps (all B every step)."""
+    s, engine = bench.sizes, bench.engine
+    timer = timer_of(bench)
+    tag = bench.tag("dec")
+    params = SamplingParams(max_tokens=s.warmup + s.steps + 4, temperature=0.0, ignore_eos=True)
+    ids = [f"{tag}-{i}" for i in range(batch)]
+    for i, rid in enumerate(ids):
+        lora = loras[i % len(loras)] if loras else None
+        engine.add_request(rid, bench.prompt(s.decode_prompt), params, lora=lora, cache_salt=rid)
+    sched = engine.scheduler
+    while sched.num_waiting or any(r.num_output_tokens == 0 for r in sched.running):
+        engine.step()
+    for _ in range(s.warmup):
+        engine.step()
+    timer.reset()
+    timer.check_next = check
+    walls = []
+    for _ in range(s.steps):
+        t = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - t)
+    forward_ms = timer.median_ms()
+    context = sum(r.num_tokens for r in engine.scheduler.running)
+    for rid in ids:
+        engine.abort(rid)
+    distinct = len({lo.content_hash for lo in loras}) if loras else 0
+    lora_bytes = 0
+    if loras:
+        adapters = bench.seven if loras[0].lora_name.startswith(bench.seven.prefix) else bench.qkvo
+        lora_bytes = distinct * adapters.nbytes()
+    roof_bytes = weight_bytes(bench, batch) + context * kv_bytes_per_token(bench) + lora_bytes
+    roofline_ms = roof_bytes / bench.bandwidth * 1e3
+    step_ms = statistics.median(walls) * 1e3
+    out = {
+        "batch": batch,
+        "adapters": distinct,
+        "mean_context": context / batch,
+        "forward_ms": forward_ms,
+        "step_ms": step_ms,
+        "tokens_per_s": batch / step_ms * 1e3,
+        "roofline_ms": roofline_ms,
+        "roofline_tokens_per_s": batch / roofline_ms * 1e3,
+        "forward_over_roofline": forward_ms / roofline_ms,
+        "bytes_per_step": roof_bytes,
+    }
+    if check:
+        out["graph_vs_eager_rel_err"] = timer.check_error
+    return out
+
+
+def workload_a(bench: Bench) -> dict[str, Any]:
+    rows = [decode(bench, b, None, check=(b == 8)) for b in bench.sizes.batch_sizes]
+    eager = {}
+    runner = bench.engine.runner
+    if runner.graphs is not None:
+        graphs, runner.graphs = runner.graphs, None
+        try:
+            for b in (1, bench.sizes.batch_sizes[-1]):
+                eager[str(b)] = decode(bench, b, None)
+        finally:
+            runner.graphs = graphs
+    return {"rows": rows, "eager_rows": eager}
+
+
+def workload_b(bench: Bench) -> dict[str, Any]:
+    b = bench.sizes.b_batch
+    qkvo = [bench.qkvo.lora(i) for i in range(b)]
+    seven = [bench.seven.lora(i) for i in range(b)]
+    base = decode(bench, b, None)
+    mixed = decode(bench, b, qkvo, check=True)
+    all_seven = decode(bench, b, seven)
+    return {
+        "base": base,
+        "qkvo": mixed,
+        "all_seven": all_seven,
+        "qkvo_over_base_throughput": mixed["tokens_per_s"] / base["tokens_per_s"],
+        "qkvo_over_base_forward": base["forward_ms"] / mixed["forward_ms"],
+        "all_seven_forward_over_roofline": all_seven["forward_over_roofline"],
+    }
