@@ -256,3 +256,27 @@ def test_ordinary_names_pass():
     refuse_by_name("adapter_model.safetensors", "weights")
     refuse_by_name("adapter_config.json", "adapter_config")
     refuse_by_name(None, "weights")
+
+
+def test_random_corruption_is_always_a_clean_refusal():
+    """Flip bytes and cut files at random: the reader either accepts or raises AdapterRejected, never
+    anything else (no IndexError, no MemoryError, no hang)."""
+    import random
+
+    rng = random.Random(1234)
+    original = build({f"t{i}": ("F16", [3, 5], np.ones(15, dtype="<f2").tobytes()) for i in range(6)})
+    outcomes = {"accepted": 0, "refused": 0}
+    for _ in range(400):
+        blob = bytearray(original)
+        for _ in range(rng.randint(1, 6)):
+            position = rng.randrange(len(blob)) if rng.random() < 0.5 else rng.randrange(min(len(blob), 300))
+            blob[position] = rng.randrange(256)
+        if rng.random() < 0.2:
+            blob = blob[: rng.randrange(len(blob))]
+        try:
+            parse(bytes(blob))
+            outcomes["accepted"] += 1
+        except AdapterRejected as exc:
+            assert exc.code and exc.status_code in (413, 415, 422)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 100  # the corruption really hit the header

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth import require_admin
 from app.config import Settings
 from app.domain.adapters.deps import ADAPTER_DELETED, base_model_spec, object_store
+from app.domain.adapters.openapi import UploadOperation
 from app.domain.adapters.registry import AdapterRegistry, check_idempotency_key, require_tenant
 from app.domain.adapters.schemas import AdapterList, AdapterOut, to_out
 from app.domain.adapters.service import current_versions, find_adapters, list_adapters
@@ -49,6 +50,7 @@ class AdapterController(Controller):
         # The body is streamed to disk with this app's own limit (LORAPLEX_MAX_UPLOAD_BYTES), see upload.py.
         request_max_body_size=None,
         status_code=201,
+        operation_class=UploadOperation,
     )
     async def upload_adapter(
         self,

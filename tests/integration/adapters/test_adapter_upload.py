@@ -136,3 +136,15 @@ def test_a_tenant_key_cannot_use_the_admin_routes(app, client, make_tenant, make
 def test_upload_to_a_missing_tenant(app, make_adapter, upload):
     response = upload("00000000-0000-4000-8000-000000000000", "bot", make_adapter(r=4))
     assert response.status_code == 404 and response.json()["error"]["param"] == "tenant_id"
+
+
+def test_openapi_describes_the_routes_and_the_multipart_body(app, client):
+    schema = client.get("/schema/openapi.json").json()
+    collection = schema["paths"]["/admin/tenants/{tenant_id}/adapters"]
+    one = schema["paths"]["/admin/tenants/{tenant_id}/adapters/{ref}"]
+    ids = {collection["post"]["operationId"], collection["get"]["operationId"]}
+    ids |= {one["get"]["operationId"], one["delete"]["operationId"]}
+    assert ids == {"uploadAdapter", "listAdapters", "getAdapter", "deleteAdapter"}
+    form = collection["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert sorted(form["required"]) == ["adapter_config", "name", "weights"]
+    assert form["properties"]["weights"]["format"] == "binary"
