@@ -226,3 +226,26 @@ def test_bad_tensors_are_refused(base: Path, good: Path, tmp_path: Path) -> None
         edit_tensors(folder, fn)
         with pytest.raises(AdapterError, match=message):
             load_adapter(folder, cfg, 16)
+
+
+def test_layer_specific_rank_pattern(base: Path, tmp_path: Path) -> None:
+    folder = make_peft_adapter(
+        base,
+        tmp_path / "perlayer",
+        r=8,
+        alpha=16,
+        target_modules=("q_proj",),
+        rank_pattern={"model.layers.1.self_attn.q_proj": 2},
+    )
+    adapter = load_adapter(folder, load_config(base), 16)
+    assert adapter.ranks[:, QKV].tolist() == [8, 2]
+    raw = load_file(str(folder / "adapter_model.safetensors"))
+    a1 = raw["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
+    assert a1.shape[0] == 2
+    assert torch.equal(adapter.a["q_proj"][1, :2], a1)
+    assert torch.count_nonzero(adapter.a["q_proj"][1, 2:]) == 0
+    # rank 2 with alpha 16 scales by 8, 4x the adapter's 16/8: folded into layer 1's B only.
+    b1 = raw["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
+    torch.testing.assert_close(adapter.b["q_proj"][1, :, :2], b1 * 4)
+    b0 = raw["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    torch.testing.assert_close(adapter.b["q_proj"][0], b0)
