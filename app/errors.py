@@ -12,9 +12,10 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from advanced_alchemy.exceptions import DuplicateKeyError, IntegrityError, NotFoundError
+from advanced_alchemy.exceptions import DuplicateKeyError, ForeignKeyError, IntegrityError, NotFoundError
 from litestar import MediaType, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
 
 if TYPE_CHECKING:
     from litestar import Request
@@ -156,12 +157,16 @@ def _from_http_exception(request: Request[Any, Any, Any], exc: HTTPException) ->
     return error_response(ApiError(status, message, headers=exc.headers))
 
 
-def _from_repository(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+def _from_repository(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     # Services check first; these catch the races (two creates of one name at once) and missed checks.
     if isinstance(exc, NotFoundError):
         return error_response(ApiError(404, "Not found"))
-    log.info("integrity error turned into 409: %s", exc)
-    return error_response(ApiError(409, "Conflicts with an existing record"))
+    # advanced-alchemy also wraps operational failures (a missing table, a dropped connection) in its
+    # IntegrityError; only a real constraint violation is the client's conflict.
+    if isinstance(exc, DuplicateKeyError | ForeignKeyError) or isinstance(exc.__cause__, SAIntegrityError):
+        log.info("constraint violation turned into 409: %s", exc.__cause__ or exc)
+        return error_response(ApiError(409, "Conflicts with an existing record"))
+    return _from_unexpected(request, exc)
 
 
 def _from_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -176,6 +181,7 @@ def exception_handlers() -> ExceptionHandlersMap:
         HTTPException: _from_http_exception,
         NotFoundError: _from_repository,
         DuplicateKeyError: _from_repository,
+        ForeignKeyError: _from_repository,
         IntegrityError: _from_repository,
         Exception: _from_unexpected,
     }

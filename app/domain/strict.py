@@ -18,14 +18,18 @@ from app.errors import ApiError
 T = TypeVar("T")
 
 _AT_PATH = re.compile(r"^(.*?) - at `\$\.?([^`]*)`$")
+_FIELD = re.compile(r"(unknown|missing required) field `([^`]{1,100})`")
 
 
 def validation_error(exc: msgspec.ValidationError) -> ApiError:
     text = str(exc)
     match = _AT_PATH.match(text)
-    if match is None:
-        return ApiError(422, f"Invalid request body: {text}")
-    message, path = match.group(1), match.group(2)
+    message, path = (match.group(1), match.group(2)) if match else (text, "")
+    named = _FIELD.search(message)
+    if named:
+        # "Object contains unknown field `x`" is reported at the object; the client needs `x`.
+        path = f"{path}.{named.group(2)}" if path else named.group(2)
+        message = f"{named.group(1)} field"
     param = path or None
     if param is None:
         return ApiError(422, f"Invalid request body: {message}")
