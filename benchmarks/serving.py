@@ -33,7 +33,7 @@ from benchmarks.serving_adapters import ALL_SEVEN, QKVO, SeededAdapters
 from benchmarks.serving_hf import workload_c
 from benchmarks.serving_model import LLAMA3_8B, make_engine, random_model, write_model_folder
 from benchmarks.serving_traffic import workload_d, workload_e, workload_f
-from benchmarks.serving_workloads import Bench, Sizes, workload_a, workload_b
+from benchmarks.serving_workloads import Bench, Sizes, workload_a, workload_b, workload_g
 from engine.config import EngineConfig
 
 FULL = Sizes(
@@ -53,6 +53,7 @@ WORKLOADS = {
     "d": workload_d,
     "e": workload_e,
     "f": workload_f,
+    "g": workload_g,  # experiment: RMSNorm/RoPE compiled (GPU only)
 }
 
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--smoke", action="store_true", help="every workload on the CPU demo model, seconds")
     parser.add_argument("--out", default="benchmarks/results", help="folder for serving.json and serving.png")
-    parser.add_argument("--only", default="abcdef", help="workloads to run, e.g. 'ab'")
+    parser.add_argument("--only", default="abcdef", help="workloads to run, e.g. 'ab' ('g': an experiment)")
     parser.add_argument("--no-graphs", action="store_true", help="EngineConfig(cuda_graphs=False)")
     parser.add_argument("--memory-fraction", type=float, default=0.85)
     parser.add_argument(

@@ -74,7 +74,13 @@ def table(r: dict[str, Any]) -> str:
             f"f) adapter {f['adapter_bytes'] / 1e6:.1f} MB: disk->GPU {f['disk_to_gpu_ms']:.1f} ms, disk->CPU "
             f"{f['disk_to_cpu_ms']:.1f} ms, CPU->GPU {f['cpu_to_gpu_ms']:.2f} ms ({f['cpu_to_gpu_GBps']:.1f} GB/s)"
         )
-    for name in "abcdef":
+    g = r.get("g", {})
+    for batch, row in g.get("compiled_rows", {}).items():
+        lines.append(
+            f"g) compiled RMSNorm/RoPE, B={batch}: forward {row['forward_ms']:.3f} ms "
+            f"({row['forward_over_roofline']:.2f}x roofline), step {row['step_ms']:.3f} ms"
+        )
+    for name in "abcdefg":
         if "error" in r.get(name, {}):
             lines.append(f"{name}) ERROR {r[name]['error']}")
     return "\n".join(lines)

@@ -200,7 +200,7 @@ def workload_a(bench: Bench) -> dict[str, Any]:
     if runner.graphs is not None:
         graphs, runner.graphs = runner.graphs, None
         try:
-            for b in (1, bench.sizes.batch_sizes[-1]):
+            for b in sorted({1, min(32, bench.sizes.batch_sizes[-1]), bench.sizes.batch_sizes[-1]}):
                 eager[str(b)] = decode(bench, b, None)
         finally:
             runner.graphs = graphs
@@ -222,3 +222,23 @@ def workload_b(bench: Bench) -> dict[str, Any]:
         "qkvo_over_base_forward": base["forward_ms"] / mixed["forward_ms"],
         "all_seven_forward_over_roofline": all_seven["forward_over_roofline"],
     }
+
+
+def workload_g(bench: Bench) -> dict[str, Any]:
+    """Experiment: RMSNorm and RoPE through torch.compile (fused elementwise kernels), graphs recaptured,
+    decode at B=1 and 32 again. Measures what fusing the small kernels would buy before anyone writes them."""
+    import engine.models.llama as llama
+
+    runner = bench.engine.runner
+    if runner.graphs is None:
+        return {"skipped": "no CUDA graphs"}
+    original = (llama.rms_norm, llama.apply_rope)
+    llama.rms_norm = torch.compile(original[0], dynamic=True)
+    llama.apply_rope = torch.compile(original[1], dynamic=True)
+    runner.graphs.graphs.clear()
+    try:
+        rows = {str(b): decode(bench, b, None) for b in sorted({1, min(32, bench.sizes.batch_sizes[-1])})}
+    finally:
+        llama.rms_norm, llama.apply_rope = original
+        runner.graphs.graphs.clear()
+    return {"compiled_rows": rows}
