@@ -181,6 +181,30 @@ def test_malformed_forms(app, client, admin_headers, make_tenant, make_adapter):
         assert response.status_code == status, (what, response.text)
         assert response.json()["error"]["code"] == code, (what, response.text)
 
+    # Random garbage in every field: always a 4xx in the envelope, never a 5xx.
+    import random
+
+    rng = random.Random(7)
+    pieces = [b"", b"{", b"\x80\x04", b"PK\x03\x04", config, weights[:64], weights, b"\x00" * 9, b"{}" * 50]
+    for _ in range(25):
+        parts = [
+            ("name", None, rng.choice([b"bot", b"", b"\xff\xfe", b"a" * 70, b"../x"])),
+            (
+                "adapter_config",
+                rng.choice(["c.json", "c.pt", "c"]),
+                rng.choice(pieces) + rng.randbytes(rng.randrange(0, 40)),
+            ),
+            (
+                "weights",
+                rng.choice(["w.safetensors", "w.bin", "w"]),
+                rng.choice(pieces) + rng.randbytes(rng.randrange(0, 40)),
+            ),
+        ]
+        rng.shuffle(parts)
+        response = client.post(url, content=_multipart(b, parts[: rng.randint(1, 3)]), headers=form)
+        assert 400 <= response.status_code < 500, response.text
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
 
 def test_size_limit_is_413_with_or_without_content_length(
     build_app, store_settings, base_dir, make_adapter, tmp_path
