@@ -329,3 +329,18 @@ def test_random_workload_never_serves_wrong_or_shared_weights(adapter_dirs: dict
                 assert owners.setdefault(slot, n) == n, f"slot {slot} pinned by {owners[slot]} and {n}"
         assert cache.stats()["pinned"] == sum(1 for held in pins.values() if held)
     assert served > 50
+
+
+def test_request_without_path_needs_a_loader(adapter_dirs: dict[str, Path]) -> None:
+    """The app passes content hashes only; offline, with no loader, that is a clear load error."""
+    a = lora(adapter_dirs, "a")
+    by_hash = LoRARequest("a", content_hash=a.content_hash)
+    cache = make_cache()
+    assert cache.acquire(by_hash) is None
+    cache.wait_for_loads(timeout=30)
+    with pytest.raises(AdapterLoadError, match="no lora_path"):
+        cache.acquire(by_hash)
+    # With a loader that resolves hashes to folders (what the app's S3-backed loader does) it loads.
+    folders = {a.content_hash: str(adapter_dirs["a"])}
+    resolving = make_cache(loader=lambda req: folders[req.content_hash])
+    assert acquire_now(resolving, by_hash) == 0
