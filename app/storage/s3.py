@@ -102,7 +102,11 @@ class S3ObjectStore:
         except BotoCoreError as exc:
             raise StoreUnavailable(f"S3 head {key}: {exc}") from exc
         etag = str(head.get("ETag", "")).strip('"')
-        md5 = etag if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) else None
+        # The ETag is the content's md5 only for single-part objects stored unencrypted or with SSE-S3;
+        # with KMS or customer keys it is something else, and then only size and sha256 are compared.
+        plain = head.get("ServerSideEncryption") in (None, "AES256") and "SSECustomerAlgorithm" not in head
+        is_md5 = len(etag) == 32 and all(c in "0123456789abcdef" for c in etag)
+        md5 = etag if plain and is_md5 else None
         sha256 = head.get("Metadata", {}).get("sha256")
         return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"], sha256, md5)
 
