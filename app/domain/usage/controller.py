@@ -9,16 +9,28 @@ from uuid import UUID
 
 import msgspec
 from litestar import Request, Response, get
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.guards import require_billing, require_tenant
 from app.auth.principal import Principal
+from app.domain.completions.schemas import ErrorEnvelope
 from app.domain.usage.billing import GROUP_BY, to_csv, totals, usage_rows
 from app.domain.usage.lifespan import metrics_of
 from app.errors import ApiError
 
 MAX_RANGE = timedelta(days=3700)
+_ERRORS = {
+    400: "A query parameter is invalid (`param` names it)",
+    401: "Missing or unknown API key",
+    403: "The key may not read this usage",
+    503: "The database is unreachable; retry after `Retry-After`",
+}
+ERROR_RESPONSES = {
+    status: ResponseSpec(data_container=ErrorEnvelope, description=text, generate_examples=False)
+    for status, text in _ERRORS.items()
+}
 
 
 class UsageRow(msgspec.Struct):
@@ -126,6 +138,7 @@ async def _report(
     summary="Usage per tenant, day or adapter (JSON, or CSV with Accept: text/csv)",
     guards=[require_billing],
     tags=["billing"],
+    responses=ERROR_RESPONSES,
 )
 async def admin_usage(
     request: Request[Any, Any, Any],
@@ -154,6 +167,7 @@ async def admin_usage(
     summary="The calling tenant's own usage (JSON, or CSV with Accept: text/csv)",
     guards=[require_tenant],
     tags=["billing"],
+    responses=ERROR_RESPONSES,
 )
 async def own_usage(
     request: Request[Any, Any, Any],
