@@ -134,6 +134,9 @@ class ModelRunner:
             seq_lens.append(end)
             query_start.append(query_start[-1] + n)
             tables.append(req.block_table)
+        if min(token_ids) < 0 or max(token_ids) >= self.model.config.vocab_size:
+            # On CUDA an out-of-range embedding index is a device-side assert that kills the whole engine.
+            raise ValueError(f"token ids outside [0, {self.model.config.vocab_size})")
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
 

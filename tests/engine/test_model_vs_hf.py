@@ -308,6 +308,10 @@ def test_runner_refuses_bad_steps(lora_setup: tuple[Path, dict[str, Path]]) -> N
     with pytest.raises(ValueError, match="lora slot 2"):
         runner.execute([(req, 9)])
     req.lora_slot = -1
+    bad = new_request("bad", [0, 5, 512])
+    bad.block_table = [4]
+    with pytest.raises(ValueError, match="token ids outside"):
+        runner.execute([(bad, 3)])
     assert runner.execute([(req, 9)]).shape == (1, 512)  # positive control
 
 
