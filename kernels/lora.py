@@ -187,7 +187,7 @@ def _expand_kernel(
     width0, width1, width2, col0, col1, col2, stride_bs0, stride_bs1, stride_bs2,
     max_rank, tiles_per_slice,
     stride_fn, stride_ft, stride_fr, stride_bo, stride_br, stride_yt, stride_yo,
-    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RANKS: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m, seg, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -205,6 +205,12 @@ def _expand_kernel(
     b_ptr = _pick(n, b0_ptr, b1_ptr, b2_ptr)
     stride_bs = _pick(n, stride_bs0, stride_bs1, stride_bs2)
     col = _pick(n, col0, col1, col2)
+    load_rank = rank
+    if ALIGNED:
+        # Widths, offsets and R are multiples of 8 (wrapper-checked): telling the compiler lets B rows and
+        # y columns move in 16-byte vectors. Rows up to the next multiple of 8 are read, then zeroed.
+        col, width = tl.multiple_of(col, 8), tl.multiple_of(width, 8)
+        load_rank = tl.multiple_of(tl.minimum((rank + 7) // 8 * 8, max_rank), 8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < seg_len
     tok = tl.load(sorted_ids_ptr + tl.load(seg_starts_ptr + seg) + offs_m, mask=m_mask, other=0)
@@ -214,14 +220,16 @@ def _expand_kernel(
     o_mask = offs_o < width
     h = tl.load(
         buf_ptr + n * stride_fn + tok[:, None].to(tl.int64) * stride_ft + offs_r[None, :] * stride_fr,
-        mask=m_mask[:, None] & r_mask[None, :],
+        mask=m_mask[:, None] & (offs_r < load_rank)[None, :],
         other=0.0,
     )  # [BLOCK_M, BLOCK_R] float32
+    h = tl.where(r_mask[None, :], h, 0.0)
     bt = tl.load(
         b_ptr + slot.to(tl.int64) * stride_bs + offs_o[None, :] * stride_bo + offs_r[:, None] * stride_br,
-        mask=r_mask[:, None] & o_mask[None, :],
+        mask=(offs_r < load_rank)[:, None] & o_mask[None, :],
         other=0.0,
     )  # [BLOCK_R, BLOCK_N]
+    bt = tl.where(r_mask[:, None], bt, 0.0)  # NaN/inf padding past the rank must not leak in as 0 * NaN
     delta = tl.dot(h.to(bt.dtype), bt, input_precision=PRECISION) * tl.load(scales_ptr + slot)
     y_ptrs = y_ptr + tok[:, None].to(tl.int64) * stride_yt + (col + offs_o)[None, :] * stride_yo
     y_mask = m_mask[:, None] & o_mask[None, :]
@@ -354,6 +362,9 @@ def lora_expand(
         return
     block_m, block_r = _block_m(num_tokens, meta, cfg), _block_r(max_rank)
     offsets = [sum(widths[:i]) for i in range(num_slices)]
+    aligned = all(
+        v % 8 == 0 for v in [*widths, *offsets, max_rank, y.stride(0), y.data_ptr() // y.element_size()]
+    )
     for first in range(0, num_slices, MAX_SLICES_PER_LAUNCH):
         group = list(range(first, min(first + MAX_SLICES_PER_LAUNCH, num_slices)))
         bs = [weights_b[i] for i in group]
@@ -372,7 +383,7 @@ def lora_expand(
             max_rank, tiles,
             part.stride(0), part.stride(1), part.stride(2), bs[0].stride(1), bs[0].stride(2),
             y.stride(0), y.stride(1),
-            HAS_RANKS=ranks is not None, PRECISION=_precision(y.dtype),
+            HAS_RANKS=ranks is not None, ALIGNED=aligned, PRECISION=_precision(y.dtype),
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

@@ -99,11 +99,12 @@ def test_split_k_sums_to_the_same_result(split_k, device):
     assert rel_err(out, want_out) < REL_TOL[torch.float32]
 
 
-def test_mixed_ranks_mask_rows_past_each_slots_rank(device):
+@pytest.mark.parametrize("widths,max_rank", [([8, 16], 8), ([12, 6], 6)], ids=["aligned", "unaligned"])
+def test_mixed_ranks_mask_rows_past_each_slots_rank(widths, max_rank, device):
     slots = make_slots("distinct", 17, num_slots=4)
-    ranks = torch.tensor([8, 2, 0, 5], dtype=torch.int32, device=device)
+    ranks = torch.tensor([max_rank, 2, 0, 5], dtype=torch.int32, device=device)
     out, want_out, y, want_y, y0 = run_both(
-        slots, 24, [8, 16], 8, 4, 4, torch.float32, device, ranks=ranks, launch=LoRALaunch(block_k=16)
+        slots, 24, widths, max_rank, 4, 4, torch.float32, device, ranks=ranks, launch=LoRALaunch(block_k=16)
     )
     assert rel_err(out, want_out) < REL_TOL[torch.float32]
     assert rel_err(y - y0, want_y - y0) < REL_TOL[torch.float32]
@@ -112,6 +113,33 @@ def test_mixed_ranks_mask_rows_past_each_slots_rank(device):
         assert torch.all(out[:, rows, rank:] == 0), "rows past a slot's rank must be zero"
     rank0 = (slots == 2).to(device)
     assert torch.equal(y[rank0], y0[rank0])
+
+
+def test_padding_past_a_slots_rank_is_never_used_even_if_nan(device):
+    """Slots are padded to R; whatever sits past an adapter's rank (NaN here) must not reach y."""
+    num_tokens, hidden, widths, max_rank = 13, 32, [16, 8], 16
+    slots = make_slots("with_minus_one", num_tokens, num_slots=3).to(device)
+    ranks = torch.tensor([4, 16, 9], dtype=torch.int32, device=device)
+    x = torch.randn(num_tokens, hidden, device=device)
+    a = [torch.randn(3, max_rank, hidden, device=device) for _ in widths]
+    b = [torch.randn(3, w, max_rank, device=device) for w in widths]
+    for slot, rank in enumerate(ranks.tolist()):
+        for t in a:
+            t[slot, rank:] = float("nan")
+        for t in b:
+            t[slot, :, rank:] = float("nan")
+    meta = make_lora_meta(slots, 3)
+    scales = torch.rand(3, device=device)
+    buf = torch.empty(len(widths), num_tokens, max_rank, device=device)
+    lora_shrink(x, a, meta, buf, ranks, launch=LoRALaunch(block_k=16))
+    buf[:, :, 15] = float("nan")  # expand must not read past the rank either
+    y = torch.zeros(num_tokens, sum(widths), device=device)
+    lora_expand(buf, b, meta, y, scales, ranks)
+    want = torch.zeros_like(y)
+    lora_expand_ref(buf, b, meta, want, scales, ranks)
+    assert not torch.isnan(y[slots != 1]).any()
+    keep = slots != 1  # slot 1 has rank 16: its last column of buf really is NaN
+    assert rel_err(y[keep], want[keep]) < REL_TOL[torch.float32]
 
 
 def test_more_slices_than_one_launch_and_block_m_32(device):
