@@ -63,9 +63,11 @@ def upgrade() -> None:
     op.create_index(
         "ix_usage_records_tenant_created", "usage_records", ["tenant_id", "created_at"], unique=False
     )
+    op.create_index("ix_usage_records_created", "usage_records", ["created_at"], unique=False)
 
 
 def downgrade() -> None:
     op.drop_index("ix_usage_records_tenant_created", table_name="usage_records")
+    op.drop_index("ix_usage_records_created", table_name="usage_records")
     op.drop_index("ix_usage_records_status_created", table_name="usage_records")
     op.drop_table("usage_records")

@@ -35,6 +35,7 @@ class UsageRecord(UUIDAuditBase):
         ),
         Index("ix_usage_records_tenant_created", "tenant_id", "created_at"),
         Index("ix_usage_records_status_created", "status", "created_at"),
+        Index("ix_usage_records_created", "created_at"),  # billing across all tenants by date range
     )
 
     request_id: Mapped[str] = mapped_column(String(64), unique=True)
