@@ -84,7 +84,11 @@ def test_logits_and_grouping_match_eager_step(model: tuple[Path, list[LoRAReques
     base, loras = model
     llm = make_llm(base, graphs=True)
     engine = llm.engine
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    for lora in (loras[2], loras[0]):  # resident first, so all three requests decode together
+        while engine.adapter_cache.acquire(lora) is None:
+            engine.adapter_cache.wait_for_loads(timeout=1.0)
+        engine.adapter_cache.release(lora)
     for i, lora in enumerate([loras[2], None, loras[0]]):
         engine.add_request(f"r{i}", [0, 5 + i, 9, 11 + i], params, lora=lora)
     while not all(r.num_output_tokens >= 1 for r in engine.scheduler.running) or engine.scheduler.num_waiting:
@@ -129,3 +133,40 @@ def test_refuses_foreign_blocks_and_slots(model: tuple[Path, list[LoRARequest]])
     req.lora_slot = -1
     assert not graphs.accepts([(req, 2)])  # not a decode step
     assert not graphs.accepts([(req, 1)] * 9)  # larger than the largest bucket
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager_and_peft(model: tuple[Path, list[LoRARequest]]) -> None:
+    """Real capture and replay on the GPU (float32: exact kernels), batches shrinking through buckets and
+    adapter mixes that need graph variants captured on first use; the oracle is transformers + PEFT."""
+    from tests.helpers.hf_models import hf_greedy
+
+    base, loras = model
+    rng = random.Random(3)
+    prompts = [[0] + [rng.randrange(4, VOCAB_SIZE) for _ in range(4 + 3 * i)] for i in range(7)]
+    mix = [loras[0], None, loras[1], loras[2], loras[1], None, loras[0]]
+    params = [SamplingParams(max_tokens=3 + 2 * i, temperature=0.0, ignore_eos=True) for i in range(7)]
+
+    def run(graphs: bool) -> tuple[list[list[int]], LLM]:
+        llm = LLM(
+            str(base), device="cuda", dtype="float32", block_size=4, num_kv_blocks=256, max_lora_rank=16,
+            max_loras=3, max_cpu_loras=3, max_num_seqs=8, cuda_graphs=graphs,
+        )  # fmt: skip
+        assert (llm.engine.runner.graphs is not None) == graphs
+        outs = llm.generate(prompts, params, lora_request=mix)
+        return [list(o.outputs[0].token_ids) for o in outs], llm
+
+    replayed, llm = run(True)
+    graphs = llm.engine.runner.graphs
+    assert graphs.replays > 0
+    assert any(mask not in (None, (True,) * 4) for _, mask in graphs.graphs)  # a variant captured on use
+    eager, _ = run(False)
+    assert replayed == eager
+    oracle = hf_greedy(
+        base,
+        {lo.lora_name: Path(lo.lora_path) for lo in loras},
+        prompts,
+        [lo.lora_name if lo else None for lo in mix],
+        max(p.max_tokens for p in params),
+    )
+    assert replayed == [o[: len(r)] for o, r in zip(oracle, replayed, strict=True)]
