@@ -77,7 +77,7 @@ def bench(env: Env, make_step: Callable[[int], Callable[[], None]], sets: int) -
     with torch.cuda.graph(graph):
         for s in steps:
             s()
-    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=150, return_mode="median")
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
     del graph
     return ms * 1e3 / sets
 
@@ -140,6 +140,7 @@ class LoRAInputs:
         self.y = torch.randn(case.tokens, sum(widths), device=device, dtype=dtype)
         self.buf = torch.empty(len(widths), case.tokens, case.rank, device=device)
         self.scales = torch.rand(num_slots, device=device) + 0.5
+        self.scale_list = self.scales.tolist()  # host copies: a graph capture cannot read device scalars
         self.meta = make_lora_meta(slots, num_slots)
         self.slots = slots
         # Baselines' preferred layouts, built once like a real engine would: A of all slices stacked.
@@ -157,7 +158,7 @@ class LoRAInputs:
         for s, idx in self.groups:
             h = self.x[idx] @ self.a_cat[s].T  # [t, N*R]
             deltas = [h[:, n * rank : (n + 1) * rank] @ b[s].T for n, b in enumerate(self.b)]
-            self.y.index_add_(0, idx, torch.cat(deltas, dim=1), alpha=float(self.scales[s]))
+            self.y.index_add_(0, idx, torch.cat(deltas, dim=1), alpha=self.scale_list[s])
 
     def gather_baseline(self) -> None:
         """Per-token weights gathered into a batch, then batched matmuls (the 'bgmv via bmm' way)."""

@@ -33,7 +33,8 @@ def make_slots(mix: str, num_tokens: int, num_slots: int) -> torch.Tensor:
     elif mix == "identical":
         slots = torch.full((num_tokens,), num_slots - 1)
     elif mix == "skewed":
-        slots = torch.where(torch.rand(num_tokens) < 0.8, 1, torch.randint(0, num_slots, (num_tokens,)))
+        heavy = min(1, num_slots - 1)
+        slots = torch.where(torch.rand(num_tokens) < 0.8, heavy, torch.randint(0, num_slots, (num_tokens,)))
     elif mix == "none":
         slots = torch.full((num_tokens,), -1)
     elif mix == "with_minus_one":
