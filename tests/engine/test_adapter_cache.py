@@ -344,3 +344,40 @@ def test_request_without_path_needs_a_loader(adapter_dirs: dict[str, Path]) -> N
     folders = {a.content_hash: str(adapter_dirs["a"])}
     resolving = make_cache(loader=lambda req: folders[req.content_hash])
     assert acquire_now(resolving, by_hash) == 0
+
+
+def test_evict_from_another_thread_is_safe(adapter_dirs: dict[str, Path]) -> None:
+    """The app deletes adapters from its own thread while the engine thread acquires and releases."""
+    cache = make_cache(max_loras=2, max_cpu=3)
+    reqs = [lora(adapter_dirs, n) for n in "abc"]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def evictor() -> None:
+        try:
+            while not stop.is_set():
+                for r in reqs:
+                    cache.evict(str(r.content_hash))
+                time.sleep(0.0005)
+        except BaseException as exc:  # surfaced by the assert below
+            errors.append(exc)
+
+    thread = threading.Thread(target=evictor)
+    thread.start()
+    served = 0
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and served < 30:
+            for r in reqs:
+                slot = acquire_now(cache, r)
+                if slot is not None:
+                    served += 1
+                    cache.release(r)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not errors
+    assert served > 0
+    assert cache.stats()["pinned"] == 0
+    cache.evict(str(reqs[0].content_hash))
+    assert acquire_now(cache, reqs[0]) is not None  # still usable afterwards
