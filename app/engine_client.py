@@ -84,7 +84,6 @@ class EngineClient:
 
     def _build(self) -> Any:
         from engine.async_engine import AsyncLLMEngine
-
         from engine.config import EngineConfig
 
         o = self.options
