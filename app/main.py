@@ -39,6 +39,7 @@ from app.errors import exception_handlers
 from app.lifespan import last_used_writer
 from app.logging import RequestIdMiddleware, configure_logging
 from app.metrics import Metrics
+from app.openapi_errors import document_errors
 
 Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
 
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=list(lifespans),
         listeners=list(listeners),
         openapi_config=_openapi_config(),
+        on_startup=[document_errors],
         request_max_body_size=settings.max_request_bytes,
         logging_config=None,
         state=State(

@@ -82,3 +82,22 @@ def test_openapi_has_a_unique_operation_id_on_every_route(client):
     ]:
         assert expected in ids
     assert "BearerAuth" in schema["components"]["securitySchemes"]
+
+
+def test_openapi_documents_the_error_envelope(client):
+    schema = client.get("/schema/openapi.json").json()
+    assert schema["components"]["schemas"]["Error"]["required"] == ["error"]
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            if method not in {"get", "post", "put", "patch", "delete"}:
+                continue
+            for status, response in operation["responses"].items():
+                if status.startswith(("4", "5")) and "content" in response:
+                    body = response["content"]["application/json"]["schema"]
+                    assert "status_code" not in str(body), f"{method} {path} {status} documents Litestar's body"
+            if operation.get("security") == []:
+                continue
+            assert "401" in operation["responses"], f"{method} {path} needs a key but documents no 401"
+    create = schema["paths"]["/admin/tenants"]["post"]["responses"]
+    assert create["422"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    assert schema["paths"]["/health"]["get"]["security"] == []
