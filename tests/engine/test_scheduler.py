@@ -277,3 +277,26 @@ def run_random_workload(seed: int) -> int:
 def test_random_workloads_keep_every_invariant_and_every_output():
     preemptions = [run_random_workload(seed) for seed in range(40)]
     assert sum(preemptions) > 0, "the workloads must exercise preemption too"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"block_size": 0}, "block_size"),
+        ({"num_kv_blocks": 0}, "num_kv_blocks"),
+        ({"kv_cache_bytes": -1}, "kv_cache_bytes"),
+        ({"gpu_memory_fraction": 1.5}, "gpu_memory_fraction"),
+        ({"max_num_seqs": 0}, "max_num_seqs"),
+        ({"max_num_batched_tokens": 0}, "max_num_batched_tokens"),
+        ({"max_model_len": 0}, "max_model_len"),
+        ({"max_loras": 4, "max_cpu_loras": 2}, "max_cpu_loras"),
+        ({"max_lora_rank": 0}, "max_lora_rank"),
+        ({"dtype": "float8"}, "dtype"),
+        ({"kernel_backend": "cuda"}, "kernel_backend"),
+    ],
+)
+def test_engine_config_errors_name_the_field(kwargs, name):
+    from engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=f"^{name} "):
+        EngineConfig(model="m", **kwargs)
