@@ -209,6 +209,8 @@ def workload_a(bench: Bench) -> dict[str, Any]:
 
 def workload_b(bench: Bench) -> dict[str, Any]:
     b = bench.sizes.b_batch
+    bench.qkvo.prepare(list(range(b)))  # written and hashed in parallel, outside any timing
+    bench.seven.prepare(list(range(b)))
     qkvo = [bench.qkvo.lora(i) for i in range(b)]
     seven = [bench.seven.lora(i) for i in range(b)]
     base = decode(bench, b, None)
