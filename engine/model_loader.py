@@ -67,6 +67,15 @@ def _token_ids(value: Any) -> tuple[int, ...]:
 
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
     """config.json contents -> ModelConfig; unsupported architectures or settings raise ValueError."""
+    try:
+        return _parse_config(raw)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"config.json is missing or has a malformed field: {exc!r}") from exc
+
+
+def _parse_config(raw: dict[str, Any]) -> ModelConfig:
+    if not isinstance(raw, dict):
+        raise ValueError("config.json must hold a JSON object")
     archs = raw.get("architectures") or []
     arch = archs[0] if archs else raw.get("model_type", "<none>")
     if arch not in MODEL_REGISTRY:
@@ -121,16 +130,26 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     )
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path.name} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name} must hold a JSON object")
+    return value
+
+
 def load_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{path} is not a Hugging Face model folder: no config.json")
-    config = parse_config(json.loads(cfg_file.read_text()))
+    config = parse_config(_read_json(cfg_file))
     gen_file = path / "generation_config.json"
     if gen_file.is_file():
         # generation_config.json often lists more stop ids than config.json (Llama 3 chat turns).
-        extra = _token_ids(json.loads(gen_file.read_text()).get("eos_token_id"))
+        extra = _token_ids(_read_json(gen_file).get("eos_token_id"))
         merged = tuple(dict.fromkeys(config.eos_token_ids + extra))
         config = ModelConfig(**{**config.__dict__, "eos_token_ids": merged})
     return config
@@ -141,7 +160,10 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     path = Path(model_dir)
     index = path / _INDEX_FILE
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no weight_map")
+        names = sorted({str(v) for v in weight_map.values()})
         files = [path / n for n in names]
         for f in files:
             # The index is data from the folder: a shard name must not walk out of it.

@@ -213,3 +213,23 @@ def test_sliding_window_caps_the_context(models: dict[str, Path]) -> None:
     qwen = raw | {"architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096}
     assert parse_config(qwen).max_position_embeddings == 32768
     assert parse_config(qwen | {"use_sliding_window": True}).max_position_embeddings == 4096
+
+
+def test_malformed_model_folders_raise_value_errors(models: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_config(folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        load_config(folder)
+    raw = _raw(models)
+    del raw["hidden_size"]
+    with pytest.raises(ValueError, match="hidden_size"):
+        parse_config(raw)
+    with pytest.raises(ValueError, match="malformed"):
+        parse_config(_raw(models) | {"num_attention_heads": None})
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match="no weight_map"):
+        weight_files(folder)
