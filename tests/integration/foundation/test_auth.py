@@ -120,3 +120,22 @@ def test_open_routes_need_no_key(client):
     assert client.get("/health").status_code == 200
     assert client.get("/ready").status_code == 200
     assert client.get("/schema/openapi.json").status_code == 200
+
+
+def test_scopes_on_the_real_routes(client, admin_headers, make_tenant, make_key):
+    """The guards as wired in the app: a billing key cannot call /v1, a completions key cannot read billing,
+    an admin key cannot call /v1 as some tenant."""
+    tenant = make_tenant()
+    billing = _bearer(make_key(tenant["id"], scopes=("billing",)))
+    completions = _bearer(make_key(tenant["id"], scopes=("completions",)))
+    for headers in (billing, admin_headers):
+        response = client.get("/v1/models", headers=headers)
+        assert response.status_code == 403, response.text
+        assert response.json()["error"]["code"] == "insufficient_scope"
+        response = client.post("/v1/completions", json={"model": "x", "prompt": "hi"}, headers=headers)
+        assert response.status_code == 403
+    response = client.get("/admin/usage", headers=completions)
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "insufficient_scope"
+    assert client.get("/admin/usage", headers=billing).status_code != 403
+    assert client.get("/admin/usage", headers=admin_headers).status_code != 403
