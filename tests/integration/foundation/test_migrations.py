@@ -80,6 +80,13 @@ def test_every_models_module_is_loaded():
         for p in (MIGRATIONS_DIR.parent / "app").rglob("models.py")
     }
     assert found <= set(modules)
+    # A table declared outside a `models` module would escape Alembic and the drift check.
+    stray = [
+        str(p.relative_to(MIGRATIONS_DIR.parent))
+        for p in (MIGRATIONS_DIR.parent / "app").rglob("*.py")
+        if "__tablename__" in p.read_text() and p.stem != "models" and p.parent.name != "models"
+    ]
+    assert stray == [], f"tables outside a models module: {stray}"
 
 
 def test_revisions_form_one_chain_starting_at_0001():
