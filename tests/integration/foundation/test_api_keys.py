@@ -159,7 +159,8 @@ def test_expired_key_is_401(client, admin_headers, make_tenant, migrated_databas
     assert created.json()["expires_at"] is not None
     key = created.json()["key"]
     assert client.get("/admin/tenants", headers=_bearer(key)).status_code == 403
-    # Expiry is checked on every call, cached entry or not: move it into the past behind the app's back.
+    # Move the expiry into the past behind the app's back and drop the cached row so it is read again
+    # (expiry of a cached row is covered in tests/unit/test_auth_cache.py).
     asyncio.run(
         _fetch(
             migrated_database_url,
