@@ -9,6 +9,7 @@ from typing import Any
 from litestar import Litestar
 from litestar.events import listener
 
+from app.bootstrap import demo_model_dir
 from app.config import Settings
 from app.errors import ApiError
 from app.storage import ObjectStore, make_object_store
@@ -18,8 +19,6 @@ log = logging.getLogger(__name__)
 
 OBJECT_STORE_STATE_KEY = "adapter_object_store"
 ADAPTER_DELETED = "adapter_deleted"
-# Where `loraplex serve` puts the demo model when LORAPLEX_MODEL is unset (app/bootstrap.py).
-DEMO_MODEL_DIR = "demo-model"
 
 
 def object_store(app: Litestar) -> ObjectStore:
@@ -40,7 +39,8 @@ def object_store(app: Litestar) -> ObjectStore:
 
 
 def base_model_dir(settings: Settings) -> Path:
-    return Path(settings.model) if settings.model else settings.data_dir / DEMO_MODEL_DIR
+    """LORAPLEX_MODEL, else where `loraplex serve` makes the demo model on first start."""
+    return Path(settings.model) if settings.model else demo_model_dir(settings)
 
 
 def base_model_spec(settings: Settings) -> BaseModelSpec:
