@@ -14,8 +14,16 @@ from typing import Any
 from app.limits.memory import NEED_BASELINE, reset_after
 from app.limits.types import Decision, TenantLimits
 
-# Numbers leave Lua as strings: Redis would truncate a Lua float reply to an integer.
-ADMIT_LUA = """
+# Numbers leave Lua as strings (Redis would truncate a Lua float reply to an integer), written and
+# returned with 17 significant digits: every double survives the round trip, so the script and the
+# in-process limiter (same arithmetic, same order) stay bit-for-bit alike.
+NUM_LUA = """
+local function num(x) return string.format('%.17g', x) end
+"""
+
+ADMIT_LUA = (
+    NUM_LUA
+    + """
 local now = tonumber(ARGV[1])
 local rpm = tonumber(ARGV[2])
 local tpm = tonumber(ARGV[3])
@@ -87,11 +95,11 @@ end
 if reason == nil then
   if req ~= nil then
     req = req - 1
-    redis.call('HSET', KEYS[1], 'r', tostring(req), 'rt', tostring(now))
+    redis.call('HSET', KEYS[1], 'r', num(req), 'rt', num(now))
   end
   if tok ~= nil then
     tok = tok - reserve
-    redis.call('HSET', KEYS[1], 'k', tostring(tok), 'kt', tostring(now))
+    redis.call('HSET', KEYS[1], 'k', num(tok), 'kt', num(now))
   end
   -- An idle minute refills every bucket, so a key idle for two has nothing left to remember.
   if req ~= nil or tok ~= nil then redis.call('EXPIRE', KEYS[1], 120) end
@@ -100,11 +108,14 @@ if reason == nil then
   if quota >= 0 then redis.call('INCRBY', KEYS[3], reserve) end
 end
 local retry = '-1'
-if reason ~= nil and not never then retry = tostring(wait) end
-return {reason or 'ok', retry, tostring(req or -1), tostring(tok or -1)}
+if reason ~= nil and not never then retry = num(wait) end
+return {reason or 'ok', retry, num(req or -1), num(tok or -1)}
 """
+)
 
-SETTLE_LUA = """
+SETTLE_LUA = (
+    NUM_LUA
+    + """
 local now = tonumber(ARGV[1])
 local tpm = tonumber(ARGV[2])
 local delta = tonumber(ARGV[4])
@@ -114,12 +125,13 @@ if tpm >= 0 and delta ~= 0 then
   local level = tpm
   if b[1] then level = math.min(tpm, tonumber(b[1]) + math.max(0, now - tonumber(b[2])) * tpm / 60) end
   level = math.min(tpm, level + delta)
-  redis.call('HSET', KEYS[1], 'k', tostring(level), 'kt', tostring(now))
+  redis.call('HSET', KEYS[1], 'k', num(level), 'kt', num(now))
   redis.call('EXPIRE', KEYS[1], 120)
 end
 if delta ~= 0 and redis.call('EXISTS', KEYS[3]) == 1 then redis.call('DECRBY', KEYS[3], delta) end
 return 1
 """
+)
 
 
 def _arg(limit: int | None) -> int:
