@@ -18,6 +18,37 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer():
+    """A Llama-2 / Mistral style tokenizer: metaspace words, byte-fallback tokens <0xNN> for what the
+    vocabulary lacks, and a decoder that fuses the bytes and strips one leading space."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from engine.demo import _CORPUS
+
+    norm = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = norm
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    trained.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    model = json.loads(trained.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for i in range(256):
+        vocab.setdefault(f"<0x{i:02X}>", len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = norm
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def stream(
     tok, text: str, params: SamplingParams, prompt: str = "Hi"
 ) -> tuple[list[str], str | None, object]:
@@ -100,3 +131,15 @@ def test_stop_string_in_the_first_token_and_special_tokens_skipped(tokenizer):
     d3 = IncrementalDetokenizer(tokenizer, [1], SamplingParams(stop=["He"]))
     assert d3.add_token(tokenizer.encode("Hello", add_special_tokens=False)[0]) == "He"
     assert d3.text == "" and d3.take_delta(finished=True) == ""
+
+
+def test_sentencepiece_byte_fallback_and_word_spaces(sentencepiece_tokenizer):
+    tok = sentencepiece_tokenizer
+    text = "Hello world, naïve 😀 café 日本 the sea"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert "<0xF0>" in tok.convert_ids_to_tokens(ids)  # the emoji really is four byte tokens
+    deltas, stopped, d = stream(tok, text, SamplingParams(), prompt="Hi there")
+    assert stopped is None and all("\ufffd" not in x for x in deltas)
+    # After a prompt, the first word keeps its space, as in decoding prompt and output together.
+    assert "".join(deltas) == " " + text == d.text
+    assert "😀" in deltas and "日" in deltas
