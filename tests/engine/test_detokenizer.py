@@ -18,6 +18,13 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+CORPUS = [
+    "Hello world, how are you today? The weather in the city is calm and the sea is blue.",
+    "A journey of a thousand miles begins with a single step. Café, naïve, résumé, déjà vu.",
+    "Servers stream tokens back to clients as soon as they are ready, one word at a time.",
+]
+
+
 @pytest.fixture(scope="module")
 def sentencepiece_tokenizer():
     """A Llama-2 / Mistral style tokenizer: metaspace words, byte-fallback tokens <0xNN> for what the
@@ -27,15 +34,13 @@ def sentencepiece_tokenizer():
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from engine.demo import _CORPUS
-
     norm = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     trained = Tokenizer(models.BPE(unk_token="<unk>"))
     trained.normalizer = norm
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
     )
-    trained.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    trained.train_from_iterator(CORPUS * 4, trainer=trainer)
     model = json.loads(trained.to_str())["model"]
     vocab = dict(model["vocab"])
     for i in range(256):
