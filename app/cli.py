@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 from collections.abc import Sequence
 
-from app.config import Settings, SettingsError, ensure_secret
+from app.config import Settings, SettingsError, ensure_secret, unknown_variables
 
 
 def _settings() -> Settings:
@@ -29,6 +30,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(settings, **overrides)
     settings.validate()
     configure_logging(settings)
+    for name in unknown_variables():
+        logging.getLogger("loraplex").warning("%s is set but no setting reads it (a typo?)", name)
     try:
         if settings.is_sqlite:
             # The embedded database has one writer: this process. Postgres deployments run `loraplex migrate`.

@@ -181,6 +181,17 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
     ]
 
 
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """`LORAPLEX_*` variables that no setting reads (typos, usually); tests' own LORAPLEX_TEST_* excepted."""
+    env = os.environ if environ is None else environ
+    known = {ENV_PREFIX + f.name.upper() for f in fields(Settings)}
+    return sorted(
+        name
+        for name in env
+        if name.startswith(ENV_PREFIX) and name not in known and not name.startswith("LORAPLEX_TEST_")
+    )
+
+
 def _parse(name: str, raw: str, hint: Any) -> Any:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         inner = [a for a in typing.get_args(hint) if a is not type(None)]

@@ -112,3 +112,10 @@ def test_secret_is_made_once_and_kept(tmp_path):
 def test_only_passes_the_named_fields(tmp_path):
     s = Settings.from_env({"LORAPLEX_DATA_DIR": str(tmp_path)})
     assert s.only("max_loras", "device") == {"max_loras": 4, "device": "auto"}
+
+
+def test_unknown_variables_are_reported():
+    from app.config import unknown_variables
+
+    env = {"LORAPLEX_DATABSE_URL": "x", "LORAPLEX_PORT": "1", "LORAPLEX_TEST_PG": "y", "OTHER": "z"}
+    assert unknown_variables(env) == ["LORAPLEX_DATABSE_URL"]
