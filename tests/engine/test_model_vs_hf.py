@@ -37,7 +37,8 @@ ARCHS = {
         "llama",
         {"rope_scaling": LLAMA3_ROPE, "tie_word_embeddings": True, "num_hidden_layers": 3},
     ),
-    "mistral": ("mistral", {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8}),
+    # head_dim * heads != hidden (128 vs 64) and 4:1 GQA: catches any shape that assumes otherwise.
+    "mistral": ("mistral", {"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32}),
     "qwen2": ("qwen2", {}),
 }
 
@@ -134,7 +135,8 @@ def test_greedy_decode_matches_hf(arch_model: Path) -> None:
 @pytest.fixture(scope="module")
 def lora_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
     root = tmp_path_factory.mktemp("lora")
-    base = make_tiny_model(root / "base", "qwen2")
+    # q width (4 x 32) differs from hidden (64): o_proj LoRA has in != out, q/k/v slices differ in width.
+    base = make_tiny_model(root / "base", "qwen2", head_dim=32)
     adapters = {
         "all8": make_peft_adapter(base, root / "all8", r=8, target_modules=ALL_TARGETS, seed=1),
         "qv4": make_peft_adapter(base, root / "qv4", r=4, target_modules=("q_proj", "v_proj"), seed=2),
