@@ -222,3 +222,20 @@ def test_an_upload_the_sweep_gave_up_on_never_turns_ready(
     monkeypatch.setattr(S3ObjectStore, "put_file", real_put)
     sweep(client, app)
     assert stored_keys(app, tenant["id"]) == []
+
+
+def test_delete_while_the_store_is_down(
+    app, client, admin_headers, make_tenant, make_adapter, upload, controlled_s3
+):
+    tenant = make_tenant()
+    assert upload(tenant["id"], "bot", make_adapter(r=4)).status_code == 201
+    url = f"/admin/tenants/{tenant['id']}/adapters/bot"
+    controlled_s3.stop()
+    # The registry forgets the adapter at once; its objects wait for the sweep.
+    assert client.delete(url, headers=admin_headers).status_code == 204
+    assert client.get(url, headers=admin_headers).status_code == 404
+    controlled_s3.start()
+    assert len(stored_keys(app, tenant["id"])) == 2
+    sweep(client, app)
+    assert stored_keys(app, tenant["id"]) == []
+    assert rows(client, app, tenant["id"]) == []
