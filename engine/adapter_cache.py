@@ -195,13 +195,17 @@ class AdapterCache:
     @property
     def has_pending_loads(self) -> bool:
         with self._lock:
-            return bool(self._loading)
+            return bool(self._loading) or any(not _copied(r) for r in self._gpu.values())
 
     def wait_for_loads(self, timeout: float | None = None) -> None:
-        """Block until the background loads running now finish (the engine's idle wait, and tests)."""
+        """Block until the background loads and slot copies running now finish (the engine's idle wait,
+        so it does not spin while an adapter it needs is on its way; and tests)."""
         with self._lock:
             pending = list(self._loading.values())
+            copies = [r.event for r in self._gpu.values() if r.event is not None]
         wait_futures(pending, timeout=timeout)
+        for event in copies:
+            event.synchronize()  # a slot copy is a short memcpy on the side stream
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
