@@ -129,6 +129,9 @@ def _target_name(entry: Any, model_type: str) -> str:
 
 
 def _targets(value: Any, model_type: str) -> tuple[str, ...]:
+    if value == "all-linear":
+        # PEFT's shorthand for every linear layer but the output head: all seven projections here.
+        return SUPPORTED_MODULES
     if isinstance(value, str):
         # A single string is a regular expression to PEFT; we accept only a plain module name.
         value = [value]

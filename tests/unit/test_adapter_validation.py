@@ -101,6 +101,15 @@ def test_half_precision_adapters_are_accepted(adapter, models, tmp_path, dtype):
     assert check(out, models["llama"]).spec.rank == 8
 
 
+def test_all_linear_means_the_seven_projections(models, tmp_path):
+    out = make_peft_adapter(models["llama"], tmp_path / "all", r=2, target_modules=ALL_TARGETS)
+    edit_config(out, target_modules="all-linear")
+    assert check(out, models["llama"]).spec.target_modules == ALL_TARGETS
+    partial = make_peft_adapter(models["llama"], tmp_path / "qv", r=2)
+    edit_config(partial, target_modules="all-linear")
+    assert refused(partial, models["llama"]).code == "missing_tensor"
+
+
 def test_unknown_config_keys_are_ignored_with_a_warning(adapter, models, tmp_path):
     out = copy_adapter(adapter, tmp_path / "extra")
     edit_config(out, my_training_note="lr=1e-4", another_future_option=True)
