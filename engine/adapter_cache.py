@@ -53,10 +53,12 @@ class AdapterCache:
         max_cpu_loras: int,
         loader: AdapterLoader | None = None,
         failure_ttl: float = 2.0,
+        load_workers: int = 2,
     ) -> None:
         """`slots`: device storage (its num_slots = max_loras); `load(folder, expected_hash)` reads one
         adapter into CPU tensors; `loader` maps a request to a local folder (default: its lora_path).
-        A failed load is reported to every acquire for `failure_ttl` seconds, then retried."""
+        A failed load is reported to every acquire for `failure_ttl` seconds, then retried. Loads of
+        different adapters run on `load_workers` threads, so one slow fetch does not hold up the others."""
         self.slots = slots
         self._read = load
         self._loader = loader or path_loader
@@ -69,7 +71,7 @@ class AdapterCache:
         self._failed: dict[str, tuple[str, float]] = {}  # key -> (message, first report time or -1)
         self._failure_ttl = failure_ttl
         self._discard: set[str] = set()  # evicted while loading
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
+        self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="lora-load")
         self._stats = dict.fromkeys(
             (
                 "hits",

@@ -381,3 +381,27 @@ def test_evict_from_another_thread_is_safe(adapter_dirs: dict[str, Path]) -> Non
     assert cache.stats()["pinned"] == 0
     cache.evict(str(reqs[0].content_hash))
     assert acquire_now(cache, reqs[0]) is not None  # still usable afterwards
+
+
+def test_a_slow_load_does_not_hold_up_another(adapter_dirs: dict[str, Path]) -> None:
+    gate = threading.Event()
+    a, b = lora(adapter_dirs, "a"), lora(adapter_dirs, "b")
+
+    def loader(req: LoRARequest) -> str:
+        if req.content_hash == a.content_hash:
+            gate.wait(timeout=30)  # a's object store is slow
+        return str(req.lora_path)
+
+    cache = make_cache(loader=loader)
+    try:
+        assert cache.acquire(a) is None
+        assert cache.acquire(b) is None
+        deadline = time.monotonic() + 10
+        while (slot := cache.acquire(b)) is None:
+            assert time.monotonic() < deadline, "b waited behind a"
+            time.sleep(0.005)
+        assert slot == 0
+        assert cache.acquire(a) is None  # still loading
+    finally:
+        gate.set()
+    assert acquire_now(cache, a) == 1
