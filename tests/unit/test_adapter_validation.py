@@ -24,6 +24,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {
         "llama": make_tiny_model(root / "llama", "llama"),
         "qwen2": make_tiny_model(root / "qwen2", "qwen2"),
+        "mistral": make_tiny_model(root / "mistral", "mistral", num_key_value_heads=1),
         # Same family, other sizes: adapters for these must not fit the llama above.
         "wide": make_tiny_model(root / "wide", "llama", hidden_size=96, num_attention_heads=6, head_dim=16),
         "deep": make_tiny_model(root / "deep", "llama", num_hidden_layers=3),
@@ -78,6 +79,7 @@ def edit_tensors(adapter_dir: Path, edit) -> None:
         ("llama", 16, ALL_TARGETS, True),
         ("llama", 4, ("gate_proj", "up_proj", "down_proj"), False),
         ("qwen2", 4, ("k_proj", "o_proj", "down_proj"), False),
+        ("mistral", 8, ("k_proj", "v_proj", "up_proj"), False),
     ],
 )
 def test_peft_save_pretrained_output_is_accepted_unchanged(models, tmp_path, arch, r, targets, rslora):
