@@ -34,7 +34,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_demo_is_fast_deterministic_and_idempotent(demo: Path, tmp_path: Path) -> None:
     start = time.perf_counter()
     again = write_demo_model(tmp_path / "again")
-    assert time.perf_counter() - start < 15
+    assert time.perf_counter() - start < 30  # ~2 s alone; generous for a busy shared CI machine
     # Same seed -> same bytes (the tokenizer training and random weights are deterministic).
     assert digest(again) == digest(demo)
     before = {p: p.stat().st_mtime_ns for p in again.rglob("*")}
