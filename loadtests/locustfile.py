@@ -39,6 +39,24 @@ def load_setup() -> dict[str, Any]:
     return SETUP
 
 
+COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
+COUNTS = {"ok": 0, "failed": 0}
+
+
+@events.request.add_listener
+def count_completions(request_type: str, name: str, exception: Any, **_: Any) -> None:
+    """Completions as the client saw them; the runner compares this with the bill."""
+    if request_type == "POST" and name.split(" ")[0] in COMPLETION_PATHS:
+        COUNTS["failed" if exception else "ok"] += 1
+
+
+@events.quitting.add_listener
+def write_counts(**_: Any) -> None:
+    path = os.environ.get("LORAPLEX_LOADTEST_COUNTS")
+    if path:
+        Path(path).write_text(json.dumps(COUNTS))
+
+
 def metric(name: str, value: float) -> None:
     events.request.fire(
         request_type="METRIC", name=name, response_time=value, response_length=0, exception=None, context={}

@@ -10,7 +10,6 @@ not equal the completions Locust counted as successful (every successful request
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -25,7 +24,6 @@ from typing import Any
 import httpx
 
 HERE = Path(__file__).resolve().parent
-COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 def api(client: httpx.Client, method: str, path: str, **kw: Any) -> Any:
@@ -110,18 +108,18 @@ def run_locust(args: argparse.Namespace, setup_file: Path, csv_prefix: Path) -> 
         "--exit-code-on-error",
         "1",
     ]
-    env = {**os.environ, "LORAPLEX_LOADTEST_SETUP": str(setup_file)}
+    env = {
+        **os.environ,
+        "LORAPLEX_LOADTEST_SETUP": str(setup_file),
+        "LORAPLEX_LOADTEST_COUNTS": str(csv_prefix) + "_counts.json",
+    }
     return subprocess.run(cmd, env=env, check=False, timeout=args.run_time + 120).returncode
 
 
-def successful_completions(csv_prefix: Path) -> tuple[int, int]:
-    ok = failed = 0
-    with open(f"{csv_prefix}_stats.csv") as f:
-        for row in csv.DictReader(f):
-            if row["Type"] == "POST" and row["Name"].split(" ")[0] in COMPLETION_PATHS:
-                ok += int(row["Request Count"]) - int(row["Failure Count"])
-                failed += int(row["Failure Count"])
-    return ok, failed
+def successful_completions(counts_file: Path) -> tuple[int, int]:
+    """Counted by the locustfile's request listener as requests ended (the CSV can miss the last ones)."""
+    counts = json.loads(counts_file.read_text())
+    return int(counts["ok"]), int(counts["failed"])
 
 
 def billed_requests(client: httpx.Client, setup: dict[str, Any], start: datetime) -> int:
@@ -167,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_file.write_text(json.dumps(setup))
         start = datetime.now(UTC) - timedelta(seconds=1)
         code = run_locust(args, setup_file, Path(d) / "stats")
-        ok, failed = successful_completions(Path(d) / "stats")
+        ok, failed = successful_completions(Path(d) / "stats_counts.json")
         billed = billed_requests(client, setup, start)
     print(f"loadtest: {ok} successful completions, {failed} failed, {billed} usage rows")
     if code != 0 or failed:

@@ -13,6 +13,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 from litestar.response import Stream
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -27,6 +28,7 @@ from app.domain.completions.schemas import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ErrorEnvelope,
     ModelCard,
     ModelList,
 )
@@ -37,6 +39,18 @@ from app.errors import ApiError, error_response
 
 DbSession = NamedDependency[AsyncSession]
 CallerKey = NamedDependency[Principal]
+_ERRORS = {
+    400: "A parameter is invalid (`param` names it), or the prompt does not fit the context",
+    401: "Missing or unknown API key",
+    403: "The key lacks the `completions` scope",
+    404: "No such model among the base model and your adapters",
+    429: "A rate limit or quota of your tenant; see `Retry-After` and `x-ratelimit-*`",
+    503: "The model is not loaded, the engine failed, or usage cannot be recorded right now",
+}
+ERROR_RESPONSES = {
+    status: ResponseSpec(data_container=ErrorEnvelope, description=text, generate_examples=False)
+    for status, text in _ERRORS.items()
+}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -117,7 +131,9 @@ class CompletionsController(Controller):
         "/completions",
         operation_id="createCompletion",
         summary="Complete a prompt with the base model or one of your adapters",
+        description="With `stream: true` the answer is `text/event-stream`: chunks of this shape, then `[DONE]`.",
         status_code=200,
+        responses=ERROR_RESPONSES,
     )
     async def create_completion(
         self,
@@ -139,7 +155,9 @@ class CompletionsController(Controller):
         "/chat/completions",
         operation_id="createChatCompletion",
         summary="Chat with the base model or one of your adapters (the tokenizer's chat template)",
+        description="With `stream: true` the answer is `text/event-stream` (`chat.completion.chunk`s, `[DONE]`).",
         status_code=200,
+        responses=ERROR_RESPONSES,
     )
     async def create_chat_completion(
         self,
@@ -157,7 +175,12 @@ class CompletionsController(Controller):
         except EngineUnavailable as exc:
             raise _unavailable(str(exc)) from exc
 
-    @get("/models", operation_id="listModels", summary="The base model and your adapters")
+    @get(
+        "/models",
+        operation_id="listModels",
+        summary="The base model and your adapters (`name` = current version, `name@N` = version N)",
+        responses={k: v for k, v in ERROR_RESPONSES.items() if k in (401, 403, 503)},
+    )
     async def list_models(self, request: Request, principal: CallerKey) -> ModelList:
         serving = serving_of(request.app)
         try:
