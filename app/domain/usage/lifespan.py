@@ -18,7 +18,7 @@ from litestar import Litestar
 
 from app.config import Settings
 from app.db.session import session_maker
-from app.domain.usage.metering import DB_DOWN, Metering
+from app.domain.usage.metering import Metering, database_down
 from app.limits import Limiter
 from app.metrics import Metrics
 
@@ -79,6 +79,10 @@ async def _sweep_forever(metering: Metering, older_than_s: float, interval_s: fl
     while True:
         try:
             await metering.sweep(older_than_s)
-        except DB_DOWN as exc:
-            log.warning("usage sweeper: database unavailable: %s", exc)
+        except Exception as exc:
+            # The sweeper must outlive any one failure: log and look again next interval.
+            if database_down(exc):
+                log.warning("usage sweeper: database unavailable: %s", exc)
+            else:
+                log.exception("usage sweeper failed")
         await asyncio.sleep(interval_s)

@@ -11,8 +11,8 @@ the sweeper can only guess that a request died; the real numbers win when they t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,7 +20,8 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import case, func, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.domain.usage.models import SETTLED_STATUSES, STATUS_EXPIRED, STATUS_RESERVED, UsageRecord
@@ -28,8 +29,41 @@ from app.errors import ApiError
 
 log = logging.getLogger(__name__)
 
-# What a database that is down, restarting or unreachable raises through SQLAlchemy and asyncpg.
-DB_DOWN = (SQLAlchemyError, OSError, TimeoutError)
+# Column sizes of usage_records (models.py).
+REQUEST_ID_MAX, MODEL_MAX, FINISH_REASON_MAX = 64, 200, 32
+
+# Errors that say the statement or its data is wrong: bugs, never retried, never "unavailable".
+NOT_AN_OUTAGE = (IntegrityError, ProgrammingError, DataError)
+# SQLSTATE classes of an outage: connection exception, insufficient resources (too many connections),
+# operator intervention (shutdown, starting up), invalid catalog name (database dropped or renamed).
+OUTAGE_SQLSTATES = ("08", "53", "57", "3D")
+SQLITE_OUTAGES = ("locked", "busy", "unable to open", "disk i/o")
+
+
+def database_down(exc: BaseException) -> bool:
+    """True for what a database that is down, restarting, renamed or unreachable raises. asyncpg's
+    errors reach SQLAlchemy as a plain DBAPIError whatever their cause, so the cause decides."""
+    if isinstance(exc, NOT_AN_OUTAGE):
+        return False
+    if isinstance(exc, PoolTimeoutError | OSError | TimeoutError):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    seen: BaseException | None = exc.orig
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OSError | TimeoutError):
+            return True
+        state = getattr(seen, "sqlstate", None)
+        if isinstance(state, str) and state.startswith(OUTAGE_SQLSTATES):
+            return True
+        if isinstance(seen, sqlite3.OperationalError) and any(w in str(seen).lower() for w in SQLITE_OUTAGES):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def db_unavailable() -> ApiError:
@@ -96,13 +130,15 @@ class Metering:
     ) -> None:
         """Write the `reserved` row; ApiError 503 when the database cannot take it (nothing was written).
         `max_tokens` is the most the request may generate over all its choices."""
+        if not 0 < len(request_id) <= REQUEST_ID_MAX:
+            raise ValueError(f"request_id must have 1..{REQUEST_ID_MAX} characters")
         row = UsageRecord(
             request_id=request_id,
             tenant_id=_uuid(tenant_id),
             key_id=_uuid(key_id),
             adapter_id=_uuid(adapter_id),
             adapter_version=adapter_version,
-            model=model,
+            model=model[:MODEL_MAX],
             status=STATUS_RESERVED,
             reserved_tokens=max(0, prompt_tokens) + max(0, max_tokens),
             prompt_tokens=max(0, prompt_tokens),
@@ -115,7 +151,9 @@ class Metering:
             raise ApiError(
                 409, f"request id {request_id!r} was already metered", code="duplicate_request"
             ) from exc
-        except DB_DOWN as exc:
+        except Exception as exc:
+            if not database_down(exc):
+                raise
             log.warning("usage reservation failed for %s: %s", request_id, exc)
             raise db_unavailable() from exc
 
@@ -141,7 +179,7 @@ class Metering:
             prompt_tokens=max(0, prompt_tokens),
             cached_tokens=min(max(0, cached_tokens), max(0, prompt_tokens)),
             completion_tokens=max(0, completion_tokens),
-            finish_reason=finish_reason,
+            finish_reason=finish_reason[:FINISH_REASON_MAX] if finish_reason else None,
             queue_time_s=queue_time_s,
             ttft_s=ttft_s,
             latency_s=latency_s,
@@ -149,7 +187,9 @@ class Metering:
         )
         try:
             return await asyncio.wait_for(self._write(settlement), self._timeout)
-        except DB_DOWN as exc:
+        except Exception as exc:
+            if not database_down(exc):
+                raise
             log.warning("usage settle of %s deferred, database unavailable: %s", request_id, exc)
             self._pending.setdefault(request_id, settlement)
             self._wake.set()
@@ -172,7 +212,9 @@ class Metering:
         try:
             async with self._session_maker() as session:
                 return int((await session.execute(query)).scalar_one())
-        except DB_DOWN as exc:
+        except Exception as exc:
+            if not database_down(exc):
+                raise
             raise db_unavailable() from exc
 
     async def sweep(self, older_than_s: float, now: datetime | None = None) -> int:
@@ -211,8 +253,11 @@ class Metering:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._pending:
-            with contextlib.suppress(*DB_DOWN):
+            try:
                 await asyncio.wait_for(self.flush(), flush_timeout_s)
+            except Exception as exc:
+                if not database_down(exc):
+                    raise
             # The sweeper will expire these rows unbilled; the log keeps the real numbers for a repair.
             for s in self._pending.values():
                 log.error(
@@ -231,7 +276,12 @@ class Metering:
         """Write every deferred settlement now; returns how many are still waiting. Raises if the
         database is still down."""
         for request_id, settlement in list(self._pending.items()):
-            await asyncio.wait_for(self._write(settlement), self._timeout)
+            try:
+                await asyncio.wait_for(self._write(settlement), self._timeout)
+            except Exception as exc:
+                if database_down(exc):
+                    raise
+                log.exception("usage settlement of %s can never be written; dropped", request_id)
             self._pending.pop(request_id, None)
         return len(self._pending)
 
@@ -245,7 +295,9 @@ class Metering:
                 try:
                     await self.flush()
                     log.info("deferred usage settlements written")
-                except DB_DOWN as exc:
+                except Exception as exc:
+                    if not database_down(exc):
+                        raise
                     delay = min(delay * 2, self._max_retry_s)
                     log.warning(
                         "%d usage settlements still wait for the database: %s", len(self._pending), exc

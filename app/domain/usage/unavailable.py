@@ -12,17 +12,17 @@ from typing import Any
 
 from litestar import Request, Response
 from litestar.types import ExceptionHandlersMap
-from sqlalchemy.exc import DataError, DBAPIError, ProgrammingError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from app.domain.usage.metering import db_unavailable
+from app.domain.usage.metering import database_down, db_unavailable
 from app.errors import ApiError, error_response
 
 log = logging.getLogger(__name__)
 
 
 def _from_database_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    if isinstance(exc, ProgrammingError | DataError):
+    if not database_down(exc):
         log.exception("database error", exc_info=exc)
         return error_response(
             ApiError(500, "Internal server error", code="internal_error", type="server_error")

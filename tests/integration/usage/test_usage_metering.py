@@ -174,3 +174,22 @@ async def test_settlements_still_waiting_at_shutdown_are_logged_with_their_numbe
         "usage settlement lost at shutdown: request_id=lost-1 status=ok prompt_tokens=9 "
         "cached_tokens=1 completion_tokens=4 finish_reason=length"
     ]
+
+
+async def test_wrong_data_is_a_bug_not_an_outage(usage_database_url: str) -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    async with metering_on(usage_database_url) as (metering, engine):
+        tenant = await add_tenant(engine)
+        await metering.reserve("long", tenant, None, None, None, "m" * 500, 3, 3)
+        assert (await row(engine, "long")).model == "m" * 200
+        assert await metering.settle("long", 3, 0, 1, "x" * 100, "ok")
+        assert (await row(engine, "long")).finish_reason == "x" * 32
+        with pytest.raises(ValueError):
+            await metering.reserve("r" * 65, tenant, None, None, None, "base", 1, 1)
+        await reserve(metering, tenant, "huge")
+        # A number the column cannot hold is refused at once: never deferred, never retried forever.
+        with pytest.raises(DBAPIError):
+            await metering.settle("huge", 2**40, 0, 1, "stop", "ok")
+        assert metering.pending == 0
+        assert (await row(engine, "huge")).status == "reserved"
