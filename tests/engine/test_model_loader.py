@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
-from engine.model_loader import load_config, load_model, parse_config, weight_files
+from engine.model_loader import load_config, load_model, parse_config, resolve_device, weight_files
 from engine.model_runner import CPU_KV_CACHE_BYTES, decide_num_kv_blocks, kv_block_bytes
 from engine.ops import AttentionBatch, get_ops
 from tests.helpers.hf_models import hf_logits, load_hf, make_tiny_model
@@ -233,3 +233,12 @@ def test_malformed_model_folders_raise_value_errors(models: dict[str, Path], tmp
     (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
     with pytest.raises(ValueError, match="no weight_map"):
         weight_files(folder)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(models: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="no CUDA device"):
+        load_model(EngineConfig(model=str(models["single"]), device="cuda"))
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu-of-my-dreams")
