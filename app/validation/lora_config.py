@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .base_model import MLP_MODULES, SUPPORTED_MODULES, BaseModelSpec
+from .base_model import SUPPORTED_MODULES, BaseModelSpec
 from .errors import AdapterRejected
 
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -111,21 +111,17 @@ def parse_config_json(raw: bytes) -> dict[str, Any]:
 
 
 def _target_name(entry: Any, model_type: str) -> str:
+    # Only the short names: the engine's loader reads exactly these, so nothing accepted here can fail there.
     if not isinstance(entry, str):
         raise _reject("unsupported_target_module", "target_modules must hold module names (strings)")
-    short = entry
-    # PEFT matches by suffix, so "self_attn.q_proj" / "mlp.up_proj" also mean "that projection in every layer".
-    for parent, modules in (("self_attn.", SUPPORTED_MODULES[:4]), ("mlp.", MLP_MODULES)):
-        if entry.startswith(parent) and entry[len(parent) :] in modules:
-            short = entry[len(parent) :]
-    if short not in SUPPORTED_MODULES:
+    if entry not in SUPPORTED_MODULES:
         code = "wrong_architecture" if entry in _OTHER_ARCH_MODULES else "unsupported_target_module"
         raise _reject(
             code,
             f"target module '{entry[:100]}' is not a projection of this {model_type} model; "
             f"supported: {', '.join(SUPPORTED_MODULES)}",
         )
-    return short
+    return entry
 
 
 def _targets(value: Any, model_type: str) -> tuple[str, ...]:

@@ -144,6 +144,7 @@ def test_unknown_config_keys_are_ignored_with_a_warning(adapter, models, tmp_pat
         ({"target_modules": ["c_attn"]}, "wrong_architecture"),
         ({"target_modules": ".*q_proj"}, "unsupported_target_module"),
         ({"target_modules": []}, "unsupported_target_module"),
+        ({"target_modules": ["self_attn.q_proj", "v_proj"]}, "unsupported_target_module"),
         ({"use_rslora": "yes"}, "malformed_config"),
     ],
 )
