@@ -149,10 +149,12 @@ def load_adapter(
     # Largest file a valid adapter can be (fp32, every module at max_rank, plus header room): anything
     # bigger is refused before it is read into memory.
     limit = 4 * model_cfg.num_layers * max_rank * sum(i + o for i, o in shapes.values()) + (1 << 20)
-    if weights_file.stat().st_size > limit:
+    # Hash and parse the same bytes: the file cannot change between the check and the read. The read is
+    # bounded, so a file that grows (or lies about its size) cannot exhaust memory either.
+    with weights_file.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
         raise AdapterError(f"{WEIGHTS_FILE} is larger than any adapter of rank <= {max_rank} for this model")
-    # Hash and parse the same bytes: the file cannot change between the check and the read.
-    data = weights_file.read_bytes()
     content_hash = hashlib.sha256(data).hexdigest()
     if expected_hash is not None and content_hash != expected_hash:
         raise AdapterError(f"adapter weights sha256 {content_hash} does not match expected {expected_hash}")
