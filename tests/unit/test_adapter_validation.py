@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from app.validation import AdapterRejected, load_base_model_spec, validate_adapter
+from engine.lora import load_adapter
+from engine.model_loader import load_config
 from tests.helpers.hf_models import ALL_TARGETS, make_peft_adapter, make_tiny_model
 
 MAX_RANK = 16
@@ -94,6 +96,9 @@ def test_peft_save_pretrained_output_is_accepted_unchanged(models, tmp_path, arc
     assert spec.scaling == pytest.approx(expected_scale)
     assert len(result.layout.tensors) == 2 * 2 * len(targets)  # 2 layers, A and B
     assert spec.warnings == ()
+    # Whatever the registry accepts, the engine's loader reads, with the same rank and scale.
+    loaded = load_adapter(out, load_config(models[arch]), max_rank=MAX_RANK, expected_hash=None)
+    assert loaded.rank == r and loaded.scaling == pytest.approx(expected_scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -101,12 +106,14 @@ def test_half_precision_adapters_are_accepted(adapter, models, tmp_path, dtype):
     out = copy_adapter(adapter, tmp_path / "half")
     edit_tensors(out, lambda t: t.update({k: v.to(dtype) for k, v in t.items()}))
     assert check(out, models["llama"]).spec.rank == 8
+    assert load_adapter(out, load_config(models["llama"]), max_rank=MAX_RANK).rank == 8
 
 
 def test_all_linear_means_the_seven_projections(models, tmp_path):
     out = make_peft_adapter(models["llama"], tmp_path / "all", r=2, target_modules=ALL_TARGETS)
     edit_config(out, target_modules="all-linear")
     assert check(out, models["llama"]).spec.target_modules == ALL_TARGETS
+    assert load_adapter(out, load_config(models["llama"]), max_rank=MAX_RANK).rank == 2
     partial = make_peft_adapter(models["llama"], tmp_path / "qv", r=2)
     edit_config(partial, target_modules="all-linear")
     assert refused(partial, models["llama"]).code == "missing_tensor"
