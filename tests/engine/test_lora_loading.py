@@ -168,6 +168,11 @@ def test_malformed_files_are_refused(base: Path, good: Path, tmp_path: Path) -> 
     (folder / "adapter_model.safetensors").write_bytes(b"\0" * (2 << 20))
     with pytest.raises(AdapterError, match="larger than any adapter"):
         load_adapter(folder, cfg, 16)
+    folder = copy_adapter(good, tmp_path / "device")
+    (folder / "adapter_model.safetensors").unlink()
+    (folder / "adapter_model.safetensors").symlink_to("/dev/zero")  # endless bytes, size 0
+    with pytest.raises(AdapterError, match=r"no adapter_model\.safetensors"):
+        load_adapter(folder, cfg, 16)
     folder = copy_adapter(good, tmp_path / "badjson")
     (folder / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterError, match="not valid JSON"):
