@@ -1,7 +1,7 @@
 """Billing queries: settled usage rows summed per tenant, day (UTC) or adapter, as rows or CSV.
 
-Reserved rows (requests still running) are left out until they settle; expired rows (swept after a
-crash) count as requests with zero tokens. Totals are plain sums of the token columns, so they equal the
+Reserved rows (requests still running) are left out until they settle; `error` and `expired` rows
+(failed on our side, or swept after a crash) count as requests with zero billed tokens. Totals are plain sums of the token columns, so they equal the
 sum of the `usage` objects the API returned for the same requests.
 """
 
@@ -13,11 +13,11 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.domain.tenants.models import Tenant
-from app.domain.usage.models import STATUS_RESERVED, UsageRecord
+from app.domain.usage.models import BILLED_STATUSES, STATUS_RESERVED, UsageRecord
 
 GROUP_BY = ("tenant", "day", "adapter")
 SUMS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "total_tokens")
@@ -38,6 +38,10 @@ def _day(session: AsyncSession) -> ColumnElement[Any]:
     return func.to_char(func.timezone("UTC", UsageRecord.created_at), "YYYY-MM-DD")
 
 
+def _billed(column: Any) -> Any:
+    return func.coalesce(func.sum(case((UsageRecord.status.in_(BILLED_STATUSES), column), else_=0)), 0)
+
+
 async def usage_rows(
     session: AsyncSession, *, start: datetime, end: datetime, tenant_id: UUID | None, group_by: str
 ) -> list[dict[str, Any]]:
@@ -54,16 +58,14 @@ async def usage_rows(
         order += [UsageRecord.adapter_id, UsageRecord.adapter_version]
         # One adapter version may be asked for as `name` or `name@N`; show one of them.
         extra.append(func.max(UsageRecord.model))
-    prompt = func.coalesce(func.sum(UsageRecord.prompt_tokens), 0)
-    completion = func.coalesce(func.sum(UsageRecord.completion_tokens), 0)
     query = (
         select(
             *keys,
             *extra,
             func.count(UsageRecord.id),
-            prompt,
-            func.coalesce(func.sum(UsageRecord.cached_tokens), 0),
-            completion,
+            _billed(UsageRecord.prompt_tokens),
+            _billed(UsageRecord.cached_tokens),
+            _billed(UsageRecord.completion_tokens),
         )
         .join(Tenant, Tenant.id == UsageRecord.tenant_id)
         .where(

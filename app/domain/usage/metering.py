@@ -24,7 +24,13 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingErr
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.domain.usage.models import SETTLED_STATUSES, STATUS_EXPIRED, STATUS_RESERVED, UsageRecord
+from app.domain.usage.models import (
+    BILLED_STATUSES,
+    SETTLED_STATUSES,
+    STATUS_EXPIRED,
+    STATUS_RESERVED,
+    UsageRecord,
+)
 from app.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -196,13 +202,17 @@ class Metering:
             return False
 
     async def month_tokens(self, tenant_id: str, month: str) -> int:
-        """Tokens counted against the monthly quota in month YYYYMM: settled rows' prompt + completion,
+        """Tokens counted against the monthly quota in month YYYYMM: billed rows' prompt + completion,
         in-flight rows' whole reservation. The limiter's quota baseline."""
         start = datetime(int(month[:4]), int(month[4:]), 1, tzinfo=UTC)
         end = (start + timedelta(days=32)).replace(day=1)
         counted = case(
             (UsageRecord.status == STATUS_RESERVED, UsageRecord.reserved_tokens),
-            else_=UsageRecord.prompt_tokens + UsageRecord.completion_tokens,
+            (
+                UsageRecord.status.in_(BILLED_STATUSES),
+                UsageRecord.prompt_tokens + UsageRecord.completion_tokens,
+            ),
+            else_=0,
         )
         query = select(func.coalesce(func.sum(counted), 0)).where(
             UsageRecord.tenant_id == _uuid(tenant_id),

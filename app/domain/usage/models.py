@@ -19,6 +19,9 @@ from app.db.base import UUIDAuditBase
 STATUS_RESERVED = "reserved"
 STATUS_EXPIRED = "expired"
 SETTLED_STATUSES = ("ok", "aborted", "error")
+# Tokens are billed for requests that produced what the client asked for, or until it went away;
+# a request that failed on our side (error) or died with its process (expired) costs nothing.
+BILLED_STATUSES = ("ok", "aborted")
 USAGE_STATUSES = (STATUS_RESERVED, *SETTLED_STATUSES, STATUS_EXPIRED)
 
 

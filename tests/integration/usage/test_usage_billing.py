@@ -76,6 +76,14 @@ def billed(client, make_tenant, make_key, app_settings):  # type: ignore[no-unty
         },
         {"id": "a4", "tenant": a["id"], "p": 999, "g": 0, "status": "reserved"},  # still running: not billed
         {"id": "a5", "tenant": a["id"], "p": 500, "g": 500, "last_month": True},  # outside the default range
+        {
+            "id": "a6",
+            "tenant": a["id"],
+            "p": 70,
+            "g": 9,
+            "c": 5,
+            "status": "error",
+        },  # failed on our side: free
         {"id": "b1", "tenant": b["id"], "p": 100, "g": 50, "model": '=HYPERLINK("http://evil")'},
     ]
     asyncio.run(_meter(app_settings.database_url, rows))
@@ -97,15 +105,15 @@ def test_admin_sees_every_tenant_grouped_by_tenant(client, admin_headers, billed
     assert set(rows) == {"acme", "globex"}
     acme = rows["acme"]
     assert (acme["requests"], acme["prompt_tokens"], acme["cached_tokens"], acme["completion_tokens"]) == (
-        3,
+        4,
         33,
         4,
         13,
     )
     assert acme["total_tokens"] == 46 and acme["tenant_id"] == billed["a"]["id"]
-    # Totals are the plain sums of what each request's usage object said.
+    # Totals are the plain sums of what each request's usage object said; failed requests cost nothing.
     assert body["totals"] == {
-        "requests": 4,
+        "requests": 5,
         "prompt_tokens": 133,
         "cached_tokens": 4,
         "completion_tokens": 63,

@@ -106,6 +106,8 @@ async def test_month_tokens_is_the_quota_baseline(usage_database_url: str) -> No
         await metering.settle("settled", 10, 0, 5, "stop", "ok")
         await reserve(metering, tenant, "in-flight", prompt=8)  # counts its whole reservation: 40
         await reserve(metering, other, "someone-else")
+        await reserve(metering, tenant, "failed", prompt=30)
+        await metering.settle("failed", 30, 0, 4, "error", "error")  # not billed, not counted
         await reserve(metering, tenant, "last-month")
         async with async_sessionmaker(engine)() as session:
             await session.execute(
