@@ -422,3 +422,27 @@ def test_oracle_equals_transformers_generate(lora_setup: tuple[Path, dict[str, P
             )
         assert out[0, len(p) :].tolist() == got
     assert ours[0] != ours[1]
+
+
+def test_reusing_another_requests_prefix_blocks_matches_hf(lora_setup: tuple[Path, dict[str, Path]]) -> None:
+    """What a prefix-cache hit looks like to the runner: a second request whose block table starts with
+    the first one's full blocks and whose computation starts after them."""
+    base, _ = lora_setup
+    runner = make_runner(base)
+    blocks = Blocks(runner.block_size)
+    shared = prompt(80, 12)  # three full blocks of 4
+    first = new_request("first", [*shared, 7, 8, 9])
+    run_step(runner, blocks, [(first, first.num_tokens)])
+    second = new_request("second", [*shared, 11, 12, 13, 14, 15])
+    second.block_table = first.block_table[:3]
+    second.num_computed_tokens = 12
+    logits = run_step(runner, blocks, [(second, second.num_tokens - 12)])
+    assert second.block_table[:3] == first.block_table[:3] and second.block_table[3] not in first.block_table
+    hf = load_hf(base)
+    torch.testing.assert_close(logits[0], hf_logits(hf, second.all_token_ids)[-1], atol=ATOL, rtol=0)
+    # Negative control: pointing at blocks that hold other tokens gives other logits.
+    third = new_request("third", [*prompt(81, 12), 11, 12, 13, 14, 15])
+    third.block_table = first.block_table[:3]
+    third.num_computed_tokens = 12
+    wrong = run_step(runner, blocks, [(third, third.num_tokens - 12)])
+    assert (wrong[0] - hf_logits(hf, third.all_token_ids)[-1]).abs().max() > 1e-2
