@@ -4,10 +4,12 @@ the curl walk-through of docs/foundation.md exactly as written (only the port an
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,11 +31,21 @@ def _walkthrough_script() -> str:
 
 
 def _wait_for_admin_key(proc: subprocess.Popen[str], deadline: float) -> str:
+    """Read stdout in a thread, so a silent server fails the test at the deadline instead of hanging it."""
     assert proc.stdout is not None
+    stdout = proc.stdout
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for line in stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
     seen = []
     while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
             if proc.poll() is not None:
                 break
             continue
