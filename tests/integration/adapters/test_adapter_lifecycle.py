@@ -131,3 +131,40 @@ async def test_concurrent_uploads_of_one_name_get_distinct_versions(
     assert sorted(r.json()["version"] for r in responses) == [1, 2, 3, 4]
     current = (await async_client.get(f"{url}/bot", headers=admin_headers)).json()
     assert current["version"] == 4 and current["current"] is True
+
+
+def test_idempotency_key_of_an_upload_still_running_is_409(
+    app, client, admin_headers, make_tenant, make_adapter, upload
+):
+    import uuid
+
+    from app.db.session import session_maker
+    from app.domain.adapters.models import Adapter
+
+    tenant = make_tenant()
+
+    async def start_an_upload() -> None:
+        async with session_maker(app)() as session:
+            session.add(
+                Adapter(
+                    tenant_id=uuid.UUID(tenant["id"]),
+                    name="bot",
+                    status="pending",
+                    rank=4,
+                    alpha=8.0,
+                    use_rslora=False,
+                    target_modules=["q_proj"],
+                    sha256="0" * 64,
+                    config_sha256="0" * 64,
+                    size_bytes=1,
+                    warnings=[],
+                    idempotency_key="in-flight",
+                )
+            )
+            await session.commit()
+
+    client.blocking_portal.call(start_an_upload)
+    response = upload(tenant["id"], "bot", make_adapter(r=4), headers={"Idempotency-Key": "in-flight"})
+    assert response.status_code == 409 and "in progress" in response.json()["error"]["message"]
+    # A pending row is invisible: the name has no ready version yet.
+    assert client.get(f"/admin/tenants/{tenant['id']}/adapters/bot", headers=admin_headers).status_code == 404
