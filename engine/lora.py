@@ -159,8 +159,15 @@ def load_adapter(
     if expected_hash is not None and content_hash != expected_hash:
         raise AdapterError(f"adapter weights sha256 {content_hash} does not match expected {expected_hash}")
     tensors = _parse_tensors(data)
+    found = _pair_tensors(tensors, shapes, model_cfg.num_layers)
+    scaling, per_module = _check_and_scale(found, raw, shapes, max_rank)
+    return _stack(content_hash, scaling, per_module, shapes, model_cfg.num_layers, dtype)
 
-    layers = model_cfg.num_layers
+
+def _pair_tensors(
+    tensors: dict[str, Tensor], shapes: dict[str, tuple[int, int]], layers: int
+) -> dict[tuple[int, str], dict[str, Tensor]]:
+    """(layer, module) -> {"A": tensor, "B": tensor}; every other tensor name is refused."""
     found: dict[tuple[int, str], dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         m = _KEY.match(key)
@@ -177,7 +184,17 @@ def load_adapter(
         pair[which] = tensor
     if not found:
         raise AdapterError("adapter holds no LoRA weights")
+    return found
 
+
+def _check_and_scale(
+    found: dict[tuple[int, str], dict[str, Tensor]],
+    raw: dict[str, Any],
+    shapes: dict[str, tuple[int, int]],
+    max_rank: int,
+) -> tuple[float, dict[tuple[int, str], tuple[Tensor, Tensor]]]:
+    """Validate each pair against the model and the config; fold per-module scale ratios into B.
+    Returns the adapter's scale and (layer, module) -> (A [r, in], B [out, r]) in float32."""
     base_r, base_alpha = float(raw["r"]), float(raw["lora_alpha"])
     use_rslora = bool(raw.get("use_rslora", False))
     rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
@@ -187,7 +204,6 @@ def load_adapter(
 
     global_scaling = scaling_of(base_r, base_alpha)
     per_module: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
-    module_rank: dict[str, int] = {}
     for (layer, module), pair in found.items():
         name = f"layer {layer} {module}"
         if set(pair) != {"A", "B"}:
@@ -212,16 +228,29 @@ def load_adapter(
         if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
             raise AdapterError(f"{name}: weights hold NaN or infinity")
         per_module[(layer, module)] = (a32, b32 * ratio if ratio != 1.0 else b32)
-        module_rank[module] = max(module_rank.get(module, 0), r)
+    return global_scaling, per_module
 
+
+def _stack(
+    content_hash: str,
+    scaling: float,
+    per_module: dict[tuple[int, str], tuple[Tensor, Tensor]],
+    shapes: dict[str, tuple[int, int]],
+    layers: int,
+    dtype: torch.dtype,
+) -> LoRAAdapter:
+    """Per module, stack the layers into A [L, r_m, in] / B [L, out, r_m], zeros where a layer is skipped."""
+    module_rank: dict[str, int] = {}
+    for (_, module), (a32, _) in per_module.items():
+        module_rank[module] = max(module_rank.get(module, 0), a32.shape[0])
     a_out: dict[str, Tensor] = {}
     b_out: dict[str, Tensor] = {}
-    ranks = torch.zeros(layers, len(MODULE_GROUPS), dtype=torch.int32)
-    group_of = {m: g for g, group in enumerate(MODULE_GROUPS) for m in group}
     for module, r_max in module_rank.items():
         d_in, d_out = shapes[module]
         a_out[module] = torch.zeros(layers, r_max, d_in, dtype=dtype)
         b_out[module] = torch.zeros(layers, d_out, r_max, dtype=dtype)
+    ranks = torch.zeros(layers, len(MODULE_GROUPS), dtype=torch.int32)
+    group_of = {m: g for g, group in enumerate(MODULE_GROUPS) for m in group}
     for (layer, module), (a32, b32) in per_module.items():
         r = a32.shape[0]
         a_out[module][layer, :r] = a32.to(dtype)
@@ -231,7 +260,7 @@ def load_adapter(
     return LoRAAdapter(
         content_hash=content_hash,
         rank=max(module_rank.values()),
-        scaling=global_scaling,
+        scaling=scaling,
         a=a_out,
         b=b_out,
         ranks=ranks,
