@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth import require_admin
 from app.auth.middleware import AUTHENTICATOR_STATE_KEY
 from app.domain.strict import strict_body
-from app.domain.tenants.schemas import TenantCreate, TenantList, TenantOut, TenantUpdate
+from app.domain.tenants.schemas import Status, TenantCreate, TenantList, TenantOut, TenantUpdate
 from app.domain.tenants.service import TenantService, to_out
 
 DbSession = NamedDependency[AsyncSession]
@@ -40,8 +40,9 @@ class TenantController(Controller):
         db_session: DbSession,
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
         offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        status: Annotated[Status | None, QueryParameter(description="only tenants with this status")] = None,
     ) -> TenantList:
-        tenants, total = await TenantService(db_session).list(limit, offset)
+        tenants, total = await TenantService(db_session).list(limit, offset, status)
         return TenantList(data=[to_out(t) for t in tenants], total=total)
 
     @get("/{tenant_id:uuid}", operation_id="getTenant", summary="Get a tenant")

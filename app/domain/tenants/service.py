@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from uuid import UUID
 
 import msgspec
@@ -51,10 +52,14 @@ class TenantService:
         tenant = Tenant(status="active", **msgspec.structs.asdict(data))
         return await self.repo.add(tenant)
 
-    async def list(self, limit: int, offset: int) -> tuple[list[Tenant], int]:
-        return await self.repo.get_many_and_count(
-            LimitOffset(limit=limit, offset=offset), OrderBy(field_name="created_at", sort_order="asc")
-        )
+    async def list(self, limit: int, offset: int, status: str | None = None) -> tuple[list[Tenant], int]:
+        filters: list[Any] = [
+            LimitOffset(limit=limit, offset=offset),
+            OrderBy(field_name="created_at", sort_order="asc"),
+        ]
+        if status is not None:
+            filters.append(Tenant.status == status)
+        return await self.repo.get_many_and_count(*filters)
 
     async def update(self, tenant_id: UUID, data: TenantUpdate) -> Tenant:
         tenant = await self.get(tenant_id)

@@ -149,11 +149,16 @@ def test_bad_query_parameters_are_422(client, admin_headers):
         assert error["param"] == param, (query, error)
 
 
-def test_pagination(client, admin_headers, make_tenant):
+def test_pagination_and_status_filter(client, admin_headers, make_tenant):
     made = [make_tenant()["id"] for _ in range(3)]
     page = client.get("/admin/tenants?limit=2&offset=1", headers=admin_headers).json()
     assert page["total"] == 3
     assert [t["id"] for t in page["data"]] == made[1:3]
+    client.patch(f"/admin/tenants/{made[1]}", json={"status": "suspended"}, headers=admin_headers)
+    suspended = client.get("/admin/tenants?status=suspended", headers=admin_headers).json()
+    assert [t["id"] for t in suspended["data"]] == [made[1]] and suspended["total"] == 1
+    active = client.get("/admin/tenants?status=active", headers=admin_headers).json()
+    assert [t["id"] for t in active["data"]] == [made[0], made[2]]
 
 
 def test_non_json_content_types_never_500(client, admin_headers, migrated_database_url):
