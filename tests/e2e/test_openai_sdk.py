@@ -4,6 +4,7 @@ clients were told."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -308,3 +309,98 @@ def test_billing_equals_the_usage_returned_to_clients(live_server: LiveServer) -
     own = httpx.get(live_server.url + "/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
     assert own["totals"]["requests"] == len(told)
     assert {r["tenant_id"] for r in own["data"]} == {t["id"]}
+
+
+def fresh_adapter(live_server: LiveServer, tmp_path: Path, seed: int) -> Path:
+    """An adapter whose content no other test uploaded (the caches are keyed by content, not by name)."""
+    import json
+
+    from engine.demo import write_adapter
+
+    cfg = json.loads((live_server.demo_model / "config.json").read_text())
+    return write_adapter(
+        tmp_path / f"adapter-{seed}", cfg, r=4, lora_alpha=8, target_modules=["q_proj"], seed=seed
+    )
+
+
+def test_deleting_an_adapter_evicts_it_everywhere(live_server: LiveServer, tmp_path: Path) -> None:
+    t = live_server.tenant()
+    client = live_server.openai(live_server.key(t["id"]))
+    adapter = live_server.upload(t["id"], "gone", fresh_adapter(live_server, tmp_path, 101))
+    assert client.completions.create(model="gone", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+    cache_dir = live_server.app.state.settings.data_dir / "adapter-cache" / adapter["sha256"]
+    engine_cache = live_server.serving.engine._engine.engine.adapter_cache
+
+    def resident() -> bool:
+        return adapter["sha256"] in engine_cache._gpu or adapter["sha256"] in engine_cache._cpu
+
+    assert cache_dir.is_dir() and resident()
+    assert live_server.admin.delete(f"/admin/tenants/{t['id']}/adapters/gone").status_code in (200, 204)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gone", prompt=PROMPT, max_tokens=2)
+    assert "gone" not in {m.id for m in client.models.list().data}
+    # The adapter_deleted event reached the engine and the disk cache.
+    deadline = time.monotonic() + 10
+    while (cache_dir.exists() or resident()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not cache_dir.exists() and not resident()
+
+
+def test_an_adapter_whose_stored_bytes_changed_is_a_503_not_a_load(
+    live_server: LiveServer, module_s3: dict[str, str], tmp_path: Path
+) -> None:
+    import boto3
+
+    t = live_server.tenant()
+    client = live_server.openai(live_server.key(t["id"]))
+    adapter = live_server.upload(t["id"], "tampered", fresh_adapter(live_server, tmp_path, 102))
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=module_s3["endpoint_url"],
+        region_name=module_s3["region"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    key = f"adapters/{t['id']}/{adapter['id']}/adapter_model.safetensors"
+    s3.put_object(Bucket=module_s3["bucket"], Key=key, Body=b"not the weights that were checked")
+    rows_before = len(live_server.usage_rows())
+    with pytest.raises(openai.InternalServerError) as err:
+        client.completions.create(model="tampered", prompt=PROMPT, max_tokens=2)
+    assert err.value.status_code == 503 and error_of(err.value)["code"] == "adapter_unavailable"
+    assert len(live_server.usage_rows()) == rows_before
+
+
+def test_metrics_count_requests_without_tenant_labels(
+    live_server: LiveServer, tenant_a: dict[str, Any]
+) -> None:
+    tenant_a["client"].completions.create(model="demo-model", prompt=PROMPT, max_tokens=2)
+    text = live_server.admin.get("/metrics").text
+    count = next(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:e2e_request_latency_seconds_count")
+    )
+    assert count >= 1
+    assert "vllm:time_to_first_token_seconds_bucket" in text
+    assert tenant_a["id"] not in text and tenant_a["key"] not in text
+
+
+def test_tenant_b_cannot_read_a_usage(
+    live_server: LiveServer, tenant_a: dict[str, Any], tenant_b: dict[str, Any]
+) -> None:
+    tenant_a["client"].completions.create(model="demo-model", prompt=PROMPT, max_tokens=2)
+    mine = httpx.get(
+        live_server.url + "/v1/usage", headers={"Authorization": f"Bearer {tenant_b['key']}"}
+    ).json()
+    assert {r["tenant_id"] for r in mine["data"]} <= {tenant_b["id"]}
+    a_rows = [r for r in live_server.usage_rows() if str(r["tenant_id"]) == tenant_a["id"]]
+    assert a_rows and mine["totals"]["requests"] == sum(
+        str(r["tenant_id"]) == tenant_b["id"] for r in live_server.usage_rows()
+    )
+    # Asking for A's tenant explicitly changes nothing for B's key.
+    forced = httpx.get(
+        live_server.url + "/v1/usage",
+        params={"tenant_id": tenant_a["id"]},
+        headers={"Authorization": f"Bearer {tenant_b['key']}"},
+    )
+    assert tenant_a["id"] not in forced.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,6 +18,8 @@ from app.domain.completions.adapter_files import AdapterFiles
 from app.domain.completions.run import Caller, CompletionRun, Target
 from app.domain.completions.schemas import ChatCompletionRequest, CompletionRequest
 from app.engine_client import EngineClient
+
+log = logging.getLogger(__name__)
 
 # resolve(tenant_id, model_name) -> the tenant's adapter row (name or name@N), or None.
 Resolver = Callable[[str, str], Awaitable[Any]]
@@ -49,7 +52,19 @@ class CompletionService:
                 code="model_not_found",
                 type_="not_found_error",
             )
-        folder = await self.files.ensure(adapter)
+        try:
+            folder = await self.files.ensure(adapter)
+        except Exception as exc:
+            # The store is down, or its bytes no longer match the registry's sha256: never hand those to
+            # the engine, and never blame the client for it.
+            log.warning("adapter %s@%s unavailable: %s", adapter.name, adapter.version, exc)
+            raise params.RequestError(
+                503,
+                f"The adapter '{model}' cannot be loaded right now; try again later.",
+                param="model",
+                code="adapter_unavailable",
+                type_="service_unavailable_error",
+            ) from exc
         lora = self.engine.lora_request(f"{adapter.name}@{adapter.version}", folder, adapter.sha256)
         return Target(model=model, adapter=adapter, lora=lora)
 
