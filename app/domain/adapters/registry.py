@@ -143,6 +143,10 @@ class AdapterRegistry:
                 code="object_store_unavailable",
             ) from None
         await self._make_ready(adapter)
+        log.info(
+            "adapter %s ready: rank %d, %s, sha256 %s, %d bytes",
+            adapter.ref, adapter.rank, ",".join(adapter.target_modules), adapter.sha256[:12], adapter.size_bytes,
+        )  # fmt: skip
         return UploadResult(adapter, replayed=False)
 
     async def _add_pending(
@@ -220,6 +224,7 @@ class AdapterRegistry:
         # Rows go first: a row without objects would be a broken adapter; objects without a row are
         # orphans that the sweep removes if deleting them now fails.
         await self.session.commit()
+        log.info("deleted %s of tenant %s: %s", ref, tenant_id, ", ".join(row.ref for row in rows))
         for prefix in prefixes:
             await asyncio.to_thread(_remove_objects, self.store, prefix)
         still_used = set(
