@@ -105,6 +105,19 @@ class Limiter:
             return
         await self._settle_redis(admission, delta)
 
+    async def release_quota(self, tenant_id: str, month: str, tokens: int) -> bool:
+        """Stop counting `tokens` against a tenant's month (YYYYMM) in Redis: the reservation of a request
+        whose process died (the sweeper expired its row). False when Redis is absent or down; the
+        in-process counters are rebuilt from the usage rows with each new month or process."""
+        if self._redis is None or self.backend != "redis":
+            return False
+        try:
+            await self._redis.release_quota(tenant_id, month, max(0, int(tokens)))
+        except REDIS_DOWN as exc:
+            self._mark_down(exc)
+            return False
+        return True
+
     async def running(self, tenant_id: str) -> int:
         """Concurrency slots a tenant holds now (in the backend that answers)."""
         now = self._clock()

@@ -134,6 +134,12 @@ return 1
 )
 
 
+RELEASE_QUOTA_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECRBY', KEYS[1], ARGV[1]) end
+return false
+"""
+
+
 def _arg(limit: int | None) -> int:
     return -1 if limit is None else limit
 
@@ -146,6 +152,7 @@ class RedisBackend:
         self._prefix = prefix
         self._admit = client.register_script(ADMIT_LUA)
         self._settle = client.register_script(SETTLE_LUA)
+        self._release_quota = client.register_script(RELEASE_QUOTA_LUA)
 
     def keys(self, tenant_id: str, month: str) -> list[str]:
         base = f"{self._prefix}:{{{tenant_id}}}"
@@ -195,6 +202,9 @@ class RedisBackend:
     async def settle(self, limits: TenantLimits, lease_id: str, delta: int, now: float, month: str) -> bool:
         args = [repr(now), _arg(limits.tokens_per_minute), lease_id, delta]
         return bool(await self._settle(keys=self.keys(limits.tenant_id, month), args=args))
+
+    async def release_quota(self, tenant_id: str, month: str, tokens: int) -> None:
+        await self._release_quota(keys=[self.keys(tenant_id, month)[2]], args=[tokens])
 
     async def running(self, tenant_id: str, now: float) -> int:
         lease_key = self.keys(tenant_id, "")[1]

@@ -18,7 +18,7 @@ from litestar import Litestar
 
 from app.config import Settings
 from app.db.session import session_maker
-from app.domain.usage.metering import Metering, database_down
+from app.domain.usage.metering import Expired, Metering, OnExpired, database_down
 from app.limits import Limiter
 from app.metrics import Metrics
 
@@ -61,8 +61,15 @@ async def usage_services(app: Litestar) -> AsyncIterator[None]:
     app.state[LIMITER_STATE_KEY] = limiter
     app.state[METERING_STATE_KEY] = metering
     metering.start()
+
+    async def forget(expired: list[Expired]) -> None:
+        for row in expired:
+            await limiter.release_quota(row.tenant_id, row.month, row.reserved_tokens)
+
     sweeper = asyncio.create_task(
-        _sweep_forever(metering, settings.usage_sweep_after_seconds, settings.usage_sweep_interval_seconds),
+        _sweep_forever(
+            metering, settings.usage_sweep_after_seconds, settings.usage_sweep_interval_seconds, forget
+        ),
         name="usage-sweeper",
     )
     try:
@@ -75,10 +82,12 @@ async def usage_services(app: Litestar) -> AsyncIterator[None]:
         await limiter.close()
 
 
-async def _sweep_forever(metering: Metering, older_than_s: float, interval_s: float) -> None:
+async def _sweep_forever(
+    metering: Metering, older_than_s: float, interval_s: float, forget: OnExpired
+) -> None:
     while True:
         try:
-            await metering.sweep(older_than_s)
+            await metering.sweep(older_than_s, on_expired=forget)
         except Exception as exc:
             # The sweeper must outlive any one failure: log and look again next interval.
             if database_down(exc):

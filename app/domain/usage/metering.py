@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -79,6 +79,18 @@ def db_unavailable() -> ApiError:
         code="database_unavailable",
         headers={"retry-after": "1"},
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """A reservation the sweeper gave up on: whose, which month (YYYYMM), how many tokens it held."""
+
+    tenant_id: str
+    month: str
+    reserved_tokens: int
+
+
+OnExpired = Callable[[list[Expired]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,9 +239,12 @@ class Metering:
                 raise
             raise db_unavailable() from exc
 
-    async def sweep(self, older_than_s: float, now: datetime | None = None) -> int:
+    async def sweep(
+        self, older_than_s: float, now: datetime | None = None, on_expired: OnExpired | None = None
+    ) -> int:
         """Mark reservations older than `older_than_s` as `expired` (their process died): nothing is billed
-        for them (the client got no answer). Returns how many were swept."""
+        for them (the client got no answer). `on_expired` hears of each (to give back what the limiter
+        still counts for them). Returns how many were swept."""
         cutoff = (now or datetime.now(UTC)) - timedelta(seconds=older_than_s)
         query = (
             update(UsageRecord)
@@ -242,15 +257,20 @@ class Metering:
                 settled_at=datetime.now(UTC),
                 updated_at=datetime.now(UTC),
             )
+            .returning(UsageRecord.tenant_id, UsageRecord.created_at, UsageRecord.reserved_tokens)
             .execution_options(synchronize_session=False)
         )
         async with self._session_maker() as session:
-            result: Any = await session.execute(query)
+            rows = (await session.execute(query)).all()
             await session.commit()
-        swept = int(result.rowcount or 0)
-        if swept:
-            log.warning("usage sweeper expired %d reservations older than %.0f s", swept, older_than_s)
-        return swept
+        expired = [
+            Expired(str(t), created.astimezone(UTC).strftime("%Y%m"), int(r)) for t, created, r in rows
+        ]
+        if expired:
+            log.warning("usage sweeper expired %d reservations older than %.0f s", len(expired), older_than_s)
+            if on_expired is not None:
+                await on_expired(expired)
+        return len(expired)
 
     # ---- background retry of deferred settles ----
     def start(self) -> None:

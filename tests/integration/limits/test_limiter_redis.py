@@ -229,3 +229,18 @@ async def test_reply_lost_to_a_timeout_is_undone_when_redis_answers(
     await limiter.settle(slow, 1)  # its real release goes to the memory backend that admitted it
     assert await limiter.running(t.tenant_id) == 1
     await limiter.close()
+
+
+async def test_quota_of_a_crashed_request_is_released(redis_url: str, prefix: str) -> None:
+    clock = Clock()
+    limiter = Limiter(redis_url, key_prefix=prefix, clock=clock)
+    t = tenant(monthly_token_quota=1000)
+    crashed = await limiter.admit(t, 700)  # its process dies: never settled
+    assert crashed.allowed and not (await limiter.admit(t, 400)).allowed
+    assert await limiter.release_quota(t.tenant_id, crashed.month, 700)
+    assert (await limiter.admit(t, 400)).allowed
+    # Nothing to release in a month Redis holds no counter for: no key is made.
+    assert await limiter.release_quota(t.tenant_id, "202001", 5)
+    assert not redis_sync.Redis.from_url(redis_url).exists(f"{prefix}:{{{t.tenant_id}}}:m:202001")
+    await limiter.close()
+    assert not await Limiter(None).release_quota(t.tenant_id, crashed.month, 1)

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from app.domain.usage.metering import Metering
+from app.domain.usage.metering import Expired, Metering
 from app.domain.usage.models import UsageRecord
 from app.errors import ApiError
 from tests.integration.conftest import free_port
@@ -87,8 +87,15 @@ async def test_sweeper_expires_only_old_reservations_and_a_late_settle_wins(usag
             )
             await session.commit()
 
-        assert await metering.sweep(older_than_s=900) == 1
-        assert await metering.sweep(older_than_s=900) == 0
+        heard: list[Expired] = []
+
+        async def on_expired(rows: list[Expired]) -> None:
+            heard.extend(rows)
+
+        assert await metering.sweep(older_than_s=900, on_expired=on_expired) == 1
+        assert await metering.sweep(older_than_s=900, on_expired=on_expired) == 0
+        month = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y%m")
+        assert heard == [Expired(str(tenant), month, 50 + 32)]
         crashed, running, done = [await row(engine, r) for r in ("crashed", "running", "done")]
         assert (crashed.status, crashed.prompt_tokens, crashed.completion_tokens) == ("expired", 0, 0)
         assert crashed.reserved_tokens == 82 and crashed.settled_at is not None
