@@ -49,14 +49,17 @@ class Scheduler:
         self.adapter_slots = adapter_slots
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        # Tokens a fairness key earns per round-robin turn; smaller = finer interleaving, more turns.
-        self.quantum = fairness_quantum or max_num_batched_tokens
+        # Tokens a fairness key earns per round-robin turn. Small, so that a key never admits much more
+        # than a quantum's worth before the others get a turn (a key with long prompts just needs more
+        # turns to save up; turns are cheap).
+        self.quantum = fairness_quantum or 4 * block_manager.block_size
         self.running: list[Request] = []
         # Waiting requests per fairness key; the dict's order is the round-robin ring, head = current turn.
         self.queues: OrderedDict[str, deque[Request]] = OrderedDict()
         self.deficit: dict[str, int] = {}
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # since start, for stats and tests
+        self._lookups: dict[str, int] = {}  # cached tokens per request id, for one step's credit checks
 
     # ---- queue bookkeeping ----
     @property
@@ -167,6 +170,7 @@ class Scheduler:
             self.deficit[key] = max(self.deficit[key] - tokens, -8 * self.quantum)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        self._lookups = {}
         stalled = 0  # consecutive turns in which a key had nothing admittable
         while (
             self.queues
@@ -190,9 +194,11 @@ class Scheduler:
         seats or blocks), "deficit" (turn over, credit short), "blocked" (nothing admittable)."""
         progressed = False
         for request in list(self.queues[key]):
-            hits, num_cached = self.block_manager.get_computed_blocks(request)
-            cost = request.num_tokens - num_cached
-            if cost > self.deficit[key]:
+            # Turns come round often (small quantum): remember the hit length for the credit check only.
+            known = self._lookups.get(request.request_id)
+            if known is None:
+                known = self._lookups[request.request_id] = self.block_manager.get_computed_blocks(request)[1]
+            if request.num_tokens - known > self.deficit[key]:
                 return "deficit", budget
             slot = -1
             if request.lora is not None:
@@ -209,6 +215,9 @@ class Scheduler:
                 if acquired is None:
                     continue
                 slot = acquired
+            # Fresh lookup: admissions earlier in this step may have evicted or added cached blocks.
+            hits, num_cached = self.block_manager.get_computed_blocks(request)
+            cost = request.num_tokens - num_cached
             n = min(cost, budget)
             if not self.block_manager.allocate_slots(request, n, hits):
                 if request.lora is not None:

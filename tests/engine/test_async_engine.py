@@ -207,3 +207,26 @@ async def test_shutdown_fails_in_flight_requests_and_refuses_new_ones(model):
             pass
     with pytest.raises(EngineDeadError):
         await collect(eng, "late", [0, 5])
+
+
+async def test_fairness_key_reaches_the_scheduler(model):
+    config = EngineConfig(
+        model=str(model[0]), device="cpu", dtype="float32", block_size=4, num_kv_blocks=256, max_num_seqs=2
+    )
+    eng = AsyncLLMEngine.from_config(config)
+    done: list[str] = []
+
+    async def run(rid: str, prompt: list[int], key: str) -> None:
+        async for out in eng.generate(rid, prompt, GREEDY, fairness_key=key):
+            if out.finished:
+                done.append(rid)
+
+    eng.start()
+    # The light request arrives last: in arrival order it would finish last, 13th.
+    tasks = [asyncio.create_task(run(f"heavy{i}", [0, 10 + i, 20 + i, 30 + i], "heavy")) for i in range(12)]
+    tasks.append(asyncio.create_task(run("light", [0, 99, 98, 97], "light")))
+    await asyncio.gather(*tasks)
+    await eng.shutdown()
+    # Two seats: the light request takes the first seat that frees up once it has arrived (the loop thread
+    # may already have started a few heavy ones by then).
+    assert done.index("light") <= 5, done
