@@ -169,6 +169,15 @@ def test_malformed_forms(app, client, admin_headers, make_tenant, make_adapter):
         assert response.status_code == status, (what, response.text)
         assert response.json()["error"]["code"] == code, (what, response.text)
 
+    # Field order does not matter.
+    reverse = [
+        ("weights", "adapter_model.safetensors", weights),
+        ("adapter_config", "c.json", config),
+        ("name", None, b"ok"),
+    ]
+    made = client.post(url, content=_multipart(b, reverse), headers=form)
+    assert made.status_code == 201 and made.json()["name"] == "ok", made.text
+
     # Random garbage in every field: always a 4xx in the envelope, never a 5xx.
     import random
 
