@@ -11,6 +11,7 @@ from litestar.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.domain.usage.lifespan import limiter_of, metering_of, metrics_of
+from app.limits import TenantLimits
 from tests.integration.conftest import free_port
 
 FORBIDDEN_LABELS = {"tenant", "tenant_id", "tenant_name", "key", "key_id", "api_key", "user", "request_id"}
@@ -132,7 +133,7 @@ def test_lifespan_metering_is_wired_to_the_apps_database(client, make_tenant) ->
     assert portal.call(metering.month_tokens, tenant["id"], datetime.now(UTC).strftime("%Y%m")) == 6
 
 
-def test_the_apps_sweeper_expires_a_dead_processs_reservation(build_app, admin_headers) -> None:  # type: ignore[no-untyped-def]
+def test_the_apps_sweeper_expires_a_dead_processs_reservation(build_app, admin_headers, redis_url) -> None:  # type: ignore[no-untyped-def]
     import time
 
     from sqlalchemy import select, update
@@ -140,11 +141,18 @@ def test_the_apps_sweeper_expires_a_dead_processs_reservation(build_app, admin_h
     from app.db.session import session_maker
     from app.domain.usage.models import UsageRecord
 
-    app = build_app(usage_sweep_interval_seconds=0.1)
+    prefix = f"lpxsweep{uuid.uuid4().hex[:6]}"
+    app = build_app(usage_sweep_interval_seconds=0.1, redis_url=redis_url, redis_key_prefix=prefix)
     with TestClient(app) as client:
-        tenant = client.post("/admin/tenants", json={"name": "sweepme"}, headers=admin_headers).json()
+        tenant = client.post(
+            "/admin/tenants", json={"name": "sweepme", "monthly_token_quota": 100}, headers=admin_headers
+        ).json()
         portal = client.blocking_portal
-        portal.call(metering_of(app).reserve, "orphan", tenant["id"], None, None, None, "base", 4, 8)
+        limits = TenantLimits(tenant["id"], monthly_token_quota=100)
+        # The "dead process": admitted (80 of the month's 100 tokens) and reserved, never settled.
+        assert portal.call(limiter_of(app).admit, limits, 80).allowed
+        portal.call(metering_of(app).reserve, "orphan", tenant["id"], None, None, None, "base", 40, 40)
+        assert not portal.call(limiter_of(app).admit, limits, 30).allowed
         portal.call(metering_of(app).reserve, "alive", tenant["id"], None, None, None, "base", 4, 8)
 
         async def age_and_read(request_id: str, age: bool) -> str:
@@ -164,3 +172,5 @@ def test_the_apps_sweeper_expires_a_dead_processs_reservation(build_app, admin_h
             time.sleep(0.05)
         assert portal.call(age_and_read, "orphan", False) == "expired"
         assert portal.call(age_and_read, "alive", False) == "reserved"
+        # The sweeper gave the dead request's 80 tokens back to the month's counter in Redis.
+        assert portal.call(limiter_of(app).admit, limits, 30).allowed
