@@ -167,3 +167,17 @@ async def test_quota_baseline_failure_is_not_mistaken_for_redis_down() -> None:
     assert err.value.status_code == 503
     # Without a quota the database is not asked at all.
     assert (await limiter.admit(limits(tokens_per_minute=10), 1)).allowed
+
+
+async def test_fifty_concurrent_admissions_in_process_admit_exactly_n() -> None:
+    import asyncio
+
+    limiter = Limiter(clock=Clock())
+    tenant = limits(max_concurrent_requests=7, tokens_per_minute=10_000)
+    admissions = await asyncio.gather(*(limiter.admit(tenant, 100) for _ in range(50)))
+    admitted = [a for a in admissions if a.allowed]
+    assert len(admitted) == 7 and await limiter.running("t1") == 7
+    await asyncio.gather(*(limiter.settle(a, 100) for a in admissions))
+    assert await limiter.running("t1") == 0
+    # Only the admitted ones took tokens, and settling spent them (used == reserved).
+    assert (await limiter.admit(tenant, 0)).headers["x-ratelimit-remaining-tokens"] == str(10_000 - 700)
