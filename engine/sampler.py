@@ -100,7 +100,8 @@ class Sampler:
                 continue
             if request.generator is None:
                 request.generator = torch.Generator(device=logits.device)
-                request.generator.manual_seed(request.params.seed)
+                # Any Python int is a valid seed; torch takes [0, 2**64).
+                request.generator.manual_seed(request.params.seed % (1 << 64))
             q[j].exponential_(generator=request.generator)
         return (probs / q.clamp_min_(1e-20)).argmax(dim=-1)
 
@@ -111,7 +112,7 @@ class Sampler:
         if all(w is None for w in wanted):
             return [None] * len(requests)
         logprobs = torch.log_softmax(logits, dim=-1)
-        most = max(w or 0 for w in wanted)
+        most = min(max(w or 0 for w in wanted), logits.shape[1])
         top_vals, top_ids = logprobs.topk(most, dim=-1) if most else (None, None)
         chosen = logprobs.gather(1, torch.tensor(token_ids, device=logits.device).unsqueeze(1)).squeeze(1)
         chosen_list = chosen.tolist()

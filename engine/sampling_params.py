@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Each sample is its own sequence in the engine; an unbounded n would let one request stall the loop.
+MAX_N = 128
+
 
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
@@ -37,7 +40,11 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
-        _require(isinstance(self.n, int) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
+        _require(
+            isinstance(self.n, int) and 1 <= self.n <= MAX_N,
+            "n",
+            f"must be an integer in [1, {MAX_N}], got {self.n!r}",
+        )
         _require(
             self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
             "max_tokens",

@@ -174,6 +174,7 @@ def test_logprobs_are_log_softmax_of_the_processed_logits_with_the_sampled_token
     ("kwargs", "name"),
     [
         ({"n": 0}, "n"),
+        ({"n": 129}, "n"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ({"temperature": -0.1}, "temperature"),
@@ -199,3 +200,16 @@ def test_invalid_sampling_params_name_the_parameter(kwargs, name):
 def test_sampling_params_normalise_stop_and_top_k():
     p = SamplingParams(stop="###", top_k=-1)
     assert p.stop == ["###"] and p.top_k == 0
+
+
+def test_any_integer_seed_works_and_logprobs_beyond_the_vocabulary_are_capped():
+    logits = torch.randn(3, 8)
+    reqs = [
+        make(SamplingParams(temperature=1.0, seed=2**70, logprobs=20)),
+        make(SamplingParams(temperature=1.0, seed=-5)),
+        make(SamplingParams(temperature=1.0, seed=2**64 - 1)),
+    ]
+    out = Sampler(CPU)(logits, reqs)
+    assert len(out.logprobs[0]) == 8 and all(0 <= t < 8 for t in out.token_ids)
+    again = Sampler(CPU)(logits[:1], [make(SamplingParams(temperature=1.0, seed=2**70, logprobs=20))])
+    assert again.token_ids[0] == out.token_ids[0]
