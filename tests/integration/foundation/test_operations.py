@@ -94,7 +94,9 @@ def test_openapi_documents_the_error_envelope(client):
             for status, response in operation["responses"].items():
                 if status.startswith(("4", "5")) and "content" in response:
                     body = response["content"]["application/json"]["schema"]
-                    assert "status_code" not in str(body), f"{method} {path} {status} documents Litestar's body"
+                    assert "status_code" not in str(body), (
+                        f"{method} {path} {status} documents Litestar's body"
+                    )
             if operation.get("security") == []:
                 continue
             assert "401" in operation["responses"], f"{method} {path} needs a key but documents no 401"
