@@ -280,3 +280,34 @@ def test_random_corruption_is_always_a_clean_refusal():
             assert exc.code and exc.status_code in (413, 415, 422)
             outcomes["refused"] += 1
     assert outcomes["refused"] > 100  # the corruption really hit the header
+
+
+def test_the_value_scan_reads_in_bounded_chunks(tmp_path: Path):
+    import tracemalloc
+
+    from app.validation.lora_weights import scan_finite
+
+    rows, cols = 4096, 4096  # 64 MiB of F32
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [rows, cols], "data_offsets": [0, rows * cols * 4]}}
+    ).encode()
+    path = tmp_path / "big.safetensors"
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        zeros = bytes(1024 * 1024)
+        for _ in range(rows * cols * 4 // len(zeros)):
+            f.write(zeros)
+        f.seek(-4, 2)
+        f.write(np.array([np.inf], dtype="<f4").tobytes())  # the very last value
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        with path.open("rb") as f:
+            layout = read_layout(f, size)
+            with pytest.raises(AdapterRejected) as info:
+                scan_finite(f, layout)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.code == "non_finite_values"
+    assert peak < 24 * 1024 * 1024, f"peak {peak} bytes scanning a {size}-byte file"

@@ -97,3 +97,29 @@ async def test_a_pickle_name_is_refused_before_its_bytes_arrive(tmp_path):
         await receive_form(chunks(data, 64), CONTENT_TYPE, None, tmp_path, 1_000_000)
     assert info.value.code == "pickle_refused"
     assert not any(tmp_path.iterdir())
+
+
+async def test_a_large_upload_is_never_held_in_memory(tmp_path):
+    import tracemalloc
+
+    size, block = 32 * 1024 * 1024, os.urandom(256 * 1024)
+    digest = hashlib.sha256()
+
+    async def stream():
+        yield f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="name"\r\n\r\nbig\r\n'.encode()
+        yield f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="adapter_config"; filename="c.json"\r\n\r\n'.encode()
+        yield CONFIG + b"\r\n"
+        yield f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="weights"; filename="w"\r\n\r\n'.encode()
+        for _ in range(size // len(block)):
+            digest.update(block)
+            yield block
+        yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+    tracemalloc.start()
+    try:
+        form = await receive_form(stream(), CONTENT_TYPE, None, tmp_path, 64 * 1024 * 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert form.weights.size == size and form.weights.sha256 == digest.hexdigest()
+    assert peak < 8 * 1024 * 1024, f"peak {peak} bytes for a {size}-byte upload"
