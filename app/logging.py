@@ -34,6 +34,7 @@ _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) 
 }
 
 access_log = logging.getLogger("loraplex.access")
+_PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
 @dataclass(slots=True)
@@ -142,7 +143,10 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            access_log.info(
+            # Probes hit these every few seconds; their successes would drown the log.
+            quiet = status < 400 and scope["path"] in _PROBE_PATHS
+            access_log.log(
+                logging.DEBUG if quiet else logging.INFO,
                 "%s %s %s",
                 method,
                 scope["path"],

@@ -41,6 +41,7 @@ def test_request_ids(client):
 def test_request_log_lines_are_json_with_request_and_tenant_ids(build_app, admin_headers, capsys):
     app = build_app(log_format="json")  # the handler binds to the captured stderr
     with TestClient(app) as client:
+        client.get("/health")  # a probe: logged at debug level only
         tenant = client.post("/admin/tenants", json={"name": "logged"}, headers=admin_headers).json()
         key = client.post(f"/admin/tenants/{tenant['id']}/api-keys", json={}, headers=admin_headers).json()[
             "key"
@@ -55,6 +56,7 @@ def test_request_log_lines_are_json_with_request_and_tenant_ids(build_app, admin
     assert traced[0]["status"] == 403
     assert traced[0]["path"] == "/admin/tenants"
     assert all(line["request_id"] for line in access)
+    assert not [line for line in access if line["path"] == "/health"]
     # The key never reaches the logs.
     assert key not in capsys.readouterr().err
     assert all(key not in json.dumps(line) for line in lines)
