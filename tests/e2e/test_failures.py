@@ -63,6 +63,26 @@ def test_disconnect_mid_stream_aborts_the_engine_request_and_settles_usage(live_
     assert ok.status_code == 200, ok.text
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_aborts_too(live_server: LiveServer) -> None:
+    tenant = live_server.tenant()
+    headers = {"Authorization": f"Bearer {live_server.key(tenant['id'])}"}
+    body = {"model": "demo-model", "n": 4, **LONG}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            live_server.url + "/v1/completions",
+            json=body,
+            headers=headers,
+            timeout=httpx.Timeout(30, read=0.5),
+        )
+
+    def settled() -> list[dict[str, Any]]:
+        return [r for r in live_server.usage_rows() if str(r["tenant_id"]) == tenant["id"]]
+
+    wait_for(lambda: live_server.serving.engine.stats().running == 0)
+    wait_for(lambda: [r["status"] for r in settled()] == ["aborted"])
+    assert 0 < settled()[0]["completion_tokens"] < 4 * 400
+
+
 def test_concurrency_limit_is_a_429_with_retry_headers(live_server: LiveServer) -> None:
     tenant = live_server.tenant(max_concurrent_requests=1)
     key = live_server.key(tenant["id"])

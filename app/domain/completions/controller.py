@@ -6,6 +6,7 @@ foundation's 422 is for the admin API), an unknown model is a 404 on `model`, a 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -93,12 +94,27 @@ async def _caller(principal: Principal, db_session: AsyncSession) -> Caller:
     )
 
 
-async def _serve(serving: Serving, run: CompletionRun, chat: bool) -> Any:
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up. The body is already read, so the next ASGI message is that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _serve(serving: Serving, request: Request, run: CompletionRun, chat: bool) -> Any:
     driver = serving.driver
     await driver.begin(run)
     if not run.spec.stream:
+        work = asyncio.ensure_future(responses.complete(driver, run, chat))
+        gone = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not work.done():
+            # Nobody is waiting for this answer any more: stop the engine work (finish() aborts and settles).
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            return Response(None, status_code=499)
         try:
-            body = await responses.complete(driver, run, chat)
+            body = work.result()
         except EngineUnavailable as exc:
             raise _unavailable(str(exc)) from exc
         return Response(body, headers=run.headers)
@@ -145,7 +161,7 @@ class CompletionsController(Controller):
         serving = serving_of(request.app)
         try:
             run = await serving.service.prepare_completion(await _caller(principal, db_session), data)
-            return await _serve(serving, run, chat=False)  # type: ignore[no-any-return]
+            return await _serve(serving, request, run, chat=False)  # type: ignore[no-any-return]
         except RequestError as exc:
             raise _api_error(exc) from exc
         except EngineUnavailable as exc:
@@ -169,7 +185,7 @@ class CompletionsController(Controller):
         serving = serving_of(request.app)
         try:
             run = await serving.service.prepare_chat(await _caller(principal, db_session), data)
-            return await _serve(serving, run, chat=True)  # type: ignore[no-any-return]
+            return await _serve(serving, request, run, chat=True)  # type: ignore[no-any-return]
         except RequestError as exc:
             raise _api_error(exc) from exc
         except EngineUnavailable as exc:

@@ -8,6 +8,7 @@ path can call it from a `finally` while its task is being cancelled by a disconn
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -153,6 +154,7 @@ class RunDriver:
     def __init__(self, engine: EngineClient, state: Mapping[str, Any]) -> None:
         self.engine = engine
         self._state = state
+        self._settling: set[asyncio.Future[None]] = set()  # referenced until done, so none is collected
 
     @property
     def limiter(self) -> Limits | None:
@@ -249,39 +251,49 @@ class RunDriver:
         run.last_token_at = now
 
     async def finish(self, run: CompletionRun) -> None:
-        """Settle exactly once: abort the engine request if still running, write usage, free limits."""
+        """Settle exactly once: abort the engine request if still running, write usage, free limits.
+
+        The writes run in their own task, so a caller cancelled meanwhile (a disconnect, by anyio's cancel
+        scope or by a plain task.cancel()) cannot cut them short: it stops waiting, the settle goes on.
+        """
         if run.settled:
             return
         run.settled = True
+        if not run.finished:
+            self.engine.abort(run.request_id)
+        task = asyncio.ensure_future(self._settle(run))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
         with anyio.CancelScope(shield=True):
-            if not run.finished:
-                self.engine.abort(run.request_id)
-            status = "ok" if run.finished and run.error is None else ("error" if run.error else "aborted")
-            t = run.timings()
-            metrics, meter = self.metrics, self.meter
-            if metrics is not None:
-                reason = run.finish_reason if status == "ok" else ("error" if run.error else "abort")
-                metrics.request_finished(
-                    reason, run.prompt_tokens, run.completion_tokens, t["latency_s"], t["queue_time_s"]
+            await asyncio.shield(task)
+
+    async def _settle(self, run: CompletionRun) -> None:
+        status = "ok" if run.finished and run.error is None else ("error" if run.error else "aborted")
+        t = run.timings()
+        metrics, meter = self.metrics, self.meter
+        if metrics is not None:
+            reason = run.finish_reason if status == "ok" else ("error" if run.error else "abort")
+            metrics.request_finished(
+                reason, run.prompt_tokens, run.completion_tokens, t["latency_s"], t["queue_time_s"]
+            )
+        if meter is not None:
+            try:
+                await meter.settle(
+                    run.request_id,
+                    run.prompt_tokens,
+                    run.cached_tokens,
+                    run.completion_tokens,
+                    run.finish_reason,
+                    status,
+                    queue_time_s=t["queue_time_s"],
+                    ttft_s=t["ttft_s"],
+                    latency_s=t["latency_s"],
                 )
-            if meter is not None:
-                try:
-                    await meter.settle(
-                        run.request_id,
-                        run.prompt_tokens,
-                        run.cached_tokens,
-                        run.completion_tokens,
-                        run.finish_reason,
-                        status,
-                        queue_time_s=t["queue_time_s"],
-                        ttft_s=t["ttft_s"],
-                        latency_s=t["latency_s"],
-                    )
-                except Exception:
-                    # Metering keeps and retries settlements the database refused; anything else is a bug
-                    # to log, never a reason to fail a response that was already produced.
-                    log.exception("usage settle failed for %s", run.request_id)
-            await self._release(run)
+            except Exception:
+                # Metering keeps and retries settlements the database refused; anything else is a bug
+                # to log, never a reason to fail a response that was already produced.
+                log.exception("usage settle failed for %s", run.request_id)
+        await self._release(run)
 
     async def _release(self, run: CompletionRun) -> None:
         limiter = self.limiter
