@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +24,8 @@ from app.domain.adapters.service import current_versions, find_adapters, list_ad
 from app.domain.adapters.upload import receive_form
 from app.errors import ApiError, not_found
 from app.validation import AdapterRejected
+
+log = logging.getLogger(__name__)
 
 DbSession = NamedDependency[AsyncSession]
 AppSettings = NamedDependency[Settings]
@@ -81,6 +84,12 @@ class AdapterController(Controller):
             result = await registry.upload(tenant_id, form, base, settings.max_lora_rank, key)
         except AdapterRejected as exc:
             raise _api_error(exc) from None
+        except OSError as exc:
+            # The upload folder's disk is full or failing: the server's problem, and a retry may succeed.
+            log.error("adapter upload: cannot write to %s: %s", uploads, exc)
+            raise ApiError(
+                503, "The server has no room to receive this upload; retry later", code="insufficient_storage"
+            ) from None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         headers = {"Idempotent-Replayed": "true"} if result.replayed else {}

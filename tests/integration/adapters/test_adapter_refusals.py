@@ -146,7 +146,7 @@ def _multipart(boundary: str, parts: list[tuple[str, str | None, bytes]]) -> byt
     return out + f"--{boundary}--\r\n".encode()
 
 
-def test_malformed_forms(app, client, admin_headers, make_tenant, make_adapter):
+def test_malformed_forms(app, client, admin_headers, make_tenant, make_adapter, monkeypatch, tmp_path):
     tenant = make_tenant()
     good = make_adapter(r=4)
     config = (good / "adapter_config.json").read_bytes()
@@ -201,6 +201,17 @@ def test_malformed_forms(app, client, admin_headers, make_tenant, make_adapter):
         response = client.post(url, content=_multipart(b, parts[: rng.randint(1, 3)]), headers=form)
         assert 400 <= response.status_code < 500, response.text
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    # A full disk while receiving: 503 (retry later), and no half-written upload stays behind.
+    from app.domain.adapters import upload as upload_module
+
+    def disk_full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(upload_module._Part, "write_pending", disk_full)
+    full = client.post(url, content=_multipart(b, reverse), headers=form)
+    assert full.status_code == 503 and full.json()["error"]["code"] == "insufficient_storage"
+    assert list((tmp_path / "data" / "uploads").iterdir()) == []
 
 
 def test_size_limit_is_413_with_or_without_content_length(
