@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -215,12 +216,14 @@ async def test_reply_lost_to_a_timeout_is_undone_when_redis_answers(
     lease_key = f"lpx:{{{t.tenant_id}}}:l"
     stall = redis_sync.Redis(port=port)
     assert (await limiter.admit(tenant(), 1)).backend == "redis"  # a pooled connection, already set up
-    # Redis stalls for a second: the script queued behind the stall runs, but its reply comes too late.
-    sleeper = asyncio.get_running_loop().run_in_executor(None, stall.execute_command, "DEBUG", "SLEEP", "1")
-    await asyncio.sleep(0.1)
-    slow = await limiter.admit(t, 1)
-    assert slow.allowed and slow.backend == "memory"
-    await sleeper
+    # Redis stalls for 1.5 s: the script queued behind the stall runs, but its reply comes too late.
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.sendall(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$3\r\n1.5\r\n")
+        time.sleep(0.2)  # blocking on purpose: Redis reads the command and starts sleeping meanwhile
+        slow = await limiter.admit(t, 1)
+        assert slow.allowed and slow.backend == "memory"
+        raw.settimeout(10)
+        assert raw.recv(16).startswith(b"+OK")  # the stall is over
     assert stall.zcard(lease_key) == 1  # the lost admission holds a slot in Redis
     time.sleep(0.25)
     fresh = await limiter.admit(t, 1)
