@@ -22,12 +22,13 @@ REPO = Path(__file__).resolve().parents[3]
 DOC = REPO / "docs" / "foundation.md"
 
 
-def _walkthrough_script() -> str:
+def _walkthrough_scripts() -> list[str]:
+    """The walk-through's bash blocks, in order (each later block runs in the same shell as the earlier)."""
     text = DOC.read_text()
-    section = text.split("## Walk-through (curl)", 1)[1]
-    match = re.search(r"```bash\n(.*?)```", section, re.S)
-    assert match, "docs/foundation.md lost its walk-through"
-    return match.group(1)
+    section = text.split("## Walk-through (curl)", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, "docs/foundation.md lost its walk-through"
+    return blocks
 
 
 def _wait_for_admin_key(proc: subprocess.Popen[str], deadline: float) -> str:
@@ -89,18 +90,30 @@ def test_first_start_and_documented_walkthrough(tmp_path):
         assert (data / "secret").exists()
         assert admin_key not in (data / "secret").read_text()
 
-        script = _walkthrough_script()
-        script = script.replace("BASE=http://127.0.0.1:8000", f"BASE={base}")
+        first, more = _walkthrough_scripts()
+        script = first.replace("BASE=http://127.0.0.1:8000", f"BASE={base}")
         script = re.sub(r"^ADMIN_KEY=lpx_\.\.\..*$", f"ADMIN_KEY={admin_key}", script, flags=re.M)
         run = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60, env=env
+            ["bash", "-euo", "pipefail", "-c", script + "\necho ---\n" + more],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
         )
         assert run.returncode == 0, run.stderr + run.stdout
-        out = run.stdout.strip().splitlines()
+        out, later = (part.strip().splitlines() for part in run.stdout.split("---\n", 1))
         assert out[-1] == "403", out
         assert re.match(r"tenant: [0-9a-f-]{36}$", out[0]), out
         assert re.match(r"tenant key: lpx_[0-9A-Za-z]{43}$", out[1]), out
         assert '"name":"acme"' in out[2]
+        # The second block: suspend, refused, resume, filter, billing key, list, revoke.
+        assert '"status":"suspended"' in later[0] and '"requests_per_minute":null' in later[0]
+        assert '"code":"tenant_suspended"' in later[1]
+        assert '"status":"active"' in later[2]
+        assert '"data":[]' in later[3]
+        assert '"name":"finance"' in later[4] and '"name":"production"' in later[4]
+        assert out[1].removeprefix("tenant key: ") not in later[4]  # prefixes only, never the keys
+        assert later[-1] == "204", later
     finally:
         proc.send_signal(signal.SIGINT)
         try:
