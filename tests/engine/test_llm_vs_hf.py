@@ -391,3 +391,38 @@ def test_colliding_sample_ids_are_refused_without_leaving_orphans(llama):
     while engine.has_unfinished():
         engine.step()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_slow_adapter_load_neither_blocks_base_requests_nor_spins(llama):
+    import threading
+    import time
+
+    base, adapters = llama
+    release = threading.Event()
+
+    def slow_loader(lora: LoRARequest) -> str:
+        release.wait(timeout=10)  # an S3 download that takes a while
+        return str(lora.lora_path)
+
+    llm = make_llm(base, adapter_loader=slow_loader)
+    engine = llm.engine
+    lora = LoRARequest("r2-qv", str(adapters["r2-qv"]))
+    engine.add_request("slow", [0, 5, 6, 7], GREEDY, lora=lora)
+    engine.add_request("base", [0, 8, 9, 10], GREEDY)
+    steps, finished = 0, {}
+    while "base" not in finished:
+        finished.update({out.request_id: out for out in engine.step() if out.finished})
+        steps += 1
+    assert steps <= 9 and engine.scheduler.num_waiting == 1  # base ran; the adapter request waited
+    start, idle_steps = time.monotonic(), 0
+    while time.monotonic() - start < 0.3:
+        assert engine.step() == []
+        idle_steps += 1
+    assert idle_steps <= 10, idle_steps  # each idle step waits for the load (~50 ms), it does not spin
+    release.set()
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    expected = hf_greedy(base, {"r2-qv": adapters["r2-qv"]}, [[0, 5, 6, 7]], ["r2-qv"], 8)[0]
+    assert finished["slow"].outputs[0].token_ids == expected
