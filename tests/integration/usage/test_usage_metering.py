@@ -144,7 +144,10 @@ async def test_database_on_a_closed_port_refuses_new_requests_fast() -> None:
 
 async def test_database_gone_mid_request_settle_is_retried_and_written_once(usage_database_url: str) -> None:
     name = usage_database_url.rsplit("/", 1)[1]
-    async with metering_on(usage_database_url, retry_s=0.1, timeout_s=2) as (metering, engine):
+    async with metering_on(usage_database_url, retry_s=0.1, max_retry_s=0.5, timeout_s=2) as (
+        metering,
+        engine,
+    ):
         tenant = await add_tenant(engine)
         await reserve(metering, tenant, "inflight")
         metering.start()
