@@ -114,13 +114,15 @@ def test_prefix_cache_hit_gives_the_same_tokens_as_a_miss(llama):
     assert tokens(cold) == expected
 
 
-def test_preemption_forced_by_a_tiny_kv_cache(llama):
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_preemption_forced_by_a_tiny_kv_cache(llama, prefix_caching):
     base, adapters = llama
     names = ["r4-all", None, "r2-qv", None, "r8-ko-down", None]
     ps = prompts(len(names), seed=5, lengths=(9, 13))
     loras = [LoRARequest(n, str(adapters[n])) if n else None for n in names]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    llm = make_llm(base, num_kv_blocks=12)  # 6 requests of up to 25 tokens would need 42 blocks
+    # 6 requests of up to 25 tokens would need 42 blocks; without the prefix cache they recompute from 0.
+    llm = make_llm(base, num_kv_blocks=12, enable_prefix_caching=prefix_caching)
     outs = llm.generate(ps, params, lora_request=loras)
     assert llm.engine.scheduler.num_preemptions > 0
     assert tokens(outs) == hf_greedy(base, adapters, ps, names, 12)
