@@ -218,7 +218,7 @@ def _pick_num_splits(programs: int, max_context: int, device: torch.device) -> i
     if device.type != "cuda":
         return 1
     # Few programs (small batch) on long contexts leave SMs idle: give each a slice of the context.
-    want = triton.cdiv(2 * _num_sms(device.index or 0), max(1, programs))
+    want = triton.cdiv(4 * _num_sms(device.index or 0), max(1, programs))
     return max(1, min(want, triton.cdiv(max_context, 256), 32))
 
 
@@ -281,7 +281,7 @@ def paged_attention(
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0) if splits > 1 else 0, lse.stride(1) if splits > 1 else 0,
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(head_dim), SPLIT=splits > 1,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), SPLIT=splits > 1,  # dots need K >= 16
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

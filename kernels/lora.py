@@ -10,6 +10,7 @@ Shape vocabulary: T tokens, H hidden, R (max) rank, S adapter slots, N slices fu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -141,43 +142,72 @@ def _pick(n, p0, p1, p2):
 def _shrink_kernel(
     x_ptr, a0_ptr, a1_ptr, a2_ptr, out_ptr,
     sorted_ids_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, ranks_ptr,
-    hidden, max_rank, k_per_split,
+    hidden, max_rank, k_per_split, num_tokens, max_segments,
     stride_xt, stride_xh, stride_as, stride_ar, stride_ah, stride_on, stride_ot, stride_or,
     HAS_RANKS: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    pid_m, seg, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seg_len = tl.load(seg_lens_ptr + seg)
-    if pid_m * BLOCK_M >= seg_len:
+    # Program (lane, segment, slice x split): lane j takes the segment's token blocks j, j + lanes, ...
+    lane, seg, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    lanes = tl.num_programs(0)
+    n, split = pid_z // SPLIT_K, pid_z % SPLIT_K
+    offs_r = tl.arange(0, BLOCK_R)
+    if seg == max_segments:
+        # One extra segment index writes the zero rows of slot -1 tokens (sorted after all others), so
+        # an unsplit launch needs no memset. Split launches get a zeroed `out` from the wrapper instead.
+        if SPLIT_K == 1:
+            offs_s = tl.arange(0, BLOCK_S)
+            used = tl.sum(tl.load(seg_lens_ptr + offs_s, mask=offs_s < max_segments, other=0))
+            for m0 in range(used + lane * BLOCK_M, num_tokens, lanes * BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                tok = tl.load(sorted_ids_ptr + offs_m, mask=offs_m < num_tokens, other=0)
+                zero_ptrs = (
+                    out_ptr
+                    + n * stride_on
+                    + tok[:, None].to(tl.int64) * stride_ot
+                    + offs_r[None, :] * stride_or
+                )
+                tl.store(zero_ptrs, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+                         mask=(offs_m < num_tokens)[:, None] & (offs_r < max_rank)[None, :])  # fmt: skip
         return
+    # Independent loads first, so their latencies overlap before the exit test.
+    seg_len = tl.load(seg_lens_ptr + seg)
     slot = tl.load(seg_slots_ptr + seg)
+    seg_start = tl.load(seg_starts_ptr + seg)
+    if lane * BLOCK_M >= seg_len:
+        return
     rank = max_rank
     if HAS_RANKS:
         rank = tl.load(ranks_ptr + slot)
-    n, split = pid_z // SPLIT_K, pid_z % SPLIT_K
     a_ptr = _pick(n, a0_ptr, a1_ptr, a2_ptr)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < seg_len
-    tok = tl.load(sorted_ids_ptr + tl.load(seg_starts_ptr + seg) + offs_m, mask=m_mask, other=0)
-    offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank  # rows past this slot's rank are never read: they only cost a mask
     a_base = a_ptr + slot.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar
-    x_base = x_ptr + tok[:, None].to(tl.int64) * stride_xt
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     k_begin = split * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, hidden)
-    for k in range(k_begin, k_end, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
-        xt = tl.load(x_base + offs_k[None, :] * stride_xh, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        at = tl.load(a_base + offs_k[:, None] * stride_ah, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-        acc += tl.dot(xt, at, input_precision=PRECISION)  # [BLOCK_M, BLOCK_R]
-    out_ptrs = out_ptr + n * stride_on + tok[:, None].to(tl.int64) * stride_ot + offs_r[None, :] * stride_or
-    out_mask = m_mask[:, None] & (offs_r < max_rank)[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc, mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    for m0 in range(lane * BLOCK_M, seg_len, lanes * BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < seg_len
+        tok = tl.load(sorted_ids_ptr + seg_start + offs_m, mask=m_mask, other=0)
+        x_base = x_ptr + tok[:, None].to(tl.int64) * stride_xt
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k in range(k_begin, k_end, BLOCK_K):
+            offs_k = k + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_end
+            xt = tl.load(
+                x_base + offs_k[None, :] * stride_xh, mask=m_mask[:, None] & k_mask[None, :], other=0.0
+            )
+            at = tl.load(
+                a_base + offs_k[:, None] * stride_ah, mask=r_mask[None, :] & k_mask[:, None], other=0.0
+            )
+            acc += tl.dot(xt, at, input_precision=PRECISION)  # [BLOCK_M, BLOCK_R]
+        out_ptrs = (
+            out_ptr + n * stride_on + tok[:, None].to(tl.int64) * stride_ot + offs_r[None, :] * stride_or
+        )
+        out_mask = m_mask[:, None] & (offs_r < max_rank)[None, :]
+        if SPLIT_K == 1:
+            tl.store(out_ptrs, acc, mask=out_mask)
+        else:
+            tl.atomic_add(out_ptrs, acc, mask=out_mask)
 
 
 @triton.jit
@@ -190,15 +220,17 @@ def _expand_kernel(
     HAS_RANKS: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_m, seg, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    lane, seg, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    lanes = tl.num_programs(0)
     seg_len = tl.load(seg_lens_ptr + seg)
-    if pid_m * BLOCK_M >= seg_len:
+    slot = tl.load(seg_slots_ptr + seg)
+    seg_start = tl.load(seg_starts_ptr + seg)
+    if lane * BLOCK_M >= seg_len:
         return
     n, tile = pid_z // tiles_per_slice, pid_z % tiles_per_slice
     width = _pick(n, width0, width1, width2)
     if tile * BLOCK_N >= width:
         return
-    slot = tl.load(seg_slots_ptr + seg)
     rank = max_rank
     if HAS_RANKS:
         rank = tl.load(ranks_ptr + slot)
@@ -210,54 +242,68 @@ def _expand_kernel(
         # Widths, offsets and R are multiples of 8 (wrapper-checked): telling the compiler lets B rows and
         # y columns move in 16-byte vectors. Rows up to the next multiple of 8 are read, then zeroed.
         col, width = tl.multiple_of(col, 8), tl.multiple_of(width, 8)
+        stride_bs, stride_bo = tl.multiple_of(stride_bs, 8), tl.multiple_of(stride_bo, 8)
         load_rank = tl.multiple_of(tl.minimum((rank + 7) // 8 * 8, max_rank), 8)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < seg_len
-    tok = tl.load(sorted_ids_ptr + tl.load(seg_starts_ptr + seg) + offs_m, mask=m_mask, other=0)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     offs_o = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     o_mask = offs_o < width
-    h = tl.load(
-        buf_ptr + n * stride_fn + tok[:, None].to(tl.int64) * stride_ft + offs_r[None, :] * stride_fr,
-        mask=m_mask[:, None] & (offs_r < load_rank)[None, :],
-        other=0.0,
-    )  # [BLOCK_M, BLOCK_R] float32
-    h = tl.where(r_mask[None, :], h, 0.0)
     bt = tl.load(
         b_ptr + slot.to(tl.int64) * stride_bs + offs_o[None, :] * stride_bo + offs_r[:, None] * stride_br,
         mask=(offs_r < load_rank)[:, None] & o_mask[None, :],
         other=0.0,
     )  # [BLOCK_R, BLOCK_N]
     bt = tl.where(r_mask[:, None], bt, 0.0)  # NaN/inf padding past the rank must not leak in as 0 * NaN
-    delta = tl.dot(h.to(bt.dtype), bt, input_precision=PRECISION) * tl.load(scales_ptr + slot)
-    y_ptrs = y_ptr + tok[:, None].to(tl.int64) * stride_yt + (col + offs_o)[None, :] * stride_yo
-    y_mask = m_mask[:, None] & o_mask[None, :]
-    y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
-    tl.store(y_ptrs, (y_old.to(tl.float32) + delta).to(y_old.dtype), mask=y_mask)
+    scale = tl.load(scales_ptr + slot)
+    for m0 in range(lane * BLOCK_M, seg_len, lanes * BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < seg_len
+        tok = tl.load(sorted_ids_ptr + seg_start + offs_m, mask=m_mask, other=0)
+        h = tl.load(
+            buf_ptr + n * stride_fn + tok[:, None].to(tl.int64) * stride_ft + offs_r[None, :] * stride_fr,
+            mask=m_mask[:, None] & (offs_r < load_rank)[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_R] float32
+        h = tl.where(r_mask[None, :], h, 0.0)
+        delta = tl.dot(h.to(bt.dtype), bt, input_precision=PRECISION) * scale
+        y_ptrs = y_ptr + tok[:, None].to(tl.int64) * stride_yt + (col + offs_o)[None, :] * stride_yo
+        y_mask = m_mask[:, None] & o_mask[None, :]
+        y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
+        tl.store(y_ptrs, (y_old.to(tl.float32) + delta).to(y_old.dtype), mask=y_mask)
 
 
 @dataclass(frozen=True)
 class LoRALaunch:
     """Block shapes of one launch; None picks them from the shapes. Exposed for tests and tuning."""
 
-    block_m: int | None = None
-    block_k: int = 128  # shrink: hidden columns per step
-    block_n: int = 128  # expand: output columns per program
+    block_m: int | None = None  # tokens per block (1 is fine: the product pads it for the tensor cores)
+    lanes: int | None = None  # programs sharing one segment's token blocks (each loops over its share)
+    block_k: int = 256  # shrink: hidden columns per step
+    block_n: int | None = None  # expand: output columns per program (256, or 128 for big token blocks)
     split_k: int | None = None  # shrink: programs sharing one token block's hidden dimension
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int | None = None  # None: 3 for shrink (fewer if shared memory is short), 1 for expand
 
 
 def _block_r(max_rank: int) -> int:
     return max(16, triton.next_power_of_2(max_rank))  # tl.dot wants every dimension >= 16
 
 
-def _block_m(num_tokens: int, meta: LoRAMeta, cfg: LoRALaunch) -> int:
-    if cfg.block_m is not None:
-        return cfg.block_m
-    per_segment = num_tokens / max(1, meta.num_segments)
-    return 16 if per_segment <= 16 else 32 if per_segment <= 32 else 64
+def _token_blocks(num_tokens: int, meta: LoRAMeta, cfg: LoRALaunch) -> tuple[int, int]:
+    """(block_m, lanes). Sized for the average segment; a longer one loops, a shorter one masks."""
+    per_segment = triton.cdiv(num_tokens, max(1, meta.num_segments))
+    block_m = cfg.block_m or (
+        4 if per_segment <= 2 else min(64, max(16, triton.next_power_of_2(per_segment)))
+    )
+    lanes = cfg.lanes or min(triton.cdiv(num_tokens, block_m), triton.cdiv(per_segment, block_m))
+    return block_m, max(1, lanes)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: any number gives the same results
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -301,33 +347,39 @@ def lora_shrink(
     assert out.is_contiguous()
     _check_meta(meta, num_tokens, x.device)
     _check_ranks(ranks, num_slots, x.device)
-    out.zero_()
     if num_tokens == 0:
         return
-    block_m, block_r = _block_m(num_tokens, meta, cfg), _block_r(max_rank)
+    (block_m, lanes), block_r = _token_blocks(num_tokens, meta, cfg), _block_r(max_rank)
     split_k = cfg.split_k
     if split_k is None:
-        # Few token blocks (decode) leave most of the GPU idle: split the hidden dim across programs.
-        # float32 stays unsplit so its sums are deterministic.
-        blocks = (meta.num_segments + triton.cdiv(num_tokens, block_m)) * num_slices
-        split_k = 1 if x.dtype == torch.float32 else max(1, min(8, 512 // max(1, blocks)))
+        # Decode steps have few token blocks: a handful of programs per SM would leave HBM idle, so the
+        # hidden dimension is split across programs (atomic adds). float32 stays unsplit: deterministic.
+        programs = max(1, min(meta.num_segments, meta.seg_slots.shape[0]) * lanes * num_slices)
+        split_k = 1 if x.dtype == torch.float32 else max(1, min(8, 6 * _num_sms(x.device) // programs))
         split_k = min(split_k, triton.cdiv(hidden, cfg.block_k))
     k_per_split = triton.cdiv(triton.cdiv(hidden, split_k), cfg.block_k) * cfg.block_k
+    if split_k > 1:
+        out.zero_()  # atomic adds need a zero start; unsplit launches write every row themselves
+    max_segments = meta.seg_slots.shape[0]
+    stages = cfg.num_stages
+    if stages is None:
+        per_stage = (block_m * cfg.block_k + cfg.block_k * block_r) * x.element_size()
+        stages = 3 if 3 * per_stage <= 160 * 1024 else 2 if 2 * per_stage <= 160 * 1024 else 1
     for first in range(0, num_slices, MAX_SLICES_PER_LAUNCH):
         group = weights_a[first : first + MAX_SLICES_PER_LAUNCH]
         a0, a1, a2 = (group + [group[0]] * 2)[:3]
         part = out[first : first + len(group)]
-        grid = (triton.cdiv(num_tokens, block_m), meta.seg_slots.shape[0], len(group) * split_k)
+        grid = (lanes, max_segments + 1, len(group) * split_k)
         _shrink_kernel[grid](
             x, a0, a1, a2, part,
             meta.sorted_token_ids, meta.seg_slots, meta.seg_starts, meta.seg_lens,
             ranks if ranks is not None else meta.seg_lens,
-            hidden, max_rank, k_per_split,
+            hidden, max_rank, k_per_split, num_tokens, max_segments,
             x.stride(0), x.stride(1), a0.stride(0), a0.stride(1), a0.stride(2),
             part.stride(0), part.stride(1), part.stride(2),
             HAS_RANKS=ranks is not None, SPLIT_K=split_k, PRECISION=_precision(x.dtype),
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_S=triton.next_power_of_2(max_segments), num_warps=cfg.num_warps, num_stages=stages,
         )  # fmt: skip
 
 
@@ -360,7 +412,9 @@ def lora_expand(
     _check_ranks(ranks, num_slots, y.device)
     if num_tokens == 0:
         return
-    block_m, block_r = _block_m(num_tokens, meta, cfg), _block_r(max_rank)
+    (block_m, lanes), block_r = _token_blocks(num_tokens, meta, cfg), _block_r(max_rank)
+    # A 64 x 256 float32 tile would spill registers: big token blocks get narrower column tiles.
+    block_n = cfg.block_n or (256 if block_m <= 16 else 128)
     offsets = [sum(widths[:i]) for i in range(num_slices)]
     aligned = all(
         v % 8 == 0 for v in [*widths, *offsets, max_rank, y.stride(0), y.data_ptr() // y.element_size()]
@@ -372,9 +426,9 @@ def lora_expand(
         c = [offsets[i] for i in group]
         pad = 3 - len(group)
         bs, w, c = bs + [bs[0]] * pad, w + [0] * pad, c + [0] * pad
-        tiles = triton.cdiv(max(w), cfg.block_n)
+        tiles = triton.cdiv(max(w), block_n)
         part = buf[first : first + len(group)]
-        grid = (triton.cdiv(num_tokens, block_m), meta.seg_slots.shape[0], len(group) * tiles)
+        grid = (lanes, meta.seg_slots.shape[0], len(group) * tiles)
         _expand_kernel[grid](
             part, bs[0], bs[1], bs[2], y,
             meta.sorted_token_ids, meta.seg_slots, meta.seg_starts, meta.seg_lens,
@@ -384,6 +438,6 @@ def lora_expand(
             part.stride(0), part.stride(1), part.stride(2), bs[0].stride(1), bs[0].stride(2),
             y.stride(0), y.stride(1),
             HAS_RANKS=ranks is not None, ALIGNED=aligned, PRECISION=_precision(y.dtype),
-            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=block_n,
+            num_warps=cfg.num_warps, num_stages=1 if cfg.num_stages is None else cfg.num_stages,
         )  # fmt: skip

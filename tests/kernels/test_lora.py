@@ -85,6 +85,18 @@ def test_shrink_expand_match_reference(mix, num_tokens, dtype, device):
     assert torch.all(out[:, untouched] == 0)
 
 
+@pytest.mark.parametrize("block_m,lanes", [(1, 1), (1, 3), (4, 1), (8, 2), (16, 3)])
+def test_token_blocks_and_lanes_cover_every_token(block_m, lanes, device):
+    # A long segment looped over by few lanes, next to one-token segments and slot -1 tokens.
+    slots = torch.tensor([2] * 23 + [0, 1, -1, 1, -1], dtype=torch.int32)[torch.randperm(28)]
+    launch = LoRALaunch(block_m=block_m, lanes=lanes, block_k=16, split_k=2, block_n=16)
+    out, want_out, y, want_y, y0 = run_both(
+        slots, 48, [16, 32], 16, 3, 4, torch.float32, device, launch=launch
+    )
+    assert rel_err(out, want_out) < REL_TOL[torch.float32]
+    assert rel_err(y - y0, want_y - y0) < REL_TOL[torch.float32]
+
+
 def test_no_lora_tokens_leave_everything_untouched(device):
     slots = make_slots("none", 7, num_slots=3)
     out, _, y, _, y0 = run_both(slots, 32, [16], 16, 3, 3, torch.float32, device)
