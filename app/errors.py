@@ -166,6 +166,14 @@ def _from_repository(request: Request[Any, Any, Any], exc: Exception) -> Respons
     if isinstance(exc, DuplicateKeyError | ForeignKeyError) or isinstance(exc.__cause__, SAIntegrityError):
         log.info("constraint violation turned into 409: %s", exc.__cause__ or exc)
         return error_response(ApiError(409, "Conflicts with an existing record"))
+    # Otherwise answer as for the driver's error itself (an unreachable database is a 503 app-wide).
+    cause = exc.__cause__
+    if isinstance(cause, Exception):
+        handlers = request.app.exception_handlers
+        for cls in type(cause).__mro__:
+            handler = handlers.get(cls)
+            if handler is not None and handler not in (_from_repository, _from_unexpected):
+                return handler(request, cause)  # type: ignore[no-any-return]
     return _from_unexpected(request, exc)
 
 

@@ -18,7 +18,10 @@ def _handle(exc: Exception):
     handlers = exception_handlers()
     for cls in type(exc).__mro__:
         if cls in handlers:
-            return handlers[cls](SimpleNamespace(method="GET", url=SimpleNamespace(path="/x")), exc)
+            request = SimpleNamespace(
+                method="GET", url=SimpleNamespace(path="/x"), app=SimpleNamespace(exception_handlers=handlers)
+            )
+            return handlers[cls](request, exc)
     raise AssertionError("no handler")
 
 
@@ -77,3 +80,22 @@ def test_strict_validation_errors_name_the_field():
         assert err.status_code == 422
         if param is not None:
             assert err.param == param, (raw, err.param)
+
+
+def test_wrapped_driver_errors_are_answered_as_the_driver_error():
+    """advanced-alchemy wraps a lost connection in its own error; the app's handler for the driver's error
+    (an outage: 503) must still answer, not a generic 500."""
+    lost = OperationalError("SELECT", {}, ConnectionRefusedError("refused"))
+    wrapped = _raised(IntegrityError("x"), lost)
+    seen = []
+
+    def outage(request, exc):
+        seen.append(exc)
+        return error_response(ApiError(503, "Database unavailable", code="database_unavailable"))
+
+    handlers = {**exception_handlers(), OperationalError: outage}
+    request = SimpleNamespace(
+        method="GET", url=SimpleNamespace(path="/x"), app=SimpleNamespace(exception_handlers=handlers)
+    )
+    response = handlers[IntegrityError](request, wrapped)
+    assert response.status_code == 503 and seen == [lost]

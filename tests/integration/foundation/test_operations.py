@@ -14,12 +14,20 @@ def test_health_and_ready(client):
     assert ready.json()["checks"]["database"] == "ok"
 
 
-def test_ready_is_503_when_the_database_is_unreachable(build_app):
+def test_ready_is_503_when_the_database_is_unreachable(build_app, admin_headers):
     app = build_app(database_url="postgresql+asyncpg://postgres@127.0.0.1:5432/lpx_does_not_exist")
     with TestClient(app) as client:
         assert client.get("/health").status_code == 200
         ready = client.get("/ready")
         assert ready.status_code == 503
+        # An outage is not the client's fault nor a bug: 503, for key lookups and for queries alike.
+        from app.auth.keys import generate_key
+
+        lookup = client.get("/admin/tenants", headers={"Authorization": f"Bearer {generate_key()}"})
+        assert lookup.status_code == 503, lookup.text
+        query = client.get("/admin/tenants", headers=admin_headers)
+        assert query.status_code == 503, query.text
+        assert set(query.json()["error"]) == {"message", "type", "param", "code"}
         assert ready.json() == {
             "status": "not_ready",
             "checks": {**ready.json()["checks"], "database": "unreachable"},
