@@ -142,7 +142,11 @@ class BlockManager:
             return
         self.update_block_hashes(request)
         full = min(upto_tokens // self.block_size, len(request.block_hashes))
-        for i in range(full):
+        start, request.num_registered_blocks = (
+            request.num_registered_blocks,
+            max(request.num_registered_blocks, full),
+        )
+        for i in range(start, full):  # each decode step offers at most one new block
             block = self.blocks[request.block_table[i]]
             if block.block_hash is not None:
                 continue
@@ -218,6 +222,7 @@ class BlockManager:
                 else:
                     self._free_plain.append(block_id)
         request.block_table = []
+        request.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block that no request holds (e.g. after an adapter is deleted)."""

@@ -87,6 +87,7 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     # Chain hashes of this request's full blocks so far (filled by the block manager).
     block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     lora_slot: int = -1  # -1 = base model only
     status: RequestStatus = RequestStatus.WAITING
     num_cached_tokens: int = -1  # -1 until first scheduled: prefix-cache hits, in tokens
