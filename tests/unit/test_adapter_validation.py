@@ -162,6 +162,21 @@ def test_config_refusals_name_the_reason(adapter, models, tmp_path, changes, cod
     assert err.code == code and err.param == "adapter_config"
 
 
+def test_every_option_that_changes_the_forward_pass_is_refused_by_name(adapter, models, tmp_path):
+    from app.validation.lora_config import _REFUSED_WHEN_ACTIVE
+
+    active = {"layers_pattern": "layers", "exclude_modules": ["q_proj"], "megatron_config": {"tp": 2}}
+    for key in _REFUSED_WHEN_ACTIVE:
+        out = copy_adapter(adapter, tmp_path / key)
+        edit_config(out, **{key: active.get(key, True)})
+        err = refused(out, models["llama"])
+        assert (err.code, err.param) == (f"{key}_refused", "adapter_config"), key
+    # ...while each one's inactive default, as PEFT writes it, passes.
+    out = copy_adapter(adapter, tmp_path / "defaults")
+    edit_config(out, **{key: None for key in _REFUSED_WHEN_ACTIVE})
+    assert check(out, models["llama"]).spec.warnings == ()
+
+
 def test_rank_above_the_server_maximum(adapter, models):
     err = refused(adapter, models["llama"], max_rank=4)
     assert err.code == "rank_too_high" and "r=8" in err.message

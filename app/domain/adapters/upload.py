@@ -131,12 +131,15 @@ class FormReceiver:
         if part.size > part.limit:
             if part.field_name == "weights":
                 raise too_large(self.max_weights_bytes)
-            status = 413 if part.field_name == "adapter_config" else 400
+            if part.field_name == "adapter_config":
+                raise _refuse(
+                    "config_too_large",
+                    f"adapter_config: larger than {part.limit} bytes",
+                    part.field_name,
+                    413,
+                )
             raise _refuse(
-                "field_too_large",
-                f"'{part.field_name}' is larger than {part.limit} bytes",
-                part.field_name,
-                status,
+                "field_too_large", f"'{part.field_name}' is larger than {part.limit} bytes", part.field_name
             )
         if part.file is None:
             part.text.extend(chunk)

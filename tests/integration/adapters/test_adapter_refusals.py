@@ -98,6 +98,7 @@ def test_every_refusal_names_its_reason_and_leaves_nothing(
         ("bias", {"config": json.dumps({**config, "bias": "lora_only"}).encode()}, 422, "bias_refused", "adapter_config"),
         ("not LoRA", {"config": json.dumps({**config, "peft_type": "PREFIX_TUNING"}).encode()}, 422, "unsupported_peft_type", "adapter_config"),
         ("config not JSON", {"config": b"r: 8\n"}, 422, "malformed_config", "adapter_config"),
+        ("config over 1 MiB", {"config": b" " * (1024 * 1024 + 1)}, 413, "config_too_large", "adapter_config"),
     ]  # fmt: skip
     for what, kwargs, status, code, param in cases:
         response = upload(tenant["id"], "victim", good, **kwargs)
@@ -254,3 +255,23 @@ def test_size_limit_is_413_with_or_without_content_length(
         assert streamed.json()["error"]["code"] == "upload_too_large"
         assert client.get(url, headers=headers).json()["total"] == 0
     assert list((tmp_path / "data" / "uploads").iterdir()) == []
+
+
+def test_no_base_model_is_503_before_the_body_is_read(build_app, store_settings, make_adapter, tmp_path):
+    from litestar.testing import TestClient
+
+    from tests.integration.conftest import TEST_ADMIN_KEY
+
+    app = build_app(model=str(tmp_path / "no-such-model"), **store_settings)
+    headers = {"Authorization": f"Bearer {TEST_ADMIN_KEY}"}
+    folder = make_adapter(r=4)
+    files = {
+        "adapter_config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
+        "weights": ("adapter_model.safetensors", (folder / "adapter_model.safetensors").read_bytes()),
+    }
+    with TestClient(app) as client:
+        tenant = client.post("/admin/tenants", json={"name": "nomodel"}, headers=headers).json()
+        response = client.post(
+            f"/admin/tenants/{tenant['id']}/adapters", data={"name": "bot"}, files=files, headers=headers
+        )
+    assert response.status_code == 503 and response.json()["error"]["code"] == "model_unavailable"
