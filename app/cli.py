@@ -57,11 +57,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _migrate(_: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from app.bootstrap import migrate
 
     settings = _settings()
-    migrate(settings)
-    print(f"loraplex: database at head ({_safe_url(settings.database_url or '')})")
+    where = _safe_url(settings.database_url or "")
+    try:
+        migrate(settings)
+    except (SQLAlchemyError, OSError) as exc:
+        # An operator needs the reason, not a traceback; the URL is shown without its password.
+        print(f"loraplex: cannot migrate {where}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"loraplex: database at head ({where})")
     return 0
 
 

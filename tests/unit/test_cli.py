@@ -122,3 +122,12 @@ def test_parser_has_the_documented_commands():
     args = parser.parse_args(["serve", "--host", "0.0.0.0", "--port", "9001"])
     assert (args.host, args.port) == ("0.0.0.0", 9001)
     assert parser.parse_args(["demo-model", "/tmp/m"]).dir == "/tmp/m"
+
+
+def test_migrate_reports_an_unreachable_database_without_a_traceback(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LORAPLEX_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("LORAPLEX_DATABASE_URL", "postgresql+asyncpg://user:hunter2@127.0.0.1:1/nowhere")
+    assert main(["migrate"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot migrate postgresql+asyncpg://***@127.0.0.1:1/nowhere" in err
+    assert "hunter2" not in err and "Traceback" not in err
