@@ -53,7 +53,7 @@ async def _admin_key(settings: Settings, only_if_none: bool, name: str | None) -
             if only_if_none and await service.count_admin_keys() > 0:
                 return None
             return await service.create_admin_key(name=name)
-    except (SQLAlchemyError, AdvancedAlchemyError) as exc:
+    except (SQLAlchemyError, AdvancedAlchemyError, OSError) as exc:
         cause = exc.__cause__ or exc
         raise BootstrapError(f"cannot write the admin key ({cause}); run `loraplex migrate` first?") from exc
     finally:

@@ -131,3 +131,11 @@ def test_migrate_reports_an_unreachable_database_without_a_traceback(monkeypatch
     err = capsys.readouterr().err
     assert "cannot migrate postgresql+asyncpg://***@127.0.0.1:1/nowhere" in err
     assert "hunter2" not in err and "Traceback" not in err
+
+
+def test_create_admin_key_reports_an_unreachable_database(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LORAPLEX_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("LORAPLEX_DATABASE_URL", "postgresql+asyncpg://user:hunter2@127.0.0.1:1/nowhere")
+    assert main(["create-admin-key"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write the admin key" in err and "hunter2" not in err
