@@ -24,6 +24,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
 
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
@@ -82,6 +84,20 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.request_prompt_tokens = Histogram(
+            "vllm:request_prompt_tokens",
+            "Prompt tokens per finished request.",
+            label,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.request_generation_tokens = Histogram(
+            "vllm:request_generation_tokens",
+            "Generated tokens per finished request.",
+            label,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", label, registry=r)
         self.generation_tokens = Counter(
             "vllm:generation_tokens", "Generation tokens processed.", label, registry=r
@@ -116,7 +132,15 @@ class Metrics:
 
     def _label_children(self) -> None:
         # Series exist from the first scrape, so rate() and absent() work before any traffic.
-        for metric in (self.ttft, self.inter_token, self.time_per_output_token, self.e2e, self.queue_time):
+        for metric in (
+            self.ttft,
+            self.inter_token,
+            self.time_per_output_token,
+            self.e2e,
+            self.queue_time,
+            self.request_prompt_tokens,
+            self.request_generation_tokens,
+        ):
             metric.labels(self.model_name)
         self.prompt_tokens.labels(self.model_name)
         self.generation_tokens.labels(self.model_name)
@@ -179,6 +203,8 @@ class Metrics:
         self.request_success.labels(self.model_name, reason).inc()
         self.prompt_tokens.labels(self.model_name).inc(max(0, prompt_tokens))
         self.generation_tokens.labels(self.model_name).inc(max(0, completion_tokens))
+        self.request_prompt_tokens.labels(self.model_name).observe(max(0, prompt_tokens))
+        self.request_generation_tokens.labels(self.model_name).observe(max(0, completion_tokens))
         if e2e_s is not None:
             self.e2e.labels(self.model_name).observe(max(0.0, e2e_s))
         if queue_s is not None:

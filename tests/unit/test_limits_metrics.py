@@ -51,6 +51,8 @@ def test_request_hooks_feed_vllm_series() -> None:
     assert got[("vllm:time_per_output_token_seconds_count", lbl)] == 4
     assert got[("vllm:e2e_request_latency_seconds_count", lbl)] == 1
     assert got[("vllm:request_queue_time_seconds_count", lbl)] == 1
+    assert got[("vllm:request_prompt_tokens_sum", lbl)] == 12
+    assert got[("vllm:request_generation_tokens_bucket", (("le", "5.0"), *lbl))] == 2
     assert got[("vllm:request_success_total", (("finished_reason", "stop"), *lbl))] == 1
     assert got[("vllm:request_success_total", (("finished_reason", "error"), *lbl))] == 1
     assert got[("loraplex:rate_limited_requests_total", (("reason", "tokens"),))] == 1
