@@ -35,6 +35,7 @@ from app.domain.completions.schemas import (
 )
 from app.domain.completions.serving import Serving, serving_of
 from app.domain.tenants.models import Tenant
+from app.domain.usage.metering import database_down, db_unavailable
 from app.engine_client import EngineUnavailable
 from app.errors import ApiError, error_response
 
@@ -86,7 +87,13 @@ def _bad_body(_: Request[Any, Any, Any], exc: ValidationException) -> Response[A
 
 
 async def _caller(principal: Principal, db_session: AsyncSession) -> Caller:
-    tenant = await db_session.get(Tenant, principal.tenant_id)
+    try:
+        tenant = await db_session.get(Tenant, principal.tenant_id)
+    except Exception as exc:
+        # asyncpg's "connection refused" arrives as a bare OSError, outside the app's DBAPIError handler.
+        if database_down(exc):
+            raise db_unavailable() from exc
+        raise
     if tenant is None:
         raise ApiError(401, "Unknown tenant", code="invalid_api_key")
     return Caller(

@@ -18,6 +18,7 @@ from app.config import Settings
 from app.domain.completions.adapter_files import AdapterFiles
 from app.domain.completions.run import RunDriver
 from app.domain.completions.service import CompletionService
+from app.domain.usage.metering import database_down, db_unavailable
 from app.engine_client import EngineClient, EngineOptions
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class Serving:
         from app.domain.adapters.service import list_adapters
 
         assert self._app is not None
-        async with session_maker(self._app)() as session:
+        async with _database(), session_maker(self._app)() as session:
             return list(await list_adapters(session, tenant_id))
 
     async def _resolve(self, tenant_id: str, model: str) -> Any:
@@ -109,10 +110,21 @@ class Serving:
         from app.domain.adapters.service import resolve_adapter
 
         assert self._app is not None
-        async with session_maker(self._app)() as session:
+        async with _database(), session_maker(self._app)() as session:
             return await resolve_adapter(session, tenant_id, model)
 
 
 def serving_of(app: Litestar) -> Serving:
     serving: Serving = app.state[SERVING_STATE_KEY]
     return serving
+
+
+@asynccontextmanager
+async def _database() -> AsyncIterator[None]:
+    """A database outage while resolving adapters is a 503 like everywhere else, whatever shape it has."""
+    try:
+        yield
+    except Exception as exc:
+        if database_down(exc):
+            raise db_unavailable() from exc
+        raise
