@@ -100,7 +100,8 @@ def parse_config_json(raw: bytes) -> dict[str, Any]:
             status_code=413,
         )
     try:
-        parsed = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_no_duplicates)
+        # Plain UTF-8, no byte-order mark: exactly what the engine's loader will read back.
+        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except AdapterRejected:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError):

@@ -188,7 +188,16 @@ def test_real_dora_adapter_is_refused(models, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "raw", [b"", b"[]", b"{not json", b'{"r": 8, "r": 16}', pickle.dumps({"r": 8}), b"\xff\xfe{}"]
+    "raw",
+    [
+        b"",
+        b"[]",
+        b"{not json",
+        b'{"r": 8, "r": 16}',
+        pickle.dumps({"r": 8}),
+        b"\xff\xfe{}",
+        b"\xef\xbb\xbf{}",
+    ],
 )
 def test_config_that_is_not_a_json_object(adapter, models, tmp_path, raw):
     out = copy_adapter(adapter, tmp_path / "cfg")
