@@ -68,6 +68,7 @@ class Settings:
     # Limits and metering (docs/metering.md). A reservation older than usage_sweep_after_seconds
     # belongs to a dead process: the sweeper expires it and its concurrency slot is freed.
     redis_key_prefix: str = "lpx"
+    redis_timeout_seconds: float = 0.5  # longer than this and the in-process limiter decides instead
     usage_sweep_after_seconds: float = 900.0
     usage_sweep_interval_seconds: float = 60.0
     usage_retry_seconds: float = 1.0
@@ -168,6 +169,7 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
             "expected a positive number",
         ),
         ("redis_key_prefix", s.redis_key_prefix.isidentifier(), "expected letters, digits or underscores"),
+        ("redis_timeout_seconds", 0.0 < s.redis_timeout_seconds <= 30.0, "expected 0..30 seconds"),
         ("usage_sweep_after_seconds", s.usage_sweep_after_seconds >= 60.0, "expected at least 60 seconds"),
         ("usage_sweep_interval_seconds", s.usage_sweep_interval_seconds > 0.0, "expected a positive number"),
         ("usage_retry_seconds", s.usage_retry_seconds > 0.0, "expected a positive number"),

@@ -52,6 +52,7 @@ async def usage_services(app: Litestar) -> AsyncIterator[None]:
     limiter = Limiter(
         settings.redis_url,
         key_prefix=settings.redis_key_prefix,
+        redis_timeout_s=settings.redis_timeout_seconds,
         lease_ttl_s=settings.usage_sweep_after_seconds,
         quota_baseline=metering.month_tokens,
     )
