@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load as safetensors_load
 
 from app.validation.errors import AdapterRejected
 from app.validation.safetensors_header import read_layout
@@ -274,8 +275,13 @@ def test_random_corruption_is_always_a_clean_refusal():
         if rng.random() < 0.2:
             blob = blob[: rng.randrange(len(blob))]
         try:
-            parse(bytes(blob))
+            layout = parse(bytes(blob))
             outcomes["accepted"] += 1
+            # Whatever we accept, the real safetensors reader (the engine's) reads the same way.
+            loaded = safetensors_load(bytes(blob))
+            assert {k: tuple(v.shape) for k, v in loaded.items()} == {
+                name: entry.shape for name, entry in layout.tensors.items()
+            }
         except AdapterRejected as exc:
             assert exc.code and exc.status_code in (413, 415, 422)
             outcomes["refused"] += 1
