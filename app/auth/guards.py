@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
@@ -55,5 +56,5 @@ def require_billing(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRoute
         raise ApiError(403, "This endpoint needs an admin key or a billing key", code="insufficient_scope")
 
 
-def provide_principal(request: Any) -> Principal:
+def provide_principal(request: Request[Any, Any, Any]) -> Principal:
     return principal_of(request)
