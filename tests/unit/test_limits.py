@@ -181,3 +181,22 @@ async def test_fifty_concurrent_admissions_in_process_admit_exactly_n() -> None:
     assert await limiter.running("t1") == 0
     # Only the admitted ones took tokens, and settling spent them (used == reserved).
     assert (await limiter.admit(tenant, 0)).headers["x-ratelimit-remaining-tokens"] == str(10_000 - 700)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("LORAPLEX_REDIS_TIMEOUT_SECONDS", "0"),
+        ("LORAPLEX_REDIS_KEY_PREFIX", "lpx:{evil}"),
+        ("LORAPLEX_USAGE_SWEEP_AFTER_SECONDS", "5"),
+        ("LORAPLEX_USAGE_SWEEP_INTERVAL_SECONDS", "-1"),
+        ("LORAPLEX_USAGE_RETRY_SECONDS", "0"),
+        ("LORAPLEX_USAGE_DB_TIMEOUT_SECONDS", "soon"),
+    ],
+)
+def test_bad_metering_settings_name_the_variable(variable: str, value: str) -> None:
+    from app.config import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env({variable: value})
+    assert Settings.from_env({}).usage_sweep_after_seconds == 900.0
