@@ -3,6 +3,7 @@ the curl walk-through of docs/foundation.md exactly as written (only the port an
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -63,12 +64,14 @@ def test_first_start_and_documented_walkthrough(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
     env["PYTHONPATH"] = str(REPO)
     env["LORAPLEX_LOG_FORMAT"] = "json"
+    log_path = tmp_path / "server.log"
+    log_file = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=log_file,
         text=True,
     )
     try:
@@ -114,6 +117,7 @@ def test_first_start_and_documented_walkthrough(tmp_path):
         assert '"name":"finance"' in later[4] and '"name":"production"' in later[4]
         assert out[1].removeprefix("tenant key: ") not in later[4]  # prefixes only, never the keys
         assert later[-1] == "204", later
+        tenant_key = out[1].removeprefix("tenant key: ")
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -121,3 +125,10 @@ def test_first_start_and_documented_walkthrough(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log_file.close()
+    # The server's log: one JSON object a line, with request ids, and never a key.
+    log_text = log_path.read_text()
+    assert admin_key not in log_text and tenant_key not in log_text
+    lines = [json.loads(line) for line in log_text.splitlines() if line.startswith("{")]
+    access = [line for line in lines if line["logger"] == "loraplex.access"]
+    assert len(access) >= 10 and all(line["request_id"] for line in access)
