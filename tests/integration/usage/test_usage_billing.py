@@ -204,6 +204,8 @@ def test_v1_usage_is_the_callers_own(client, admin_headers, billed) -> None:  # 
     ("params", "param"),
     [
         ({"group_by": "key"}, "group_by"),
+        ({"group_by": "tenant; DROP TABLE usage_records"}, "group_by"),
+        ({"start": "2026-01-01' OR '1'='1"}, "start"),
         ({"start": "yesterday"}, "start"),
         ({"end": "2026-13-01"}, "end"),
         ({"start": "2026-05-02", "end": "2026-05-01"}, "end"),
@@ -216,6 +218,7 @@ def test_bad_query_names_the_parameter(client, admin_headers, params, param) -> 
     r = client.get("/admin/usage", params=params, headers=admin_headers)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+    assert client.get("/admin/usage", headers=admin_headers).status_code == 200  # the table is still there
 
 
 def test_bad_tenant_id_is_a_client_error(client, admin_headers) -> None:  # type: ignore[no-untyped-def]
