@@ -23,6 +23,8 @@ class AdapterSlots(Protocol):
     def acquire(self, lora: LoRARequest) -> int | None: ...
     def release(self, lora: LoRARequest) -> None: ...
 
+    # Also read when present: has_pending_loads (bool), True while a background load runs.
+
 
 @dataclass(slots=True)
 class SchedulerOutput:
@@ -44,6 +46,7 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         fairness_quantum: int | None = None,
+        slot_patience: int = 4,
     ) -> None:
         self.block_manager = block_manager
         self.adapter_slots = adapter_slots
@@ -60,6 +63,11 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # since start, for stats and tests
         self._lookups: dict[str, int] = {}  # cached tokens per request id, for one step's credit checks
+        # Steps in a row in which a key had requests but none could get an adapter slot. After
+        # slot_patience of them, other keys stop pinning adapters for new requests until it gets one:
+        # otherwise a tenant keeping every slot busy with its own adapters starves the others' adapters.
+        self.slot_patience = slot_patience
+        self.slot_wait_steps: dict[str, int] = {}
 
     # ---- queue bookkeeping ----
     @property
@@ -171,28 +179,46 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         self._lookups = {}
-        stalled = 0  # consecutive turns in which a key had nothing admittable
-        while (
-            self.queues
-            and budget > 0
-            and len(self.running) < self.max_num_seqs
-            and stalled < len(self.queues)
-        ):
-            key = next(iter(self.queues))
-            outcome, budget = self._serve_turn(key, out, budget)
+        starving = {
+            k for k, n in self.slot_wait_steps.items() if n >= self.slot_patience and k in self.queues
+        }
+        visited: dict[str, str] = {}
+        blocked: set[str] = set()  # keys with nothing admittable this step
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            key = next((k for k in self.queues if k not in blocked), None)
+            if key is None:
+                break
+            hold = bool(starving) and key not in starving
+            outcome, budget = self._serve_turn(key, out, budget, hold_adapters=hold)
+            visited[key] = outcome if visited.get(key) != "admitted" else "admitted"
             if outcome == "full":
-                return  # the step is full; this key resumes its turn next step
-            stalled = stalled + 1 if outcome == "blocked" else 0
+                break  # the step is full; this key resumes its turn next step
+            if outcome in ("blocked", "held"):
+                # It keeps its place at the front of the ring: when a slot frees up, it asks first.
+                blocked.add(key)
+                continue
             if outcome == "deficit":
                 self.deficit[key] += self.quantum
             if key in self.queues:
                 self.queues.move_to_end(key)
+        # While an adapter is still loading, "no slot" may just mean "not loaded yet": a hung download
+        # must never make everyone else hold back their adapters.
+        loading = bool(getattr(self.adapter_slots, "has_pending_loads", False))
+        for key, outcome in visited.items():
+            if outcome == "blocked" and key in self.queues and not loading:
+                self.slot_wait_steps[key] = self.slot_wait_steps.get(key, 0) + 1
+            elif outcome in ("admitted", "emptied", "full"):
+                self.slot_wait_steps.pop(key, None)
 
-    def _serve_turn(self, key: str, out: SchedulerOutput, budget: int) -> tuple[str, int]:
+    def _serve_turn(
+        self, key: str, out: SchedulerOutput, budget: int, hold_adapters: bool
+    ) -> tuple[str, int]:
         """Admit this key's requests while its deficit covers them. Requests whose adapter cannot get a GPU
-        slot now are skipped, not waited on. Returns (outcome, budget left): "full" (step out of tokens,
-        seats or blocks), "deficit" (turn over, credit short), "blocked" (nothing admittable)."""
-        progressed = False
+        slot now are skipped, not waited on (hold_adapters: skip every adapter request, to let a starving
+        key have the next free slot). Returns (outcome, budget left): "full" (step out of tokens, seats or
+        blocks), "deficit" (turn over, credit short), "admitted"/"emptied" (admitted some, nothing more
+        admittable), "blocked" (nothing: no adapter slot), "held" (nothing: adapters held back)."""
+        progressed = held = False
         for request in list(self.queues[key]):
             # Turns come round often (small quantum): remember the hit length for the credit check only.
             known = self._lookups.get(request.request_id)
@@ -201,6 +227,9 @@ class Scheduler:
             if request.num_tokens - known > self.deficit[key]:
                 return "deficit", budget
             slot = -1
+            if request.lora is not None and hold_adapters:
+                held = True
+                continue
             if request.lora is not None:
                 assert self.adapter_slots is not None, "a LoRA request needs an adapter cache"
                 try:
@@ -239,8 +268,10 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 return "full", budget
             if key not in self.queues:
-                return "emptied", budget
-        return ("emptied" if progressed else "blocked"), budget
+                return "admitted", budget
+        if progressed:
+            return "admitted", budget
+        return ("held" if held else "blocked"), budget
 
     def advance(self, out: SchedulerOutput) -> None:
         """After the model ran: the scheduled tokens are computed."""

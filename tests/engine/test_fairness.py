@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tests.engine.sched_fakes import Harness, make_scheduler, req
+from engine.request import LoRARequest
+from tests.engine.sched_fakes import Harness, SlotTable, make_scheduler, req
 
 
 def unique(n: int, length: int) -> list[int]:
@@ -89,3 +90,38 @@ def test_idle_key_earns_no_burst_credit():
     h = Harness(s)
     h.run()
     assert "x" not in s.deficit  # emptied queue: credit dropped
+
+
+def slot_flood(slots: SlotTable, arrive: int, patience: int = 4) -> int:
+    """A heavy tenant keeps both adapter slots pinned with its own two adapters; a light tenant's request
+    for a third adapter arrives mid-flood. Returns how many steps the light request took."""
+    s = make_scheduler(num_blocks=512, max_num_seqs=4, max_num_batched_tokens=64, slots=slots)
+    s.slot_patience = patience
+    heavy = [LoRARequest(f"h{i}", content_hash=f"{i}" * 64) for i in range(2)]
+    for i in range(50):
+        s.add(req(f"h{i}", unique(i, 32), max_tokens=8, key="heavy", lora=heavy[i % 2]))
+    h = Harness(s)
+    for _ in range(arrive):
+        h.step()
+    s.add(
+        req("light", unique(900, 32), max_tokens=8, key="light", lora=LoRARequest("l", content_hash="f" * 64))
+    )
+    h.run()
+    assert all(v == 0 for v in slots.pins.values())
+    return h.finished_at["light"] - arrive
+
+
+def test_a_tenant_keeping_every_adapter_slot_busy_cannot_starve_another_tenants_adapter():
+    waits = [slot_flood(SlotTable(2), arrive) for arrive in (5, 30, 61)]
+    # Patience (4 steps), then the heavy tenant's running adapter requests drain (~9 steps), then 9 steps.
+    assert max(waits) <= 25, waits
+    control = [slot_flood(SlotTable(2), arrive, patience=10**9) for arrive in (5, 30, 61)]
+    assert min(control) > 40, control  # without it, the light request waits for the whole flood
+
+
+class LoadingSlots(SlotTable):
+    has_pending_loads = True  # as if a download were still running somewhere
+
+
+def test_no_holding_back_while_adapters_are_still_loading():
+    assert slot_flood(LoadingSlots(2), 5) > 40
