@@ -123,3 +123,19 @@ async def test_a_large_upload_is_never_held_in_memory(tmp_path):
         tracemalloc.stop()
     assert form.weights.size == size and form.weights.sha256 == digest.hexdigest()
     assert peak < 8 * 1024 * 1024, f"peak {peak} bytes for a {size}-byte upload"
+
+
+async def test_a_bad_name_is_refused_before_the_files_arrive(tmp_path):
+    data = body([("name", None, b"Not/A/Name"), ("weights", "w", WEIGHTS)])
+    read = 0
+
+    async def counting():
+        nonlocal read
+        async for piece in chunks(data, 4096):
+            read += len(piece)
+            yield piece
+
+    with pytest.raises(AdapterRejected) as info:
+        await receive_form(counting(), CONTENT_TYPE, None, tmp_path, 10_000_000)
+    assert (info.value.code, info.value.status_code) == ("invalid_name", 422)
+    assert read < 100_000

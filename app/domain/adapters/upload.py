@@ -23,6 +23,7 @@ from multipart import (
     parse_options_header,
 )
 
+from app.domain.adapters.service import NAME_RULE, is_valid_name
 from app.validation import AdapterRejected, refuse_by_name
 from app.validation.lora_config import MAX_CONFIG_BYTES
 
@@ -152,9 +153,13 @@ class FormReceiver:
     async def _finish(self, part: _Part) -> None:
         if part.file is None:
             try:
-                self.parts[part.field_name] = part.text.decode("utf-8")
+                name = part.text.decode("utf-8").strip()
             except UnicodeDecodeError:
-                raise _refuse("invalid_name", "the adapter name is not UTF-8 text", "name") from None
+                raise _refuse("invalid_name", "the adapter name is not UTF-8 text", "name", 422) from None
+            if not is_valid_name(name):
+                # Checked as soon as the field arrives, so a bad name never costs a gigabyte of upload.
+                raise _refuse("invalid_name", f"name: {NAME_RULE} (and not shaped like a UUID)", "name", 422)
+            self.parts[part.field_name] = name
             return
         await asyncio.to_thread(part.write_pending)
         part.file.close()
@@ -187,7 +192,7 @@ class FormReceiver:
         assert (
             isinstance(name, str) and isinstance(config, ReceivedFile) and isinstance(weights, ReceivedFile)
         )
-        return ReceivedForm(name=name.strip(), adapter_config=config, weights=weights)
+        return ReceivedForm(name=name, adapter_config=config, weights=weights)
 
 
 async def receive_form(
