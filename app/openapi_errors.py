@@ -7,12 +7,15 @@ envelope everywhere (app/errors.py), so the generated schema is corrected once, 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from litestar import Litestar
 from litestar.openapi.spec import OpenAPI, OpenAPIMediaType, OpenAPIResponse, Operation, Reference, Schema
 from litestar.openapi.spec.enums import OpenAPIType
 from litestar.routes import HTTPRoute
+
+log = logging.getLogger(__name__)
 
 ERROR_SCHEMA_NAME = "Error"
 _METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -101,4 +104,8 @@ def correct_errors(app: Litestar, openapi: OpenAPI) -> None:
 
 def document_errors(app: Litestar) -> None:
     """on_startup hook: build the schema once and correct it in place (Litestar caches the object)."""
-    correct_errors(app, app.openapi_schema)
+    try:
+        correct_errors(app, app.openapi_schema)
+    except Exception:
+        # A schema that cannot be built breaks /schema, never the API itself.
+        log.exception("could not build the OpenAPI schema")
