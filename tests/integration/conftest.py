@@ -1,5 +1,5 @@
-"""Real services for integration tests: a fresh PostgreSQL database per test, Redis, and moto's S3 server,
-plus the app on them.
+"""Real services for integration tests: PostgreSQL databases, Redis, and moto's S3 server, plus the app
+on them.
 
 PostgreSQL (127.0.0.1:5432, trust auth) and Redis (127.0.0.1:6379) are started by .ci/run when down;
 the S3 server is moto's, started here on a free loopback port.
@@ -157,9 +157,8 @@ async def _empty_tables(name: str) -> None:
             if r["tablename"] != "alembic_version"
         ]
         if tables:
-            await conn.execute(
-                f"TRUNCATE {', '.join(chr(34) + t + chr(34) for t in tables)} RESTART IDENTITY CASCADE"
-            )
+            quoted = ", ".join(f'"{table}"' for table in tables)
+            await conn.execute(f"TRUNCATE {quoted} RESTART IDENTITY CASCADE")
     finally:
         await conn.close()
 
