@@ -404,3 +404,24 @@ def test_tenant_b_cannot_read_a_usage(
         headers={"Authorization": f"Bearer {tenant_b['key']}"},
     )
     assert tenant_a["id"] not in forced.text
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"{", "invalid_json"),
+        (b"", "invalid_json"),
+        (b"[]", "invalid_json"),
+        (b'{"model": 1, "prompt": "x"}', "invalid_value"),
+    ],
+)
+def test_malformed_bodies_are_400_in_the_envelope(
+    live_server: LiveServer, tenant_a: dict[str, Any], raw: bytes, code: str
+) -> None:
+    r = httpx.post(
+        live_server.url + "/v1/completions",
+        content=raw,
+        headers={"Authorization": f"Bearer {tenant_a['key']}", "content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == code
+    assert r.json()["error"]["param"] == ("model" if code == "invalid_value" else None)

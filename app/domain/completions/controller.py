@@ -79,6 +79,10 @@ def _bad_body(_: Request[Any, Any, Any], exc: ValidationException) -> Response[A
     for item in exc.extra if isinstance(exc.extra, list) else []:
         if isinstance(item, dict) and item.get("key") and item.get("source") == "body":
             param = str(item["key"]).removeprefix("$.")
+            if param == "data":  # msgspec's name for the whole body
+                return error_response(
+                    ApiError(400, "The request body must be a JSON object", code="invalid_json")
+                )
             text = f"Invalid value for '{param}': {item.get('message') or exc.detail}"
             return error_response(ApiError(400, text, param=param, code="invalid_value"))
     if "JSON" in exc.detail or "decode" in exc.detail.lower():
