@@ -78,14 +78,14 @@ def ensure_model(settings: Settings) -> Settings:
     if settings.model is not None:
         return settings
     folder = (settings.data_dir / DEMO_MODEL_DIR).resolve()
-    if not (folder / "config.json").exists():
-        try:
-            from engine.demo import write_demo_model
-        except ImportError:
-            log.warning("no LORAPLEX_MODEL and engine.demo is not available: starting without a model")
-            return settings
-        log.info("making the demo model under %s (first start)", folder)
-        write_demo_model(str(folder))
+    try:
+        from engine.demo import write_demo_model
+    except ImportError:
+        log.warning("no LORAPLEX_MODEL and engine.demo is not available: starting without a model")
+        return settings
+    # Idempotent: a complete folder is left alone, one cut short by an earlier crash is rewritten.
+    log.info("demo model under %s (made on first start)", folder)
+    write_demo_model(str(folder))
     return dataclasses.replace(settings, model=str(folder))
 
 

@@ -139,3 +139,20 @@ def test_create_admin_key_reports_an_unreachable_database(monkeypatch, tmp_path,
     assert main(["create-admin-key"]) == 1
     err = capsys.readouterr().err
     assert "cannot write the admin key" in err and "hunter2" not in err
+
+
+def test_demo_model_command_and_the_embedded_model(tmp_path, capsys):
+    from app.bootstrap import ensure_model
+
+    assert main(["demo-model", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "m" / "tokenizer.json").is_file()
+    # serve's embedded default: no LORAPLEX_MODEL -> the demo model under data_dir, made once.
+    settings = Settings.from_env({"LORAPLEX_DATA_DIR": str(tmp_path / "data")})
+    resolved = ensure_model(settings)
+    assert resolved.model == str((tmp_path / "data" / "demo-model").resolve())
+    assert (Path(resolved.model) / "model.safetensors").is_file()
+    configured = Settings.from_env(
+        {"LORAPLEX_DATA_DIR": str(tmp_path / "x"), "LORAPLEX_MODEL": "/models/llama"}
+    )
+    assert ensure_model(configured).model == "/models/llama"
+    assert not (tmp_path / "x").exists()
