@@ -100,6 +100,38 @@ def test_concurrency_limit_is_a_429_with_retry_headers(live_server: LiveServer) 
         assert int(err.value.response.headers["retry-after"]) >= 1
 
 
+def test_fifty_concurrent_requests_against_a_limit_of_five_admit_exactly_five(
+    live_server: LiveServer,
+) -> None:
+    tenant = live_server.tenant(max_concurrent_requests=5)
+    headers = {"Authorization": f"Bearer {live_server.key(tenant['id'])}"}
+    body = {"model": "demo-model", "stream": True, "n": 4, **LONG}
+    statuses: list[int] = []
+    everyone_answered = threading.Barrier(50, timeout=60)
+
+    def call() -> None:
+        with httpx.stream(
+            "POST", live_server.url + "/v1/completions", json=body, headers=headers, timeout=60
+        ) as r:
+            statuses.append(r.status_code)
+            # Hold admitted streams open until all 50 have their answer, so no slot frees up early.
+            everyone_answered.wait()
+
+    threads = [threading.Thread(target=call) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert sorted(statuses).count(200) == 5 and statuses.count(429) == 45
+    wait_for(lambda: live_server.serving.engine.stats().running == 0)
+    # The five were cut off by their clients: five usage rows, all settled.
+    wait_for(lambda: sorted(r["status"] for r in _rows_of(live_server, tenant["id"])) == ["aborted"] * 5)
+
+
+def _rows_of(server: LiveServer, tenant_id: str) -> list[dict[str, Any]]:
+    return [r for r in server.usage_rows() if str(r["tenant_id"]) == tenant_id]
+
+
 def test_engine_death_turns_in_flight_requests_and_ready_into_503(live_server: LiveServer) -> None:
     tenant = live_server.tenant()
     key = live_server.key(tenant["id"])
