@@ -183,6 +183,21 @@ def test_n_seed_stop_and_logprobs(tenant_a: dict[str, Any]) -> None:
         len(top) <= 2 and max(top.values()) >= tok_lp - 1e-4
         for top, tok_lp in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
     )
+    streamed = list(
+        client.completions.create(
+            model="demo-model",
+            prompt=PROMPT,
+            max_tokens=8,
+            temperature=0,
+            logprobs=2,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    streamed_tokens = [
+        t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens
+    ]
+    assert streamed_tokens == lp.tokens
     stop = greedy.choices[0].text[3:5]
     if stop.strip("\ufffd"):
         cut = client.completions.create(
