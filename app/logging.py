@@ -47,6 +47,13 @@ class RequestContext:
 request_context: ContextVar[RequestContext | None] = ContextVar("loraplex_request_context", default=None)
 
 
+def printable(text: str) -> str:
+    """Control characters escaped: a request path with an encoded newline must not forge a log line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def current_request_id() -> str | None:
     ctx = request_context.get()
     return ctx.request_id if ctx else None
@@ -144,16 +151,17 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             # Probes hit these every few seconds; their successes would drown the log.
-            quiet = status < 400 and scope["path"] in _PROBE_PATHS
+            path = printable(scope["path"])
+            quiet = status < 400 and path in _PROBE_PATHS
             access_log.log(
                 logging.DEBUG if quiet else logging.INFO,
                 "%s %s %s",
                 method,
-                scope["path"],
+                path,
                 status,
                 extra={
                     "method": method,
-                    "path": scope["path"],
+                    "path": path,
                     "status": status,
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                 },

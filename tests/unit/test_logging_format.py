@@ -59,3 +59,12 @@ def test_console_lines_are_readable():
     line = stream.getvalue().strip()
     assert "WARNING" in line and "slow request" in line and "request_id=req_2" in line
     assert "tenant_id" not in line  # None values are left out
+
+
+def test_printable_escapes_control_characters():
+    from app.logging import printable
+
+    assert printable("/admin/tenants") == "/admin/tenants"
+    assert printable("/a\nb\r\x1b[31m") == "/a\\nb\\r\\x1b[31m"
+    assert "\n" not in printable("/x\n2026-01-01 INFO forged line")
+    assert printable("/café") == "/café"

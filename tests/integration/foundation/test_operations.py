@@ -114,3 +114,12 @@ def test_openapi_documents_the_error_envelope(client):
     create = schema["paths"]["/admin/tenants"]["post"]["responses"]
     assert create["422"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
     assert schema["paths"]["/health"]["get"]["security"] == []
+
+
+def test_console_access_lines_cannot_be_forged_through_the_path(build_app, capsys):
+    app = build_app(log_format="console")
+    with TestClient(app) as client:
+        client.get("/nothing%0A12:00:00 INFO forged: admin logged in")
+    err = capsys.readouterr().err
+    assert not any(line.startswith("12:00:00 INFO forged") for line in err.splitlines())
+    assert "/nothing\\n12:00:00 INFO forged" in err
