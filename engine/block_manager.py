@@ -211,12 +211,18 @@ class BlockManager:
 
     def free(self, request: Request) -> None:
         """Drop the request's hold on its blocks. The tail is freed first so that, among one request's
-        blocks, the end of the sequence is evicted before the shared-looking start."""
-        for block_id in reversed(request.block_table):
-            block = self.blocks[block_id]
+        blocks, the end of the sequence is evicted before the shared-looking start. A block registered for
+        tokens not computed yet (the request is preempted in the very step that scheduled them) leaves
+        the prefix cache: its KV will never be written."""
+        computed_blocks = request.num_computed_tokens // self.block_size
+        for index in range(len(request.block_table) - 1, -1, -1):
+            block = self.blocks[request.block_table[index]]
+            block_id = block.block_id
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
+                if index >= computed_blocks:
+                    self._evict(block)
                 if block.block_hash is not None:
                     self._free_cached[block_id] = None
                 else:

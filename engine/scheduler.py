@@ -151,26 +151,46 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        for request in list(self.running):
+            if budget <= 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.block_manager.allocate_slots(request, n):
-                victim = self.running.pop()  # the most recently admitted, never one already scheduled
+                victim = self._pick_victim()
+                budget += self._unschedule(out, victim)
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
                     break
             if request.status != RequestStatus.RUNNING:
-                break  # it preempted itself: nothing behind it is left either
+                continue
             out.scheduled.append((request, n))
             budget -= n
             if request.num_computed_tokens >= request.num_prompt_tokens:
                 self._charge(request.fairness_key, n)  # decode tokens count against a key's share too
-            i += 1
         if not out.preempted:
             self._admit(out, budget)
         return out
+
+    def _pick_victim(self) -> Request:
+        """Whom to preempt when blocks run out: the most recently admitted request of the key holding the
+        most blocks, so memory pressure falls on the tenant using the memory, not on whoever came last."""
+        held: dict[str, int] = {}
+        for r in self.running:
+            held[r.fairness_key] = held.get(r.fairness_key, 0) + len(r.block_table)
+        return max(reversed(self.running), key=lambda r: held[r.fairness_key])
+
+    @staticmethod
+    def _unschedule(out: SchedulerOutput, request: Request) -> int:
+        """Take a request back out of this step (it is being preempted); returns the tokens it had."""
+        for j, (r, n) in enumerate(out.scheduled):
+            if r is request:
+                del out.scheduled[j]
+                return n
+        return 0
 
     def _charge(self, key: str, tokens: int) -> None:
         if key in self.deficit:

@@ -57,8 +57,27 @@ class Harness:
     finished_at: dict[str, int] = field(default_factory=dict)
     tokens_by_key: dict[str, int] = field(default_factory=dict)
 
+    # A stand-in for the KV cache: which token's KV each slot holds. Reading a slot that holds another
+    # token's KV (a stale prefix hit, a block never written, a wrong block table) fails the test.
+    kv: dict[int, int] = field(default_factory=dict)
+
+    def _run_model(self, scheduled: list[tuple[Request, int]]) -> None:
+        bs = self.scheduler.block_manager.block_size
+
+        def slot(request: Request, position: int) -> int:
+            return request.block_table[position // bs] * bs + position % bs
+
+        # Like the model: every token's KV of the step is written before any attention reads.
+        for request, n in scheduled:
+            for p in range(request.num_computed_tokens, request.num_computed_tokens + n):
+                self.kv[slot(request, p)] = request.all_token_ids[p]
+        for request, n in scheduled:
+            for p in range(request.num_computed_tokens + n):
+                assert self.kv.get(slot(request, p)) == request.all_token_ids[p], (request.request_id, p)
+
     def step(self) -> list[tuple[Request, int]]:
         out = self.scheduler.schedule()
+        self._run_model(out.scheduled)
         self.scheduler.advance(out)
         self.step_count += 1
         for request, n in out.scheduled:

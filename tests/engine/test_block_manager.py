@@ -17,10 +17,12 @@ def make(rid: str, tokens: list[int], salt: str | None = None, adapter: str | No
 
 
 def admit(bm: BlockManager, req: Request) -> int:
-    """What the scheduler does on admission: take the hits, then allocate the rest of the prompt."""
+    """What the scheduler does on admission: take the hits, then allocate the rest of the prompt; then
+    the model computes it."""
     hits, cached = bm.get_computed_blocks(req)
     assert bm.allocate_slots(req, req.num_tokens - cached, hits)
     bm.record_lookup(req.num_tokens, cached)
+    req.num_computed_tokens = req.num_tokens
     return cached
 
 
@@ -70,7 +72,7 @@ def test_prefix_hit_reuses_exact_blocks_and_leaves_a_token_to_compute():
     assert a.block_table == [0, 1, 2]
     b = make("b", [*prompt, 99], salt="t1")
     assert admit(bm, b) == 12
-    assert b.block_table[:3] == [0, 1, 2] and b.num_computed_tokens == 12
+    assert b.block_table[:3] == [0, 1, 2]
     assert [bm.blocks[i].ref_count for i in (0, 1, 2)] == [2, 2, 2]
     # Same tokens exactly: the last block cannot be a hit, its last token's logits are needed.
     c = make("c", prompt, salt="t1")
@@ -237,3 +239,14 @@ def test_reset_prefix_cache_drops_only_unheld_blocks():
     bm.reset_prefix_cache()
     assert admit(bm, make("x", [*range(10, 14), 8])) == 0
     assert admit(bm, make("y", [*range(4), 8])) == 4
+
+
+def test_blocks_freed_before_their_kv_was_computed_leave_the_prefix_cache():
+    bm = BlockManager(num_blocks=6, block_size=BS)
+    r = make("r", [*range(8), 9])
+    hits, _ = bm.get_computed_blocks(r)
+    assert bm.allocate_slots(r, r.num_tokens, hits)  # scheduled: blocks 0 and 1 registered for this step
+    assert bm.get_computed_blocks(make("probe", [*range(8), 5])) == ([0, 1], 8)
+    bm.free(r)  # preempted in that same step: the KV of blocks 0 and 1 will never be written
+    assert bm.get_computed_blocks(make("probe", [*range(8), 5])) == ([], 0)
+    assert all(b.block_hash is None for b in bm.blocks)

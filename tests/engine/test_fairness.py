@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.request import LoRARequest
+from engine.request import LoRARequest, RequestStatus
 from tests.engine.sched_fakes import Harness, SlotTable, make_scheduler, req
 
 
@@ -125,3 +125,29 @@ class LoadingSlots(SlotTable):
 
 def test_no_holding_back_while_adapters_are_still_loading():
     assert slot_flood(LoadingSlots(2), 5) > 40
+
+
+def test_memory_pressure_preempts_the_tenant_holding_the_most_blocks():
+    s = make_scheduler(num_blocks=40, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    heavy = [req(f"h{i}", unique(i, 8), max_tokens=24, key="heavy") for i in range(6)]
+    for r in heavy:
+        s.add(r)
+    h = Harness(s)
+    for _ in range(3):
+        h.step()
+    light = [req(f"l{i}", unique(100 + i, 8), max_tokens=24, key="light") for i in range(2)]
+    for r in light:
+        s.add(r)
+    victims = []
+    while s.has_unfinished():
+        out = s.schedule()
+        victims += [(r.fairness_key, r.request_id) for r in out.preempted]
+        s.advance(out)
+        for r, _ in out.scheduled:
+            if r.num_computed_tokens == r.num_tokens:
+                r.append_token(1)
+                if r.num_output_tokens >= 24:
+                    s.finish(r, RequestStatus.FINISHED_LENGTH)
+    # The light tenant arrived last but holds the least memory: the first victims are heavy's.
+    assert victims[0][0] == "heavy" and victims[1][0] == "heavy", victims
+    assert light[0].num_preemptions == 0

@@ -300,3 +300,27 @@ def test_engine_config_errors_name_the_field(kwargs, name):
 
     with pytest.raises(ValueError, match=f"^{name} "):
         EngineConfig(model="m", **kwargs)
+
+
+def test_a_victim_already_scheduled_this_step_is_taken_out_and_its_new_blocks_forgotten():
+    s = make_scheduler(num_blocks=4, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    x2 = req("x2", [31, 32, 33], 5, key="heavy")
+    x = req("x", [1, 2, 3, 4, 5, 6, 7], 5, key="heavy")
+    y = req("y", [20, 21, 22, 23], 5, key="light")
+    for r in (x2, x, y):
+        s.add(r)
+    h = Harness(s)
+    h.step()  # all three prefilled; the pool (4 blocks) is full
+    out = s.schedule()
+    # x's decode fills its second block (registered for this step); then y needs a block, and the
+    # heavy tenant's most recent request, x, already scheduled, is the victim.
+    assert out.preempted == [x] and [(r.request_id, n) for r, n in out.scheduled] == [("x2", 1), ("y", 1)]
+    assert x.block_table == [] and x.status == RequestStatus.WAITING
+    probe = req("probe", [*x.all_token_ids[:8], 99], 1, key="heavy")
+    assert s.block_manager.get_computed_blocks(probe)[1] == 4  # block 2's KV was never written
+    h._run_model(out.scheduled)
+    s.advance(out)
+    for r, _ in out.scheduled:
+        r.append_token(next_token(r.all_token_ids))
+    h.run()
+    assert x.output_token_ids == expected_output([1, 2, 3, 4, 5, 6, 7], 5)
