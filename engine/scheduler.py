@@ -1,9 +1,10 @@
 """Continuous batching over one rule: a request needs tokens [num_computed_tokens, num_tokens) computed.
 
 Prefill, chunked prefill, decode, prefix hits and recompute after preemption all fall out of that rule.
-Each step: running requests first (in admission order, preempting from the tail when blocks run out),
-then admission of waiting requests by deficit round robin over fairness keys, charged in tokens, so that
-one tenant flooding the queue cannot starve the others. Plain Python, no torch.
+Each step: running requests first (in admission order; when blocks run out, the tenant holding the most
+blocks gives one up), then admission of waiting requests by deficit round robin over fairness keys,
+charged in tokens, so that one tenant flooding the queue cannot starve the others, nor keep every adapter
+slot to itself. Plain Python, no torch.
 """
 
 from __future__ import annotations
