@@ -53,11 +53,14 @@ def make_db_config(settings: Settings) -> SQLAlchemyAsyncConfig:
 
 
 def _sqlite_foreign_keys(engine: AsyncEngine) -> None:
-    # SQLite ignores ON DELETE CASCADE and FK checks unless asked, per connection.
+    # SQLite ignores ON DELETE CASCADE and FK checks unless asked, per connection. WAL lets requests read
+    # while another writes (usage rows, last_used_at), instead of failing with "database is locked".
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_conn, _record):  # type: ignore[no-untyped-def]
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
 
