@@ -1,7 +1,8 @@
 """GPU benchmark of the Triton kernels against torch baselines and the measured roofline.
 
     python benchmarks/kernels.py                 # full tables (about 3 minutes on an H100)
-    python benchmarks/kernels.py --sweep         # also try launch configurations on the key shapes
+    python benchmarks/kernels.py --sweep         # also try LoRA launch configurations on the key shapes
+    python benchmarks/kernels.py --sweep-attention   # and decode-attention ones
     python benchmarks/kernels.py --out DIR       # write the tables and a JSON of every number there
     TRITON_INTERPRET=1 python benchmarks/kernels.py --dry   # CPU: run every code path once, tiny shapes
 
@@ -252,20 +253,19 @@ def expand_step(inputs: list[LoRAInputs], cfg: LoRALaunch | None) -> Callable[[i
 
 def sweep_configs(kernel: str, case: LoRACase, dry: bool) -> list[LoRALaunch]:
     target = case.tokens == 64 and case.adapters == 64 and case.rank == 16
-    if kernel == "shrink":
+    if kernel == "shrink" and target:
         cfgs = [
-            LoRALaunch(block_m=bm, block_k=bk, split_k=split, num_stages=stages)
-            for bm in ((1, 4, 16) if target else (None,))
-            for bk in (128, 256, 512)
-            for split in (1, 2, 4, 8)
-            for stages in ((3, 4) if target else (3,))
-        ]
+            LoRALaunch(block_m=4, block_k=bk, split_k=split, num_stages=stages)
+            for bk in (256, 512) for split in (1, 2) for stages in (3, 4)
+        ]  # fmt: skip
+    elif kernel == "shrink":
+        cfgs = [LoRALaunch(split_k=split) for split in (1, 2, 4, 8)]
     else:
         cfgs = [
-            LoRALaunch(block_m=bm, block_n=bn, num_warps=warps)
-            for bm in ((1, 4, 16) if target else (None,))
-            for bn in (128, 256, 512)
-            for warps in (4, 8)
+            LoRALaunch(block_m=bm, block_n=bn, tiles_per_program=tiles)
+            for bm in ((1, 4) if target else (None,))
+            for bn in (128, 256)
+            for tiles in (1, 2, 4, 8)
         ]
     return cfgs[:1] if dry else cfgs
 
@@ -293,7 +293,8 @@ def lora_sweep(env: Env, dtype: torch.dtype) -> list[dict]:
             best = min(rows, key=lambda r: r["us"])
             print(f"sweep {kernel:6s} {case}: default {default:8.1f} us, best {best['us']:8.1f} us with "
                   f"block_m={best['block_m']} block_k={best['block_k']} block_n={best['block_n']} "
-                  f"split_k={best['split_k']} warps={best['num_warps']} stages={best['num_stages']}",
+                  f"split_k={best['split_k']} tiles={best['tiles_per_program']} warps={best['num_warps']} "
+                  f"stages={best['num_stages']}",
                   flush=True)  # fmt: skip
     return out
 
@@ -406,7 +407,8 @@ def header(columns: list[tuple[str, str]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few rows only")
-    parser.add_argument("--sweep", action="store_true", help="try launch configurations on the key shapes")
+    parser.add_argument("--sweep", action="store_true", help="try LoRA launch configurations on key shapes")
+    parser.add_argument("--sweep-attention", action="store_true", help="the same for decode attention")
     parser.add_argument("--dry", action="store_true", help="CPU + TRITON_INTERPRET=1: exercise every path")
     parser.add_argument("--out", type=Path, help="folder for tables and JSON")
     args = parser.parse_args()
@@ -445,7 +447,7 @@ def main() -> None:
     save()
     print("\npaged decode attention, bf16, 32 query / 8 KV heads, head dim 128, blocks of 16")
     print(header(ATTN_COLUMNS))
-    results["attention"] = attention_table(env, dtype, quick, args.sweep)
+    results["attention"] = attention_table(env, dtype, quick, args.sweep_attention)
     save()
 
 

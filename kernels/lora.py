@@ -128,11 +128,13 @@ def _expand_kernel(
     buf_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr,
     sorted_ids_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, ranks_ptr, scales_ptr,
     width0, width1, width2, col0, col1, col2, stride_bs0, stride_bs1, stride_bs2,
-    max_rank, tiles_per_slice,
+    max_rank, groups_per_slice, tiles_per_program,
     stride_fn, stride_ft, stride_fr, stride_bo, stride_br, stride_yt, stride_yo,
     HAS_RANKS: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    # Program (lane, segment, slice x column group): a group is `tiles_per_program` column tiles, walked
+    # in a loop so that one program keeps several B tiles in flight.
     lane, seg, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     lanes = tl.num_programs(0)
     seg_len = tl.load(seg_lens_ptr + seg)
@@ -140,9 +142,10 @@ def _expand_kernel(
     seg_start = tl.load(seg_starts_ptr + seg)
     if lane * BLOCK_M >= seg_len:
         return
-    n, tile = pid_z // tiles_per_slice, pid_z % tiles_per_slice
+    n, group = pid_z // groups_per_slice, pid_z % groups_per_slice
     width = _pick(n, width0, width1, width2)
-    if tile * BLOCK_N >= width:
+    first_tile = group * tiles_per_program
+    if first_tile * BLOCK_N >= width:
         return
     rank = max_rank
     if HAS_RANKS:
@@ -159,14 +162,8 @@ def _expand_kernel(
         load_rank = tl.multiple_of(tl.minimum((rank + 7) // 8 * 8, max_rank), 8)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
-    offs_o = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_mask = offs_o < width
-    bt = tl.load(
-        b_ptr + slot.to(tl.int64) * stride_bs + offs_o[None, :] * stride_bo + offs_r[:, None] * stride_br,
-        mask=(offs_r < load_rank)[:, None] & o_mask[None, :],
-        other=0.0,
-    )  # [BLOCK_R, BLOCK_N]
-    bt = tl.where(r_mask[:, None], bt, 0.0)  # NaN/inf padding past the rank must not leak in as 0 * NaN
+    b_base = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br
+    last_tile = tl.minimum(first_tile + tiles_per_program, (width + BLOCK_N - 1) // BLOCK_N)
     scale = tl.load(scales_ptr + slot)
     for m0 in range(lane * BLOCK_M, seg_len, lanes * BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -178,11 +175,23 @@ def _expand_kernel(
             other=0.0,
         )  # [BLOCK_M, BLOCK_R] float32
         h = tl.where(r_mask[None, :], h, 0.0)
-        delta = tl.dot(h.to(bt.dtype), bt, input_precision=PRECISION) * scale
-        y_ptrs = y_ptr + tok[:, None].to(tl.int64) * stride_yt + (col + offs_o)[None, :] * stride_yo
-        y_mask = m_mask[:, None] & o_mask[None, :]
-        y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
-        tl.store(y_ptrs, (y_old.to(tl.float32) + delta).to(y_old.dtype), mask=y_mask)
+        y_rows = y_ptr + tok[:, None].to(tl.int64) * stride_yt
+        for tile in range(first_tile, last_tile):
+            offs_o = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            o_mask = offs_o < width
+            bt = tl.load(
+                b_base + offs_o[None, :] * stride_bo,
+                mask=(offs_r < load_rank)[:, None] & o_mask[None, :],
+                other=0.0,
+            )  # [BLOCK_R, BLOCK_N]
+            bt = tl.where(
+                r_mask[:, None], bt, 0.0
+            )  # NaN/inf padding past the rank must not leak in as 0 * NaN
+            delta = tl.dot(h.to(bt.dtype), bt, input_precision=PRECISION) * scale
+            y_ptrs = y_rows + (col + offs_o)[None, :] * stride_yo
+            y_mask = m_mask[:, None] & o_mask[None, :]
+            y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
+            tl.store(y_ptrs, (y_old.to(tl.float32) + delta).to(y_old.dtype), mask=y_mask)
 
 
 @dataclass(frozen=True)
@@ -191,11 +200,12 @@ class LoRALaunch:
 
     block_m: int | None = None  # tokens per block (1 is fine: the product pads it for the tensor cores)
     lanes: int | None = None  # programs sharing one segment's token blocks (each loops over its share)
-    block_k: int = 256  # shrink: hidden columns per step
+    block_k: int | None = None  # shrink: hidden columns per step
     block_n: int | None = None  # expand: output columns per program (256, or 128 for big token blocks)
     split_k: int | None = None  # shrink: programs sharing one token block's hidden dimension
     num_warps: int = 4
-    num_stages: int | None = None  # None: 3 for shrink (fewer if shared memory is short), 1 for expand
+    num_stages: int | None = None  # None: shrink 2-4 by shared memory; expand 2 (its column-tile loop)
+    tiles_per_program: int | None = None  # expand: column tiles one program walks (None: by token block)
 
 
 def _block_r(max_rank: int) -> int:
@@ -210,6 +220,28 @@ def _token_blocks(num_tokens: int, meta: LoRAMeta, cfg: LoRALaunch) -> tuple[int
     )
     lanes = cfg.lanes or min(triton.cdiv(num_tokens, block_m), triton.cdiv(per_segment, block_m))
     return block_m, max(1, lanes)
+
+
+def _shrink_launch(
+    cfg: LoRALaunch, x: Tensor, meta: LoRAMeta, block_m: int, block_r: int, lanes: int, num_slices: int
+) -> tuple[int, int, int]:
+    """(block_k, split_k, num_stages), from the sweeps in benchmarks/NOTES.md (H200, run 2)."""
+    # Long steps over K keep more bytes in flight per program; big token or rank tiles take smaller ones.
+    block_k = cfg.block_k or (128 if block_m >= 32 or block_r > 64 else 512 if block_r <= 16 else 256)
+    split_k = cfg.split_k
+    if split_k is None:
+        # Fewer programs than SMs (few adapters and tokens) leave HBM idle: split the hidden dimension
+        # across programs (atomic adds after a memset). Otherwise unsplit was fastest, and deterministic.
+        # float32 is never split: its sums stay in one order.
+        programs = max(1, min(meta.num_segments, meta.seg_slots.shape[0]) * lanes * num_slices)
+        sms = _num_sms(x.device)
+        split_k = 1 if x.dtype == torch.float32 or programs >= sms else min(8, triton.cdiv(2 * sms, programs))
+    split_k = max(1, min(split_k, triton.cdiv(x.shape[1], block_k)))
+    stages = cfg.num_stages
+    if stages is None:
+        per_stage = (block_m * block_k + block_k * block_r) * x.element_size()
+        stages = max(1, min(3 if block_m >= 32 else 4, (110 * 1024) // per_stage))
+    return block_k, split_k, stages
 
 
 @functools.lru_cache(maxsize=8)
@@ -263,21 +295,11 @@ def lora_shrink(
     if num_tokens == 0:
         return
     (block_m, lanes), block_r = _token_blocks(num_tokens, meta, cfg), _block_r(max_rank)
-    split_k = cfg.split_k
-    if split_k is None:
-        # Decode steps have few token blocks: a handful of programs per SM would leave HBM idle, so the
-        # hidden dimension is split across programs (atomic adds). float32 stays unsplit: deterministic.
-        programs = max(1, min(meta.num_segments, meta.seg_slots.shape[0]) * lanes * num_slices)
-        split_k = 1 if x.dtype == torch.float32 else max(1, min(8, 6 * _num_sms(x.device) // programs))
-        split_k = min(split_k, triton.cdiv(hidden, cfg.block_k))
-    k_per_split = triton.cdiv(triton.cdiv(hidden, split_k), cfg.block_k) * cfg.block_k
+    block_k, split_k, stages = _shrink_launch(cfg, x, meta, block_m, block_r, lanes, num_slices)
+    k_per_split = triton.cdiv(triton.cdiv(hidden, split_k), block_k) * block_k
     if split_k > 1:
         out.zero_()  # atomic adds need a zero start; unsplit launches write every row themselves
     max_segments = meta.seg_slots.shape[0]
-    stages = cfg.num_stages
-    if stages is None:
-        per_stage = (block_m * cfg.block_k + cfg.block_k * block_r) * x.element_size()
-        stages = 3 if 3 * per_stage <= 160 * 1024 else 2 if 2 * per_stage <= 160 * 1024 else 1
     for first in range(0, num_slices, MAX_SLICES_PER_LAUNCH):
         group = weights_a[first : first + MAX_SLICES_PER_LAUNCH]
         a0, a1, a2 = (group + [group[0]] * 2)[:3]
@@ -291,7 +313,7 @@ def lora_shrink(
             x.stride(0), x.stride(1), a0.stride(0), a0.stride(1), a0.stride(2),
             part.stride(0), part.stride(1), part.stride(2),
             HAS_RANKS=ranks is not None, SPLIT_K=split_k, PRECISION=_precision(x.dtype),
-            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=cfg.block_k,
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
             BLOCK_S=triton.next_power_of_2(max_segments), num_warps=cfg.num_warps, num_stages=stages,
         )  # fmt: skip
 
@@ -328,6 +350,8 @@ def lora_expand(
     (block_m, lanes), block_r = _token_blocks(num_tokens, meta, cfg), _block_r(max_rank)
     # A 64 x 256 float32 tile would spill registers: big token blocks get narrower column tiles.
     block_n = cfg.block_n or (256 if block_m <= 16 else 128)
+    # Decode-sized token blocks make each tile's work tiny: one program walks several (run 3 sweep).
+    tiles_per_program = cfg.tiles_per_program or (4 if block_m <= 16 else 1)
     offsets = [sum(widths[:i]) for i in range(num_slices)]
     aligned = all(
         v % 8 == 0 for v in [*widths, *offsets, max_rank, y.stride(0), y.data_ptr() // y.element_size()]
@@ -340,17 +364,18 @@ def lora_expand(
         pad = 3 - len(group)
         bs, w, c = bs + [bs[0]] * pad, w + [0] * pad, c + [0] * pad
         tiles = triton.cdiv(max(w), block_n)
+        groups = triton.cdiv(tiles, tiles_per_program)
         part = buf[first : first + len(group)]
-        grid = (lanes, meta.seg_slots.shape[0], len(group) * tiles)
+        grid = (lanes, meta.seg_slots.shape[0], len(group) * groups)
         _expand_kernel[grid](
             part, bs[0], bs[1], bs[2], y,
             meta.sorted_token_ids, meta.seg_slots, meta.seg_starts, meta.seg_lens,
             ranks if ranks is not None else meta.seg_lens, scales,
             w[0], w[1], w[2], c[0], c[1], c[2], bs[0].stride(0), bs[1].stride(0), bs[2].stride(0),
-            max_rank, tiles,
+            max_rank, groups, tiles_per_program,
             part.stride(0), part.stride(1), part.stride(2), bs[0].stride(1), bs[0].stride(2),
             y.stride(0), y.stride(1),
             HAS_RANKS=ranks is not None, ALIGNED=aligned, PRECISION=_precision(y.dtype),
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=block_n,
-            num_warps=cfg.num_warps, num_stages=1 if cfg.num_stages is None else cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=2 if cfg.num_stages is None else cfg.num_stages,
         )  # fmt: skip

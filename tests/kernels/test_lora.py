@@ -85,11 +85,16 @@ def test_shrink_expand_match_reference(mix, num_tokens, dtype, device):
     assert torch.all(out[:, untouched] == 0)
 
 
-@pytest.mark.parametrize("block_m,lanes", [(1, 1), (1, 3), (4, 1), (8, 2), (16, 3)])
-def test_token_blocks_and_lanes_cover_every_token(block_m, lanes, device):
-    # A long segment looped over by few lanes, next to one-token segments and slot -1 tokens.
+@pytest.mark.parametrize(
+    "block_m,lanes,tiles", [(1, 1, 1), (1, 3, 3), (4, 1, 2), (8, 2, 1), (16, 3, 4)], ids=lambda v: str(v)
+)
+def test_token_blocks_lanes_and_column_tiles_cover_everything(block_m, lanes, tiles, device):
+    # A long segment looped over by few lanes, next to one-token segments and slot -1 tokens; widths
+    # of 16 and 40 columns in tiles of 16, walked `tiles` at a time (40 leaves a partial tile).
     slots = torch.tensor([2] * 23 + [0, 1, -1, 1, -1], dtype=torch.int32)[torch.randperm(28)]
-    launch = LoRALaunch(block_m=block_m, lanes=lanes, block_k=16, split_k=2, block_n=16)
+    launch = LoRALaunch(
+        block_m=block_m, lanes=lanes, block_k=16, split_k=2, block_n=16, tiles_per_program=tiles
+    )
     out, want_out, y, want_y, y0 = run_both(
         slots, 48, [16, 32], 16, 3, 4, torch.float32, device, launch=launch
     )
