@@ -23,6 +23,7 @@ from app.auth.principal import Principal
 from app.domain.keys.models import ApiKey
 from app.domain.tenants.models import Tenant
 from app.errors import ApiError
+from app.logging import request_context
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,10 @@ class KeyAuthenticator:
         if entry.expires_at is not None and entry.expires_at <= now:
             raise unauthorized("API key has expired", code="api_key_expired")
         if entry.tenant_suspended:
+            # The key is genuine, so the log line of this refusal may name its tenant.
+            ctx = request_context.get()
+            if ctx is not None and entry.principal.tenant_id is not None:
+                ctx.tenant_id = str(entry.principal.tenant_id)
             raise ApiError(403, "Tenant is suspended", code="tenant_suspended")
         if entry.principal.key_id is not None:
             self._last_used[entry.principal.key_id] = now

@@ -56,6 +56,10 @@ def test_request_log_lines_are_json_with_request_and_tenant_ids(build_app, admin
             "key"
         ]
         client.get("/admin/tenants", headers={"Authorization": f"Bearer {key}", "x-request-id": "trace-me"})
+        client.patch(f"/admin/tenants/{tenant['id']}", json={"status": "suspended"}, headers=admin_headers)
+        client.get(
+            "/admin/tenants", headers={"Authorization": f"Bearer {key}", "x-request-id": "suspended-1"}
+        )
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     access = [line for line in lines if line["logger"] == "loraplex.access"]
     assert access, lines
@@ -64,6 +68,8 @@ def test_request_log_lines_are_json_with_request_and_tenant_ids(build_app, admin
     assert traced[0]["tenant_id"] == tenant["id"]
     assert traced[0]["status"] == 403
     assert traced[0]["path"] == "/admin/tenants"
+    refused = [line for line in access if line.get("request_id") == "suspended-1"]
+    assert refused[0]["status"] == 403 and refused[0]["tenant_id"] == tenant["id"]
     assert all(line["request_id"] for line in access)
     assert not [line for line in access if line["path"] == "/health"]
     # The key never reaches the logs.
