@@ -121,7 +121,12 @@ class AsyncLLMEngine:
             stream.loop.call_soon_threadsafe(_settle, added, None)
 
         self._submit(add)
-        await added
+        try:
+            await added
+        except asyncio.CancelledError:
+            # The add may still go through after we stop waiting: queue its abort right behind it.
+            self.abort(request_id)
+            raise
         finished = False
         try:
             while True:

@@ -230,3 +230,13 @@ async def test_fairness_key_reaches_the_scheduler(model):
     # Two seats: the light request takes the first seat that frees up once it has arrived (the loop thread
     # may already have started a few heavy ones by then).
     assert done.index("light") <= 5, done
+
+
+async def test_a_caller_cancelled_before_its_request_was_added_leaves_nothing_running(engine):
+    task = asyncio.create_task(collect(engine, "cancelled", [0, 5, 6], LONG))
+    await asyncio.sleep(0)  # generate() has submitted the add and waits for it
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_idle(engine)
+    assert (await collect(engine, "cancelled", [0, 5]))[-1].finished  # the id is free again
