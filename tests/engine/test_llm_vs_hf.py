@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from engine import LLM, LoRARequest, SamplingParams
-from tests.helpers.hf_models import ALL_TARGETS, VOCAB_SIZE, hf_greedy, make_peft_adapter, make_tiny_model
+from tests.helpers.hf_models import (
+    ALL_TARGETS,
+    LLAMA3_ROPE,
+    VOCAB_SIZE,
+    hf_greedy,
+    make_peft_adapter,
+    make_tiny_model,
+)
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -143,9 +150,11 @@ def test_chunked_prefill_with_a_small_token_budget(llama):
     [
         ("mistral", {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8}),
         ("qwen2", {}),
+        ("llama", {"rope_scaling": LLAMA3_ROPE, "tie_word_embeddings": True}),
     ],
+    ids=["mistral", "qwen2", "llama3-tied"],
 )
-def test_mistral_and_qwen2_with_an_adapter_mixed_with_base(tmp_path, arch, overrides):
+def test_other_architectures_with_an_adapter_mixed_with_base(tmp_path, arch, overrides):
     base = make_tiny_model(tmp_path / "base", arch, **overrides)
     adapter = make_peft_adapter(base, tmp_path / "a", r=4, target_modules=ALL_TARGETS)
     names = ["a", None, "a", None]
