@@ -177,6 +177,13 @@ def _from_repository(request: Request[Any, Any, Any], exc: Exception) -> Respons
     return _from_unexpected(request, exc)
 
 
+def _from_recursion(request: Request[Any, Any, Any], exc: RecursionError) -> Response[Any]:
+    # msgspec gives up on absurdly nested JSON with a RecursionError: the client's input, not our bug.
+    if "deserializing" in str(exc):
+        return error_response(ApiError(400, "Malformed JSON body: nested too deeply", code="invalid_json"))
+    return _from_unexpected(request, exc)
+
+
 def _from_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error", exc_info=exc)
     return error_response(ApiError(500, "Internal server error", code="internal_error", type="server_error"))
@@ -191,5 +198,6 @@ def exception_handlers() -> ExceptionHandlersMap:
         DuplicateKeyError: _from_repository,
         ForeignKeyError: _from_repository,
         IntegrityError: _from_repository,
+        RecursionError: _from_recursion,
         Exception: _from_unexpected,
     }

@@ -97,7 +97,8 @@ def test_rename_onto_existing_name_is_409_and_changes_nothing(client, admin_head
 
 def test_malformed_json_is_400(client, admin_headers, migrated_database_url):
     headers = {**admin_headers, "content-type": "application/json"}
-    for raw in [b"{", b'{"name": "a",}', b"not json", b'{"name": "a"} trailing', b"\xff\xfe"]:
+    deep = b'{"name": "deep", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    for raw in [b"{", b'{"name": "a",}', b"not json", b'{"name": "a"} trailing', b"\xff\xfe", deep]:
         response = client.post("/admin/tenants", content=raw, headers=headers)
         error = _assert_envelope(response, 400)
         assert error["code"] == "invalid_json", raw
