@@ -249,7 +249,8 @@ def run_random_workload(seed: int) -> int:
                 rng.randrange(1, 50) for _ in range(rng.randrange(1, 10))
             ]
             max_tokens = rng.randrange(1, 8)
-            r = req(f"r{n}", prompt, max_tokens, key=rng.choice("xyz"), lora=rng.choice(loras), salt="s")
+            lora, salt = rng.choice(loras), rng.choice(["s", "t"])
+            r = req(f"r{n}", prompt, max_tokens, key=rng.choice("xyz"), lora=lora, salt=salt)
             s.add(r)
             reqs.append(r)
             expected[r.request_id] = expected_output(prompt, max_tokens)
