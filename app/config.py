@@ -53,6 +53,8 @@ class Settings:
     max_model_len: int | None = None
     max_num_seqs: int = 64
     kv_cache_bytes: int | None = None
+    # Adapter files fetched for the engine under data_dir/adapter-cache; least recently used go past this.
+    adapter_disk_cache_bytes: int = 20 * 1024**3
 
     # Security. secret None = generated once and kept in data_dir/secret (see ensure_secret).
     secret: str | None = field(default=None, repr=False)
@@ -142,6 +144,7 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
         ("gpu_memory_fraction", 0.0 < s.gpu_memory_fraction <= 1.0, "expected a number in (0, 1]"),
         ("max_model_len", s.max_model_len is None or s.max_model_len >= 16, "expected an integer >= 16"),
         ("max_num_seqs", s.max_num_seqs >= 1, "expected an integer >= 1"),
+        ("adapter_disk_cache_bytes", s.adapter_disk_cache_bytes >= 1 << 20, "expected at least 1 MiB"),
         (
             "kv_cache_bytes",
             s.kv_cache_bytes is None or s.kv_cache_bytes >= 1 << 20,

@@ -84,3 +84,39 @@ async def test_unknown_or_removed_or_malformed_hashes_are_refused(tmp_path: Path
     for bad in ("../../etc", "A" * 64, sha[:-1] + "/"):
         with pytest.raises(ValueError):
             files.folder(bad)
+
+
+async def test_the_disk_budget_trims_least_recently_used_but_never_recent_ones(tmp_path: Path) -> None:
+    store = Store()
+    adapters = []
+    for i in range(3):
+        src, sha = make_source(tmp_path, bytes([i]) * 1000)
+        adapters.append(SimpleNamespace(sha256=sha, src=src))
+    # Room for two adapters (1000 bytes of weights + 2 of config each).
+    files = AdapterFiles(tmp_path / "cache", store.download, max_bytes=2100, min_age_s=0.0)
+    for a in adapters:
+        await files.ensure(a)
+    assert not files.folder(adapters[0].sha256).exists()
+    assert files.folder(adapters[1].sha256).exists() and files.folder(adapters[2].sha256).exists()
+    assert files.disk_bytes() <= 2100
+    # The trimmed one is fetched again when the engine asks for it; now adapter 1 is the oldest.
+    assert Path(files.local_folder(adapters[0].sha256)).is_dir()
+    assert not files.folder(adapters[1].sha256).exists()
+    assert store.calls == 4
+
+    # Recently used adapters are kept even over budget: the engine may be reading them.
+    busy = AdapterFiles(tmp_path / "cache2", store.download, max_bytes=1, min_age_s=3600.0)
+    for a in adapters:
+        await busy.ensure(a)
+    assert all(busy.folder(a.sha256).exists() for a in adapters)
+
+
+async def test_folders_from_an_earlier_run_count_and_go_first(tmp_path: Path) -> None:
+    src, sha = make_source(tmp_path, b"x" * 1000)
+    old_src, old_sha = make_source(tmp_path, b"y" * 1000)
+    files = AdapterFiles(tmp_path / "cache", Store().download)
+    await files.ensure(SimpleNamespace(sha256=old_sha, src=old_src))
+    restarted = AdapterFiles(tmp_path / "cache", Store().download, max_bytes=1500, min_age_s=0.0)
+    assert restarted.disk_bytes() >= 1000
+    await restarted.ensure(SimpleNamespace(sha256=sha, src=src))
+    assert not restarted.folder(old_sha).exists() and restarted.folder(sha).exists()

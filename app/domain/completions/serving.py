@@ -95,7 +95,11 @@ class Serving:
 
         store = object_store(app)
         root = (self.settings.data_dir / "adapter-cache").resolve()
-        return AdapterFiles(root, lambda adapter, dest: download_adapter(store, adapter, dest))
+        return AdapterFiles(
+            root,
+            lambda adapter, dest: download_adapter(store, adapter, dest),
+            max_bytes=self.settings.adapter_disk_cache_bytes,
+        )
 
     async def list_adapters(self, tenant_id: str) -> list[Any]:
         from app.db.session import session_maker
