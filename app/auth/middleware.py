@@ -41,7 +41,11 @@ class ApiKeyAuthMiddleware(AbstractAuthenticationMiddleware):
 
 
 def auth_middleware() -> DefineMiddleware:
-    # The OpenAPI schema is public: it documents, it does not serve data.
+    # The OpenAPI schema is public: it documents, it does not serve data. Only OPTIONS (CORS preflight)
+    # skips the key, stated here so that a change of Litestar's default cannot open HEAD or others.
     return DefineMiddleware(
-        ApiKeyAuthMiddleware, exclude_from_auth_key="exclude_from_auth", exclude=["^/schema"]
+        ApiKeyAuthMiddleware,
+        exclude_from_auth_key="exclude_from_auth",
+        exclude=["^/schema"],
+        exclude_http_methods=["OPTIONS"],
     )
