@@ -35,10 +35,10 @@ class Sampler:
         logits = logits.to(torch.float32, copy=True)
         self._apply_penalties(logits, requests)
         self._apply_min_tokens(logits, requests)
-        temps = [r.params.temperature for r in requests]
-        greedy = [t == 0.0 for t in temps]
+        greedy = [r.params.greedy for r in requests]
         if not all(greedy):
-            scale = torch.tensor([t if t > 0.0 else 1.0 for t in temps], device=logits.device)
+            temps = [1.0 if g else r.params.temperature for r, g in zip(requests, greedy, strict=True)]
+            scale = torch.tensor(temps, device=logits.device)
             logits.div_(scale.unsqueeze(1))
             _apply_top_k_top_p_min_p(
                 logits, [r for r, g in zip(requests, greedy, strict=True) if not g], greedy

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 # Each sample is its own sequence in the engine; an unbounded n would let one request stall the loop.
 MAX_N = 128
+MIN_TEMPERATURE = 1e-5
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -112,7 +113,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing the logits by the temperature only overflows: it is argmax anyway.
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:

@@ -213,3 +213,12 @@ def test_any_integer_seed_works_and_logprobs_beyond_the_vocabulary_are_capped():
     assert len(out.logprobs[0]) == 8 and all(0 <= t < 8 for t in out.token_ids)
     again = Sampler(CPU)(logits[:1], [make(SamplingParams(temperature=1.0, seed=2**70, logprobs=20))])
     assert again.token_ids[0] == out.token_ids[0]
+
+
+def test_a_vanishing_temperature_is_greedy_not_nan():
+    torch.manual_seed(4)
+    logits = torch.randn(4, 50) * 30
+    reqs = [make(SamplingParams(temperature=t, logprobs=1)) for t in (1e-300, 1e-7, 0.0, 1e-6)]
+    out = Sampler(CPU)(logits, reqs)
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+    assert all(v == v for entry in out.logprobs for v in entry.values())  # no NaN
