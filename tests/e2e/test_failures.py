@@ -100,6 +100,20 @@ def test_concurrency_limit_is_a_429_with_retry_headers(live_server: LiveServer) 
         assert int(err.value.response.headers["retry-after"]) >= 1
 
 
+def test_rate_limit_headers_on_answers_and_streams(live_server: LiveServer) -> None:
+    tenant = live_server.tenant(requests_per_minute=100, tokens_per_minute=10_000)
+    client = live_server.openai(live_server.key(tenant["id"]))
+    raw = client.completions.with_raw_response.create(model="demo-model", prompt="hi", max_tokens=2)
+    assert raw.headers["x-ratelimit-limit-requests"] == "100"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "99"
+    assert raw.headers["x-ratelimit-limit-tokens"] == "10000"
+    with client.completions.with_streaming_response.create(
+        model="demo-model", prompt="hi", max_tokens=2, stream=True
+    ) as streamed:
+        assert streamed.headers["x-ratelimit-remaining-requests"] == "98"
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+
+
 def test_fifty_concurrent_requests_against_a_limit_of_five_admit_exactly_five(
     live_server: LiveServer,
 ) -> None:
