@@ -125,7 +125,7 @@ class AsyncLLMEngine:
             await added
         except asyncio.CancelledError:
             # The add may still go through after we stop waiting: queue its abort right behind it.
-            self.abort(request_id)
+            self._abort_own(request_id, stream)
             raise
         finished = False
         try:
@@ -141,7 +141,7 @@ class AsyncLLMEngine:
                     return
         finally:
             if not finished:
-                self.abort(request_id)
+                self._abort_own(request_id, stream)
 
     def abort(self, request_id: str) -> None:
         """Stop a request (e.g. the client went away); its stream ends with finish_reason "abort"."""
@@ -153,6 +153,20 @@ class AsyncLLMEngine:
                 _deliver(stream, output)
 
         with contextlib.suppress(EngineDeadError):  # a dead engine has nothing left to abort
+            self._submit(run)
+
+    def _abort_own(self, request_id: str, stream: _Stream) -> None:
+        """Abort only if the engine's request under this id is still the one this stream belongs to (the
+        id may have been refused as a duplicate, or already reused by a newer request)."""
+
+        def run() -> None:
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
+                output = self.engine.abort(request_id)
+                if output is not None:
+                    _deliver(stream, output)
+
+        with contextlib.suppress(EngineDeadError):
             self._submit(run)
 
     def evict_adapter(self, content_hash: str) -> None:

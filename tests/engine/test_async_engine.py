@@ -240,3 +240,18 @@ async def test_a_caller_cancelled_before_its_request_was_added_leaves_nothing_ru
         await task
     await wait_idle(engine)
     assert (await collect(engine, "cancelled", [0, 5]))[-1].finished  # the id is free again
+
+
+async def test_a_refused_duplicate_never_aborts_the_request_that_owns_the_id(engine):
+    owner = engine.generate(
+        "shared-id", [0, 5, 6], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    )
+    await owner.__anext__()
+    dup = asyncio.create_task(collect(engine, "shared-id", [0, 7]))
+    await asyncio.sleep(0)
+    dup.cancel()  # cancelled while its (refused) add is in flight
+    with pytest.raises((asyncio.CancelledError, ValueError)):
+        await dup
+    outs = [out async for out in owner]
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
+    assert len(outs[-1].outputs[0].token_ids) == 30
