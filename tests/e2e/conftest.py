@@ -102,14 +102,15 @@ class LiveServer:
         self.thread = threading.Thread(target=self.server.run, name="e2e-uvicorn", daemon=True)
         self.admin = httpx.Client(base_url=self.url, headers=ADMIN, timeout=60)
 
-    def start(self, ready_timeout: float = 120.0) -> None:
+    def start(self, ready_timeout: float = 120.0, until: int = 200) -> None:
+        """Start, and wait until /ready answers `until` (503 for a server expected never to be ready)."""
         self.thread.start()
         deadline = time.monotonic() + ready_timeout
         last = None
         while time.monotonic() < deadline:
             try:
                 last = self.admin.get("/ready")
-                if last.status_code == 200:
+                if last.status_code == until and (until == 200 or "model loading" not in last.text):
                     return
             except httpx.TransportError:
                 pass
@@ -169,7 +170,9 @@ class LiveServer:
         return asyncio.run(fetch())
 
 
-def start_server(demo_model: Path, data_dir: Path, database_url: str, **overrides: Any) -> LiveServer:
+def start_server(
+    demo_model: Path, data_dir: Path, database_url: str, until: int = 200, **overrides: Any
+) -> LiveServer:
     from app.config import Settings
     from app.main import create_app
 
@@ -188,7 +191,7 @@ def start_server(demo_model: Path, data_dir: Path, database_url: str, **override
         log_level="WARNING",
     )
     server = LiveServer(create_app(dataclasses.replace(settings, **overrides)), free_port(), demo_model)
-    server.start()
+    server.start(until=until)
     return server
 
 

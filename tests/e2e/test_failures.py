@@ -10,13 +10,14 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import LiveServer, error_of
+from tests.e2e.conftest import LiveServer, error_of, start_server
 
 LONG = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
 
@@ -201,3 +202,23 @@ def test_engine_death_turns_in_flight_requests_and_ready_into_503(live_server: L
 
 def _sdk(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != "ignore_eos"}
+
+
+def test_a_model_that_cannot_load_keeps_the_server_up_but_not_ready(
+    demo_model: Path, module_database: str, tmp_path: Path
+) -> None:
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()
+    server = start_server(demo_model, tmp_path / "data", module_database, until=503, model=str(broken))
+    try:
+        ready = server.admin.get("/ready")
+        assert ready.status_code == 503 and "model failed to load" in ready.json()["checks"]["engine"]
+        assert server.admin.get("/health").status_code == 200
+        tenant = server.tenant()
+        with pytest.raises(openai.InternalServerError) as err:
+            server.openai(server.key(tenant["id"])).completions.create(
+                model="demo-model", prompt="hi", max_tokens=2
+            )
+        assert err.value.status_code == 503 and error_of(err.value)["code"] == "engine_unavailable"
+    finally:
+        server.stop()
