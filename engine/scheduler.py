@@ -120,6 +120,7 @@ class Scheduler:
         # Classic DRR: a key whose queue empties loses its saved credit, so idling earns no burst later.
         del self.queues[key]
         del self.deficit[key]
+        self.slot_wait_steps.pop(key, None)
 
     # ---- leaving the engine ----
     def _release(self, request: Request) -> None:

@@ -90,6 +90,7 @@ def test_idle_key_earns_no_burst_credit():
     h = Harness(s)
     h.run()
     assert "x" not in s.deficit  # emptied queue: credit dropped
+    assert not s.queues and not s.slot_wait_steps  # nothing kept per tenant once it has no work
 
 
 def slot_flood(slots: SlotTable, arrive: int, patience: int = 4) -> int:
