@@ -39,7 +39,7 @@ class TenantController(Controller):
         self,
         db_session: DbSession,
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
-        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        offset: Annotated[int, QueryParameter(ge=0, le=1_000_000_000)] = 0,
         status: Annotated[Status | None, QueryParameter(description="only tenants with this status")] = None,
     ) -> TenantList:
         tenants, total = await TenantService(db_session).list(limit, offset, status)
