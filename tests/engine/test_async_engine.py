@@ -255,3 +255,42 @@ async def test_a_refused_duplicate_never_aborts_the_request_that_owns_the_id(eng
     outs = [out async for out in owner]
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
     assert len(outs[-1].outputs[0].token_ids) == 30
+
+
+async def test_random_concurrent_traffic_with_aborts_and_disconnects_leaves_nothing_behind(engine, model):
+    import random
+
+    rng = random.Random(7)
+    lora = LoRARequest("a", str(model[1]))
+    plans = []
+    for i in range(24):
+        prompt = [0] + [rng.randrange(4, 500) for _ in range(rng.randrange(2, 20))]
+        plans.append(
+            (f"t{i}", prompt, rng.choice([None, lora]), rng.choice(["run", "run", "abort", "leave"]))
+        )
+    expected = {}
+
+    async def one(rid, prompt, lo, plan):
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, n=rng.choice([1, 2]))
+        got = []
+        async for out in engine.generate(rid, prompt, params, lora=lo, fairness_key=rid[-1]):
+            got.append(out)
+            if plan == "abort" and len(got) == 2:
+                engine.abort(rid)
+            if plan == "leave" and len(got) == 2:
+                break
+        expected[rid] = (prompt, lo, plan, got)
+
+    await asyncio.gather(*(one(*p) for p in plans))
+    await wait_idle(engine)
+    assert not engine.engine.has_unfinished() and not engine._streams
+    assert engine.stats().kv_usage == 0.0 and engine.engine.adapter_cache.stats()["pinned"] == 0
+    finished = [(rid, v) for rid, v in expected.items() if v[2] == "run"]
+    names = ["a" if v[1] else None for _, v in finished]
+    oracle = hf_greedy(model[0], {"a": model[1]}, [v[0] for _, v in finished], names, 12)
+    for (rid, (_, _, _, got)), want in zip(finished, oracle, strict=True):
+        final = got[-1]
+        assert final.finished and all(c.token_ids == want for c in final.outputs if c.finished), rid
+    for rid, (_, _, plan, got) in expected.items():
+        if plan == "abort":
+            assert got[-1].finished and {c.finish_reason for c in got[-1].outputs} <= {"abort", "length"}, rid
