@@ -205,3 +205,27 @@ async def test_wrong_data_is_a_bug_not_an_outage(usage_database_url: str) -> Non
             await metering.settle("huge", 2**40, 0, 1, "stop", "ok")
         assert metering.pending == 0
         assert (await row(engine, "huge")).status == "reserved"
+
+
+async def test_many_concurrent_requests_each_get_one_settled_row(usage_database_url: str) -> None:
+    from sqlalchemy import func
+
+    async with metering_on(usage_database_url) as (metering, engine):
+        tenant = await add_tenant(engine)
+
+        async def one(i: int) -> bool:
+            await reserve(metering, tenant, f"load-{i}", prompt=i % 7 + 1)
+            first = await metering.settle(f"load-{i}", i % 7 + 1, 0, i % 5, "stop", "ok")
+            again = await metering.settle(f"load-{i}", 99, 0, 99, "stop", "ok")
+            return first and not again
+
+        assert all(await asyncio.gather(*(one(i) for i in range(120))))
+        async with async_sessionmaker(engine)() as session:
+            count, completion = (
+                await session.execute(
+                    select(func.count(UsageRecord.id), func.sum(UsageRecord.completion_tokens)).where(
+                        UsageRecord.status == "ok"
+                    )
+                )
+            ).one()
+        assert (count, completion) == (120, sum(i % 5 for i in range(120)))
