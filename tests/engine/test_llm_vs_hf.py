@@ -437,3 +437,26 @@ def test_a_slow_adapter_load_neither_blocks_base_requests_nor_spins(llama):
                 finished[out.request_id] = out
     expected = hf_greedy(base, {"r2-qv": adapters["r2-qv"]}, [[0, 5, 6, 7]], ["r2-qv"], 8)[0]
     assert finished["slow"].outputs[0].token_ids == expected
+
+
+def test_an_offline_step_that_raises_leaves_the_llm_usable_and_correct(llama):
+    base, _ = llama
+    llm = make_llm(base)
+    p = prompts(1, seed=17, lengths=(13,))[0]
+    real = llm.engine.runner.execute
+    calls = {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("transient device error")
+        return real(batch)
+
+    llm.engine.runner.execute = flaky
+    with pytest.raises(RuntimeError, match="transient"):
+        llm.generate([p], GREEDY)
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    out = llm.generate([p], GREEDY)[0]
+    assert out.num_cached_tokens == 0  # blocks registered by the failed step were not trusted
+    assert out.outputs[0].token_ids == hf_greedy(base, {}, [p], [None], 8)[0]
