@@ -460,3 +460,14 @@ def test_an_offline_step_that_raises_leaves_the_llm_usable_and_correct(llama):
     out = llm.generate([p], GREEDY)[0]
     assert out.num_cached_tokens == 0  # blocks registered by the failed step were not trusted
     assert out.outputs[0].token_ids == hf_greedy(base, {}, [p], [None], 8)[0]
+
+
+def test_a_second_turn_reuses_the_first_turns_prompt_and_output_blocks(llama):
+    base, _ = llama
+    llm = make_llm(base)
+    p = prompts(1, seed=18, lengths=(17,))[0]
+    first = llm.generate([p], GREEDY, cache_salt="t")[0]
+    follow_up = p + first.outputs[0].token_ids + [7, 8]  # 27 tokens; the first turn computed 24 of them
+    second = llm.generate([follow_up], GREEDY, cache_salt="t")[0]
+    assert second.num_cached_tokens == 24
+    assert second.outputs[0].token_ids == hf_greedy(base, {}, [follow_up], [None], 8)[0]
