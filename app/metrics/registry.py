@@ -124,6 +124,11 @@ class Metrics:
             "Usage settles waiting for the database to come back.",
             registry=r,
         )
+        self.usage_expired = Counter(
+            "loraplex:usage_reservations_expired",
+            "Reservations the sweeper expired: requests whose process died before settling.",
+            registry=r,
+        )
         self._engine: EngineCollector | None = None
         if self._name_source is None:
             self._label_children()

@@ -64,6 +64,7 @@ async def usage_services(app: Litestar) -> AsyncIterator[None]:
     metering.start()
 
     async def forget(expired: list[Expired]) -> None:
+        metrics.usage_expired.inc(len(expired))
         for row in expired:
             await limiter.release_quota(row.tenant_id, row.month, row.reserved_tokens)
 

@@ -174,3 +174,4 @@ def test_the_apps_sweeper_expires_a_dead_processs_reservation(build_app, admin_h
         assert portal.call(age_and_read, "alive", False) == "reserved"
         # The sweeper gave the dead request's 80 tokens back to the month's counter in Redis.
         assert portal.call(limiter_of(app).admit, limits, 30).allowed
+        assert scrape(client)[1]["loraplex:usage_reservations_expired_total"] == 1
