@@ -152,3 +152,15 @@ def test_memory_pressure_preempts_the_tenant_holding_the_most_blocks():
     # The light tenant arrived last but holds the least memory: the first victims are heavy's.
     assert victims[0][0] == "heavy" and victims[1][0] == "heavy", victims
     assert light[0].num_preemptions == 0
+
+
+def test_ten_tenants_queued_one_after_another_are_served_round_robin():
+    s = make_scheduler(num_blocks=512, max_num_seqs=4, max_num_batched_tokens=64)
+    for k in range(10):
+        for i in range(10):
+            s.add(req(f"k{k}-{i}", unique(k * 10 + i, 16), max_tokens=4, key=f"tenant{k}"))
+    h = Harness(s)
+    h.run()
+    order = sorted(h.finished_at, key=lambda rid: (h.finished_at[rid], rid))
+    first_twenty = {rid.split("-")[0] for rid in order[:20]}
+    assert first_twenty == {f"k{k}" for k in range(10)}, order[:20]  # FIFO would give only k0 and k1
