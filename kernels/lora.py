@@ -348,10 +348,10 @@ def lora_expand(
     if num_tokens == 0:
         return
     (block_m, lanes), block_r = _token_blocks(num_tokens, meta, cfg), _block_r(max_rank)
-    # A 64 x 256 float32 tile would spill registers: big token blocks get narrower column tiles.
-    block_n = cfg.block_n or (256 if block_m <= 16 else 128)
-    # Decode-sized token blocks make each tile's work tiny: one program walks several (run 3 sweep).
-    tiles_per_program = cfg.tiles_per_program or (4 if block_m <= 16 else 1)
+    # From the run-3 sweep (benchmarks/NOTES.md): 256-column tiles only for small token blocks and
+    # ranks (a 64 x 256 float32 tile spills); two tiles per program for decode, four for prefill.
+    block_n = cfg.block_n or (256 if block_m <= 16 and block_r <= 16 else 128)
+    tiles_per_program = cfg.tiles_per_program or (2 if block_m <= 16 else 4)
     offsets = [sum(widths[:i]) for i in range(num_slices)]
     aligned = all(
         v % 8 == 0 for v in [*widths, *offsets, max_rank, y.stride(0), y.data_ptr() // y.element_size()]
