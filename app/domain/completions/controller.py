@@ -164,10 +164,10 @@ class CompletionsController(Controller):
     )
     async def create_completion(
         self,
-        request: Request[Any, Any, Any],
-        data: CompletionRequest,
-        principal: Principal,
-        db_session: AsyncSession,
+        request: Request,
+        data: JSONBody[CompletionRequest],
+        principal: CallerKey,
+        db_session: DbSession,
     ) -> CompletionResponse:
         serving = serving_of(request.app)
         try:
