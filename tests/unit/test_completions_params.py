@@ -73,6 +73,14 @@ def test_chat_rules() -> None:
     with pytest.raises(params.RequestError) as err:
         params.chat_spec(chat(tools=[{"type": "function"}]))
     assert err.value.param == "tools"
+    for body, param in (
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+    ):
+        with pytest.raises(params.RequestError) as err:
+            params.chat_spec(chat(**body))
+        assert err.value.param == param
+    assert params.chat_spec(chat(response_format={"type": "text"})).max_tokens is None
     spec = params.chat_spec(chat(max_completion_tokens=7, logprobs=True, top_logprobs=2))
     assert (spec.max_tokens, spec.logprobs, spec.kwargs["logprobs"]) == (7, 2, 2)
     assert params.chat_spec(chat()).max_tokens is None

@@ -124,6 +124,13 @@ def completion_spec(req: CompletionRequest) -> SamplingSpec:
 def chat_spec(req: ChatCompletionRequest) -> SamplingSpec:
     if req.tools:
         raise invalid("tools", "tools are not supported", code="unsupported_parameter")
+    if req.functions:
+        raise invalid("functions", "functions are not supported", code="unsupported_parameter")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        # Silently answering free text to a client that asked for JSON would be worse than refusing.
+        raise invalid(
+            "response_format", "only response_format type 'text' is supported", code="unsupported_parameter"
+        )
     both = req.max_tokens is not None and req.max_completion_tokens is not None
     if both and req.max_tokens != req.max_completion_tokens:
         raise invalid("max_completion_tokens", "max_tokens and max_completion_tokens disagree")

@@ -79,6 +79,8 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     tools: list[dict[str, object]] | None = None
+    functions: list[dict[str, object]] | None = None
+    response_format: dict[str, object] | None = None
 
 
 class PromptTokensDetails(msgspec.Struct, kw_only=True):
