@@ -121,7 +121,8 @@ def test_fifty_concurrent_requests_against_a_limit_of_five_admit_exactly_five(
 ) -> None:
     tenant = live_server.tenant(max_concurrent_requests=5)
     headers = {"Authorization": f"Bearer {live_server.key(tenant['id'])}"}
-    body = {"model": "demo-model", "stream": True, "n": 4, **LONG}
+    # Each admitted request runs for seconds (8 x 500 tokens), far longer than 50 admissions take.
+    body = {"model": "demo-model", "stream": True, "n": 8, **LONG, "max_tokens": 500}
     statuses: list[int] = []
     everyone_answered = threading.Barrier(50, timeout=60)
 
