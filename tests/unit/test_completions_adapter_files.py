@@ -116,7 +116,9 @@ async def test_folders_from_an_earlier_run_count_and_go_first(tmp_path: Path) ->
     old_src, old_sha = make_source(tmp_path, b"y" * 1000)
     files = AdapterFiles(tmp_path / "cache", Store().download)
     await files.ensure(SimpleNamespace(sha256=old_sha, src=old_src))
+    (tmp_path / "cache" / ".tmp-deadbeef-1").mkdir()  # a download cut short by a crash
     restarted = AdapterFiles(tmp_path / "cache", Store().download, max_bytes=1500, min_age_s=0.0)
     assert restarted.disk_bytes() >= 1000
     await restarted.ensure(SimpleNamespace(sha256=sha, src=src))
     assert not restarted.folder(old_sha).exists() and restarted.folder(sha).exists()
+    assert not (tmp_path / "cache" / ".tmp-deadbeef-1").exists()

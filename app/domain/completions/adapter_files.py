@@ -61,6 +61,9 @@ class AdapterFiles:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._used: dict[str, float] = {}  # sha -> monotonic time of last use
+        # Half-written downloads of a process that died are never complete: drop them.
+        for tmp in root.glob(".tmp-*") if root.is_dir() else ():
+            shutil.rmtree(tmp, ignore_errors=True)
         # Folders left by an earlier run count against the budget and go first (never used by this one).
         self._sizes: dict[str, int] = {
             d.name: _size(d) for d in (root.iterdir() if root.is_dir() else ()) if _is_sha(d.name)
