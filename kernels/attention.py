@@ -69,14 +69,15 @@ def paged_attention_ref(
 
 @triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_kv_heads, head_dim, block_size,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_kv_heads, head_dim, block_size, num_slots,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch, stride_vcb, stride_vcs, stride_vch,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + t)
-    if slot < 0:
+    # -1 means "no write"; anything past the cache is a caller bug that must not become a stray write.
+    if (slot < 0) | (slot >= num_slots):
         return
     block, offset = slot // block_size, slot % block_size
     offs_h, offs_d = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
@@ -94,6 +95,7 @@ def _write_kv_kernel(
 def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     """k_cache[slot // bs, slot % bs] = k[t] (same for v); slot -1 skips the token.
 
+    Slots past the cache are skipped too (a caller bug, but never a write outside the cache).
     k, v [T, Hkv, D] (last dim contiguous; token/head strides free, e.g. views into a fused qkv);
     caches [num_blocks, block_size, Hkv, D] contiguous, k's dtype; slot_mapping [T] int64 (or int32).
     """
@@ -107,6 +109,7 @@ def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
         return
     _write_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping, num_kv_heads, head_dim, k_cache.shape[1],
+        k_cache.shape[0] * k_cache.shape[1],
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -118,7 +121,7 @@ def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
 def _attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    scale_log2, num_seqs, keys_per_split, head_dim,
+    scale_log2, num_seqs, keys_per_split, head_dim, num_blocks,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -163,6 +166,8 @@ def _attention_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < kv_hi
         page = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        # A block id outside the cache (a caller bug) masks its keys instead of reading foreign memory.
+        n_mask = n_mask & (page >= 0) & (page < num_blocks)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k_off = page * stride_kb + (offs_n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
         k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
@@ -243,7 +248,8 @@ def paged_attention(
     dtype; block_tables [B, max_blocks] int32; seq_lens [B] int32 = context length *including* the new
     tokens; query_start_loc [B+1] int32, cumulative new-token counts, query_start_loc[B] == T. Sequence b's
     queries are its last (query_start_loc[b+1] - query_start_loc[b]) positions. G = Hq // Hkv (GQA).
-    Returns [T, Hq, D] in q's dtype. The launch grid depends only on shapes (CUDA-graph safe);
+    Returns [T, Hq, D] in q's dtype. Block ids outside [0, num_blocks) are read as absent keys (a caller
+    bug, but never a read outside the cache). The launch grid depends only on shapes (CUDA-graph safe);
     num_splits (None: picked from shapes) splits long contexts across programs, merged afterwards.
     """
     num_tokens, num_q_heads, head_dim = q.shape
@@ -275,7 +281,7 @@ def paged_attention(
         part, lse = out[None], out  # lse unused without splits
     _attention_kernel[(tiles, num_kv_heads, splits)](
         q, k_cache, v_cache, part, lse, block_tables, seq_lens, query_start_loc,
-        scale * math.log2(math.e), num_seqs, keys_per_split, head_dim,
+        scale * math.log2(math.e), num_seqs, keys_per_split, head_dim, k_cache.shape[0],
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),

@@ -91,7 +91,8 @@ def _shrink_kernel(
         return
     rank = max_rank
     if HAS_RANKS:
-        rank = tl.load(ranks_ptr + slot)
+        # Clamped: a rank past R would read the next slot's rows (or past the tensor's end).
+        rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
     a_ptr = _pick(n, a0_ptr, a1_ptr, a2_ptr)
     r_mask = offs_r < rank  # rows past this slot's rank are never read: they only cost a mask
     a_base = a_ptr + slot.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar
@@ -149,7 +150,8 @@ def _expand_kernel(
         return
     rank = max_rank
     if HAS_RANKS:
-        rank = tl.load(ranks_ptr + slot)
+        # Clamped: a rank past R would read the next slot's rows (or past the tensor's end).
+        rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
     b_ptr = _pick(n, b0_ptr, b1_ptr, b2_ptr)
     stride_bs = _pick(n, stride_bs0, stride_bs1, stride_bs2)
     col = _pick(n, col0, col1, col2)

@@ -102,6 +102,39 @@ def test_write_kv_matches_reference_with_strided_views_and_skips(dtype, device):
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
 
 
+def test_write_kv_never_writes_past_the_cache(device):
+    store = torch.randn(8, 4, 2, 8, device=device)
+    guard = store[6:].clone()
+    k_cache = store[:6]  # the cache is the first 6 blocks; the rest of the allocation is someone else's
+    v_cache = torch.zeros(6, 4, 2, 8, device=device)
+    k, v = torch.randn(3, 2, 8, device=device), torch.randn(3, 2, 8, device=device)
+    write_kv(k, v, k_cache, v_cache, torch.tensor([6 * 4, 5, 6 * 4 + 9], device=device))
+    assert torch.equal(store[6:], guard), "a slot past the cache must not be written"
+    assert torch.equal(k_cache[1, 1], k[1]) and torch.equal(v_cache[1, 1], v[1])
+
+
+def test_block_ids_outside_the_cache_are_never_read(device):
+    # The second block id points past the cache, where the allocation holds NaN: its keys must count as
+    # absent, so the one query sees exactly the first block's 4 keys.
+    hq, hkv, d, bs = 4, 2, 16, 4
+    store = torch.randn(5, bs, hkv, d, device=device)
+    store[3:] = float("nan")
+    k_cache, v_cache = store[:3], store[:3].clone()
+    tables = torch.tensor([[1, 3]], dtype=torch.int32, device=device)
+    q = torch.randn(1, hq, d, device=device)
+    out = paged_attention(
+        q, k_cache, v_cache, tables, torch.tensor([8], dtype=torch.int32, device=device),
+        torch.tensor([0, 1], dtype=torch.int32, device=device), 0.3, block_n=16,
+    )  # fmt: skip
+    keys = k_cache[1].repeat_interleave(2, dim=1).transpose(0, 1)  # [Hq, 4, D]
+    values = v_cache[1].repeat_interleave(2, dim=1).transpose(0, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[:, None], keys[:, None], values[:, None], scale=0.3
+    )
+    assert not torch.isnan(out).any()
+    assert rel_err(out, want[:, 0].transpose(0, 1)) < REL_TOL[torch.float32]
+
+
 def test_zero_tokens(device):
     q, kc, vc, tables, seq_lens, starts = make_batch([0], [3], 2, 2, 8, 4, torch.float32, device)
     assert paged_attention(q, kc, vc, tables, seq_lens, starts, 1.0).shape == (0, 2, 8)

@@ -133,6 +133,19 @@ def test_mixed_ranks_mask_rows_past_each_slots_rank(widths, max_rank, device):
     assert torch.equal(y[rank0], y0[rank0])
 
 
+def test_ranks_past_r_are_clamped_to_r(device):
+    # A bad rank (past R) must not read the next slot's or token's rows: it behaves as rank R (which is
+    # what the reference's slicing does). R = 6 takes the unaligned path, where nothing else would stop it.
+    slots = make_slots("distinct", 9, num_slots=3)
+    too_big = torch.tensor([12, 6, 100], dtype=torch.int32, device=device)
+    launch = LoRALaunch(block_k=16, block_n=16)
+    out, want_out, y, want_y, y0 = run_both(
+        slots, 16, [6, 12], 6, 3, 3, torch.float32, device, too_big, launch
+    )
+    assert rel_err(out, want_out) < REL_TOL[torch.float32]
+    assert rel_err(y - y0, want_y - y0) < REL_TOL[torch.float32]
+
+
 def test_padding_past_a_slots_rank_is_never_used_even_if_nan(device):
     """Slots are padded to R; whatever sits past an adapter's rank (NaN here) must not reach y."""
     num_tokens, hidden, widths, max_rank = 13, 32, [16, 8], 16
