@@ -62,6 +62,11 @@ def test_models_lists_the_base_model_and_only_own_adapters(
     assert a_ids["attn"].model_extra["parent"] == "demo-model"
     assert a_ids["demo-model"].model_extra["parent"] is None
     assert [m.id for m in tenant_b["client"].models.list().data] == ["demo-model"]
+    assert tenant_a["client"].models.retrieve("attn@1").model_extra["parent"] == "demo-model"
+    assert tenant_b["client"].models.retrieve("demo-model").id == "demo-model"
+    with pytest.raises(openai.NotFoundError) as err:
+        tenant_b["client"].models.retrieve("attn")
+    assert error_of(err.value)["code"] == "model_not_found"
 
 
 @pytest.mark.parametrize("adapter", [None, "attn", "mlp"])

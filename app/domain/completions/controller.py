@@ -23,6 +23,7 @@ from app.auth.guards import require_scope
 from app.auth.principal import Principal
 from app.domain.completions import responses
 from app.domain.completions.params import RequestError
+from app.domain.completions.params import model_not_found as _model_not_found
 from app.domain.completions.run import Caller, CompletionRun
 from app.domain.completions.schemas import (
     ChatCompletionRequest,
@@ -209,22 +210,34 @@ class CompletionsController(Controller):
         responses={k: v for k, v in ERROR_RESPONSES.items() if k in (401, 403, 503)},
     )
     async def list_models(self, request: Request, principal: CallerKey) -> ModelList:
-        serving = serving_of(request.app)
-        try:
-            base = serving.engine.model_name
-        except EngineUnavailable as exc:
-            raise _unavailable(str(exc)) from exc
-        now = int(time.time())
-        cards = [ModelCard(id=base, created=now, owned_by="loraplex", root=base, parent=None)]
-        adapters = await serving.list_adapters(str(principal.tenant_id))
-        current = {a.name: a.version for a in adapters}  # rows come sorted by name, then version
-        for adapter in adapters:
-            created = int(adapter.created_at.timestamp())
-            ids = [f"{adapter.name}@{adapter.version}"]
-            if current[adapter.name] == adapter.version:
-                ids.insert(0, adapter.name)
-            for model_id in ids:
-                cards.append(
-                    ModelCard(id=model_id, created=created, owned_by="tenant", root=model_id, parent=base)
-                )
-        return ModelList(data=cards)
+        return ModelList(data=await _model_cards(serving_of(request.app), str(principal.tenant_id)))
+
+    @get(
+        "/models/{model_id:str}",
+        operation_id="retrieveModel",
+        summary="One model: the base model or one of your adapters",
+        responses={k: v for k, v in ERROR_RESPONSES.items() if k in (401, 403, 404, 503)},
+    )
+    async def retrieve_model(self, request: Request, principal: CallerKey, model_id: str) -> ModelCard:
+        cards = await _model_cards(serving_of(request.app), str(principal.tenant_id))
+        card = next((c for c in cards if c.id == model_id), None)
+        if card is None:
+            raise _api_error(_model_not_found(model_id))
+        return card
+
+
+async def _model_cards(serving: Serving, tenant_id: str) -> list[ModelCard]:
+    try:
+        base = serving.engine.model_name
+    except EngineUnavailable as exc:
+        raise _unavailable(str(exc)) from exc
+    cards = [ModelCard(id=base, created=int(time.time()), owned_by="loraplex", root=base, parent=None)]
+    adapters = await serving.list_adapters(tenant_id)
+    current = {a.name: a.version for a in adapters}  # rows come sorted by name, then version
+    for adapter in adapters:
+        created = int(adapter.created_at.timestamp())
+        ids = [f"{adapter.name}@{adapter.version}"]
+        if current[adapter.name] == adapter.version:
+            ids.insert(0, adapter.name)
+        cards += [ModelCard(id=i, created=created, owned_by="tenant", root=i, parent=base) for i in ids]
+    return cards

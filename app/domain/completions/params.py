@@ -41,6 +41,17 @@ def invalid(param: str, message: str, code: str = "invalid_value") -> RequestErr
     return RequestError(400, message, param=param, code=code)
 
 
+def model_not_found(model: str) -> RequestError:
+    # Another tenant's adapter and a missing one look exactly alike: same status, same words.
+    return RequestError(
+        404,
+        f"The model '{model}' does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+        type_="not_found_error",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class TextPrompt:
     text: str

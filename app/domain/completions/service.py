@@ -45,13 +45,7 @@ class CompletionService:
         adapter = await self.resolve(caller.tenant_id, model)
         # Another tenant's adapter and a missing one look exactly alike: same status, same words.
         if adapter is None or self.files is None:
-            raise params.RequestError(
-                404,
-                f"The model '{model}' does not exist or you do not have access to it.",
-                param="model",
-                code="model_not_found",
-                type_="not_found_error",
-            )
+            raise params.model_not_found(model)
         try:
             folder = await self.files.ensure(adapter)
         except Exception as exc:
