@@ -203,7 +203,7 @@ class LoRALaunch:
     block_m: int | None = None  # tokens per block (1 is fine: the product pads it for the tensor cores)
     lanes: int | None = None  # programs sharing one segment's token blocks (each loops over its share)
     block_k: int | None = None  # shrink: hidden columns per step
-    block_n: int | None = None  # expand: output columns per program (256, or 128 for big token blocks)
+    block_n: int | None = None  # expand: output columns per tile (256 for decode at R <= 16, else 128)
     split_k: int | None = None  # shrink: programs sharing one token block's hidden dimension
     num_warps: int = 4
     num_stages: int | None = None  # None: shrink 2-4 by shared memory; expand 2 (its column-tile loop)
@@ -211,7 +211,7 @@ class LoRALaunch:
 
 
 def _block_r(max_rank: int) -> int:
-    return max(16, triton.next_power_of_2(max_rank))  # tl.dot wants every dimension >= 16
+    return max(16, triton.next_power_of_2(max_rank))  # expand's product runs over R: its K must be >= 16
 
 
 def _token_blocks(num_tokens: int, meta: LoRAMeta, cfg: LoRALaunch) -> tuple[int, int]:
@@ -227,7 +227,7 @@ def _token_blocks(num_tokens: int, meta: LoRAMeta, cfg: LoRALaunch) -> tuple[int
 def _shrink_launch(
     cfg: LoRALaunch, x: Tensor, meta: LoRAMeta, block_m: int, block_r: int, lanes: int, num_slices: int
 ) -> tuple[int, int, int]:
-    """(block_k, split_k, num_stages), from the sweeps in benchmarks/NOTES.md (H200, run 2)."""
+    """(block_k, split_k, num_stages), from the sweeps in benchmarks/NOTES.md (runs 2-4)."""
     # Long steps over K keep more bytes in flight per program; big token or rank tiles take smaller ones.
     block_k = cfg.block_k or (128 if block_m >= 32 or block_r > 64 else 512 if block_r <= 16 else 256)
     split_k = cfg.split_k
