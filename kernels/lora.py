@@ -258,8 +258,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check_meta(meta: LoRAMeta, num_tokens: int, device: torch.device) -> None:
+def _check_meta(meta: LoRAMeta, num_tokens: int, num_slots: int, device: torch.device) -> None:
     assert meta.sorted_token_ids.shape == (num_tokens,), "meta was built for another number of tokens"
+    # make_lora_meta keeps slots below max_segments; this keeps them below the weights' slot count.
+    assert meta.seg_slots.shape[0] <= num_slots, "meta allows more slots than the weights have"
     for t in (meta.sorted_token_ids, meta.seg_slots, meta.seg_starts, meta.seg_lens):
         assert t.dtype == torch.int32 and t.is_contiguous() and t.device == device
 
@@ -292,7 +294,7 @@ def lora_shrink(
         assert a.shape == (num_slots, max_rank, hidden) and a.dtype == x.dtype and a.is_contiguous()
     assert out.shape == (num_slices, num_tokens, max_rank) and out.dtype == torch.float32
     assert out.is_contiguous()
-    _check_meta(meta, num_tokens, x.device)
+    _check_meta(meta, num_tokens, num_slots, x.device)
     _check_ranks(ranks, num_slots, x.device)
     if num_tokens == 0:
         return
@@ -345,7 +347,7 @@ def lora_expand(
         assert b.shape == (num_slots, b.shape[1], max_rank) and b.dtype == y.dtype and b.is_contiguous()
     assert y.dim() == 2 and y.shape == (num_tokens, sum(widths)) and y.stride(1) == 1
     assert scales.shape == (num_slots,) and scales.dtype == torch.float32 and scales.device == y.device
-    _check_meta(meta, num_tokens, y.device)
+    _check_meta(meta, num_tokens, num_slots, y.device)
     _check_ranks(ranks, num_slots, y.device)
     if num_tokens == 0:
         return

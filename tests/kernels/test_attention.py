@@ -44,7 +44,7 @@ CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("heads", [(4, 2), (6, 2), (2, 2)], ids=["gqa2", "gqa3", "mha"])
+@pytest.mark.parametrize("heads", [(4, 2), (6, 2), (2, 2), (8, 1)], ids=["gqa2", "gqa3", "mha", "mqa8"])
 def test_paged_attention_matches_reference(case, heads, dtype, device):
     q_lens, ctx_lens = CASES[case]
     q, kc, vc, tables, seq_lens, starts = make_batch(q_lens, ctx_lens, *heads, 16, 4, dtype, device)

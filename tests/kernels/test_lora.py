@@ -47,6 +47,7 @@ def make_slots(mix: str, num_tokens: int, num_slots: int) -> torch.Tensor:
 def run_both(
     slots, hidden, widths, max_rank, num_slots, max_segments, dtype, device, ranks=None, launch=None
 ):
+    num_slots = max(num_slots, max_segments)  # weights hold every slot a segment may name
     num_tokens = slots.shape[0]
     x = torch.randn(num_tokens, hidden, dtype=dtype, device=device)
     a_list = [
@@ -96,7 +97,7 @@ def test_token_blocks_lanes_and_column_tiles_cover_everything(block_m, lanes, ti
         block_m=block_m, lanes=lanes, block_k=16, split_k=2, block_n=16, tiles_per_program=tiles
     )
     out, want_out, y, want_y, y0 = run_both(
-        slots, 48, [16, 32], 16, 3, 4, torch.float32, device, launch=launch
+        slots, 48, [16, 40], 16, 3, 4, torch.float32, device, launch=launch
     )
     assert rel_err(out, want_out) < REL_TOL[torch.float32]
     assert rel_err(y - y0, want_y - y0) < REL_TOL[torch.float32]
@@ -199,6 +200,10 @@ def test_wrapper_rejects_mismatched_inputs(device):
     other = make_lora_meta(torch.zeros(5, dtype=torch.int32, device=device), 2)
     with pytest.raises(AssertionError):
         lora_shrink(x, [a.float()], other, torch.empty(1, 4, 8, device=device))
+    # A grouping that may name slot 2 against weights with slots 0 and 1 only: refused up front.
+    wide = make_lora_meta(torch.tensor([0, 1, 2, 1], dtype=torch.int32, device=device), 3)
+    with pytest.raises(AssertionError):
+        lora_shrink(x, [a.float()], wide, torch.empty(1, 4, 8, device=device))
 
 
 @pytest.mark.gpu
