@@ -147,7 +147,8 @@ def decode(bench: Bench, batch: int, loras: list[LoRARequest] | None, check: boo
     s, engine = bench.sizes, bench.engine
     timer = timer_of(bench)
     tag = bench.tag("dec")
-    params = SamplingParams(max_tokens=s.warmup + s.steps + 4, temperature=0.0, ignore_eos=True)
+    # Long enough that no sequence finishes while the last ones are still in prefill (aborted below).
+    params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
     ids = [f"{tag}-{i}" for i in range(batch)]
     for i, rid in enumerate(ids):
         lora = loras[i % len(loras)] if loras else None
@@ -165,6 +166,8 @@ def decode(bench: Bench, batch: int, loras: list[LoRARequest] | None, check: boo
         engine.step()
         walls.append(time.perf_counter() - t)
     forward_ms = timer.median_ms()
+    if len(engine.scheduler.running) != batch:
+        raise RuntimeError(f"{len(engine.scheduler.running)} sequences running, not {batch}")
     context = sum(r.num_tokens for r in engine.scheduler.running)
     for rid in ids:
         engine.abort(rid)

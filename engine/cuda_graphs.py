@@ -97,21 +97,23 @@ class DecodeGraphs:
         self.capture_seconds = 0.0
         self.replays = 0
         self._num_segments = 0
+        self.broken = False
 
     # ---- the runner's side ----------------------------------------------------------------------------
 
     def accepts(self, batch: list[tuple[Request, int]]) -> bool:
         """Pure decode (one token per sequence), small enough, and every block table fits the buffer."""
         return (
-            0 < len(batch) <= self.max_batch
+            not self.broken
+            and 0 < len(batch) <= self.max_batch
             and all(n == 1 for _, n in batch)
             and all(len(r.block_table) <= self.max_blocks for r, _ in batch)
         )
 
     @torch.inference_mode()
-    def run(self, batch: list[tuple[Request, int]]) -> Tensor:
+    def run(self, batch: list[tuple[Request, int]]) -> Tensor | None:
         """Same contract as ModelRunner.execute for a batch `accepts` took: float32 logits [B, V].
-        The result is a view of a buffer the next step overwrites."""
+        The result is a view of a buffer the next step overwrites. None: a capture failed, run eager."""
         size = len(batch)
         bucket = next(b for b in self.buckets if b >= size)
         mask = self._fill(batch, bucket)
@@ -122,7 +124,15 @@ class DecodeGraphs:
         else:
             graph = self.graphs.get(key)
             if graph is None:
-                graph = self._capture(bucket, mask)
+                try:
+                    graph = self._capture(bucket, mask)
+                except RuntimeError:
+                    # Never fail a step for a graph: from now on every step runs eager.
+                    log.exception(
+                        "decode graph capture failed (bucket %d, groups %s); graphs off", bucket, mask
+                    )
+                    self.broken = True
+                    return None
             graph.replay()
             self.replays += 1
         return self.logits[:size]
@@ -253,7 +263,9 @@ class DecodeGraphs:
             self._forward(bucket, mask)
         torch.cuda.current_stream(self.runner.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the adapter loader thread pins host memory (cudaHostAlloc) at any time; in the
+        # default global mode that call from another thread invalidates the capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             self._forward(bucket, mask)
         self.graphs[(bucket, mask)] = graph
         self.capture_seconds += time.perf_counter() - start

@@ -99,7 +99,9 @@ class ModelRunner:
         if not batch:
             raise ValueError("empty batch")
         if self.graphs is not None and self.graphs.accepts(batch):
-            return self.graphs.run(batch)
+            logits = self.graphs.run(batch)
+            if logits is not None:
+                return logits
         step = self.prepare(batch)
         hidden = self.model.model(
             step.input_ids, step.positions, self.kv_caches, step.attn, step.lora, self.ops
