@@ -76,6 +76,8 @@ def table(r: dict[str, Any]) -> str:
         )
     g = r.get("g", {})
     for batch, row in g.get("compiled_rows", {}).items():
+        if not isinstance(row, dict):
+            continue
         lines.append(
             f"g) compiled RMSNorm/RoPE, B={batch}: forward {row['forward_ms']:.3f} ms "
             f"({row['forward_over_roofline']:.2f}x roofline), step {row['step_ms']:.3f} ms"
