@@ -42,7 +42,7 @@ REQUEST_ID_MAX, MODEL_MAX, FINISH_REASON_MAX = 64, 200, 32
 NOT_AN_OUTAGE = (IntegrityError, ProgrammingError, DataError)
 # SQLSTATE classes of an outage: connection exception, insufficient resources (too many connections),
 # operator intervention (shutdown, starting up), invalid catalog name (database dropped or renamed).
-OUTAGE_SQLSTATES = ("08", "53", "57", "3D")
+OUTAGE_SQLSTATES = ("08", "53", "57", "3D", "55000")  # 55000: the database does not accept connections
 SQLITE_OUTAGES = ("locked", "busy", "unable to open", "disk i/o")
 
 

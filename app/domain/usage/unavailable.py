@@ -33,4 +33,9 @@ def _from_database_error(request: Request[Any, Any, Any], exc: Exception) -> Res
 
 def database_unavailable_handlers() -> ExceptionHandlersMap:
     """Merge into create_app's handlers; the foundation's more specific ones (integrity -> 409) still win."""
-    return {DBAPIError: _from_database_error, PoolTimeoutError: _from_database_error}
+    # asyncpg refusing a connection (database stopped) surfaces as a bare ConnectionError, not a DBAPIError.
+    return {
+        DBAPIError: _from_database_error,
+        PoolTimeoutError: _from_database_error,
+        ConnectionError: _from_database_error,
+    }
