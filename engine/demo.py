@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from engine.lora import module_shapes
+from engine.model_loader import parse_config
+
 BOS = "<|begin_of_text|>"
 EOS = "<|im_end|>"
 PAD = "<|end_of_text|>"
@@ -130,27 +133,13 @@ def _random_weights(cfg: dict[str, Any], gen: torch.Generator) -> dict[str, torc
     return w
 
 
-def _module_dims(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    h, i, d = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["head_dim"])
-    q, kv = int(cfg["num_attention_heads"]) * d, int(cfg["num_key_value_heads"]) * d
-    return {
-        "q_proj": (h, q),
-        "k_proj": (h, kv),
-        "v_proj": (h, kv),
-        "o_proj": (q, h),
-        "gate_proj": (h, i),
-        "up_proj": (h, i),
-        "down_proj": (i, h),
-    }
-
-
 def write_adapter(
     out_dir: Path, cfg: dict[str, Any], r: int, lora_alpha: float, target_modules: list[str], seed: int
 ) -> Path:
     """A PEFT-format LoRA adapter with random non-zero A and B (zero B would be a no-op adapter)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    dims = _module_dims(cfg)
+    dims = module_shapes(parse_config(cfg))
     tensors: dict[str, torch.Tensor] = {}
     for layer in range(int(cfg["num_hidden_layers"])):
         for module in target_modules:

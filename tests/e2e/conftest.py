@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import socket
 import threading
 import time
 import uuid
@@ -20,6 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests.integration.conftest import free_port, moto_s3
 
 PG_ADMIN_DSN = os.environ.get("LORAPLEX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("LORAPLEX_TEST_REDIS", "redis://127.0.0.1:6379/15")
@@ -36,12 +37,6 @@ async def _pg(statement: str) -> None:
         await conn.execute(statement)
     finally:
         await conn.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -68,24 +63,8 @@ def module_database() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def module_s3() -> Iterator[dict[str, str]]:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    info = {"endpoint_url": f"http://127.0.0.1:{port}", "bucket": "loraplex-e2e", "region": "us-east-1"}
-    boto3.client(
-        "s3",
-        endpoint_url=info["endpoint_url"],
-        region_name=info["region"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket=info["bucket"])
-    try:
+    with moto_s3("loraplex-e2e") as info:
         yield info
-    finally:
-        server.stop()
 
 
 class LiveServer:

@@ -20,6 +20,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,9 +93,9 @@ def redis_url() -> Iterator[str]:
         client.close()
 
 
-@pytest.fixture
-def s3_server() -> Iterator[dict[str, str]]:
-    """moto's S3 server over HTTP on a free loopback port, with a bucket made; stopped afterwards."""
+@contextmanager
+def moto_s3(bucket: str) -> Iterator[dict[str, str]]:
+    """moto's S3 server over HTTP on a free loopback port, with `bucket` made; stopped on exit."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -103,7 +104,7 @@ def s3_server() -> Iterator[dict[str, str]]:
     server.start()
     info = {
         "endpoint_url": f"http://127.0.0.1:{port}",
-        "bucket": "loraplex-test",
+        "bucket": bucket,
         "region": "us-east-1",
         "access_key_id": "testing",
         "secret_access_key": "testing",
@@ -114,11 +115,18 @@ def s3_server() -> Iterator[dict[str, str]]:
         region_name=info["region"],
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
-    ).create_bucket(Bucket=info["bucket"])
+    ).create_bucket(Bucket=bucket)
     try:
         yield info
     finally:
         server.stop()
+
+
+@pytest.fixture
+def s3_server() -> Iterator[dict[str, str]]:
+    """moto's S3 server for one test."""
+    with moto_s3("loraplex-test") as info:
+        yield info
 
 
 # ---- the app on a migrated database ----
