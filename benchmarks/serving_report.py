@@ -75,11 +75,11 @@ def table(r: dict[str, Any]) -> str:
             f"{f['disk_to_cpu_ms']:.1f} ms, CPU->GPU {f['cpu_to_gpu_ms']:.2f} ms ({f['cpu_to_gpu_GBps']:.1f} GB/s)"
         )
     g = r.get("g", {})
-    for batch, row in g.get("compiled_rows", {}).items():
+    for batch, row in g.get("unfused_rows", {}).items():
         if not isinstance(row, dict):
             continue
         lines.append(
-            f"g) compiled RMSNorm/RoPE, B={batch}: forward {row['forward_ms']:.3f} ms "
+            f"g) unfused elementwise (plain torch), B={batch}: forward {row['forward_ms']:.3f} ms "
             f"({row['forward_over_roofline']:.2f}x roofline), step {row['step_ms']:.3f} ms"
         )
     for name in "abcdefg":

@@ -230,25 +230,38 @@ def workload_b(bench: Bench) -> dict[str, Any]:
 
 
 def workload_g(bench: Bench) -> dict[str, Any]:
-    """Experiment: RMSNorm and RoPE through torch.compile (fused elementwise kernels), graphs recaptured,
-    decode at B=1 and 32 again. Measures what fusing the small kernels would buy before anyone writes them."""
-    import engine.models.llama as llama
+    """Baseline for the fused elementwise kernels: the same decode at B=1 and 32 with residual add +
+    RMSNorm, RoPE and SiLU * mul in plain torch (the KV write stays a Triton launch, as before fusion),
+    graphs re-captured in a pool of their own. Same process, same weights, same cache."""
+    import dataclasses
+
     from engine.cuda_graphs import DecodeGraphs
+    from kernels import attention, fused
 
     runner = bench.engine.runner
-    graphs = runner.graphs
+    graphs, ops = runner.graphs, runner.ops
     if graphs is None:
         return {"skipped": "no CUDA graphs"}
-    original = (llama.rms_norm, llama.apply_rope)
-    llama.rms_norm = torch.compile(original[0], dynamic=True)
-    llama.apply_rope = torch.compile(original[1], dynamic=True)
-    # A fresh set of graphs in a pool of its own (re-capturing into the first pool trips an allocator
-    # assert); captured on first use with the compiled functions.
+
+    def rope_then_write(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads):  # type: ignore[no-untyped-def]
+        d = k_cache.shape[-1]
+        q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+        c, s = cos[:, None, :], sin[:, None, :]
+        q = fused._rotate(q.reshape(-1, num_heads, d), c, s)
+        k = fused._rotate(k.reshape(-1, num_kv_heads, d), c, s)
+        attention.write_kv(
+            k.contiguous(), v.reshape(-1, num_kv_heads, d).contiguous(), k_cache, v_cache, slots
+        )
+        return q.contiguous()
+
+    runner.ops = dataclasses.replace(
+        ops, rms_norm=fused.rms_norm_ref, rope_write_kv=rope_then_write, silu_mul=fused.silu_mul_ref
+    )
+    # Re-capturing into the first pool trips an allocator assert: a fresh set, captured on first use.
     runner.graphs = DecodeGraphs(runner, graphs.max_batch, graphs.max_blocks)
     try:
         rows = {str(b): decode(bench, b, None) for b in sorted({1, min(32, bench.sizes.batch_sizes[-1])})}
         rows["captured"] = len(runner.graphs.graphs)  # type: ignore[assignment]
     finally:
-        llama.rms_norm, llama.apply_rope = original
-        runner.graphs = graphs
-    return {"compiled_rows": rows}
+        runner.ops, runner.graphs = ops, graphs
+    return {"unfused_rows": rows}

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kernels import attention, lora
+from kernels import attention, fused, lora
 from kernels.lora import LoRAMeta, make_lora_meta
 
 BACKENDS = ("auto", "triton", "ref")
@@ -26,6 +26,9 @@ class Ops:
     lora_expand: Callable[..., None]
     write_kv: Callable[..., None]
     paged_attention: Callable[..., Tensor]
+    rms_norm: Callable[..., tuple[Tensor, Tensor]]  # (x, weight, eps, residual) -> (normed, x + residual)
+    rope_write_kv: Callable[..., Tensor]  # (qkv, cos, sin, k_cache, v_cache, slots, Hq, Hkv) -> q [T, Hq, D]
+    silu_mul: Callable[..., Tensor]  # gate_up [T, 2I] -> silu(gate) * up [T, I]
 
     @staticmethod
     def make_lora_meta(token_slots: Tensor, max_segments: int) -> LoRAMeta:
@@ -51,6 +54,9 @@ def get_ops(backend: str, device: torch.device) -> Ops:
             lora_expand=lora.lora_expand_ref,
             write_kv=attention.write_kv_ref,
             paged_attention=attention.paged_attention_ref,
+            rms_norm=fused.rms_norm_ref,
+            rope_write_kv=fused.rope_write_kv_ref,
+            silu_mul=fused.silu_mul_ref,
         )
     return Ops(
         name="triton",
@@ -58,6 +64,9 @@ def get_ops(backend: str, device: torch.device) -> Ops:
         lora_expand=_triton_fn(lora, "lora_expand"),
         write_kv=_triton_fn(attention, "write_kv"),
         paged_attention=_triton_fn(attention, "paged_attention"),
+        rms_norm=_triton_fn(fused, "rms_norm"),
+        rope_write_kv=_triton_fn(fused, "rope_write_kv"),
+        silu_mul=_triton_fn(fused, "silu_mul"),
     )
 
 

@@ -3,6 +3,8 @@
 One flat batch of T new tokens from B sequences; no padding, no prefill/decode split. q/k/v and gate/up
 are fused into one matmul each, and their LoRA deltas into one shrink/expand launch.
 Numerics follow transformers (RMSNorm and RoPE in float32) so greedy outputs match it token for token.
+The elementwise parts (residual add + RMSNorm, RoPE + KV write, SiLU * mul) go through `Ops`, one fused
+launch each on the Triton backend (kernels/fused.py), the plain-torch references elsewhere.
 """
 
 from __future__ import annotations
@@ -43,19 +45,6 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [T, heads, D]; cos/sin [T, 1, D]. Rotates the two halves of each head (the HF layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
@@ -80,14 +69,13 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)  # [T, Hq*D + 2*Hkv*D]
         if lora is not None:
             lora.apply(self.index, QKV, x, qkv)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.reshape(tokens, self.num_heads, self.head_dim), cos, sin)  # [T, Hq, D]
-        k = apply_rope(k.reshape(tokens, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
-        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         k_cache, v_cache = kv_cache
-        ops.write_kv(k.contiguous(), v.contiguous(), k_cache, v_cache, attn.slot_mapping)
+        # RoPE on q and k, then k and v into the paged cache: one launch on the Triton backend.
+        q = ops.rope_write_kv(
+            qkv, cos, sin, k_cache, v_cache, attn.slot_mapping, self.num_heads, self.num_kv_heads
+        )  # [T, Hq, D]
         out = ops.paged_attention(
-            q.contiguous(),
+            q,
             k_cache,
             v_cache,
             attn.block_tables,
@@ -110,12 +98,11 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: Tensor, lora: LoRABatch | None) -> Tensor:
+    def forward(self, x: Tensor, lora: LoRABatch | None, ops: Ops) -> Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2*I]
         if lora is not None:
             lora.apply(self.index, GATE_UP, x, gate_up)
-        gate, up = gate_up.split(self.intermediate, dim=-1)
-        h = (F.silu(gate) * up).contiguous()  # [T, I]
+        h = ops.silu_mul(gate_up)  # [T, I]
         y = self.down_proj(h)  # [T, H]
         if lora is not None:
             lora.apply(self.index, DOWN, h, y)
@@ -134,17 +121,21 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
+        residual: Tensor | None,
         cos: Tensor,
         sin: Tensor,
         kv_cache: tuple[Tensor, Tensor],
         attn: AttentionBatch,
         lora: LoRABatch | None,
         ops: Ops,
-    ) -> Tensor:
-        h = x + self.self_attn(
-            rms_norm(x, self.input_layernorm, self.eps), cos, sin, kv_cache, attn, lora, ops
-        )
-        return h + self.mlp(rms_norm(h, self.post_attention_layernorm, self.eps), lora)
+    ) -> tuple[Tensor, Tensor]:
+        """x is the previous layer's MLP output and `residual` the stream before it (None on the first
+        layer, where x is the embedding). Each residual add is fused into the RMSNorm that follows it;
+        returns (this layer's MLP output, the stream before it)."""
+        h, residual = ops.rms_norm(x, self.input_layernorm, self.eps, residual)
+        a = self.self_attn(h, cos, sin, kv_cache, attn, lora, ops)
+        h, residual = ops.rms_norm(a, self.post_attention_layernorm, self.eps, residual)
+        return self.mlp(h, lora, ops), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -171,11 +162,12 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T] int64 -> final hidden states [T, H]."""
         x = self.embed_tokens(input_ids)  # [T, H]
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2] float32
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        residual: Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, attn, lora, ops)
-        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+            x, residual = layer(x, residual, cos, sin, kv_cache, attn, lora, ops)
+        return ops.rms_norm(x, self.norm, self.config.rms_norm_eps, residual)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [B, H] -> float32 logits [B, V]."""

@@ -41,6 +41,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pa
 def interpreted_triton_ops(calls: dict[str, int]) -> Ops:
     # The kernel modules conftest.py imported in interpreter mode (engine/ops.py may hold older copies).
     lora, attention = sys.modules["kernels.lora"], sys.modules["kernels.attention"]
+    fused = sys.modules["kernels.fused"]
 
     def counted(fn):
         def call(*args, **kwargs):
@@ -49,7 +50,15 @@ def interpreted_triton_ops(calls: dict[str, int]) -> Ops:
 
         return call
 
-    fns = (lora.lora_shrink, lora.lora_expand, attention.write_kv, attention.paged_attention)
+    fns = (
+        lora.lora_shrink,
+        lora.lora_expand,
+        attention.write_kv,
+        attention.paged_attention,
+        fused.rms_norm,
+        fused.rope_write_kv,
+        fused.silu_mul,
+    )
     return Ops("triton", *(counted(f) for f in fns))
 
 
@@ -99,7 +108,9 @@ def test_runner_with_triton_kernels_matches_references(models):
     want = run_steps(base, adapters, None)
     calls: dict[str, int] = {}
     got = run_steps(base, adapters, interpreted_triton_ops(calls))
-    # 4 steps x 1 layer: attention once per step, LoRA for all four module groups.
-    assert calls == {"write_kv": 4, "paged_attention": 4, "lora_shrink": 16, "lora_expand": 16}, calls
+    # 4 steps x 1 layer: attention and RoPE + KV write once per step, RMSNorm twice per layer plus the final
+    # one, LoRA for all four module groups; the plain KV write is no longer called by the model.
+    want_calls = {"rope_write_kv": 4, "paged_attention": 4, "lora_shrink": 16, "lora_expand": 16}
+    assert calls == {**want_calls, "rms_norm": 12, "silu_mul": 4}, calls
     for step, (g, w) in enumerate(zip(got, want, strict=True)):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=0, msg=f"step {step}")
