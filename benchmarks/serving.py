@@ -32,6 +32,7 @@ import torch
 from benchmarks.serving_adapters import ALL_SEVEN, QKVO, SeededAdapters
 from benchmarks.serving_hf import workload_c
 from benchmarks.serving_model import LLAMA3_8B, make_engine, random_model, write_model_folder
+from benchmarks.serving_profile import workload_p
 from benchmarks.serving_traffic import workload_d, workload_e, workload_f
 from benchmarks.serving_workloads import Bench, Sizes, workload_a, workload_b, workload_g
 from engine.config import EngineConfig
@@ -54,6 +55,7 @@ WORKLOADS = {
     "e": workload_e,
     "f": workload_f,
     "g": workload_g,  # baseline: the elementwise ops unfused, in plain torch (GPU only)
+    "p": workload_p,  # not in the default set: per-kernel GPU time of a decode step
 }
 
 

@@ -82,7 +82,10 @@ def table(r: dict[str, Any]) -> str:
             f"g) unfused elementwise (plain torch), B={batch}: forward {row['forward_ms']:.3f} ms "
             f"({row['forward_over_roofline']:.2f}x roofline), step {row['step_ms']:.3f} ms"
         )
-    for name in "abcdefg":
+    from benchmarks.serving_profile import report
+
+    lines.extend(report(r.get("p", {})))
+    for name in "abcdefgp":
         if "error" in r.get(name, {}):
             lines.append(f"{name}) ERROR {r[name]['error']}")
     return "\n".join(lines)

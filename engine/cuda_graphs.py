@@ -1,4 +1,5 @@
-"""Decode steps replayed from CUDA graphs, one graph per (batch-size bucket, LoRA module groups in use).
+"""Decode and small extend steps replayed from CUDA graphs, one graph per (token bucket, sequence bucket,
+LoRA module groups in use).
 
 A decode step (one new token per sequence) launches hundreds of small kernels; at small batches the
 launch gaps cost more than the kernels. Capturing the whole forward once per bucket and replaying it
@@ -13,6 +14,12 @@ slot mix: the kernels' grids depend only on the bucket and the number of slots. 
 are padding: slot -1 (no KV write, no LoRA), a one-token context in block 0, results never read.
 Whether a module group needs LoRA launches is a host decision; it picks the graph (up to 16 variants per
 bucket, captured on first use) instead of skipping launches inside one.
+
+Small extend steps (a prompt's last chunk after a prefix-cache hit, a few sequences and up to
+EXTEND_TOKENS[-1] tokens) are launch-bound the same way: they use token buckets EXTEND_TOKENS and sequence
+buckets EXTEND_SEQS. Their buffers hold one more sequence row, the padding sequence, which owns every
+padding token (slot -1, positions 0.., block 0); unused sequence rows have no tokens. Logits are taken
+inside the graph at each real sequence's last token.
 
 Inputs travel through pinned host buffers (non-blocking copies); the only host sync of a decode step is
 the sampler reading back the new tokens.
@@ -38,6 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GroupMask = tuple[bool, ...] | None  # None: no adapter in the step, no LoRA launches at all
+GraphKey = tuple[int, int, GroupMask]  # (tokens, sequences, mask); decode keys have tokens == sequences
+EXTEND_TOKENS = (16, 32, 64, 128, 256)
+EXTEND_SEQS = (1, 2, 4, 8)
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -53,7 +63,8 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Fixed input buffers for decode batches of up to `max_batch` sequences, and their graphs.
+    """Fixed input buffers for decode batches of up to `max_batch` sequences and for small extend steps,
+    and their graphs.
 
     `capture=False` runs the same forward eagerly over the same buffers: the CPU tests use it to check
     the buffer layout (padding, grouping) against the runner's eager path."""
@@ -72,64 +83,78 @@ class DecodeGraphs:
             return torch.zeros(shape, dtype=dtype, pin_memory=pin)
 
         # Host staging (pinned on CUDA) and the device buffers the graphs read; numpy views for fast fills.
-        self.h_ids = host(max_batch, dtype=torch.int64)
-        self.h_pos = host(max_batch, dtype=torch.int64)
-        self.h_slot_mapping = host(max_batch, dtype=torch.int64)
-        self.h_tables = host(max_batch, max_blocks, dtype=torch.int32)
-        self.h_seq_lens = host(max_batch, dtype=torch.int32)
-        self.h_token_slots = host(max_batch, dtype=torch.int32)
-        self.h_sorted = host(max_batch, dtype=torch.int32)
+        self.extend_tokens = [t for t in EXTEND_TOKENS if t <= max(runner.config.max_num_batched_tokens, 16)]
+        self.extend_seqs = [b for b in EXTEND_SEQS if b <= max_batch]
+        tokens = max(max_batch, self.extend_tokens[-1])
+        rows = max(max_batch, self.extend_seqs[-1] + 1)  # + 1: an extend step's padding sequence
+        self.h_ids = host(tokens, dtype=torch.int64)
+        self.h_pos = host(tokens, dtype=torch.int64)
+        self.h_slot_mapping = host(tokens, dtype=torch.int64)
+        self.h_tables = host(rows, max_blocks, dtype=torch.int32)
+        self.h_seq_lens = host(rows, dtype=torch.int32)
+        self.h_query_start = host(rows + 1, dtype=torch.int32)
+        self.h_last = host(rows, dtype=torch.int64)  # extend steps: each sequence's last token
+        self.h_token_slots = host(tokens, dtype=torch.int32)
+        self.h_sorted = host(tokens, dtype=torch.int32)
         self.h_segs = host(3, self.num_slots, dtype=torch.int32)  # seg slots, starts, lens
-        self.d_ids = torch.zeros(max_batch, dtype=torch.int64, device=dev)
-        self.d_pos = torch.zeros(max_batch, dtype=torch.int64, device=dev)
-        self.d_slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=dev)
-        self.d_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=dev)
-        self.d_seq_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
-        self.d_query_start = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
-        self.d_token_slots = torch.full((max_batch,), -1, dtype=torch.int32, device=dev)
-        self.d_sorted = torch.arange(max_batch, dtype=torch.int32, device=dev)
+        self.d_ids = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        self.d_pos = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        self.d_slot_mapping = torch.full((tokens,), -1, dtype=torch.int64, device=dev)
+        self.d_tables = torch.zeros(rows, max_blocks, dtype=torch.int32, device=dev)
+        self.d_seq_lens = torch.ones(rows, dtype=torch.int32, device=dev)
+        self.d_query_start = torch.arange(rows + 1, dtype=torch.int32, device=dev)
+        self.d_last = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.d_token_slots = torch.full((tokens,), -1, dtype=torch.int32, device=dev)
+        self.d_sorted = torch.arange(tokens, dtype=torch.int32, device=dev)
         self.d_segs = torch.zeros(3, self.num_slots, dtype=torch.int32, device=dev)
         self.d_segs[0].fill_(-1)
-        self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=dev)
+        self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=dev)
         self._copied: Any = None  # CUDA event of the last host -> device copy
-        self.graphs: dict[tuple[int, GroupMask], Any] = {}
+        self.graphs: dict[GraphKey, Any] = {}
         self.pool: Any = torch.cuda.graph_pool_handle() if capture else None
         self.capture_seconds = 0.0
         self.replays = 0
+        self.extend_steps = 0  # extend steps run through the buffers (replayed or, without capture, eager)
         self._num_segments = 0
         self.broken = False
 
     # ---- the runner's side ----------------------------------------------------------------------------
 
     def accepts(self, batch: list[tuple[Request, int]]) -> bool:
-        """Pure decode (one token per sequence), small enough, and every block table fits the buffer."""
-        return (
-            not self.broken
-            and 0 < len(batch) <= self.max_batch
-            and all(n == 1 for _, n in batch)
-            and all(len(r.block_table) <= self.max_blocks for r, _ in batch)
-        )
+        """A pure decode batch (one token per sequence) up to max_batch sequences, or a small extend step
+        (up to EXTEND_SEQS[-1] sequences and EXTEND_TOKENS[-1] tokens); every block table fits."""
+        if self.broken or not batch or any(len(r.block_table) > self.max_blocks for r, _ in batch):
+            return False
+        if all(n == 1 for _, n in batch):
+            return len(batch) <= self.max_batch
+        return len(batch) <= self.extend_seqs[-1] and sum(n for _, n in batch) <= self.extend_tokens[-1]
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Request, int]]) -> Tensor | None:
         """Same contract as ModelRunner.execute for a batch `accepts` took: float32 logits [B, V].
         The result is a view of a buffer the next step overwrites. None: a capture failed, run eager."""
         size = len(batch)
-        bucket = next(b for b in self.buckets if b >= size)
-        mask = self._fill(batch, bucket)
-        self._upload(bucket)
-        key = (bucket, mask)
+        if all(n == 1 for _, n in batch):
+            tokens = seqs = next(b for b in self.buckets if b >= size)
+            mask = self._fill(batch, tokens)
+        else:
+            tokens = next(t for t in self.extend_tokens if t >= sum(n for _, n in batch))
+            seqs = next(b for b in self.extend_seqs if b >= size)
+            mask = self._fill_extend(batch, tokens, seqs)
+            self.extend_steps += 1
+        self._upload(tokens, seqs + (tokens != seqs))
+        key = (tokens, seqs, mask)
         if not self.capture_enabled:
-            self._forward(bucket, mask)
+            self._forward(key)
         else:
             graph = self.graphs.get(key)
             if graph is None:
                 try:
-                    graph = self._capture(bucket, mask)
+                    graph = self._capture(key)
                 except RuntimeError:
                     # Never fail a step for a graph: from now on every step runs eager.
                     log.exception(
-                        "decode graph capture failed (bucket %d, groups %s); graphs off", bucket, mask
+                        "graph capture failed (tokens %d, sequences %d, groups %s); graphs off", *key
                     )
                     self.broken = True
                     return None
@@ -139,17 +164,20 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture_all(self, masks: list[GroupMask]) -> None:
-        """Capture every bucket for these group masks now (at start), largest first so that smaller
-        graphs reuse the larger ones' pool memory."""
+        """Capture every decode bucket and the one-sequence extend buckets for these group masks now (at
+        start), largest first so that smaller graphs reuse the larger ones' pool memory. Other extend
+        shapes are captured on first use."""
         for mask in masks:
-            for bucket in reversed(self.buckets):
-                if (bucket, mask) not in self.graphs:
-                    self._capture(bucket, mask)
+            keys = [(t, 1, mask) for t in reversed(self.extend_tokens)]
+            keys += [(b, b, mask) for b in reversed(self.buckets)]
+            for key in keys:
+                if key not in self.graphs:
+                    self._capture(key)
 
     # ---- internals ------------------------------------------------------------------------------------
 
     def _fill(self, batch: list[tuple[Request, int]], bucket: int) -> GroupMask:
-        bs, num_blocks = self.runner.block_size, self.runner.num_kv_blocks
+        bs = self.runner.block_size
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copies read these host buffers
         ids, pos, slots = self.h_ids.numpy(), self.h_pos.numpy(), self.h_slot_mapping.numpy()
@@ -171,16 +199,56 @@ class DecodeGraphs:
         # Padding rows: no KV write, a one-token context in block 0, no adapter.
         ids[size:bucket], pos[size:bucket], slots[size:bucket] = 0, 0, -1
         tables[size:bucket, 0], seq_lens[size:bucket], lora[size:bucket] = 0, 1, -1
+        self.h_query_start.numpy()[: bucket + 1] = np.arange(bucket + 1)
+        return self._check_and_group(size, bucket)
+
+    def _fill_extend(self, batch: list[tuple[Request, int]], tokens: int, seqs: int) -> GroupMask:
+        """Sequence rows 0..B-1 real, B..seqs-1 empty, row `seqs` the padding sequence."""
+        bs, vocab = self.runner.block_size, self.runner.model.config.vocab_size
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copies read these host buffers
+        ids, pos, slots = self.h_ids.numpy(), self.h_pos.numpy(), self.h_slot_mapping.numpy()
+        tables, seq_lens, lora = self.h_tables.numpy(), self.h_seq_lens.numpy(), self.h_token_slots.numpy()
+        starts, last = self.h_query_start.numpy(), self.h_last.numpy()
+        t = 0
+        for i, (req, n) in enumerate(batch):
+            p, end, table = req.num_computed_tokens, req.num_computed_tokens + n, req.block_table
+            if n <= 0 or end > req.num_tokens or len(table) * bs < end:
+                raise ValueError(f"request {req.request_id}: cannot compute tokens [{p}, {end})")
+            if not -1 <= req.lora_slot < self.runner.adapter_cache.slots.num_slots:
+                raise ValueError(f"request {req.request_id}: lora slot {req.lora_slot} out of range")
+            positions = np.arange(p, end)
+            ids[t : t + n] = req.all_token_ids[p:end]
+            pos[t : t + n] = positions
+            tables[i, : len(table)] = table
+            slots[t : t + n] = tables[i, positions // bs].astype(np.int64) * bs + positions % bs
+            lora[t : t + n] = req.lora_slot
+            seq_lens[i], starts[i], last[i] = end, t, t + n - 1
+            t += n
+        if ids[:t].min() < 0 or ids[:t].max() >= vocab:
+            # On CUDA an out-of-range embedding index is a device-side assert that kills the whole engine.
+            raise ValueError(f"token ids outside [0, {vocab})")
+        size, pad = len(batch), tokens - t
+        starts[size : seqs + 1], seq_lens[size:seqs], last[size:seqs] = t, 0, 0  # empty rows
+        # The padding sequence: every padding token, positions 0.., context in block 0, no writes, no adapter.
+        ids[t:tokens], pos[t:tokens], slots[t:tokens], lora[t:tokens] = 0, np.arange(pad), -1, -1
+        tables[seqs, : -(-tokens // bs)], seq_lens[seqs], starts[seqs + 1] = 0, pad, tokens
+        return self._check_and_group(size, tokens)
+
+    def _check_and_group(self, size: int, tokens: int) -> GroupMask:
+        """Block ids of the real rows in range; the LoRA grouping of the step's tokens and its group mask."""
+        num_blocks = self.runner.num_kv_blocks
+        tables, lora = self.h_tables.numpy(), self.h_token_slots.numpy()
         # Entries past a row's length are stale ids that passed this same check before: checking the whole
         # rows is a sound (and vectorised) version of the eager path's per-request range check.
         rows = tables[:size]
         if rows.size and (rows.min() < 0 or rows.max() >= num_blocks):
             # A wrong block id would read or overwrite another sequence's (another tenant's) KV.
             raise ValueError(f"block ids outside [0, {num_blocks})")
-        used = sorted({int(s) for s in lora[:size] if s >= 0})
+        used = sorted({int(s) for s in np.unique(lora[:tokens]) if s >= 0})
         if not used:
             return None
-        self._group_tokens(lora[:bucket])
+        self._group_tokens(lora[:tokens])
         active = self.runner.adapter_cache.slots.host_ranks[:, :, used] > 0  # [L, G, used]
         return tuple(bool(g) for g in active.any(dim=2).any(dim=0).tolist())
 
@@ -199,33 +267,35 @@ class DecodeGraphs:
         self.h_sorted.numpy()[: len(order)] = order
         self._num_segments = k
 
-    def _upload(self, bucket: int) -> None:
+    def _upload(self, tokens: int, rows: int) -> None:
         pairs = (
-            (self.d_ids, self.h_ids),
-            (self.d_pos, self.h_pos),
-            (self.d_slot_mapping, self.h_slot_mapping),
-            (self.d_tables, self.h_tables),
-            (self.d_seq_lens, self.h_seq_lens),
-            (self.d_token_slots, self.h_token_slots),
-            (self.d_sorted, self.h_sorted),
+            (self.d_ids, self.h_ids, tokens),
+            (self.d_pos, self.h_pos, tokens),
+            (self.d_slot_mapping, self.h_slot_mapping, tokens),
+            (self.d_token_slots, self.h_token_slots, tokens),
+            (self.d_sorted, self.h_sorted, tokens),
+            (self.d_tables, self.h_tables, rows),
+            (self.d_seq_lens, self.h_seq_lens, rows),
+            (self.d_last, self.h_last, rows),
+            (self.d_query_start, self.h_query_start, rows + 1),
         )
-        for dst, src in pairs:
-            dst[:bucket].copy_(src[:bucket], non_blocking=True)
+        for dst, src, n in pairs:
+            dst[:n].copy_(src[:n], non_blocking=True)
         self.d_segs.copy_(self.h_segs, non_blocking=True)
         if self.runner.device.type == "cuda":
             self._copied = torch.cuda.Event()
             self._copied.record()
 
-    def _lora_batch(self, bucket: int, mask: GroupMask) -> LoRABatch | None:
+    def _lora_batch(self, tokens: int, seqs: int, mask: GroupMask) -> LoRABatch | None:
         if mask is None:
             return None
         weights = self.runner.adapter_cache.slots
         # Captured graphs bake launch shapes from num_segments; assume one adapter per sequence (the
         # many-tenant case). Correctness does not depend on it, only block sizes.
-        segments = min(bucket, self.num_slots) if self.capture_enabled else self._num_segments
+        segments = min(seqs, self.num_slots) if self.capture_enabled else self._num_segments
         meta = LoRAMeta(
-            token_slots=self.d_token_slots[:bucket],
-            sorted_token_ids=self.d_sorted[:bucket],
+            token_slots=self.d_token_slots[:tokens],
+            sorted_token_ids=self.d_sorted[:tokens],
             seg_slots=self.d_segs[0],
             seg_starts=self.d_segs[1],
             seg_lens=self.d_segs[2],
@@ -235,39 +305,44 @@ class DecodeGraphs:
         active = [list(mask) for _ in range(layers)]
         return LoRABatch(meta, weights.a, weights.b, weights.scales, weights.ranks, self.runner.ops, active)
 
-    def _forward(self, bucket: int, mask: GroupMask) -> None:
+    def _forward(self, key: GraphKey) -> None:
+        tokens, seqs, mask = key
+        extend = tokens != seqs  # decode keys have one token per sequence; extend steps more
+        rows = seqs + 1 if extend else seqs
         attn = AttentionBatch(
-            slot_mapping=self.d_slot_mapping[:bucket],
-            block_tables=self.d_tables[:bucket],
-            seq_lens=self.d_seq_lens[:bucket],
-            query_start_loc=self.d_query_start[: bucket + 1],
+            slot_mapping=self.d_slot_mapping[:tokens],
+            block_tables=self.d_tables[:rows],
+            seq_lens=self.d_seq_lens[:rows],
+            query_start_loc=self.d_query_start[: rows + 1],
         )
         model = self.runner.model.model
         hidden = model(
-            self.d_ids[:bucket],
-            self.d_pos[:bucket],
+            self.d_ids[:tokens],
+            self.d_pos[:tokens],
             self.runner.kv_caches,
             attn,
-            self._lora_batch(bucket, mask),
+            self._lora_batch(tokens, seqs, mask),
             self.runner.ops,
-        )  # [bucket, H]
-        self.logits[:bucket].copy_(model.compute_logits(hidden))
+        )  # [tokens, H]
+        if extend:
+            hidden = hidden.index_select(0, self.d_last[:seqs])  # [seqs, H]: each sequence's last token
+        self.logits[:seqs].copy_(model.compute_logits(hidden))
 
-    def _capture(self, bucket: int, mask: GroupMask) -> Any:
+    def _capture(self, key: GraphKey) -> Any:
         start = time.perf_counter()
         # Warm-up on a side stream compiles the Triton kernels and creates library handles, which a
         # capture cannot do. Its KV writes are the ones the replay makes (same inputs, same slots).
         side = torch.cuda.Stream(self.runner.device)
         side.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(side):
-            self._forward(bucket, mask)
+            self._forward(key)
         torch.cuda.current_stream(self.runner.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the adapter loader thread pins host memory (cudaHostAlloc) at any time; in the
         # default global mode that call from another thread invalidates the capture.
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            self._forward(bucket, mask)
-        self.graphs[(bucket, mask)] = graph
+            self._forward(key)
+        self.graphs[key] = graph
         self.capture_seconds += time.perf_counter() - start
         return graph
 
@@ -303,8 +378,10 @@ def log_memory(runner: ModelRunner, graphs: DecodeGraphs | None, variants: int) 
     free, total = torch.cuda.mem_get_info(runner.device)
     kv = sum(k.numel() * k.element_size() * 2 for k, _ in runner.kv_caches)
     graph_part = (
-        f"{len(graphs.buckets)} decode graph buckets (max {graphs.max_batch}) x {variants} variants "
-        f"captured in {graphs.capture_seconds:.1f} s"
+        f"{len(graphs.graphs)} CUDA graphs ({len(graphs.buckets)} decode buckets up to {graphs.max_batch} "
+        f"sequences, {len(graphs.extend_tokens)} one-sequence extend buckets up to "
+        f"{graphs.extend_tokens[-1]} tokens; x {variants} LoRA variants) captured in "
+        f"{graphs.capture_seconds:.1f} s"
         if graphs is not None
         else "decode CUDA graphs off"
     )

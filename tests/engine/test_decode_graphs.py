@@ -131,8 +131,73 @@ def test_refuses_foreign_blocks_and_slots(model: tuple[Path, list[LoRARequest]])
     with pytest.raises(ValueError, match="lora slot 3 out of range"):
         graphs.run([(req, 1)])
     req.lora_slot = -1
-    assert not graphs.accepts([(req, 2)])  # not a decode step
-    assert not graphs.accepts([(req, 1)] * 9)  # larger than the largest bucket
+    assert graphs.accepts([(req, 2)])  # a small extend step
+    assert not graphs.accepts([(req, 2)] * 9)  # more sequences than the largest extend bucket
+    assert not graphs.accepts([(req, 257)])  # more tokens than the largest extend bucket
+    assert not graphs.accepts([(req, 1)] * 9)  # larger than the largest decode bucket
+
+
+def test_fixed_buffer_extend_equals_eager(model: tuple[Path, list[LoRARequest]]) -> None:
+    """Small extend steps (prefills, prefix-cache hits, mixed with decodes and adapters) through the fixed
+    buffers: the padding sequence, empty rows and last-token gather give the eager step's logits."""
+    base, loras = model
+    llm = make_llm(base, graphs=True)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for lora in (loras[1], loras[2]):
+        while engine.adapter_cache.acquire(lora) is None:
+            engine.adapter_cache.wait_for_loads(timeout=1.0)
+        engine.adapter_cache.release(lora)
+    shared = [0, *range(40, 52)]  # three blocks of 4: a prefix-cache hit for the later requests
+    engine.add_request("first", [*shared, 7], params, lora=loras[1])
+    engine.step()
+    engine.step()  # "first" now decodes
+    engine.add_request("hit", [*shared, 8, 9, 10], params, lora=loras[1])
+    engine.add_request("cold", [0, 61, 62, 63, 64, 65], params, lora=loras[2])
+    engine.add_request("base", [0, 70, 71], params)
+    batch = engine.scheduler.schedule().scheduled
+    sizes = sorted(n for _, n in batch)
+    assert sizes[0] == 1 and sizes[-1] > 1 and len(batch) == 4  # a decode mixed with prefills
+    assert any(r.request_id == "hit" and r.num_computed_tokens > 0 for r, _ in batch)  # the cache hit
+    runner, graphs = engine.runner, engine.runner.graphs
+    assert graphs.accepts(batch)
+    fixed = graphs.run(batch).clone()
+    step = runner.prepare(batch)
+    hidden = runner.model.model(
+        step.input_ids, step.positions, runner.kv_caches, step.attn, step.lora, runner.ops
+    )
+    last = step.attn.query_start_loc[1:].to(torch.int64) - 1
+    eager = runner.model.model.compute_logits(hidden[last])
+    torch.testing.assert_close(fixed, eager, rtol=1e-5, atol=1e-5)
+    total = sum(n for _, n in batch)
+    assert graphs.extend_steps == 2  # "first"'s prefill and this step (its decode went the decode way)
+    # 4 sequences -> bucket 4 (no empty rows), the padding sequence in row 4 owns the padding tokens.
+    assert graphs.h_query_start[4] == total and graphs.h_query_start[5] == 16
+    assert (
+        graphs.h_seq_lens[4] == 16 - total
+        and graphs.h_last[:4].tolist() == (step.attn.query_start_loc[1:] - 1).tolist()
+    )
+    assert (graphs.h_slot_mapping[total:16] == -1).all() and (graphs.h_token_slots[total:16] == -1).all()
+
+
+def test_extend_steps_generate_like_eager(model: tuple[Path, list[LoRARequest]]) -> None:
+    """Whole generations with prefix-cache hits and a chunked prompt: same tokens as the eager path."""
+    base, loras = model
+    rng = random.Random(11)
+    shared = [0] + [rng.randrange(4, VOCAB_SIZE) for _ in range(15)]
+    prompts = [shared + [rng.randrange(4, VOCAB_SIZE) for _ in range(1 + i)] for i in range(5)]
+    mix = [loras[0], loras[0], None, loras[2], loras[1]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outputs = []
+    for graphs in (False, True):
+        llm = make_llm(base, graphs=graphs)
+        first = llm.generate(prompts[:1], params, lora_request=mix[:1])
+        rest = llm.generate(prompts[1:], params, lora_request=mix[1:])
+        outputs.append([o.outputs[0].token_ids for o in first + rest])
+        if graphs:
+            g = llm.engine.runner.graphs
+            assert g.extend_steps >= 2 and llm.engine.block_manager.stats.hit_tokens > 0
+    assert outputs[0] == outputs[1]
 
 
 @pytest.mark.gpu

@@ -1,0 +1,72 @@
+"""Workload p (not in the default set): where a decode step's GPU time goes, kernel by kernel.
+
+torch.profiler around graph-replayed decode steps at B=1 and B=32 (CUPTI reports the kernels inside a
+graph launch): per-step microseconds of each kernel name, largest first, and their sum against the
+forward's CUDA-event time. Tells which kernels stand between a step and its roofline.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from benchmarks.serving_workloads import Bench
+from engine.sampling_params import SamplingParams
+
+
+def _profile_decode(bench: Bench, batch: int, steps: int = 10) -> dict[str, Any]:
+    engine, s = bench.engine, bench.sizes
+    tag = bench.tag("prof")
+    params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
+    ids = [f"{tag}-{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, bench.prompt(s.decode_prompt), params, cache_salt=rid)
+    sched = engine.scheduler
+    while sched.num_waiting or any(r.num_output_tokens == 0 for r in sched.running):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if bench.cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        if bench.cuda:
+            torch.cuda.synchronize()
+    for rid in ids:
+        engine.abort(rid)
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = event.name[:90]
+            per_kernel[name][0] += event.device_time_total / steps
+            per_kernel[name][1] += 1 / steps
+    rows = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
+    return {
+        "batch": batch,
+        "kernel_us_per_step": sum(v[0] for v in per_kernel.values()),
+        "launches_per_step": sum(v[1] for v in per_kernel.values()),
+        "top": [{"kernel": k, "us_per_step": v[0], "launches_per_step": v[1]} for k, v in rows[:20]],
+    }
+
+
+def workload_p(bench: Bench) -> dict[str, Any]:
+    sizes = sorted({1, min(32, bench.sizes.batch_sizes[-1])})
+    return {"profiles": [_profile_decode(bench, b) for b in sizes]}
+
+
+def report(p: dict[str, Any]) -> list[str]:
+    lines = []
+    for prof in p.get("profiles", []):
+        lines.append(
+            f"p) B={prof['batch']}: kernels {prof['kernel_us_per_step']:.0f} us/step, "
+            f"{prof['launches_per_step']:.0f} launches/step"
+        )
+        for row in prof["top"]:
+            lines.append(
+                f"     {row['us_per_step']:8.1f} us {row['launches_per_step']:6.0f}x  {row['kernel']}"
+            )
+    return lines
