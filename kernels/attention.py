@@ -121,7 +121,7 @@ def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
 def _attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    scale_log2, num_seqs, keys_per_split, head_dim, num_blocks,
+    scale_log2, num_seqs, head_dim, num_blocks,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -156,6 +156,10 @@ def _attention_kernel(
     )  # fmt: skip
     q_pos = ctx - q_len + tok  # [rows] absolute position: query i attends keys 0..q_pos
     kv_end = ctx - q_len + tl.minimum(t0 + BLOCK_T, q_len)
+    # Each split takes an equal share of *this tile's* keys (whole BLOCK_N tiles), not of the longest
+    # context the block table could hold: a short sequence in a wide (CUDA-graph) table still spreads
+    # over every split instead of leaving them empty while one program walks all its keys.
+    keys_per_split = tl.cdiv(tl.cdiv(kv_end, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     kv_lo = split * keys_per_split
     kv_hi = tl.minimum(kv_end, kv_lo + keys_per_split)
     m_i = tl.full((BLOCK_T * GROUP_PAD,), -1.0e30, dtype=tl.float32)
@@ -273,7 +277,6 @@ def paged_attention(
     tiles = num_tokens // block_t + num_seqs
     max_context = block_tables.shape[1] * block_size
     splits = num_splits or _pick_num_splits(tiles * num_kv_heads, max_context, q.device)
-    keys_per_split = triton.cdiv(triton.cdiv(max_context, splits), block_n) * block_n
     if splits > 1:
         part = torch.empty((splits, num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((splits, num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
@@ -281,7 +284,7 @@ def paged_attention(
         part, lse = out[None], out  # lse unused without splits
     _attention_kernel[(tiles, num_kv_heads, splits)](
         q, k_cache, v_cache, part, lse, block_tables, seq_lens, query_start_loc,
-        scale * math.log2(math.e), num_seqs, keys_per_split, head_dim, k_cache.shape[0],
+        scale * math.log2(math.e), num_seqs, head_dim, k_cache.shape[0],
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),

@@ -224,7 +224,8 @@ def test_cuda_graph_replay_equals_eager_and_peft(model: tuple[Path, list[LoRAReq
     replayed, llm = run(True)
     graphs = llm.engine.runner.graphs
     assert graphs.replays > 0
-    assert any(mask not in (None, (True,) * 4) for _, mask in graphs.graphs)  # a variant captured on use
+    assert any(mask not in (None, (True,) * 4) for _, _, mask in graphs.graphs)  # a variant captured on use
+    assert graphs.extend_steps > 0  # the prefills went through the extend graphs
     eager, _ = run(False)
     assert replayed == eager
     oracle = hf_greedy(
