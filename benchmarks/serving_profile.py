@@ -1,7 +1,7 @@
 """Workload p (not in the default set): where a decode step's GPU time goes, kernel by kernel.
 
-torch.profiler around graph-replayed decode steps at B=1 and B=32 (CUPTI reports the kernels inside a
-graph launch): per-step microseconds of each kernel name, largest first, and their sum against the
+torch.profiler around graph-replayed decode steps at B=1 and B=32 without LoRA, and at workload b's
+B=64 with 64 distinct q/k/v/o adapters (CUPTI reports the kernels inside a graph launch): per-step microseconds of each kernel name, largest first, and their sum against the
 forward's CUDA-event time. Tells which kernels stand between a step and its roofline.
 """
 
@@ -12,17 +12,21 @@ from typing import Any
 
 import torch
 
-from benchmarks.serving_workloads import Bench
+from benchmarks.serving_workloads import Bench, make_resident
+from engine.request import LoRARequest
 from engine.sampling_params import SamplingParams
 
 
-def _profile_decode(bench: Bench, batch: int, steps: int = 10) -> dict[str, Any]:
+def _profile_decode(
+    bench: Bench, batch: int, loras: list[LoRARequest] | None = None, steps: int = 10
+) -> dict[str, Any]:
     engine, s = bench.engine, bench.sizes
     tag = bench.tag("prof")
     params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
     ids = [f"{tag}-{i}" for i in range(batch)]
-    for rid in ids:
-        engine.add_request(rid, bench.prompt(s.decode_prompt), params, cache_salt=rid)
+    for i, rid in enumerate(ids):
+        lora = loras[i % len(loras)] if loras else None
+        engine.add_request(rid, bench.prompt(s.decode_prompt), params, lora=lora, cache_salt=rid)
     sched = engine.scheduler
     while sched.num_waiting or any(r.num_output_tokens == 0 for r in sched.running):
         engine.step()
@@ -47,6 +51,7 @@ def _profile_decode(bench: Bench, batch: int, steps: int = 10) -> dict[str, Any]
     rows = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
     return {
         "batch": batch,
+        "adapters": len(loras) if loras else 0,
         "kernel_us_per_step": sum(v[0] for v in per_kernel.values()),
         "launches_per_step": sum(v[1] for v in per_kernel.values()),
         "top": [{"kernel": k, "us_per_step": v[0], "launches_per_step": v[1]} for k, v in rows[:20]],
@@ -55,14 +60,20 @@ def _profile_decode(bench: Bench, batch: int, steps: int = 10) -> dict[str, Any]
 
 def workload_p(bench: Bench) -> dict[str, Any]:
     sizes = sorted({1, min(32, bench.sizes.batch_sizes[-1])})
-    return {"profiles": [_profile_decode(bench, b) for b in sizes]}
+    profiles = [_profile_decode(bench, b) for b in sizes]
+    b = bench.sizes.b_batch
+    bench.qkvo.prepare(list(range(b)))
+    loras = [bench.qkvo.lora(i) for i in range(b)]
+    make_resident(bench, loras)
+    profiles.append(_profile_decode(bench, b, loras))
+    return {"profiles": profiles}
 
 
 def report(p: dict[str, Any]) -> list[str]:
     lines = []
     for prof in p.get("profiles", []):
         lines.append(
-            f"p) B={prof['batch']}: kernels {prof['kernel_us_per_step']:.0f} us/step, "
+            f"p) B={prof['batch']}, {prof.get('adapters', 0)} adapters: kernels {prof['kernel_us_per_step']:.0f} us/step, "
             f"{prof['launches_per_step']:.0f} launches/step"
         )
         for row in prof["top"]:
