@@ -3,6 +3,11 @@
 A thousand rank-16 Llama-3-8B adapters are ~27 GB; the benchmark never keeps them all. Adapter i's bytes
 are a pure function of (i, its target modules, the model shape), so the loader callback can delete files
 (LRU) and write them again when asked, and the sha256 the engine re-checks stays the real one.
+
+The rewrite stands in for the S3 fetch, so it must cost what a fetch costs, not more: each tensor is a
+slice of a fixed bank of random values at offsets drawn from the adapter's seed, so writing an adapter is
+a copy plus a file write (the time of a fetch at local-disk speed), not 13M fresh random draws (seconds
+of CPU, which made the stand-in, not the engine, the limit of a cold adapter).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,9 +32,23 @@ ALL_SEVEN = (*QKVO, "gate_proj", "up_proj", "down_proj")
 _PARENT = {m: "self_attn" for m in QKVO} | {m: "mlp" for m in ("gate_proj", "up_proj", "down_proj")}
 
 
-def adapter_tensors(cfg: Any, seed: int, rank: int, targets: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """PEFT's saved names -> bf16 tensors, from a CPU generator seeded with `seed` (same bytes every time)."""
+# Values per bank: 4 Mi of bf16 (8 MB) per scale; a tensor is a slice at a seeded offset.
+_BANK = 1 << 22
+
+
+def random_bank(scale: float) -> torch.Tensor:
+    """N(0, scale^2) values in bf16, the same every time for the same scale."""
+    gen = torch.Generator().manual_seed(round(scale * 1e9))
+    return (torch.randn(_BANK, generator=gen) * scale).bfloat16()
+
+
+def adapter_tensors(
+    cfg: Any, seed: int, rank: int, targets: tuple[str, ...], banks: dict[float, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """PEFT's saved names -> bf16 tensors, slices of `banks` (scale -> values; made when None) at offsets
+    from a generator seeded with `seed`: the same bytes every time, different ones for every seed."""
     gen = torch.Generator().manual_seed(seed)
+    banks = {} if banks is None else banks
     shapes = module_shapes(cfg)
     out: dict[str, torch.Tensor] = {}
     for layer in range(cfg.num_layers):
@@ -36,8 +56,12 @@ def adapter_tensors(cfg: Any, seed: int, rank: int, targets: tuple[str, ...]) ->
             d_in, d_out = shapes[module]
             pre = f"base_model.model.model.layers.{layer}.{_PARENT[module]}.{module}"
             # B non-zero (PEFT starts it at zero, which would make the LoRA path free to get wrong).
-            out[f"{pre}.lora_A.weight"] = (torch.randn(rank, d_in, generator=gen) * d_in**-0.5).bfloat16()
-            out[f"{pre}.lora_B.weight"] = (torch.randn(d_out, rank, generator=gen) * 0.02).bfloat16()
+            for name, shape, scale in (("A", (rank, d_in), d_in**-0.5), ("B", (d_out, rank), 0.02)):
+                if scale not in banks:
+                    banks[scale] = random_bank(scale)
+                n = shape[0] * shape[1]
+                start = int(torch.randint(0, _BANK - n + 1, (1,), generator=gen))
+                out[f"{pre}.lora_{name}.weight"] = banks[scale][start : start + n].view(shape).clone()
     return out
 
 
@@ -61,10 +85,15 @@ class SeededAdapters:
         self.prefix, self.max_files, self.base_model = prefix, max_files, base_model
         self.seed_base = sum(ord(c) for c in prefix) * 1_000_003
         self._hashes: dict[int, str] = {}
+        self._banks = {scale: random_bank(scale) for scale in self._scales()}
         self._on_disk: OrderedDict[int, None] = OrderedDict()
         self._lock = threading.Lock()
         self.writes = 0
         self.write_seconds = 0.0
+
+    def _scales(self) -> set[float]:
+        shapes = module_shapes(self.cfg)
+        return {shapes[m][0] ** -0.5 for m in self.targets} | {0.02}
 
     def folder(self, i: int) -> Path:
         return self.root / f"{self.prefix}-{i}"
@@ -90,13 +119,17 @@ class SeededAdapters:
             self._write(i)
         return str(self.folder(i))
 
-    def _write(self, i: int) -> None:
-        import time
+    def rewrite(self, i: int) -> float:
+        """The stand-in fetch of adapter i, as the loader does it for a deleted file; returns seconds."""
+        start = time.perf_counter()
+        self._write(i)
+        return time.perf_counter() - start
 
+    def _write(self, i: int) -> None:
         start = time.perf_counter()
         folder = self.folder(i)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = adapter_tensors(self.cfg, self.seed_base + i, self.rank, self.targets)
+        tensors = adapter_tensors(self.cfg, self.seed_base + i, self.rank, self.targets, self._banks)
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -110,11 +143,10 @@ class SeededAdapters:
         (folder / "adapter_config.json").write_text(json.dumps(config))
         weights = folder / "adapter_model.safetensors"
         save_file(tensors, str(weights))
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        # Hashed the first time only: a rewrite is the same bytes (and the engine re-checks the hash).
+        digest = self._hashes.get(i) or hashlib.sha256(weights.read_bytes()).hexdigest()
         with self._lock:
-            known = self._hashes.setdefault(i, digest)
-            if known != digest:
-                raise RuntimeError(f"adapter {i} is not deterministic")
+            self._hashes.setdefault(i, digest)
             self._on_disk[i] = None
             self._on_disk.move_to_end(i)
             while len(self._on_disk) > self.max_files:

@@ -20,7 +20,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
-from engine.lora import LoRAAdapter, LoRASlots, load_adapter, pin_adapter
+from engine.lora import LoRAAdapter, LoRASlots, ReadBuffer, load_adapter, pin_adapter
 from engine.request import LoRARequest
 
 AdapterLoader = Callable[[LoRARequest], str]
@@ -53,12 +53,14 @@ class AdapterCache:
         max_cpu_loras: int,
         loader: AdapterLoader | None = None,
         failure_ttl: float = 2.0,
-        load_workers: int = 2,
+        load_workers: int = 4,
     ) -> None:
         """`slots`: device storage (its num_slots = max_loras); `load(folder, expected_hash)` reads one
         adapter into CPU tensors; `loader` maps a request to a local folder (default: its lora_path).
         A failed load is reported to every acquire for `failure_ttl` seconds, then retried. Loads of
-        different adapters run on `load_workers` threads, so one slow fetch does not hold up the others."""
+        different adapters run on `load_workers` threads, so one slow fetch does not hold up the others;
+        a load spends most of its time in I/O, sha256 and memmove, which let go of the GIL, so a few
+        threads overlap well (a burst of cold adapters is the case that matters)."""
         self.slots = slots
         self._read = load
         self._loader = loader or path_loader
@@ -91,8 +93,21 @@ class AdapterCache:
         """From an EngineConfig and a LoadedModel (see engine/model_loader.py)."""
         slots = LoRASlots(loaded.config, config.max_loras, config.max_lora_rank, loaded.dtype, loaded.device)
 
+        pin = loaded.device.type == "cuda"  # page-locked only where an async device copy needs it
+        per_thread = threading.local()  # each loader thread reuses its own read buffer
+
         def read(folder: str, expected_hash: str | None) -> LoRAAdapter:
-            return load_adapter(folder, loaded.config, config.max_lora_rank, loaded.dtype, expected_hash)
+            if not hasattr(per_thread, "buffer"):
+                per_thread.buffer = ReadBuffer()
+            return load_adapter(
+                folder,
+                loaded.config,
+                config.max_lora_rank,
+                loaded.dtype,
+                expected_hash,
+                pin,
+                per_thread.buffer,
+            )
 
         return cls(slots, read, config.max_cpu_loras, loader)
 
@@ -215,7 +230,8 @@ class AdapterCache:
     # -- internals ----------------------------------------------------------------------------------------
 
     def _load(self, lora: LoRARequest) -> tuple[LoRAAdapter, float]:
-        """Runs in the loader thread: fetch, verify the hash, parse, pin. Touches no shared state."""
+        """Runs in the loader thread: fetch, verify the hash, parse, pin (a no-op for an adapter that
+        `load_adapter` read into pinned memory already). Touches no shared state."""
         start = time.perf_counter()
         folder = self._loader(lora)
         adapter = pin_adapter(self._read(folder, lora.content_hash))

@@ -194,6 +194,18 @@ class BlockManager:
         """Give the request blocks for tokens up to num_computed (+ cached hits) + num_new_tokens.
         computed_blocks: prefix-cache hits from get_computed_blocks (only when a request is admitted);
         they advance num_computed_tokens, and num_new_tokens count from there. Returns False, changing nothing, when the pool cannot cover it."""
+        if not computed_blocks:
+            upto = request.num_computed_tokens + num_new_tokens
+            if upto <= len(request.block_table) * self.block_size:
+                # Most decode steps: the last block has room. Only a block filling up has anything to
+                # register (hashes of full blocks are computed lazily, so skipping that changes nothing).
+                if self.enable_prefix_caching and upto // self.block_size > request.num_registered_blocks:
+                    self._register(request, upto)
+                return True
+        return self._allocate(request, num_new_tokens, computed_blocks)
+
+    def _allocate(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()) -> bool:
+        """allocate_slots without its shortcut (tests check that both agree)."""
         if not self.can_allocate(request, num_new_tokens, computed_blocks):
             return False
         for block_id in computed_blocks:

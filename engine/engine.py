@@ -158,15 +158,19 @@ class LLMEngine:
     # ---- the step ----
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        logits = self.runner.execute(batch.scheduled) if batch.scheduled else None
+        scheduled = batch.scheduled
+        logits = self.runner.execute(scheduled) if scheduled else None
         self.scheduler.advance(batch)
-        rows = [i for i, (r, _) in enumerate(batch.scheduled) if r.num_computed_tokens == r.num_tokens]
-        ready = [batch.scheduled[i][0] for i in rows]
+        ready = [r for r, _ in scheduled if r.num_computed_tokens == len(r.all_token_ids)]
         if ready:
             assert logits is not None
             # Pure decode steps sample every row: skip the gather (and its host -> device index copy).
-            ready_logits = logits if len(rows) == len(batch.scheduled) else logits[rows]
-            self._postprocess(ready, self.sampler(ready_logits, ready))
+            if len(ready) < len(scheduled):
+                rows = [
+                    i for i, (r, _) in enumerate(scheduled) if r.num_computed_tokens == len(r.all_token_ids)
+                ]
+                logits = logits[rows]
+            self._postprocess(ready, self.sampler(logits, ready))
         if not batch.scheduled and not batch.failed:
             self._wait_idle()
         return self._collect([*ready, *batch.failed])
@@ -176,17 +180,21 @@ class LLMEngine:
             request.append_token(token)
             if logprobs is not None:
                 request.logprobs.append(logprobs)
-            request.metrics.first_token_time = request.metrics.first_token_time or time.monotonic()
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = time.monotonic()
             status = self._stop_status(request, token)
             if status is not None:
                 self.scheduler.finish(request, status)
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        # Runs for every sequence on every step: lengths read once, no property calls.
         params = request.params
-        min_reached = request.num_output_tokens > params.min_tokens
+        num_tokens = len(request.all_token_ids)
+        num_output = num_tokens - len(request.prompt_token_ids)
+        min_reached = num_output > params.min_tokens
         if token in self.eos_token_ids and not params.ignore_eos and min_reached:
             return RequestStatus.FINISHED_STOPPED
-        if token in params.stop_token_ids and min_reached:
+        if params.stop_token_ids and token in params.stop_token_ids and min_reached:
             request.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
         detok = self.groups[request.parent_id or request.request_id].detoks[request.index]
@@ -194,7 +202,7 @@ class LLMEngine:
         if stop is not None:
             request.stop_reason = stop
             return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= (params.max_tokens or 0) or request.num_tokens >= self.max_model_len:
+        if num_output >= (params.max_tokens or 0) or num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

@@ -5,20 +5,29 @@ skips) plus one scaling. Modules whose own scaling differs (rank_pattern / alpha
 folded into B, so one per-slot scale serves every module in a fused launch.
 Everything is validated against the base model: an adapter is tenant data, and a bad one must be
 refused with a clear message rather than crash or corrupt a batch shared with other tenants.
+
+Loading is on the serving path (a cold adapter delays its requests' first token), so it touches the
+bytes as few times as it can: one bounded read into the loader thread's reused buffer, hashed chunk by
+chunk on a second thread as it lands and while the header is parsed into views of that buffer (no copy),
+one copy per (layer, module) into a single (pinned) buffer in the target dtype, then one min/max pass
+over the result for NaN/Inf. docs/engine.md has the measured times.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
+import os
+import queue
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as safetensors_load
 from torch import Tensor
 
 from engine.model_loader import ModelConfig
@@ -32,7 +41,13 @@ _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
 )
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# safetensors dtype names: the float ones we serve, and the others, which are refused by name.
+_ST_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ST_OTHERS = {"F64", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
+# Read size per step: the hash thread starts on the first chunk while the rest is still being read.
+_READ_CHUNK = 4 << 20
+# ATen runs an element-wise op on the calling thread alone up to this many elements (its grain size).
+_SERIAL_NUMEL = 32768
 
 
 class AdapterError(ValueError):
@@ -137,8 +152,17 @@ def load_adapter(
     max_rank: int,
     dtype: torch.dtype = torch.float32,
     expected_hash: str | None = None,
+    pin: bool | None = None,
+    read_buffer: ReadBuffer | None = None,
 ) -> LoRAAdapter:
-    """Read and validate a PEFT adapter folder into CPU tensors of `dtype`."""
+    """Read and validate a PEFT adapter folder into CPU tensors of `dtype`.
+
+    Every A and B is a view of one buffer, page-locked when `pin` (None: when CUDA is available), so the
+    adapter is one allocation for the CPU tier and its slot copies can run asynchronously. Pinned buffers
+    come from torch's caching host allocator, which is the CPU tier's buffer pool: a freed adapter's block
+    is reused only after every CUDA copy recorded on it has completed (torch records an event per
+    non-blocking copy), and pinning fresh pages (slow, and serialising in the driver) stops once warm.
+    `read_buffer`: the calling thread's own, reused across its loads (None: a fresh one)."""
     path = Path(folder)
     raw = read_adapter_config(path)
     check_adapter_config(raw)
@@ -149,19 +173,109 @@ def load_adapter(
     # Largest file a valid adapter can be (fp32, every module at max_rank, plus header room): anything
     # bigger is refused before it is read into memory.
     limit = 4 * model_cfg.num_layers * max_rank * sum(i + o for i, o in shapes.values()) + (1 << 20)
-    # Hash and parse the same bytes: the file cannot change between the check and the read. The read is
-    # bounded, so a file that grows (or lies about its size) cannot exhaust memory either.
-    with weights_file.open("rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise AdapterError(f"{WEIGHTS_FILE} is larger than any adapter of rank <= {max_rank} for this model")
-    content_hash = hashlib.sha256(data).hexdigest()
-    if expected_hash is not None and content_hash != expected_hash:
-        raise AdapterError(f"adapter weights sha256 {content_hash} does not match expected {expected_hash}")
+    pin = torch.cuda.is_available() if pin is None else pin
+    # sha256 runs on its own thread (hashlib lets go of the GIL), fed chunk by chunk as they are read,
+    # so it overlaps the read and then the parsing of the very same bytes: what is hashed is exactly what
+    # is parsed, since nothing writes the buffer after its chunk was read.
+    digest = _Sha256()
+    try:
+        data = _read_bounded(weights_file, limit, max_rank, read_buffer or ReadBuffer(), digest)
+        try:
+            adapter = _build(data, raw, shapes, model_cfg.num_layers, max_rank, dtype, pin)
+        except AdapterError as exc:
+            _check_hash(digest.hexdigest(), expected_hash, cause=exc)  # a forged file is named as such first
+            raise
+    finally:
+        digest.join()  # whatever happened: the read buffer is this thread's to reuse only after this
+    adapter.content_hash = digest.hexdigest()
+    _check_hash(adapter.content_hash, expected_hash)
+    return adapter
+
+
+def _build(
+    data: memoryview,
+    raw: dict[str, Any],
+    shapes: dict[str, tuple[int, int]],
+    layers: int,
+    max_rank: int,
+    dtype: torch.dtype,
+    pin: bool,
+) -> LoRAAdapter:
     tensors = _parse_tensors(data)
-    found = _pair_tensors(tensors, shapes, model_cfg.num_layers)
+    found = _pair_tensors(tensors, shapes, layers)
     scaling, per_module = _check_and_scale(found, raw, shapes, max_rank)
-    return _stack(content_hash, scaling, per_module, shapes, model_cfg.num_layers, dtype)
+    buffer = torch.empty(_layout(per_module, shapes, layers, dtype)[2], dtype=torch.uint8, pin_memory=pin)
+    adapter, values = _stack(scaling, per_module, shapes, layers, dtype, buffer)
+    _refuse_non_finite(values, adapter)
+    return adapter
+
+
+class ReadBuffer:
+    """One loader thread's reusable read buffer. A fresh 27 MB buffer per load costs its page faults on
+    every load (5-15 ms measured); a loader thread reads one adapter at a time, so one buffer serves it.
+    What a load returns never points into it (the stacked adapter is a copy)."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    def get(self, size: int) -> memoryview:
+        if len(self._data) < size:
+            self._data = bytearray(size)
+        return memoryview(self._data)[:size]
+
+
+class _Sha256(threading.Thread):
+    """sha256 of the chunks fed to it, computed on its own thread; `feed(None)` ends the input."""
+
+    def __init__(self) -> None:
+        super().__init__(name="lora-sha256", daemon=True)
+        self._chunks: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._hex = ""
+        self.start()
+
+    def feed(self, chunk: memoryview | None) -> None:
+        self._chunks.put(chunk)
+
+    def run(self) -> None:
+        h = hashlib.sha256()
+        while (chunk := self._chunks.get()) is not None:
+            h.update(chunk)
+        self._hex = h.hexdigest()
+
+    def hexdigest(self) -> str:
+        self.join()
+        return self._hex
+
+
+def _read_bounded(
+    weights_file: Path, limit: int, max_rank: int, buffer: ReadBuffer, digest: _Sha256
+) -> memoryview:
+    """The whole file, read once into `buffer` in chunks, each fed to `digest` as it lands (and the end
+    of input fed, whatever happens). Refused when larger than `limit` or when it grows while read (a file
+    that lies about its size cannot exhaust memory)."""
+    try:
+        with weights_file.open("rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise AdapterError(
+                    f"{WEIGHTS_FILE} is larger than any adapter of rank <= {max_rank} for this model"
+                )
+            data = buffer.get(size + 1)  # one spare byte tells a file that grew from one that did not
+            filled = 0
+            while filled < len(data) and (got := f.readinto(data[filled : filled + _READ_CHUNK])):
+                digest.feed(data[filled : filled + got])
+                filled += got
+    finally:
+        digest.feed(None)
+    if filled > size:
+        raise AdapterError(f"{WEIGHTS_FILE} changed while it was read")
+    return data[:filled]
+
+
+def _check_hash(content_hash: str, expected: str | None, cause: Exception | None = None) -> None:
+    if expected is not None and content_hash != expected:
+        message = f"adapter weights sha256 {content_hash} does not match expected {expected}"
+        raise AdapterError(message) from cause
 
 
 def _pair_tensors(
@@ -192,9 +306,10 @@ def _check_and_scale(
     raw: dict[str, Any],
     shapes: dict[str, tuple[int, int]],
     max_rank: int,
-) -> tuple[float, dict[tuple[int, str], tuple[Tensor, Tensor]]]:
-    """Validate each pair against the model and the config; fold per-module scale ratios into B.
-    Returns the adapter's scale and (layer, module) -> (A [r, in], B [out, r]) in float32."""
+) -> tuple[float, dict[tuple[int, str], tuple[Tensor, Tensor, float]]]:
+    """Validate each pair's shapes and rank against the model and the config (values are checked after
+    stacking). Returns the adapter's scale and (layer, module) -> (A [r, in], B [out, r], the factor by
+    which this module's own scale differs from the adapter's, to be folded into B)."""
     base_r, base_alpha = float(raw["r"]), float(raw["lora_alpha"])
     use_rslora = bool(raw.get("use_rslora", False))
     rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
@@ -203,7 +318,7 @@ def _check_and_scale(
         return alpha / math.sqrt(r) if use_rslora else alpha / r
 
     global_scaling = scaling_of(base_r, base_alpha)
-    per_module: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+    per_module: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
     for (layer, module), pair in found.items():
         name = f"layer {layer} {module}"
         if set(pair) != {"A", "B"}:
@@ -219,63 +334,204 @@ def _check_and_scale(
         if r > max_rank:
             raise AdapterError(f"{name}: rank {r} exceeds max_lora_rank {max_rank}")
         module_path = _module_path(layer, module)
-        expected_r = _pattern_value(rank_pattern, module_path, base_r)
+        expected_r = _pattern_value(rank_pattern, module_path, base_r) if rank_pattern else base_r
         if r != int(expected_r):
             raise AdapterError(f"{name}: rank {r} disagrees with adapter_config ({int(expected_r)})")
-        alpha = _pattern_value(alpha_pattern, module_path, base_alpha)
-        ratio = scaling_of(r, alpha) / global_scaling
-        a32, b32 = a.float(), b.float()
-        if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
-            raise AdapterError(f"{name}: weights hold NaN or infinity")
-        per_module[(layer, module)] = (a32, b32 * ratio if ratio != 1.0 else b32)
+        alpha = _pattern_value(alpha_pattern, module_path, base_alpha) if alpha_pattern else base_alpha
+        per_module[(layer, module)] = (a, b, scaling_of(r, alpha) / global_scaling)
     return global_scaling, per_module
 
 
-def _stack(
-    content_hash: str,
-    scaling: float,
-    per_module: dict[tuple[int, str], tuple[Tensor, Tensor]],
+def _layout(
+    per_module: dict[tuple[int, str], tuple[Tensor, Tensor, float]],
     shapes: dict[str, tuple[int, int]],
     layers: int,
     dtype: torch.dtype,
-) -> LoRAAdapter:
-    """Per module, stack the layers into A [L, r_m, in] / B [L, out, r_m], zeros where a layer is skipped."""
+) -> tuple[dict[str, int], int, int]:
+    """(rank of each targeted module, bytes of all A/B values, bytes of the buffer with ranks after them).
+    Modules go in LORA_MODULES order, each as its A [L, r, in] then its B [L, out, r]."""
     module_rank: dict[str, int] = {}
-    for (_, module), (a32, _) in per_module.items():
-        module_rank[module] = max(module_rank.get(module, 0), a32.shape[0])
+    for (_, module), (a, _, _) in per_module.items():
+        module_rank[module] = max(module_rank.get(module, 0), a.shape[0])
+    module_rank = {m: module_rank[m] for m in LORA_MODULES if m in module_rank}
+    values = sum(layers * r * sum(shapes[m]) for m, r in module_rank.items()) * dtype.itemsize
+    ranks_at = -(-values // 64) * 64
+    return module_rank, values, ranks_at + layers * len(MODULE_GROUPS) * 4
+
+
+def _stack(
+    scaling: float,
+    per_module: dict[tuple[int, str], tuple[Tensor, Tensor, float]],
+    shapes: dict[str, tuple[int, int]],
+    layers: int,
+    dtype: torch.dtype,
+    buffer: Tensor,
+) -> tuple[LoRAAdapter, Tensor]:
+    """Per module, stack the layers into A [L, r_m, in] / B [L, out, r_m] (zeros where a layer is skipped
+    or has a lower rank), all views of `buffer` (uint8, sized by `_layout`). Returns the adapter and all
+    its A/B values, flat."""
+    module_rank, values, nbytes = _layout(per_module, shapes, layers, dtype)
+    if buffer.dtype != torch.uint8 or buffer.numel() != nbytes:
+        raise ValueError(f"buffer of {buffer.numel()} {buffer.dtype} for an adapter of {nbytes} bytes")
+    groups = len(MODULE_GROUPS)
+    flat = buffer[:values].view(dtype)
+    by_module: dict[str, dict[int, tuple[Tensor, Tensor, float]]] = {m: {} for m in module_rank}
+    for (layer, module), pair in per_module.items():
+        by_module[module][layer] = pair
     a_out: dict[str, Tensor] = {}
     b_out: dict[str, Tensor] = {}
-    for module, r_max in module_rank.items():
-        d_in, d_out = shapes[module]
-        a_out[module] = torch.zeros(layers, r_max, d_in, dtype=dtype)
-        b_out[module] = torch.zeros(layers, d_out, r_max, dtype=dtype)
-    ranks = torch.zeros(layers, len(MODULE_GROUPS), dtype=torch.int32)
+    start = 0
+    for m, r in module_rank.items():
+        (d_in, d_out), pairs = shapes[m], by_module[m]
+        region = flat[start : start + layers * r * (d_in + d_out)]
+        start += region.numel()
+        a_out[m] = region[: layers * r * d_in].view(layers, r, d_in)
+        b_out[m] = region[layers * r * d_in :].view(layers, d_out, r)
+        if len(pairs) == layers and all(a.shape[0] == r for a, _, _ in pairs.values()):
+            # The usual adapter: every layer at one rank, so the layers' A then B tile the region in order.
+            _fill(region, [(pairs[i][0], 1.0) for i in range(layers)] + [pairs[i][1:] for i in range(layers)])
+            continue
+        region.zero_()  # skipped layers and ranks below r stay zero
+        for layer, (a, b, ratio) in pairs.items():
+            _copy_into(a_out[m][layer, : a.shape[0]], a, 1.0)
+            _copy_into(b_out[m][layer, :, : a.shape[0]], b, ratio)
     group_of = {m: g for g, group in enumerate(MODULE_GROUPS) for m in group}
-    for (layer, module), (a32, b32) in per_module.items():
-        r = a32.shape[0]
-        a_out[module][layer, :r] = a32.to(dtype)
-        b_out[module][layer, :, :r] = b32.to(dtype)
+    rank_rows = [[0] * groups for _ in range(layers)]
+    for (layer, module), (a, _, _) in per_module.items():
         g = group_of[module]
-        ranks[layer, g] = max(int(ranks[layer, g]), r)
-    return LoRAAdapter(
-        content_hash=content_hash,
-        rank=max(module_rank.values()),
-        scaling=scaling,
-        a=a_out,
-        b=b_out,
-        ranks=ranks,
+        rank_rows[layer][g] = max(rank_rows[layer][g], a.shape[0])
+    ranks = buffer[nbytes - layers * groups * 4 :].view(torch.int32).view(layers, groups)
+    ranks.copy_(torch.tensor(rank_rows, dtype=torch.int32))
+    adapter = LoRAAdapter(
+        content_hash="", rank=max(module_rank.values()), scaling=scaling, a=a_out, b=b_out, ranks=ranks
     )
+    return adapter, flat
 
 
-def _parse_tensors(data: bytes) -> dict[str, Tensor]:
+def _fill(region: Tensor, pieces: list[tuple[Tensor, float]]) -> None:
+    """region (1-D, contiguous) = the pieces flattened and concatenated, each times its ratio."""
+    if sum(piece.numel() for piece, _ in pieces) != region.numel():
+        raise ValueError("pieces do not tile the region")
+    if all(ratio == 1.0 and p.dtype == region.dtype and p.is_contiguous() for p, ratio in pieces):
+        at = region.data_ptr()  # bytes only: a bare memmove per piece, no per-piece tensor ops
+        for piece, _ in pieces:
+            ctypes.memmove(at, piece.data_ptr(), piece.nbytes)
+            at += piece.nbytes
+        return
+    offset = 0
+    for piece, ratio in pieces:
+        _copy_into(region[offset : offset + piece.numel()], piece.reshape(-1), ratio)
+        offset += piece.numel()
+
+
+def _copy_into(dst: Tensor, src: Tensor, ratio: float) -> None:
+    """dst[...] = src * ratio in dst's dtype (the ratio applied in float32, rounded once), on this thread.
+
+    Loads run on several threads beside the step loop; torch would wake its intra-op thread team for each
+    of the hundreds of pieces, and with a few loads at once those teams wait on one another far longer
+    than the copies take. So: a plain memmove when no conversion is needed (it lets go of the GIL too),
+    otherwise torch ops kept under ATen's grain size, which run on the calling thread alone."""
+    if ratio == 1.0 and dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous():
+        if dst.shape != src.shape:
+            raise ValueError(f"copy of {tuple(src.shape)} into {tuple(dst.shape)}")
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), dst.nbytes)
+        return
+    rows = max(1, _SERIAL_NUMEL // max(1, dst[0].numel()))
+    for i in range(0, dst.shape[0], rows):
+        part = src[i : i + rows]
+        dst[i : i + rows].copy_(part if ratio == 1.0 else part.float() * ratio)
+
+
+def _refuse_non_finite(values: Tensor, adapter: LoRAAdapter) -> None:
+    """`values`: every A and B of `adapter`, flat. One pass (NaN propagates to both ends of aminmax, and
+    +-inf shows at one of them) over the final values in the target dtype, after the scale folding, so
+    weights that overflow when narrowed (an fp32 value above fp16's range becomes inf) are refused too."""
+    low, high = torch.aminmax(values)
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+        raise AdapterError(f"{_first_non_finite(adapter.a, adapter.b)}: weights hold NaN or infinity")
+
+
+def _first_non_finite(a: dict[str, Tensor], b: dict[str, Tensor]) -> str:
+    """Only for the error message of a refused adapter: which layer and module hold the bad values."""
+    for module in a:
+        for layer in range(a[module].shape[0]):
+            if not (torch.isfinite(a[module][layer]).all() and torch.isfinite(b[module][layer]).all()):
+                return f"layer {layer} {module}"
+    return "adapter"
+
+
+def _parse_tensors(data: memoryview | bytearray) -> dict[str, Tensor]:
+    """safetensors bytes -> tensors that are views of `data` (no copy, no code run: a JSON header and
+    raw little-endian arrays). It accepts no file that safetensors' own parser refuses (a test checks
+    this on mutated files), and refuses duplicate names, which that one takes: the header must be an
+    object of {dtype, shape, data_offsets} entries whose byte ranges tile the data section exactly (no
+    gaps, no overlaps, nothing after), each range the size its dtype and shape say."""
+
+    def refuse(why: str) -> AdapterError:
+        return AdapterError(f"{WEIGHTS_FILE} is not a readable safetensors file: {why}")
+
+    if len(data) < 8:
+        raise refuse("shorter than its 8-byte header length")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise refuse("header length runs past the end of the file")
     try:
-        tensors = safetensors_load(data)
-    except Exception as exc:  # safetensors raises its own error types for malformed files
-        raise AdapterError(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from exc
-    for key, t in tensors.items():
-        if t.dtype not in _FLOAT_DTYPES:
-            raise AdapterError(f"tensor {key!r} has dtype {t.dtype}; expected a float type")
-    return tensors
+        header = json.loads(str(data[8 : 8 + header_len], "utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise refuse(f"header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise refuse("header is not a JSON object")
+    entries: list[tuple[int, int, str, str, list[int]]] = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise refuse("__metadata__ must map strings to strings")
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise refuse(f"entry {key!r} must hold dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise refuse(f"entry {key!r} has a bad shape")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise refuse(f"entry {key!r} has bad data_offsets")
+        if not isinstance(dtype, str) or dtype not in _ST_FLOATS:
+            if isinstance(dtype, str) and dtype in _ST_OTHERS:
+                raise AdapterError(f"tensor {key!r} has dtype {dtype}; expected a float type (F32/F16/BF16)")
+            raise refuse(f"entry {key!r} has unknown dtype {dtype!r}")
+        entries.append((offsets[0], offsets[1], key, dtype, shape))
+    entries.sort()
+    end = 0
+    for begin, stop, key, dtype, shape in entries:
+        if begin != end or stop - begin != math.prod(shape) * _ST_FLOATS[dtype].itemsize:
+            raise refuse(f"entry {key!r}: its bytes do not follow the previous tensor's or fit its shape")
+        end = stop
+    data_start = 8 + header_len
+    if data_start + end != len(data):
+        raise refuse("data section does not match the tensors it holds")
+    return {
+        key: _view(data, data_start + begin, math.prod(shape), _ST_FLOATS[dtype]).view(shape)
+        for begin, _, key, dtype, shape in entries
+    }
+
+
+def _view(data: memoryview | bytearray, offset: int, numel: int, dtype: torch.dtype) -> Tensor:
+    if numel == 0:
+        return torch.empty(0, dtype=dtype)
+    if offset % dtype.itemsize:  # legal in the format, but torch wants aligned elements: copy this one
+        raw = torch.frombuffer(data, dtype=torch.uint8, count=numel * dtype.itemsize, offset=offset)
+        return raw.clone().view(dtype)
+    return torch.frombuffer(data, dtype=dtype, count=numel, offset=offset)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
 
 
 class LoRASlots:
@@ -340,10 +596,23 @@ class LoRASlots:
 
 
 def pin_adapter(adapter: LoRAAdapter) -> LoRAAdapter:
-    """Page-locked copies, so CPU->GPU copies can run asynchronously (CUDA hosts only)."""
+    """Page-locked, so CPU->GPU copies can run asynchronously (CUDA hosts only). An adapter from
+    `load_adapter` is pinned already; otherwise each buffer under its tensors is copied once into pinned
+    memory and the views are rebuilt on it."""
     if not torch.cuda.is_available():
         return adapter
-    adapter.a = {m: t.pin_memory() for m, t in adapter.a.items()}
-    adapter.b = {m: t.pin_memory() for m, t in adapter.b.items()}
-    adapter.ranks = adapter.ranks.pin_memory()
+    pinned: dict[int, torch.UntypedStorage] = {}
+
+    def pin(t: Tensor) -> Tensor:
+        if t.is_pinned():
+            return t
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in pinned:
+            pinned[storage.data_ptr()] = storage.pin_memory()
+        out = torch.empty(0, dtype=t.dtype)
+        return out.set_(pinned[storage.data_ptr()], t.storage_offset(), t.shape, t.stride())
+
+    adapter.a = {m: pin(t) for m, t in adapter.a.items()}
+    adapter.b = {m: pin(t) for m, t in adapter.b.items()}
+    adapter.ranks = pin(adapter.ranks)
     return adapter

@@ -8,11 +8,14 @@ text whatever else shares the batch; unseeded ones share the engine's generator.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 from torch import Tensor
 
 from engine.request import Request
+
+_PLAIN_GREEDY = attrgetter("plain_greedy")
 
 
 @dataclass(slots=True)
@@ -32,10 +35,13 @@ class Sampler:
     def __call__(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
         """logits [B, V] float32, one row per request (in order)."""
         assert logits.dim() == 2 and logits.shape[0] == len(requests), (tuple(logits.shape), len(requests))
+        if all(map(_PLAIN_GREEDY, requests)):
+            # The common batch: argmax is all there is to do, so no copy and no per-row Python work.
+            return SamplerOutput(logits.float().argmax(dim=-1).tolist(), [None] * len(requests))
         logits = logits.to(torch.float32, copy=True)
         self._apply_penalties(logits, requests)
         self._apply_min_tokens(logits, requests)
-        greedy = [r.params.greedy for r in requests]
+        greedy = [r.greedy for r in requests]
         if not all(greedy):
             temps = [1.0 if g else r.params.temperature for r, g in zip(requests, greedy, strict=True)]
             scale = torch.tensor(temps, device=logits.device)
@@ -54,9 +60,9 @@ class Sampler:
     def _apply_penalties(self, logits: Tensor, requests: list[Request]) -> None:
         vocab = logits.shape[1]
         for row, request in enumerate(requests):
-            p = request.params
-            if not p.has_penalties:
+            if not request.has_penalties:
                 continue
+            p = request.params
             output = torch.tensor(request.output_token_ids, dtype=torch.int64, device=logits.device)
             counts = torch.bincount(output, minlength=vocab)[:vocab].to(torch.float32)
             if p.repetition_penalty != 1.0:
@@ -78,7 +84,7 @@ class Sampler:
     def _apply_min_tokens(self, logits: Tensor, requests: list[Request]) -> None:
         vocab = logits.shape[1]
         for row, request in enumerate(requests):
-            if request.num_output_tokens >= request.params.min_tokens:
+            if not request.params.min_tokens or request.num_output_tokens >= request.params.min_tokens:
                 continue
             banned = set(request.params.stop_token_ids)
             if not request.params.ignore_eos:
@@ -116,16 +122,18 @@ class Sampler:
         top_vals, top_ids = logprobs.topk(most, dim=-1) if most else (None, None)
         chosen = logprobs.gather(1, torch.tensor(token_ids, device=logits.device).unsqueeze(1)).squeeze(1)
         chosen_list = chosen.tolist()
-        out: list[dict[int, float] | None] = []
+        # Two device -> host copies for the whole batch, not two per row.
+        ids_rows = top_ids.tolist() if top_ids is not None else None
+        vals_rows = top_vals.tolist() if top_vals is not None else None
+        out: list[dict[int, float] | None] = [None] * len(requests)
         for row, n in enumerate(wanted):
             if n is None:
-                out.append(None)
                 continue
             entry = {token_ids[row]: chosen_list[row]}
-            if n and top_ids is not None and top_vals is not None:
-                for tid, val in zip(top_ids[row, :n].tolist(), top_vals[row, :n].tolist(), strict=True):
+            if n and ids_rows is not None and vals_rows is not None:
+                for tid, val in zip(ids_rows[row][:n], vals_rows[row][:n], strict=True):
                     entry.setdefault(tid, val)
-            out.append(entry)
+            out[row] = entry
         return out
 
 

@@ -153,13 +153,14 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        allocate_slots = self.block_manager.allocate_slots
         for request in list(self.running):
             if budget <= 0:
                 break
-            if request.status != RequestStatus.RUNNING:
+            if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.block_manager.allocate_slots(request, n):
+            n = min(len(request.all_token_ids) - request.num_computed_tokens, budget)
+            while not allocate_slots(request, n):
                 victim = self._pick_victim()
                 budget += self._unschedule(out, victim)
                 self.running.remove(victim)
@@ -167,11 +168,11 @@ class Scheduler:
                 out.preempted.append(victim)
                 if victim is request:
                     break
-            if request.status != RequestStatus.RUNNING:
+            if request.status is not RequestStatus.RUNNING:
                 continue
             out.scheduled.append((request, n))
             budget -= n
-            if request.num_computed_tokens >= request.num_prompt_tokens:
+            if request.num_computed_tokens >= len(request.prompt_token_ids):
                 self._charge(request.fairness_key, n)  # decode tokens count against a key's share too
         if not out.preempted:
             self._admit(out, budget)

@@ -250,3 +250,63 @@ def test_blocks_freed_before_their_kv_was_computed_leave_the_prefix_cache():
     bm.free(r)  # preempted in that same step: the KV of blocks 0 and 1 will never be written
     assert bm.get_computed_blocks(make("probe", [*range(8), 5])) == ([], 0)
     assert all(b.block_hash is None for b in bm.blocks)
+
+
+def _state(bm: BlockManager, reqs: list[Request]) -> tuple:
+    blocks = [(b.ref_count, b.block_hash, b.parent_hash, b.token_ids, b.extra_keys) for b in bm.blocks]
+    per_request = [(r.block_table, r.num_registered_blocks, r.num_computed_tokens) for r in reqs]
+    return blocks, per_request, list(bm._free_plain), list(bm._free_cached), dict(bm._cached)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_decode_shortcut_of_allocate_slots_agrees_with_the_general_path(seed, prefix_caching):
+    """Two pools driven alike, one through allocate_slots (with its shortcut for blocks that still have
+    room), one through the general path only: same blocks, registrations, free lists and cache, always."""
+    import random
+
+    rng = random.Random(seed)
+    pools = [BlockManager(24, BS, prefix_caching), BlockManager(24, BS, prefix_caching)]
+    pools[1].allocate_slots = pools[1]._allocate  # type: ignore[method-assign]
+    shared = [rng.randrange(100) for _ in range(7)]
+    twins: list[list[Request]] = [[], []]
+    for i in range(10):
+        prompt = (shared[: rng.randrange(8)] if rng.random() < 0.6 else []) + [
+            rng.randrange(100) for _ in range(rng.randrange(1, 9))
+        ]
+        salt = rng.choice(["s", "t", None])
+        for side in (0, 1):
+            twins[side].append(make(f"r{i}", prompt, salt=salt))
+    running: set[int] = set()
+    for _ in range(400):
+        i = rng.randrange(10)
+        op = rng.random()
+        tokens = rng.randrange(100)
+        results = []
+        for bm, reqs in zip(pools, twins, strict=True):
+            r = reqs[i]
+            if i not in running:
+                hits, cached = bm.get_computed_blocks(r)
+                ok = bm.allocate_slots(r, r.num_tokens - cached, hits)
+                if ok:
+                    r.num_computed_tokens = r.num_tokens
+            elif op < 0.08:
+                bm.free(r)
+                r.num_computed_tokens = 0
+                ok = False  # finished or preempted: waits to be admitted again
+            else:
+                r.append_token(tokens)
+                ok = bm.allocate_slots(r, 1)
+                if ok:
+                    r.num_computed_tokens += 1
+                else:
+                    bm.free(r)
+                    r.num_computed_tokens = 0
+            results.append(ok)
+        assert results[0] == results[1]
+        running.add(i) if results[0] else running.discard(i)
+        assert _state(pools[0], twins[0]) == _state(pools[1], twins[1])
+        for a, b in zip(twins[0], twins[1], strict=True):
+            known = min(len(a.block_hashes), len(b.block_hashes))  # computed lazily: may differ in length
+            assert a.block_hashes[:known] == b.block_hashes[:known]
+    assert any(r.num_registered_blocks for r in twins[0]) == prefix_caching

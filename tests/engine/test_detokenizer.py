@@ -148,3 +148,63 @@ def test_sentencepiece_byte_fallback_and_word_spaces(sentencepiece_tokenizer):
     # After a prompt, the first word keeps its space, as in decoding prompt and output together.
     assert "".join(deltas) == " " + text == d.text
     assert "😀" in deltas and "日" in deltas
+
+
+class _ShoutingTokenizer:
+    """Stands for a tokenizer class with its own decode: the fast path must not bypass it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return self.inner.decode(ids, skip_special_tokens=skip_special_tokens).upper()
+
+
+@pytest.mark.parametrize("which", ["tokenizer", "sentencepiece_tokenizer"])
+def test_fast_decode_is_the_tokenizers_decode(which, request):
+    import random
+
+    from engine.detokenizer import _plain_backend, make_decode
+
+    tok = request.getfixturevalue(which)
+    assert _plain_backend(tok) is tok.backend_tokenizer  # the fast path is really taken
+    rng = random.Random(0)
+    vocab = len(tok)
+    special = list(tok.all_special_ids)
+    for skip in (True, False):
+        decode = make_decode(tok, skip)
+        for _ in range(300):
+            ids = [rng.randrange(vocab) for _ in range(rng.randrange(0, 8))]
+            if rng.random() < 0.3:
+                ids.insert(rng.randrange(len(ids) + 1), rng.choice(special))
+            want = tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+            assert decode(ids) == want, ids
+
+
+def test_a_tokenizer_with_its_own_decode_is_called_as_is(tokenizer):
+    from engine.detokenizer import make_decode
+
+    shouting = _ShoutingTokenizer(tokenizer)
+    ids = tokenizer.encode("Hello world", add_special_tokens=False)
+    assert make_decode(shouting, True)(ids) == "HELLO WORLD"
+    d = IncrementalDetokenizer(shouting, [1], SamplingParams(stop=["WOR"]))
+    stops = [d.add_token(t) for t in ids[:5]]
+    assert stops[-1] == "WOR" and d.text == "HELLO "
+
+
+@pytest.mark.parametrize("which", ["tokenizer", "sentencepiece_tokenizer"])
+def test_streams_are_the_same_through_the_fast_and_the_long_decode(which, request, monkeypatch):
+    tok = request.getfixturevalue(which)
+    texts = [*CORPUS, "naïve 😀 café 日本 the sea", "déjà vu, one, two, three"]
+    cases = [
+        SamplingParams(),
+        SamplingParams(stop=["sea", "e t", "ré"], include_stop_str_in_output=True),
+        SamplingParams(stop=["in the"], skip_special_tokens=False),
+    ]
+    fast = [stream(tok, t, p) for t in texts for p in cases]
+    monkeypatch.setattr("engine.detokenizer._plain_backend", lambda tokenizer: None)
+    slow = [stream(tok, t, p) for t in texts for p in cases]
+    assert any(stopped for _, stopped, _ in fast)  # stop strings really ended some streams
+    assert [(deltas, stopped, d.text) for deltas, stopped, d in fast] == [
+        (deltas, stopped, d.text) for deltas, stopped, d in slow
+    ]

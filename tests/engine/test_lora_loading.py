@@ -8,14 +8,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import pickle
+import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import load_file, save, save_file
 
+from engine import lora as lora_module
 from engine.lora import AdapterError, load_adapter
 from engine.model_loader import load_config
 from engine.ops import DOWN, GATE_UP, O_PROJ, QKV
@@ -254,3 +258,191 @@ def test_layer_specific_rank_pattern(base: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(adapter.b["q_proj"][1, :, :2], b1 * 4)
     b0 = raw["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
     torch.testing.assert_close(adapter.b["q_proj"][0], b0)
+
+
+# -- the fast path: one buffer, our own safetensors parser, NaN/Inf in the final values ------------------
+
+
+def _safetensors(header: dict, data: bytes) -> bytearray:
+    raw = json.dumps(header).encode()
+    return bytearray(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def test_parser_never_accepts_what_safetensors_refuses() -> None:
+    """Differential check against the reference parser on thousands of mutated files: whatever ours
+    accepts, safetensors accepts too, with the same names, dtypes, shapes and values."""
+    tensors = {"a": torch.randn(3, 5), "b.x": torch.randn(4).half(), "c": torch.randn(2, 2).bfloat16()}
+    good = save(tensors, metadata={"format": "pt"})
+    header_len = int.from_bytes(good[:8], "little")
+    header = json.loads(good[8 : 8 + header_len])
+    junk = [None, True, 1.5, -1, 0, "F32", "I8", [], {}, [1], [0, 76], [2, 2], [3, 5, 1], 2**70]
+    rng = random.Random(7)
+    accepted = refused = 0
+    for _ in range(4000):
+        kind = rng.random()
+        if kind < 0.4:  # byte flips in the length field or the header
+            data = bytearray(good)
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(8 + header_len)] = rng.choice(b'0123456789[]{},:" abcFBI-.e\x00\xff')
+        elif kind < 0.75:  # a field of one entry replaced with a value of another type or size
+            mutated = json.loads(json.dumps(header))
+            entry = mutated[rng.choice(sorted(mutated))]
+            entry[rng.choice([*sorted(entry), "extra"])] = rng.choice(junk)
+            data = _safetensors(mutated, good[8 + header_len :])
+        elif kind < 0.9:  # truncated or extended
+            data = (
+                bytearray(good[: rng.randrange(len(good))]) if rng.random() < 0.5 else bytearray(good + b"\0")
+            )
+        else:  # a header length that lies
+            data = bytearray(good)
+            data[:8] = max(0, header_len + rng.randint(-9, 9)).to_bytes(8, "little")
+        try:
+            ours = lora_module._parse_tensors(data)
+        except AdapterError:
+            refused += 1
+            continue
+        accepted += 1
+        reference = safetensors_load(bytes(data))
+        assert ours.keys() == reference.keys()
+        for key, tensor in ours.items():
+            assert tensor.dtype == reference[key].dtype and torch.equal(tensor, reference[key]), key
+    assert accepted > 100 and refused > 1000  # both sides were exercised
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [
+        ({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 15, "does not match"),
+        ({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 17, "does not match"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]},
+            },
+            b"\0" * 20,
+            "do not follow",
+        ),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            "do not follow",
+        ),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "fit its shape"),
+        ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, b"\0" * 8, "bad shape"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}, b"\0" * 8, "bad data_offsets"),
+        ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unknown dtype"),
+        ({"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unknown dtype"),
+        ({"a": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "float type"),
+        ({"a": {"shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "must hold"),
+        ({"__metadata__": {"format": 1}}, b"", "__metadata__"),
+        ([1, 2], b"", "not a JSON object"),
+    ],
+)
+def test_parser_refusals(header, data: bytes, message: str) -> None:
+    with pytest.raises(AdapterError, match=message):
+        lora_module._parse_tensors(_safetensors(header, data))
+
+
+def test_parser_refuses_duplicate_names_and_lying_lengths() -> None:
+    # Duplicate names: safetensors keeps one of them; a reader that picked the other would serve
+    # different weights than the ones validated, so both are refused.
+    entry = '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    raw = ('{"a": ' + entry + ', "a": ' + entry + "}").encode()
+    with pytest.raises(AdapterError, match="duplicate"):
+        lora_module._parse_tensors(bytearray(len(raw).to_bytes(8, "little") + raw + b"\0" * 4))
+    with pytest.raises(AdapterError, match="past the end"):
+        lora_module._parse_tensors(bytearray((1 << 40).to_bytes(8, "little") + b"{}"))
+    with pytest.raises(AdapterError, match="8-byte"):
+        lora_module._parse_tensors(bytearray(b"\x02\0\0"))
+
+
+def test_parser_reads_misaligned_tensors_exactly() -> None:
+    """An F32 tensor may start at an odd offset (after an F16 one); it is read exactly, into aligned memory."""
+    h = torch.tensor([1.5], dtype=torch.float16)
+    a = torch.randn(5)
+    data = bytes(h.untyped_storage()) + bytes(a.untyped_storage()) + bytes(h.untyped_storage())
+    header = {
+        "h": {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]},
+        "a": {"dtype": "F32", "shape": [5], "data_offsets": [2, 22]},
+        "z": {"dtype": "F16", "shape": [1], "data_offsets": [22, 24]},
+    }
+    out = lora_module._parse_tensors(_safetensors(header, data))
+    assert torch.equal(out["a"], a) and out["a"].data_ptr() % 4 == 0
+    assert torch.equal(out["h"], h) and torch.equal(out["z"], h)
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_buffer_in_the_target_dtype(base: Path, good: Path, tmp_path: Path, file_dtype, dtype) -> None:
+    cfg = load_config(base)
+    folder = copy_adapter(good, tmp_path / "cast")
+    edit_tensors(folder, lambda t: {k: v.to(file_dtype) for k, v in t.items()})
+    adapter = load_adapter(folder, cfg, 16, dtype)
+    raw = load_file(str(folder / "adapter_model.safetensors"))
+    storages = {t.untyped_storage().data_ptr() for t in (*adapter.a.values(), *adapter.b.values())}
+    assert storages == {adapter.ranks.untyped_storage().data_ptr()}  # A, B and ranks share one buffer
+    for layer in range(cfg.num_layers):
+        for module in ALL_TARGETS:
+            parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{parent}.{module}.lora_"
+            assert adapter.a[module].dtype == dtype
+            assert torch.equal(adapter.a[module][layer], raw[key + "A.weight"].to(dtype))
+            assert torch.equal(adapter.b[module][layer], raw[key + "B.weight"].to(dtype))
+    assert (adapter.ranks == 8).all()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [0, 37, -1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nan_and_inf_anywhere_are_refused(
+    base: Path, good: Path, tmp_path: Path, value, where, dtype
+) -> None:
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+
+    def poison(t: dict) -> dict:
+        bad = t[key].clone()
+        bad.view(-1)[where] = value
+        return t | {key: bad.to(dtype)}
+
+    folder = copy_adapter(good, tmp_path / "poisoned")
+    edit_tensors(folder, poison)
+    with pytest.raises(AdapterError, match="layer 1 down_proj: weights hold NaN or infinity"):
+        load_adapter(folder, load_config(base), 16, torch.bfloat16)
+
+
+def test_values_that_overflow_the_target_dtype_are_refused(base: Path, good: Path, tmp_path: Path) -> None:
+    """Finite in the file, infinite once narrowed: served as fp16 it would be inf, so it is refused."""
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    folder = copy_adapter(good, tmp_path / "big")
+    edit_tensors(folder, lambda t: t | {key: t[key] * 0 + 1e6})
+    cfg = load_config(base)
+    assert load_adapter(folder, cfg, 16, torch.float32).b["q_proj"].max() == 1e6
+    with pytest.raises(AdapterError, match="layer 0 q_proj: weights hold NaN or infinity"):
+        load_adapter(folder, cfg, 16, torch.float16)
+
+
+def test_forged_and_malformed_file_is_named_as_forged(base: Path, good: Path, tmp_path: Path) -> None:
+    folder = copy_adapter(good, tmp_path / "forged")
+    (folder / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(AdapterError, match="does not match") as info:
+        load_adapter(folder, load_config(base), 16, expected_hash="0" * 64)
+    assert "not a readable safetensors" in str(info.value.__cause__)
+
+
+def test_file_that_grows_while_read_is_refused(
+    base: Path, good: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read is bounded by the size seen when the file was opened: more bytes than that means the
+    file changed under us (or lies about its size), and nothing of it is used."""
+    real_fstat = os.fstat
+
+    def shrunk(fd: int):
+        st = real_fstat(fd)
+        return os.stat_result((*st[:6], st.st_size - 100, *st[7:]))
+
+    monkeypatch.setattr(lora_module.os, "fstat", shrunk)
+    with pytest.raises(AdapterError, match="changed while it was read"):
+        load_adapter(good, load_config(base), 16)

@@ -222,3 +222,74 @@ def test_a_vanishing_temperature_is_greedy_not_nan():
     out = Sampler(CPU)(logits, reqs)
     assert out.token_ids == logits.argmax(dim=-1).tolist()
     assert all(v == v for entry in out.logprobs for v in entry.values())  # no NaN
+
+
+def _old_logprob_rows(logits: torch.Tensor, wanted: list[int | None], token_ids: list[int]) -> list:
+    """The per-row extraction the sampler used before it copied the top-n lists in one go."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    most = min(max(w or 0 for w in wanted), logits.shape[1])
+    top_vals, top_ids = logprobs.topk(most, dim=-1)
+    out = []
+    for row, n in enumerate(wanted):
+        if n is None:
+            out.append(None)
+            continue
+        entry = {token_ids[row]: logprobs[row, token_ids[row]].item()}
+        for tid, val in zip(top_ids[row, :n].tolist(), top_vals[row, :n].tolist(), strict=True):
+            entry.setdefault(tid, val)
+        out.append(entry)
+    return out
+
+
+def test_plain_greedy_fast_path_equals_the_general_path(monkeypatch):
+    torch.manual_seed(5)
+    logits = torch.randn(64, 300)
+    logits[3, 7] = logits[3, 9] = logits[3].max() + 1.0  # a tie: the first index wins on both paths
+    reqs = [make(SamplingParams(temperature=0.0)) for _ in range(64)]
+    assert all(r.plain_greedy for r in reqs)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits.to(dtype)
+        before = x.clone()
+        fast = Sampler(CPU)(x, reqs)
+        assert torch.equal(x, before)
+        monkeypatch.setattr("engine.sampler._PLAIN_GREEDY", lambda r: False)
+        general = Sampler(CPU)(x, reqs)
+        monkeypatch.undo()
+        assert fast.token_ids == general.token_ids == x.float().argmax(dim=-1).tolist()
+        assert fast.logprobs == general.logprobs == [None] * 64
+    assert fast.token_ids[3] == 7
+
+
+def test_plain_greedy_flag_is_off_for_anything_beyond_argmax():
+    assert make(SamplingParams(temperature=0.0)).plain_greedy
+    for params in (
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=0.0, logprobs=0),
+        SamplingParams(temperature=0.0, min_tokens=1),
+        SamplingParams(temperature=0.0, presence_penalty=0.5),
+        SamplingParams(temperature=0.0, frequency_penalty=-0.5),
+        SamplingParams(temperature=0.0, repetition_penalty=1.1),
+    ):
+        r = make(params)
+        assert not r.plain_greedy, params
+        assert r.greedy == params.greedy and r.has_penalties == params.has_penalties
+
+
+def test_one_plain_row_less_takes_the_general_path_with_the_same_tokens():
+    """A batch mixing plain greedy rows with one that asks for more: the greedy rows' tokens do not move."""
+    torch.manual_seed(6)
+    logits = torch.randn(9, 40)
+    plain = [make(SamplingParams(temperature=0.0)) for _ in range(8)]
+    out = Sampler(CPU)(logits, [*plain, make(SamplingParams(temperature=0.0, min_tokens=2), output=(1,))])
+    alone = Sampler(CPU)(logits[:8], plain)
+    assert out.token_ids[:8] == alone.token_ids and out.logprobs == [None] * 9
+
+
+def test_logprobs_of_a_mixed_batch_equal_the_per_row_extraction():
+    torch.manual_seed(8)
+    logits = torch.randn(6, 25)
+    wanted = [None, 0, 3, None, 20, 1]
+    reqs = [make(SamplingParams(temperature=0.0, logprobs=w)) for w in wanted]
+    out = Sampler(CPU)(logits.clone(), reqs)
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+    assert out.logprobs == _old_logprob_rows(logits, wanted, out.token_ids)
