@@ -236,3 +236,33 @@ def test_cuda_graph_replay_equals_eager_and_peft(model: tuple[Path, list[LoRAReq
         max(p.max_tokens for p in params),
     )
     assert replayed == [o[: len(r)] for o, r in zip(oracle, replayed, strict=True)]
+
+
+def test_mixed_step_runs_as_a_decode_and_an_extend_part(model: tuple[Path, list[LoRARequest]]) -> None:
+    """A step too wide for one extend graph (10 decodes + a new prompt) runs as two fixed-buffer parts;
+    the logits come back in the batch's order and equal the eager step's."""
+    base, loras = model
+    llm = LLM(
+        str(base), device="cpu", dtype="float32", block_size=4, num_kv_blocks=256, max_lora_rank=16,
+        max_loras=3, max_cpu_loras=3, max_num_seqs=16,
+    )  # fmt: skip
+    engine, runner = llm.engine, llm.engine.runner
+    runner.graphs = DecodeGraphs(runner, max_batch=16, max_blocks=16, capture=False)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    for i in range(10):
+        engine.add_request(f"d{i}", [0, 5 + i, 9, 11], params, lora=loras[i % 3] if i % 4 else None)
+    while engine.scheduler.num_waiting or any(r.num_output_tokens == 0 for r in engine.scheduler.running):
+        engine.step()
+    engine.add_request("new", [0, 30, 31, 32, 33, 34], params, lora=loras[1])
+    batch = engine.scheduler.schedule().scheduled
+    assert len(batch) == 11 and sum(n > 1 for _, n in batch) == 1 and not runner.graphs.accepts(batch)
+    batch = [batch[-1], *batch[:-1]]  # the prefill first: rows must come back in this order
+    before = runner.graphs.extend_steps
+    fixed = runner.execute(batch).clone()
+    assert runner.graphs.extend_steps == before + 1
+    step = runner.prepare(batch)
+    hidden = runner.model.model(
+        step.input_ids, step.positions, runner.kv_caches, step.attn, step.lora, runner.ops
+    )
+    eager = runner.model.model.compute_logits(hidden[step.attn.query_start_loc[1:].to(torch.int64) - 1])
+    torch.testing.assert_close(fixed, eager, rtol=1e-5, atol=1e-5)
