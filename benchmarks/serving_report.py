@@ -68,6 +68,13 @@ def table(r: dict[str, Any]) -> str:
             f"{e['base']['tokens_per_s']:.0f} tok/s {e['base']['ttft_p50_ms']:.0f}/{e['base']['ttft_p99_ms']:.0f} ms"
             f" -> {e['throughput_ratio']:.3f}; loads {e['adapter_loads']:.0f} in {e['adapter_load_seconds']:.1f} s"
         )
+        for run in ("lora", "base"):
+            x = e[run]
+            lines.append(
+                f"e) {run}: {x['steps']} steps ({x['graph_replays']} replays), step {x['step_ms_mean']:.2f} ms, "
+                f"running {x['running_mean']:.1f}, waiting {x['waiting_mean']:.1f}, "
+                f"{x['steps_with_loads_in_flight']} steps with loads in flight"
+            )
     f = r.get("f", {})
     if "cpu_to_gpu_ms" in f:
         lines.append(

@@ -75,6 +75,14 @@ def _serve(bench: Bench, trace: list[tuple[float, list[int], int | None]], tag: 
     arrivals: dict[str, float] = {}
     first: dict[str, float] = {}
     tokens, failed, nxt = 0, 0, 0
+    # Per step: (wall s, running, waiting, adapter loads in flight), to show what limits the run.
+    trace_steps: list[tuple[float, int, int, bool]] = []
+    cache, graphs = engine.adapter_cache, engine.runner.graphs
+    replays_before = graphs.replays if graphs is not None else 0
+
+    def loading() -> bool:
+        return cache is not None and cache.has_pending_loads
+
     start = time.perf_counter()
     last_finish = start
     while nxt < len(trace) or engine.has_unfinished():
@@ -89,8 +97,12 @@ def _serve(bench: Bench, trace: list[tuple[float, list[int], int | None]], tag: 
         if not engine.has_unfinished():
             time.sleep(max(0.0, min(0.01, trace[nxt][0] - now)))
             continue
+        t0 = time.perf_counter()
         outs = engine.step()
         now = time.perf_counter() - start
+        trace_steps.append(
+            (now + start - t0, len(engine.scheduler.running), engine.scheduler.num_waiting, loading())
+        )
         for o in outs:
             if o.request_id not in first and o.outputs and o.outputs[0].token_ids:
                 first[o.request_id] = now
@@ -107,6 +119,12 @@ def _serve(bench: Bench, trace: list[tuple[float, list[int], int | None]], tag: 
         "tokens_per_s": tokens / span,
         "ttft_p50_ms": float(np.percentile(ttfts, 50)) * 1e3,
         "ttft_p99_ms": float(np.percentile(ttfts, 99)) * 1e3,
+        "steps": len(trace_steps),
+        "graph_replays": (graphs.replays - replays_before) if graphs is not None else 0,
+        "step_ms_mean": 1e3 * sum(w for w, *_ in trace_steps) / max(1, len(trace_steps)),
+        "running_mean": sum(r for _, r, _, _ in trace_steps) / max(1, len(trace_steps)),
+        "waiting_mean": sum(w for _, _, w, _ in trace_steps) / max(1, len(trace_steps)),
+        "steps_with_loads_in_flight": sum(1 for *_, lo in trace_steps if lo),
     }
 
 
