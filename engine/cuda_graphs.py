@@ -13,7 +13,10 @@ The grouping is built on the host (B values) and copied, so nothing inside the g
 slot mix: the kernels' grids depend only on the bucket and the number of slots. Rows past the real batch
 are padding: slot -1 (no KV write, no LoRA), a one-token context in block 0, results never read.
 Whether a module group needs LoRA launches is a host decision; it picks the graph (up to 16 variants per
-bucket, captured on first use) instead of skipping launches inside one.
+bucket) instead of skipping launches inside one. The base and all-groups variants are captured at start;
+another variant borrows a wider captured graph (all groups; the widest extend sequence bucket) until it
+has been asked for CAPTURE_AFTER times, then is captured, so a new mix of adapter targets or sequence
+count never stalls a step for a capture at first sight.
 
 Small extend steps (a prompt's last chunk after a prefix-cache hit, a few sequences and up to
 EXTEND_TOKENS[-1] tokens) are launch-bound the same way: they use token buckets EXTEND_TOKENS and sequence
@@ -48,6 +51,7 @@ GroupMask = tuple[bool, ...] | None  # None: no adapter in the step, no LoRA lau
 GraphKey = tuple[int, int, GroupMask]  # (tokens, sequences, mask); decode keys have tokens == sequences
 EXTEND_TOKENS = (16, 32, 64, 128, 256)
 EXTEND_SEQS = (1, 2, 4, 8)
+CAPTURE_AFTER = 256  # uses of a LoRA group-mask variant before it is captured (see DecodeGraphs.run)
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -114,6 +118,9 @@ class DecodeGraphs:
         self.pool: Any = torch.cuda.graph_pool_handle() if capture else None
         self.capture_seconds = 0.0
         self.replays = 0
+        self.capture_after = CAPTURE_AFTER
+        self.misses: dict[GraphKey, int] = {}  # requests for variants not captured yet
+        self.borrowed = 0  # steps that replayed a wider variant than they needed
         self.extend_steps = 0  # extend steps run through the buffers (replayed or, without capture, eager)
         self._num_segments = 0
         self.broken = False
@@ -134,16 +141,22 @@ class DecodeGraphs:
         """Same contract as ModelRunner.execute for a batch `accepts` took: float32 logits [B, V].
         The result is a view of a buffer the next step overwrites. None: a capture failed, run eager."""
         size = len(batch)
-        if all(n == 1 for _, n in batch):
+        decode = all(n == 1 for _, n in batch)
+        if decode:
             tokens = seqs = next(b for b in self.buckets if b >= size)
-            mask = self._fill(batch, tokens)
         else:
             tokens = next(t for t in self.extend_tokens if t >= sum(n for _, n in batch))
             seqs = next(b for b in self.extend_seqs if b >= size)
-            mask = self._fill_extend(batch, tokens, seqs)
+        mask = self._mask_of(batch)
+        key = self._pick(tokens, seqs, mask)
+        tokens, seqs = key[0], key[1]
+        if decode:
+            filled = self._fill(batch, tokens)
+        else:
+            filled = self._fill_extend(batch, tokens, seqs)
             self.extend_steps += 1
+        assert filled == mask, (filled, mask)
         self._upload(tokens, seqs + (tokens != seqs))
-        key = (tokens, seqs, mask)
         if not self.capture_enabled:
             self._forward(key)
         else:
@@ -162,13 +175,46 @@ class DecodeGraphs:
             self.replays += 1
         return self.logits[:size]
 
+    def _pick(self, tokens: int, seqs: int, mask: GroupMask) -> GraphKey:
+        """The graph to replay: the exact variant when captured; else, until it has been asked for
+        `capture_after` times, a captured one that computes the same thing with more work: the widest
+        extend sequence bucket (its extra rows are empty) and/or the all-groups mask (its extra LoRA
+        launches compute zeros: rank 0 in every slot of the groups no adapter of the step targets).
+        Capturing costs ~0.3 s of a step on an 8B model, while a wider variant costs ~1 ms a step: rent,
+        then buy, so the total overhead stays within about twice the better choice made in hindsight."""
+        key = (tokens, seqs, mask)
+        if not self.capture_enabled or key in self.graphs:
+            return key
+        self.misses[key] = self.misses.get(key, 0) + 1
+        if self.misses[key] >= self.capture_after:
+            return key
+        wide = seqs if tokens == seqs else self.extend_seqs[-1]
+        # mask None never borrows a LoRA variant: without adapters the step's grouping is not filled in.
+        masks = [mask] if mask is None else [mask, all_groups_mask()]
+        for alt in ((tokens, s, m) for m in masks for s in dict.fromkeys((seqs, wide))):
+            if alt in self.graphs:
+                self.borrowed += 1
+                return alt
+        return key
+
+    def _mask_of(self, batch: list[tuple[Request, int]]) -> GroupMask:
+        """Module groups any adapter of the batch targets (None: no adapter). Slots out of range are left
+        to the fill's check."""
+        slots = self.runner.adapter_cache.slots
+        used = sorted({r.lora_slot for r, _ in batch if 0 <= r.lora_slot < slots.num_slots})
+        if not used:
+            return None
+        active = slots.host_ranks[:, :, used] > 0  # [L, G, used]
+        return tuple(bool(g) for g in active.any(dim=2).any(dim=0).tolist())
+
     @torch.inference_mode()
     def capture_all(self, masks: list[GroupMask]) -> None:
-        """Capture every decode bucket and the one-sequence extend buckets for these group masks now (at
-        start), largest first so that smaller graphs reuse the larger ones' pool memory. Other extend
-        shapes are captured on first use."""
+        """Capture every decode bucket and the one- and widest-sequence extend buckets for these group
+        masks now (at start), largest first so that smaller graphs reuse the larger ones' pool memory.
+        Other variants are borrowed, then captured (`_pick`)."""
         for mask in masks:
-            keys = [(t, 1, mask) for t in reversed(self.extend_tokens)]
+            widths = dict.fromkeys((self.extend_seqs[-1], 1))
+            keys = [(t, b, mask) for t in reversed(self.extend_tokens) for b in widths]
             keys += [(b, b, mask) for b in reversed(self.buckets)]
             for key in keys:
                 if key not in self.graphs:
@@ -379,8 +425,8 @@ def log_memory(runner: ModelRunner, graphs: DecodeGraphs | None, variants: int) 
     kv = sum(k.numel() * k.element_size() * 2 for k, _ in runner.kv_caches)
     graph_part = (
         f"{len(graphs.graphs)} CUDA graphs ({len(graphs.buckets)} decode buckets up to {graphs.max_batch} "
-        f"sequences, {len(graphs.extend_tokens)} one-sequence extend buckets up to "
-        f"{graphs.extend_tokens[-1]} tokens; x {variants} LoRA variants) captured in "
+        f"sequences, {len(graphs.extend_tokens)} extend buckets up to {graphs.extend_tokens[-1]} tokens for 1 "
+        f"and {graphs.extend_seqs[-1]} sequences; x {variants} LoRA variants) captured in "
         f"{graphs.capture_seconds:.1f} s"
         if graphs is not None
         else "decode CUDA graphs off"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine import LLM, LoRARequest, SamplingParams
-from engine.cuda_graphs import DecodeGraphs, bucket_sizes
+from engine.cuda_graphs import DecodeGraphs, all_groups_mask, bucket_sizes
 from kernels.lora import make_lora_meta
 from tests.helpers.hf_models import ALL_TARGETS, VOCAB_SIZE, make_peft_adapter, make_tiny_model
 
@@ -212,12 +212,14 @@ def test_cuda_graph_replay_equals_eager_and_peft(model: tuple[Path, list[LoRAReq
     mix = [loras[0], None, loras[1], loras[2], loras[1], None, loras[0]]
     params = [SamplingParams(max_tokens=3 + 2 * i, temperature=0.0, ignore_eos=True) for i in range(7)]
 
-    def run(graphs: bool) -> tuple[list[list[int]], LLM]:
+    def run(graphs: bool, capture_after: int = 1) -> tuple[list[list[int]], LLM]:
         llm = LLM(
             str(base), device="cuda", dtype="float32", block_size=4, num_kv_blocks=256, max_lora_rank=16,
             max_loras=3, max_cpu_loras=3, max_num_seqs=8, cuda_graphs=graphs,
         )  # fmt: skip
         assert (llm.engine.runner.graphs is not None) == graphs
+        if graphs:
+            llm.engine.runner.graphs.capture_after = capture_after
         outs = llm.generate(prompts, params, lora_request=mix)
         return [list(o.outputs[0].token_ids) for o in outs], llm
 
@@ -226,8 +228,11 @@ def test_cuda_graph_replay_equals_eager_and_peft(model: tuple[Path, list[LoRAReq
     assert graphs.replays > 0
     assert any(mask not in (None, (True,) * 4) for _, _, mask in graphs.graphs)  # a variant captured on use
     assert graphs.extend_steps > 0  # the prefills went through the extend graphs
+    borrowing, llm = run(True, capture_after=1000)  # wider captured graphs replayed instead
+    assert llm.engine.runner.graphs.borrowed > 0
+    assert all(mask in (None, (True,) * 4) for _, _, mask in llm.engine.runner.graphs.graphs)
     eager, _ = run(False)
-    assert replayed == eager
+    assert replayed == eager == borrowing
     oracle = hf_greedy(
         base,
         {lo.lora_name: Path(lo.lora_path) for lo in loras},
@@ -266,3 +271,40 @@ def test_mixed_step_runs_as_a_decode_and_an_extend_part(model: tuple[Path, list[
     )
     eager = runner.model.model.compute_logits(hidden[step.attn.query_start_loc[1:].to(torch.int64) - 1])
     torch.testing.assert_close(fixed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_variants_borrow_a_wider_graph_then_get_captured(
+    model: tuple[Path, list[LoRARequest]],
+) -> None:
+    """Until a variant has been asked for capture_after times, a captured wider one is replayed: the
+    widest extend sequence bucket, the all-groups mask; a step without adapters never borrows a LoRA one."""
+    base, _ = model
+    graphs = make_llm(base, graphs=True).engine.runner.graphs
+    graphs.capture_enabled, graphs.capture_after = True, 3  # only _pick runs here: nothing is captured
+    every, qkvo = all_groups_mask(), (True, True, False, False)
+    graphs.graphs = dict.fromkeys([(64, 8, None), (64, 8, every), (16, 16, every), (32, 2, qkvo)])
+    assert graphs._pick(64, 1, None) == (64, 8, None)
+    assert graphs._pick(64, 2, qkvo) == (64, 8, every)
+    assert graphs._pick(32, 2, qkvo) == (32, 2, qkvo)  # captured: no borrowing
+    assert graphs._pick(16, 16, qkvo) == (16, 16, every)
+    assert graphs._pick(16, 16, None) == (16, 16, None)  # would need a capture: no LoRA graph for it
+    assert graphs.borrowed == 3
+    assert graphs._pick(16, 16, qkvo) == (16, 16, every)
+    assert graphs._pick(16, 16, qkvo) == (16, 16, qkvo)  # the third request: capture it now
+
+
+def test_a_borrowed_wider_graph_computes_the_same_logits(model: tuple[Path, list[LoRARequest]]) -> None:
+    """Replaying with empty extra sequence rows and zero-rank LoRA groups gives the exact variant's logits."""
+    base, loras = model
+    outputs = []
+    for wide in (False, True):
+        llm = make_llm(base, graphs=True)
+        graphs = llm.engine.runner.graphs
+        if wide:
+            graphs._pick = lambda t, s, m: (t, s if t == s else 8, None if m is None else all_groups_mask())
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        mix = [loras[0], None, loras[0]]  # loras[0] targets q and v only: borrowing adds three zero groups
+        outs = llm.generate([[0, 7, 8, 9], [0, 10, 11], [0, 12, 13, 14, 15]], params, lora_request=mix)
+        outputs.append([o.outputs[0].token_ids for o in outs])
+        assert graphs.extend_steps > 0
+    assert outputs[0] == outputs[1]
