@@ -90,9 +90,11 @@ class DecodeGraphs:
             return torch.zeros(shape, dtype=dtype, pin_memory=pin)
 
         # Host staging (pinned on CUDA) and the device buffers the graphs read; numpy views for fast fills.
-        self.extend_tokens = [t for t in EXTEND_TOKENS if t <= max(runner.config.max_num_batched_tokens, 16)]
+        # The padding sequence's context (up to a whole bucket) must fit one block-table row.
+        room = min(max(runner.config.max_num_batched_tokens, 16), max_blocks * runner.block_size)
+        self.extend_tokens = [t for t in EXTEND_TOKENS if t <= room]  # may be empty: no extend graphs
         self.extend_seqs = [b for b in EXTEND_SEQS if b <= max_batch]
-        tokens = max(max_batch, self.extend_tokens[-1])
+        tokens = max([max_batch, *self.extend_tokens])
         rows = max(max_batch, self.extend_seqs[-1] + 1)  # + 1: an extend step's padding sequence
         self.h_ids = host(tokens, dtype=torch.int64)
         self.h_pos = host(tokens, dtype=torch.int64)
@@ -137,7 +139,12 @@ class DecodeGraphs:
             return False
         if all(n == 1 for _, n in batch):
             return len(batch) <= self.max_batch
-        return len(batch) <= self.extend_seqs[-1] and sum(n for _, n in batch) <= self.extend_tokens[-1]
+        tokens = sum(n for _, n in batch)
+        return (
+            bool(self.extend_tokens)
+            and len(batch) <= self.extend_seqs[-1]
+            and tokens <= self.extend_tokens[-1]
+        )
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Request, int]]) -> Tensor | None:
@@ -430,8 +437,8 @@ def log_memory(runner: ModelRunner, graphs: DecodeGraphs | None, variants: int) 
     kv = sum(k.numel() * k.element_size() * 2 for k, _ in runner.kv_caches)
     graph_part = (
         f"{len(graphs.graphs)} CUDA graphs ({len(graphs.buckets)} decode buckets up to {graphs.max_batch} "
-        f"sequences, {len(graphs.extend_tokens)} extend buckets up to {graphs.extend_tokens[-1]} tokens for 1 "
-        f"and {graphs.extend_seqs[-1]} sequences; x {variants} LoRA variants) captured in "
+        f"sequences, {len(graphs.extend_tokens)} extend buckets up to {max(graphs.extend_tokens, default=0)} "
+        f"tokens for 1 and {graphs.extend_seqs[-1]} sequences; x {variants} LoRA variants) captured in "
         f"{graphs.capture_seconds:.1f} s"
         if graphs is not None
         else "decode CUDA graphs off"

@@ -309,3 +309,18 @@ def test_a_borrowed_wider_graph_computes_the_same_logits(model: tuple[Path, list
         outputs.append([o.outputs[0].token_ids for o in outs])
         assert graphs.extend_steps > 0
     assert outputs[0] == outputs[1]
+
+
+def test_no_extend_graphs_when_a_bucket_cannot_fit_a_table_row(model: tuple[Path, list[LoRARequest]]) -> None:
+    """The padding sequence may hold a whole token bucket: buckets wider than a block-table row (a short
+    max_model_len) are not offered, so it never reads past its row."""
+    base, _ = model
+    runner = make_llm(base, graphs=False).engine.runner
+    graphs = DecodeGraphs(runner, max_batch=8, max_blocks=6, capture=False)  # 24 tokens a row
+    assert graphs.extend_tokens == [16]
+    none = DecodeGraphs(runner, max_batch=8, max_blocks=3, capture=False)  # 12 tokens a row
+    assert none.extend_tokens == []
+    engine = make_llm(base, graphs=False).engine
+    engine.add_request("x", [0, 5, 6, 7], SamplingParams(max_tokens=2, temperature=0.0))
+    ((req, n),) = engine.scheduler.schedule().scheduled
+    assert n == 4 and graphs.accepts([(req, n)]) and not none.accepts([(req, n)])
