@@ -42,8 +42,10 @@ def tenant(**kw: int | None) -> TenantLimits:
 async def test_fifty_concurrent_admissions_across_processes_admit_exactly_n(
     redis_url: str, prefix: str
 ) -> None:
-    # Five limiters stand for five API processes sharing one Redis.
-    limiters = [Limiter(redis_url, key_prefix=prefix) for _ in range(5)]
+    # Five limiters stand for five API processes sharing one Redis. The timeout is generous: this test is
+    # about atomic admission, and 50 first connections at once on a loaded CI machine can take over the
+    # 0.5 s default, which (correctly) falls back to the in-process limiter.
+    limiters = [Limiter(redis_url, key_prefix=prefix, redis_timeout_s=5.0) for _ in range(5)]
     t = tenant(max_concurrent_requests=7)
     admissions = await asyncio.gather(*(limiters[i % 5].admit(t, 10) for i in range(50)))
     assert {a.backend for a in admissions} == {"redis"}
