@@ -12,24 +12,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.serving_workloads import Bench, make_resident
+from benchmarks.serving_workloads import Bench, make_resident, start_decoding
 from engine.request import LoRARequest
-from engine.sampling_params import SamplingParams
 
 
 def _profile_decode(
     bench: Bench, batch: int, loras: list[LoRARequest] | None = None, steps: int = 10
 ) -> dict[str, Any]:
-    engine, s = bench.engine, bench.sizes
-    tag = bench.tag("prof")
-    params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
-    ids = [f"{tag}-{i}" for i in range(batch)]
-    for i, rid in enumerate(ids):
-        lora = loras[i % len(loras)] if loras else None
-        engine.add_request(rid, bench.prompt(s.decode_prompt), params, lora=lora, cache_salt=rid)
-    sched = engine.scheduler
-    while sched.num_waiting or any(r.num_output_tokens == 0 for r in sched.running):
-        engine.step()
+    engine = bench.engine
+    ids = start_decoding(bench, batch, loras, bench.tag("prof"))
     for _ in range(3):
         engine.step()
     activities = [torch.profiler.ProfilerActivity.CPU]

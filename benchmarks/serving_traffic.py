@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from benchmarks.serving_workloads import Bench
-from engine.lora import LoRASlots, load_adapter, pin_adapter
+from engine.lora import load_adapter
+from engine.lora_slots import LoRASlots, pin_adapter
 from engine.request import LoRARequest
 from engine.sampling_params import SamplingParams
 

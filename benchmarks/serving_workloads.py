@@ -142,20 +142,27 @@ def kv_bytes_per_token(bench: Bench) -> int:
     return 2 * len(bench.engine.runner.kv_caches) * k.shape[2] * k.shape[3] * k.element_size()
 
 
-def decode(bench: Bench, batch: int, loras: list[LoRARequest] | None, check: bool = False) -> dict[str, Any]:
-    """`batch` sequences of decode_prompt tokens, prefilled, then timed decode steps (all B every step)."""
-    s, engine = bench.sizes, bench.engine
-    timer = timer_of(bench)
-    tag = bench.tag("dec")
-    # Long enough that no sequence finishes while the last ones are still in prefill (aborted below).
+def start_decoding(bench: Bench, batch: int, loras: list[LoRARequest] | None, tag: str) -> list[str]:
+    """Add `batch` sequences of decode_prompt tokens (adapters round-robin) and step until every one has
+    its first token, so the following steps are pure decode. Returns their request ids (abort them)."""
+    engine = bench.engine
+    # Long enough that no sequence finishes while the last ones are still in prefill.
     params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
     ids = [f"{tag}-{i}" for i in range(batch)]
     for i, rid in enumerate(ids):
         lora = loras[i % len(loras)] if loras else None
-        engine.add_request(rid, bench.prompt(s.decode_prompt), params, lora=lora, cache_salt=rid)
+        engine.add_request(rid, bench.prompt(bench.sizes.decode_prompt), params, lora=lora, cache_salt=rid)
     sched = engine.scheduler
     while sched.num_waiting or any(r.num_output_tokens == 0 for r in sched.running):
         engine.step()
+    return ids
+
+
+def decode(bench: Bench, batch: int, loras: list[LoRARequest] | None, check: bool = False) -> dict[str, Any]:
+    """`batch` sequences of decode_prompt tokens, prefilled, then timed decode steps (all B every step)."""
+    s, engine = bench.sizes, bench.engine
+    timer = timer_of(bench)
+    ids = start_decoding(bench, batch, loras, bench.tag("dec"))
     for _ in range(s.warmup):
         engine.step()
     timer.reset()

@@ -20,7 +20,9 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
-from engine.lora import LoRAAdapter, LoRASlots, ReadBuffer, load_adapter, pin_adapter
+from engine.adapter_file import ReadBuffer
+from engine.lora import LoRAAdapter, load_adapter
+from engine.lora_slots import LoRASlots, pin_adapter
 from engine.request import LoRARequest
 
 AdapterLoader = Callable[[LoRARequest], str]

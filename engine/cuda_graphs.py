@@ -411,48 +411,18 @@ def all_groups_mask() -> tuple[bool, ...]:
 def setup_decode_graphs(runner: ModelRunner, max_model_len: int | None) -> DecodeGraphs | None:
     """The runner's decode graphs when the config asks for them and the device can replay them (CUDA and
     the Triton kernels: the torch references sync on the host), captured at start for the base model and
-    for all module groups and for q/k/v/o only; then the memory line. Other group masks borrow one of
-    these, then are captured (`DecodeGraphs._pick`)."""
+    for all module groups and for q/k/v/o only. Other group masks borrow one of these, then are captured
+    (`DecodeGraphs._pick`)."""
     config = runner.config
-    graphs = None
+    if not (config.cuda_graphs and runner.device.type == "cuda" and runner.ops.name == "triton"):
+        return None
+    cfg = runner.model.config
+    longest = min(x for x in (cfg.max_position_embeddings, max_model_len) if x is not None)
+    longest = min(longest, runner.num_kv_blocks * runner.block_size)
+    max_blocks = -(-longest // runner.block_size)
+    graphs = DecodeGraphs(runner, config.max_num_seqs, max_blocks)
     masks: list[GroupMask] = [None]
-    if config.cuda_graphs and runner.device.type == "cuda" and runner.ops.name == "triton":
-        cfg = runner.model.config
-        longest = min(x for x in (cfg.max_position_embeddings, max_model_len) if x is not None)
-        longest = min(longest, runner.num_kv_blocks * runner.block_size)
-        max_blocks = -(-longest // runner.block_size)
-        graphs = DecodeGraphs(runner, config.max_num_seqs, max_blocks)
-        if runner.adapter_cache.slots.num_slots > 0:
-            masks += [all_groups_mask(), ATTENTION_ONLY]
-        graphs.capture_all(masks)
-    if runner.device.type == "cuda":
-        log_memory(runner, graphs, len(masks) if graphs is not None else 0)
+    if runner.adapter_cache.slots.num_slots > 0:
+        masks += [all_groups_mask(), ATTENTION_ONLY]
+    graphs.capture_all(masks)
     return graphs
-
-
-def log_memory(runner: ModelRunner, graphs: DecodeGraphs | None, variants: int) -> None:
-    """One line at start: what weights, adapter slots, KV cache and graphs took against the budget."""
-    config = runner.config
-    free, total = torch.cuda.mem_get_info(runner.device)
-    kv = sum(k.numel() * k.element_size() * 2 for k, _ in runner.kv_caches)
-    graph_part = (
-        f"{len(graphs.graphs)} CUDA graphs ({len(graphs.buckets)} decode buckets up to {graphs.max_batch} "
-        f"sequences, {len(graphs.extend_tokens)} extend buckets up to {max(graphs.extend_tokens, default=0)} "
-        f"tokens for 1 and {graphs.extend_seqs[-1]} sequences; x {variants} LoRA variants) captured in "
-        f"{graphs.capture_seconds:.1f} s"
-        if graphs is not None
-        else "decode CUDA graphs off"
-    )
-    log.info(
-        "GPU memory: KV cache %.2f GiB (%d blocks), adapter slots %.2f GiB; %s; peak allocated %.2f GiB, "
-        "in use on the device %.2f GiB of a %.2f GiB budget (gpu_memory_fraction %.2f of %.2f GiB)",
-        kv / 2**30,
-        runner.num_kv_blocks,
-        runner.adapter_cache.slots.nbytes / 2**30,
-        graph_part,
-        torch.cuda.max_memory_allocated(runner.device) / 2**30,
-        (total - free) / 2**30,
-        total * config.gpu_memory_fraction / 2**30,
-        config.gpu_memory_fraction,
-        total / 2**30,
-    )

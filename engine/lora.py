@@ -16,13 +16,9 @@ over the result for NaN/Inf. docs/engine.md has the measured times.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import math
-import os
-import queue
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,28 +26,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from engine.adapter_file import (
+    WEIGHTS_FILE,
+    AdapterError,
+    ReadBuffer,
+    Sha256Thread,
+    parse_safetensors,
+    read_bounded,
+)
 from engine.model_loader import ModelConfig
 from engine.ops import LORA_MODULES, MODULE_GROUPS
 
 CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
 
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
 )
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-# safetensors dtype names: the float ones we serve, and the others, which are refused by name.
-_ST_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_ST_OTHERS = {"F64", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
-# Read size per step: the hash thread starts on the first chunk while the rest is still being read.
-_READ_CHUNK = 4 << 20
 # ATen runs an element-wise op on the calling thread alone up to this many elements (its grain size).
 _SERIAL_NUMEL = 32768
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be served on this base model; the message says why."""
 
 
 @dataclass
@@ -177,9 +171,9 @@ def load_adapter(
     # sha256 runs on its own thread (hashlib lets go of the GIL), fed chunk by chunk as they are read,
     # so it overlaps the read and then the parsing of the very same bytes: what is hashed is exactly what
     # is parsed, since nothing writes the buffer after its chunk was read.
-    digest = _Sha256()
+    digest = Sha256Thread()
     try:
-        data = _read_bounded(weights_file, limit, max_rank, read_buffer or ReadBuffer(), digest)
+        data = read_bounded(weights_file, limit, max_rank, read_buffer or ReadBuffer(), digest)
         try:
             adapter = _build(data, raw, shapes, model_cfg.num_layers, max_rank, dtype, pin)
         except AdapterError as exc:
@@ -201,75 +195,13 @@ def _build(
     dtype: torch.dtype,
     pin: bool,
 ) -> LoRAAdapter:
-    tensors = _parse_tensors(data)
+    tensors = parse_safetensors(data)
     found = _pair_tensors(tensors, shapes, layers)
     scaling, per_module = _check_and_scale(found, raw, shapes, max_rank)
     buffer = torch.empty(_layout(per_module, shapes, layers, dtype)[2], dtype=torch.uint8, pin_memory=pin)
     adapter, values = _stack(scaling, per_module, shapes, layers, dtype, buffer)
     _refuse_non_finite(values, adapter)
     return adapter
-
-
-class ReadBuffer:
-    """One loader thread's reusable read buffer. A fresh 27 MB buffer per load costs its page faults on
-    every load (5-15 ms measured); a loader thread reads one adapter at a time, so one buffer serves it.
-    What a load returns never points into it (the stacked adapter is a copy)."""
-
-    def __init__(self) -> None:
-        self._data = bytearray()
-
-    def get(self, size: int) -> memoryview:
-        if len(self._data) < size:
-            self._data = bytearray(size)
-        return memoryview(self._data)[:size]
-
-
-class _Sha256(threading.Thread):
-    """sha256 of the chunks fed to it, computed on its own thread; `feed(None)` ends the input."""
-
-    def __init__(self) -> None:
-        super().__init__(name="lora-sha256", daemon=True)
-        self._chunks: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-        self._hex = ""
-        self.start()
-
-    def feed(self, chunk: memoryview | None) -> None:
-        self._chunks.put(chunk)
-
-    def run(self) -> None:
-        h = hashlib.sha256()
-        while (chunk := self._chunks.get()) is not None:
-            h.update(chunk)
-        self._hex = h.hexdigest()
-
-    def hexdigest(self) -> str:
-        self.join()
-        return self._hex
-
-
-def _read_bounded(
-    weights_file: Path, limit: int, max_rank: int, buffer: ReadBuffer, digest: _Sha256
-) -> memoryview:
-    """The whole file, read once into `buffer` in chunks, each fed to `digest` as it lands (and the end
-    of input fed, whatever happens). Refused when larger than `limit` or when it grows while read (a file
-    that lies about its size cannot exhaust memory)."""
-    try:
-        with weights_file.open("rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > limit:
-                raise AdapterError(
-                    f"{WEIGHTS_FILE} is larger than any adapter of rank <= {max_rank} for this model"
-                )
-            data = buffer.get(size + 1)  # one spare byte tells a file that grew from one that did not
-            filled = 0
-            while filled < len(data) and (got := f.readinto(data[filled : filled + _READ_CHUNK])):
-                digest.feed(data[filled : filled + got])
-                filled += got
-    finally:
-        digest.feed(None)
-    if filled > size:
-        raise AdapterError(f"{WEIGHTS_FILE} changed while it was read")
-    return data[:filled]
 
 
 def _check_hash(content_hash: str, expected: str | None, cause: Exception | None = None) -> None:
@@ -458,161 +390,3 @@ def _first_non_finite(a: dict[str, Tensor], b: dict[str, Tensor]) -> str:
             if not (torch.isfinite(a[module][layer]).all() and torch.isfinite(b[module][layer]).all()):
                 return f"layer {layer} {module}"
     return "adapter"
-
-
-def _parse_tensors(data: memoryview | bytearray) -> dict[str, Tensor]:
-    """safetensors bytes -> tensors that are views of `data` (no copy, no code run: a JSON header and
-    raw little-endian arrays). It accepts no file that safetensors' own parser refuses (a test checks
-    this on mutated files), and refuses duplicate names, which that one takes: the header must be an
-    object of {dtype, shape, data_offsets} entries whose byte ranges tile the data section exactly (no
-    gaps, no overlaps, nothing after), each range the size its dtype and shape say."""
-
-    def refuse(why: str) -> AdapterError:
-        return AdapterError(f"{WEIGHTS_FILE} is not a readable safetensors file: {why}")
-
-    if len(data) < 8:
-        raise refuse("shorter than its 8-byte header length")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > len(data) - 8:
-        raise refuse("header length runs past the end of the file")
-    try:
-        header = json.loads(str(data[8 : 8 + header_len], "utf-8"), object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise refuse(f"header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise refuse("header is not a JSON object")
-    entries: list[tuple[int, int, str, str, list[int]]] = []
-    for key, info in header.items():
-        if key == "__metadata__":
-            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
-                raise refuse("__metadata__ must map strings to strings")
-            continue
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            raise refuse(f"entry {key!r} must hold dtype, shape and data_offsets")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise refuse(f"entry {key!r} has a bad shape")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
-            raise refuse(f"entry {key!r} has bad data_offsets")
-        if not isinstance(dtype, str) or dtype not in _ST_FLOATS:
-            if isinstance(dtype, str) and dtype in _ST_OTHERS:
-                raise AdapterError(f"tensor {key!r} has dtype {dtype}; expected a float type (F32/F16/BF16)")
-            raise refuse(f"entry {key!r} has unknown dtype {dtype!r}")
-        entries.append((offsets[0], offsets[1], key, dtype, shape))
-    entries.sort()
-    end = 0
-    for begin, stop, key, dtype, shape in entries:
-        if begin != end or stop - begin != math.prod(shape) * _ST_FLOATS[dtype].itemsize:
-            raise refuse(f"entry {key!r}: its bytes do not follow the previous tensor's or fit its shape")
-        end = stop
-    data_start = 8 + header_len
-    if data_start + end != len(data):
-        raise refuse("data section does not match the tensors it holds")
-    return {
-        key: _view(data, data_start + begin, math.prod(shape), _ST_FLOATS[dtype]).view(shape)
-        for begin, _, key, dtype, shape in entries
-    }
-
-
-def _view(data: memoryview | bytearray, offset: int, numel: int, dtype: torch.dtype) -> Tensor:
-    if numel == 0:
-        return torch.empty(0, dtype=dtype)
-    if offset % dtype.itemsize:  # legal in the format, but torch wants aligned elements: copy this one
-        raw = torch.frombuffer(data, dtype=torch.uint8, count=numel * dtype.itemsize, offset=offset)
-        return raw.clone().view(dtype)
-    return torch.frombuffer(data, dtype=dtype, count=numel, offset=offset)
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("duplicate key")
-    return out
-
-
-class LoRASlots:
-    """The device-resident adapter slots: every module's A/B stacked over slots, padded to max_rank.
-
-    Padding with zeros keeps the math exact, and a module an adapter does not target is all zeros with
-    rank 0, so adapters with different ranks and target sets share one batch.
-    """
-
-    def __init__(
-        self, cfg: ModelConfig, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
-    ) -> None:
-        self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
-        layers, s, r = cfg.num_layers, num_slots, max_rank
-        self.a: dict[str, Tensor] = {}
-        self.b: dict[str, Tensor] = {}
-        for module, (d_in, d_out) in module_shapes(cfg).items():
-            self.a[module] = torch.zeros(layers, s, r, d_in, dtype=dtype, device=device)  # [L, S, R, in]
-            self.b[module] = torch.zeros(layers, s, d_out, r, dtype=dtype, device=device)  # [L, S, out, R]
-        self.scales = torch.zeros(s, dtype=torch.float32, device=device)  # [S]
-        self.ranks = torch.zeros(layers, len(MODULE_GROUPS), s, dtype=torch.int32, device=device)  # [L, G, S]
-        # Host copy of `ranks`, so a step can tell which launches it needs without a device sync.
-        self.host_ranks = torch.zeros(layers, len(MODULE_GROUPS), s, dtype=torch.int32)
-        # On CUDA, slot writes run on a side stream so that loading never stalls the running batch.
-        self._stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
-
-    def active_groups(self, slots: list[int]) -> list[list[bool]]:
-        """[L][G]: does any of these slots have a non-zero rank in group g of layer l?"""
-        if not slots:
-            return [[False] * self.host_ranks.shape[1] for _ in range(self.host_ranks.shape[0])]
-        return (self.host_ranks[:, :, slots].amax(dim=-1) > 0).tolist()  # type: ignore[no-any-return]
-
-    def write(self, slot: int, adapter: LoRAAdapter) -> Any:
-        """Copy `adapter` into `slot`. Returns a CUDA event to check before use, or None when done."""
-        if not 0 <= slot < self.num_slots:
-            raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
-        self.host_ranks[:, :, slot] = adapter.ranks
-        if self._stream is None:
-            self._write(slot, adapter)
-            return None
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            self._write(slot, adapter)
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        return event
-
-    def _write(self, slot: int, adapter: LoRAAdapter) -> None:
-        for module in self.a:
-            self.a[module][:, slot].zero_()
-            self.b[module][:, slot].zero_()
-            if module in adapter.a:
-                r = adapter.a[module].shape[1]
-                self.a[module][:, slot, :r].copy_(adapter.a[module], non_blocking=True)
-                self.b[module][:, slot, :, :r].copy_(adapter.b[module], non_blocking=True)
-        self.ranks[:, :, slot].copy_(adapter.ranks, non_blocking=True)
-        self.scales[slot] = adapter.scaling
-
-
-def pin_adapter(adapter: LoRAAdapter) -> LoRAAdapter:
-    """Page-locked, so CPU->GPU copies can run asynchronously (CUDA hosts only). An adapter from
-    `load_adapter` is pinned already; otherwise each buffer under its tensors is copied once into pinned
-    memory and the views are rebuilt on it."""
-    if not torch.cuda.is_available():
-        return adapter
-    pinned: dict[int, torch.UntypedStorage] = {}
-
-    def pin(t: Tensor) -> Tensor:
-        if t.is_pinned():
-            return t
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in pinned:
-            pinned[storage.data_ptr()] = storage.pin_memory()
-        out = torch.empty(0, dtype=t.dtype)
-        return out.set_(pinned[storage.data_ptr()], t.storage_offset(), t.shape, t.stride())
-
-    adapter.a = {m: pin(t) for m, t in adapter.a.items()}
-    adapter.b = {m: pin(t) for m, t in adapter.b.items()}
-    adapter.ranks = pin(adapter.ranks)
-    return adapter

@@ -7,6 +7,7 @@ lengths, query offsets and the token -> adapter slot grouping.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from engine.cuda_graphs import setup_decode_graphs
 from engine.model_loader import LoadedModel, ModelConfig
 from engine.ops import AttentionBatch, LoRABatch, get_ops
 from engine.request import Request
+
+log = logging.getLogger(__name__)
 
 # CPU default when the config sets no budget: enough for the demo model and small tests, bounded so a
 # big model on a laptop does not take all its memory.
@@ -91,6 +94,35 @@ class ModelRunner:
         ]
         # Last: the graphs' warm-up needs the KV cache, and the memory line reports everything above.
         self.graphs = setup_decode_graphs(self, config.max_model_len)
+        if self.device.type == "cuda":
+            self.log_memory()
+
+    def log_memory(self) -> None:
+        """One line at start: what adapter slots, KV cache and graphs took against the memory budget."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        kv = sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
+        g = self.graphs
+        graph_part = (
+            f"{len(g.graphs)} CUDA graphs ({len(g.buckets)} decode buckets up to {g.max_batch} sequences, "
+            f"{len(g.extend_tokens)} extend buckets up to {max(g.extend_tokens, default=0)} tokens for 1 and "
+            f"{g.extend_seqs[-1]} sequences; x {len({m for *_, m in g.graphs})} LoRA variants) captured in "
+            f"{g.capture_seconds:.1f} s"
+            if g is not None
+            else "CUDA graphs off"
+        )
+        log.info(
+            "GPU memory: KV cache %.2f GiB (%d blocks), adapter slots %.2f GiB; %s; peak allocated %.2f GiB, "
+            "in use on the device %.2f GiB of a %.2f GiB budget (gpu_memory_fraction %.2f of %.2f GiB)",
+            kv / 2**30,
+            self.num_kv_blocks,
+            self.adapter_cache.slots.nbytes / 2**30,
+            graph_part,
+            torch.cuda.max_memory_allocated(self.device) / 2**30,
+            (total - free) / 2**30,
+            total * self.config.gpu_memory_fraction / 2**30,
+            self.config.gpu_memory_fraction,
+            total / 2**30,
+        )
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Request, int]]) -> Tensor:

@@ -13,7 +13,8 @@ import torch
 
 from engine.adapter_cache import AdapterCache, AdapterLoadError
 from engine.demo import demo_config, write_adapter
-from engine.lora import LoRASlots, load_adapter
+from engine.lora import load_adapter
+from engine.lora_slots import LoRASlots
 from engine.model_loader import parse_config
 from engine.ops import DOWN, GATE_UP, O_PROJ, QKV
 from engine.request import LoRARequest
@@ -266,7 +267,7 @@ def test_release_without_acquire_and_disabled_lora(adapter_dirs: dict[str, Path]
 
 @pytest.mark.gpu
 def test_cuda_slot_copy_is_pinned_asynchronous_and_exact(adapter_dirs: dict[str, Path]) -> None:
-    from engine.lora import pin_adapter
+    from engine.lora_slots import pin_adapter
 
     device = torch.device("cuda")
     slots = LoRASlots(MODEL, 2, 8, torch.bfloat16, device)

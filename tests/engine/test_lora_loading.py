@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save, save_file
 
-from engine import lora as lora_module
+from engine import adapter_file
 from engine.lora import AdapterError, load_adapter
 from engine.model_loader import load_config
 from engine.ops import DOWN, GATE_UP, O_PROJ, QKV
@@ -297,7 +297,7 @@ def test_parser_never_accepts_what_safetensors_refuses() -> None:
             data = bytearray(good)
             data[:8] = max(0, header_len + rng.randint(-9, 9)).to_bytes(8, "little")
         try:
-            ours = lora_module._parse_tensors(data)
+            ours = adapter_file.parse_safetensors(data)
         except AdapterError:
             refused += 1
             continue
@@ -343,7 +343,7 @@ def test_parser_never_accepts_what_safetensors_refuses() -> None:
 )
 def test_parser_refusals(header, data: bytes, message: str) -> None:
     with pytest.raises(AdapterError, match=message):
-        lora_module._parse_tensors(_safetensors(header, data))
+        adapter_file.parse_safetensors(_safetensors(header, data))
 
 
 def test_parser_refuses_duplicate_names_and_lying_lengths() -> None:
@@ -352,11 +352,11 @@ def test_parser_refuses_duplicate_names_and_lying_lengths() -> None:
     entry = '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
     raw = ('{"a": ' + entry + ', "a": ' + entry + "}").encode()
     with pytest.raises(AdapterError, match="duplicate"):
-        lora_module._parse_tensors(bytearray(len(raw).to_bytes(8, "little") + raw + b"\0" * 4))
+        adapter_file.parse_safetensors(bytearray(len(raw).to_bytes(8, "little") + raw + b"\0" * 4))
     with pytest.raises(AdapterError, match="past the end"):
-        lora_module._parse_tensors(bytearray((1 << 40).to_bytes(8, "little") + b"{}"))
+        adapter_file.parse_safetensors(bytearray((1 << 40).to_bytes(8, "little") + b"{}"))
     with pytest.raises(AdapterError, match="8-byte"):
-        lora_module._parse_tensors(bytearray(b"\x02\0\0"))
+        adapter_file.parse_safetensors(bytearray(b"\x02\0\0"))
 
 
 def test_parser_reads_misaligned_tensors_exactly() -> None:
@@ -369,7 +369,7 @@ def test_parser_reads_misaligned_tensors_exactly() -> None:
         "a": {"dtype": "F32", "shape": [5], "data_offsets": [2, 22]},
         "z": {"dtype": "F16", "shape": [1], "data_offsets": [22, 24]},
     }
-    out = lora_module._parse_tensors(_safetensors(header, data))
+    out = adapter_file.parse_safetensors(_safetensors(header, data))
     assert torch.equal(out["a"], a) and out["a"].data_ptr() % 4 == 0
     assert torch.equal(out["h"], h) and torch.equal(out["z"], h)
 
@@ -443,6 +443,6 @@ def test_file_that_grows_while_read_is_refused(
         st = real_fstat(fd)
         return os.stat_result((*st[:6], st.st_size - 100, *st[7:]))
 
-    monkeypatch.setattr(lora_module.os, "fstat", shrunk)
+    monkeypatch.setattr(adapter_file.os, "fstat", shrunk)
     with pytest.raises(AdapterError, match="changed while it was read"):
         load_adapter(good, load_config(base), 16)
