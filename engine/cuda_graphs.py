@@ -161,11 +161,10 @@ class DecodeGraphs:
         key = self._pick(tokens, seqs, mask)
         tokens, seqs = key[0], key[1]
         if decode:
-            filled = self._fill(batch, tokens)
+            self._fill(batch, tokens)
         else:
-            filled = self._fill_extend(batch, tokens, seqs)
+            self._fill_extend(batch, tokens, seqs)
             self.extend_steps += 1
-        assert filled == mask, (filled, mask)
         self._upload(tokens, seqs + (tokens != seqs))
         if not self.capture_enabled:
             self._forward(key)
@@ -233,7 +232,7 @@ class DecodeGraphs:
 
     # ---- internals ------------------------------------------------------------------------------------
 
-    def _fill(self, batch: list[tuple[Request, int]], bucket: int) -> GroupMask:
+    def _fill(self, batch: list[tuple[Request, int]], bucket: int) -> None:
         bs = self.runner.block_size
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copies read these host buffers
@@ -257,9 +256,9 @@ class DecodeGraphs:
         ids[size:bucket], pos[size:bucket], slots[size:bucket] = 0, 0, -1
         tables[size:bucket, 0], seq_lens[size:bucket], lora[size:bucket] = 0, 1, -1
         self.h_query_start.numpy()[: bucket + 1] = np.arange(bucket + 1)
-        return self._check_and_group(size, bucket)
+        self._check_and_group(size, bucket)
 
-    def _fill_extend(self, batch: list[tuple[Request, int]], tokens: int, seqs: int) -> GroupMask:
+    def _fill_extend(self, batch: list[tuple[Request, int]], tokens: int, seqs: int) -> None:
         """Sequence rows 0..B-1 real, B..seqs-1 empty, row `seqs` the padding sequence."""
         bs, vocab = self.runner.block_size, self.runner.model.config.vocab_size
         if self._copied is not None:
@@ -290,10 +289,10 @@ class DecodeGraphs:
         # The padding sequence: every padding token, positions 0.., context in block 0, no writes, no adapter.
         ids[t:tokens], pos[t:tokens], slots[t:tokens], lora[t:tokens] = 0, np.arange(pad), -1, -1
         tables[seqs, : -(-tokens // bs)], seq_lens[seqs], starts[seqs + 1] = 0, pad, tokens
-        return self._check_and_group(size, tokens)
+        self._check_and_group(size, tokens)
 
-    def _check_and_group(self, size: int, tokens: int) -> GroupMask:
-        """Block ids of the real rows in range; the LoRA grouping of the step's tokens and its group mask."""
+    def _check_and_group(self, size: int, tokens: int) -> None:
+        """Block ids of the real rows in range; the LoRA grouping of the step's tokens (when any has one)."""
         num_blocks = self.runner.num_kv_blocks
         tables, lora = self.h_tables.numpy(), self.h_token_slots.numpy()
         # Entries past a row's length are stale ids that passed this same check before: checking the whole
@@ -302,12 +301,8 @@ class DecodeGraphs:
         if rows.size and (rows.min() < 0 or rows.max() >= num_blocks):
             # A wrong block id would read or overwrite another sequence's (another tenant's) KV.
             raise ValueError(f"block ids outside [0, {num_blocks})")
-        used = sorted({int(s) for s in np.unique(lora[:tokens]) if s >= 0})
-        if not used:
-            return None
-        self._group_tokens(lora[:tokens])
-        active = self.runner.adapter_cache.slots.host_ranks[:, :, used] > 0  # [L, G, used]
-        return tuple(bool(g) for g in active.any(dim=2).any(dim=0).tolist())
+        if (lora[:tokens] >= 0).any():
+            self._group_tokens(lora[:tokens])
 
     def _group_tokens(self, token_slots: np.ndarray) -> None:
         """The LoRAMeta contents of make_lora_meta, computed on the host for B tokens."""
