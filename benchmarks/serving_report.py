@@ -81,6 +81,14 @@ def table(r: dict[str, Any]) -> str:
             f"f) adapter {f['adapter_bytes'] / 1e6:.1f} MB: disk->GPU {f['disk_to_gpu_ms']:.1f} ms, disk->CPU "
             f"{f['disk_to_cpu_ms']:.1f} ms, CPU->GPU {f['cpu_to_gpu_ms']:.2f} ms ({f['cpu_to_gpu_GBps']:.1f} GB/s)"
         )
+    if "s3_to_gpu_ms" in f:
+        lines.append(
+            f"f) S3 ({f['s3']}) -> GPU {f['s3_to_gpu_ms']:.1f} ms = download to the disk cache "
+            f"{f['s3_download_ms']:.1f} ms ({f['s3_download_MBps']:.0f} MB/s) + cache folder -> GPU "
+            f"{f['s3_cache_to_gpu_ms']:.1f} ms"
+        )
+    elif "s3" in f:
+        lines.append(f"f) S3 -> GPU: {f['s3']}")
     g = r.get("g", {})
     for batch, row in g.get("unfused_rows", {}).items():
         if not isinstance(row, dict):

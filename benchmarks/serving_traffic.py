@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.serving_s3 import workload_f_s3
 from benchmarks.serving_workloads import Bench
 from engine.lora import load_adapter
 from engine.lora_slots import LoRASlots, pin_adapter
@@ -156,7 +157,8 @@ def workload_e(bench: Bench) -> dict[str, Any]:
 
 def workload_f(bench: Bench) -> dict[str, Any]:
     """One adapter: disk -> GPU slot through the cache (read, sha256, parse, pin, copy), and CPU (pinned)
-    -> GPU slot alone; also the disk -> CPU part."""
+    -> GPU slot alone; also the disk -> CPU part. Then S3 -> GPU slot through the server's own code
+    (benchmarks/serving_s3.py), and its download part alone."""
     engine = bench.engine
     cache, loaded = engine.adapter_cache, engine.model
     cfg, rank = loaded.config, bench.qkvo.rank
@@ -180,6 +182,7 @@ def workload_f(bench: Bench) -> dict[str, Any]:
         cpu_to_gpu.append(time.perf_counter() - start)
         cache.evict(lora.content_hash)
     del scratch
+    s3 = workload_f_s3(bench)
     if bench.cuda:
         torch.cuda.empty_cache()
     return {
@@ -188,4 +191,5 @@ def workload_f(bench: Bench) -> dict[str, Any]:
         "disk_to_cpu_ms": statistics.median(disk_to_cpu) * 1e3,
         "cpu_to_gpu_ms": statistics.median(cpu_to_gpu) * 1e3,
         "cpu_to_gpu_GBps": bench.qkvo.nbytes() / statistics.median(cpu_to_gpu) / 1e9,
+        **s3,
     }
