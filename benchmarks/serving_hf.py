@@ -58,13 +58,14 @@ def _greedy(bench: Bench, prompts: list[list[int]], loras: list[LoRARequest | No
     tokens: dict[str, list[int]] = {}
     first: dict[str, torch.Tensor] = {}
     timer = timer_of(bench)
+    timer.rows = []
     while engine.has_unfinished():
-        outs = engine.step()
-        for row, (req, _) in enumerate(timer.last_batch):
-            if req.request_id not in first and req.num_output_tokens == 1:
-                first[req.request_id] = timer.last_logits[row].clone()  # its prompt's last position
-        for o in outs:
+        for o in engine.step():
             tokens[o.request_id] = list(o.outputs[0].token_ids)
+    for req, outputs_before, logits in timer.rows:
+        if outputs_before == 0:
+            first[req.request_id] = logits  # the last such row: its prompt's last position
+    timer.rows = None
     keys = [f"{tag}-{i}" for i in range(len(prompts))]
     return [torch.stack([first[k] for k in keys]), [tokens[k] for k in keys]]
 

@@ -28,10 +28,11 @@ def table(r: dict[str, Any]) -> str:
             )
     b = r.get("b", {})
     if "base" in b:
-        for key in ("base", "qkvo", "all_seven"):
-            row = b[key]
+        rows = [(key, b[key]) for key in ("base", "qkvo", "all_seven")]
+        rows += [(f"qkvo {key}", row) for key, row in b.get("ablations", {}).items()]
+        for key, row in rows:
             lines.append(
-                f"b) B={row['batch']} {key:9s} adapters={row['adapters']:3d} fwd {row['forward_ms']:.3f} ms "
+                f"b) B={row['batch']} {key:18s} adapters={row['adapters']:3d} fwd {row['forward_ms']:.3f} ms "
                 f"roof {row['roofline_ms']:.3f} ms ({row['forward_over_roofline']:.2f}x)  "
                 f"{row['tokens_per_s']:.0f} tok/s"
             )

@@ -77,13 +77,16 @@ class ForwardTimer:
         self.check_error: float | None = None
         self.last_logits: torch.Tensor | None = None
         self.last_batch: list[Any] = []
+        # When a list: (request, output tokens so far, logits row) of every row run, for oracle checks
+        # (with async scheduling a step() runs the next forward before it returns).
+        self.rows: list[tuple[Any, int, torch.Tensor]] | None = None
         runner.execute = self
 
-    def __call__(self, batch: list[Any]) -> torch.Tensor:
+    def __call__(self, batch: list[Any], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         runner = self.runner
         eager = None
         if self.check_next and runner.graphs is not None and runner.graphs.accepts(batch):
-            step = runner.prepare(batch)
+            step = runner.prepare(batch, input_ids)
             with torch.inference_mode():
                 hidden = runner.model.model(
                     step.input_ids, step.positions, runner.kv_caches, step.attn, step.lora, runner.ops
@@ -92,17 +95,20 @@ class ForwardTimer:
         if runner.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = self.inner(batch)
+            out = self.inner(batch, input_ids)
             end.record()
             self.events.append((start, end))
         else:
             t = time.perf_counter()
-            out = self.inner(batch)
+            out = self.inner(batch, input_ids)
             self.walls.append(time.perf_counter() - t)
         if eager is not None:
             self.check_error = float((out - eager).norm() / eager.norm())
             self.check_next = False
         self.last_logits, self.last_batch = out, batch
+        if self.rows is not None:
+            ahead = int(input_ids is not None)  # a step ahead: one sampled token not appended yet
+            self.rows += [(r, r.num_output_tokens + ahead, out[i].clone()) for i, (r, _) in enumerate(batch)]
         return out
 
     def reset(self) -> None:
@@ -230,10 +236,34 @@ def workload_b(bench: Bench) -> dict[str, Any]:
         "base": base,
         "qkvo": mixed,
         "all_seven": all_seven,
+        "ablations": ablations(bench, b, qkvo),
         "qkvo_over_base_throughput": mixed["tokens_per_s"] / base["tokens_per_s"],
         "qkvo_over_base_forward": base["forward_ms"] / mixed["forward_ms"],
         "all_seven_forward_over_roofline": all_seven["forward_over_roofline"],
     }
+
+
+def ablations(bench: Bench, batch: int, loras: list[LoRARequest]) -> dict[str, Any]:
+    """The q/k/v/o batch again without each of this session's changes, same process: synchronous steps
+    (async scheduling off), and the LoRA shrink inline instead of on its side stream (graphs re-captured
+    in a fresh set)."""
+    from engine.cuda_graphs import DecodeGraphs
+
+    engine, runner = bench.engine, bench.engine.runner
+    engine.async_scheduling = False
+    try:
+        out = {"sync_steps": decode(bench, batch, loras)}
+    finally:
+        engine.async_scheduling = True
+    graphs, stream = runner.graphs, runner.lora_stream
+    runner.lora_stream = None
+    if graphs is not None:
+        runner.graphs = DecodeGraphs(runner, graphs.max_batch, graphs.max_blocks)
+    try:
+        out["shrink_inline"] = decode(bench, batch, loras)
+    finally:
+        runner.lora_stream, runner.graphs = stream, graphs
+    return out
 
 
 def workload_g(bench: Bench) -> dict[str, Any]:

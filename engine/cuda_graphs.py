@@ -127,6 +127,7 @@ class DecodeGraphs:
         self.misses: dict[GraphKey, int] = {}  # requests for variants not captured yet
         self.borrowed = 0  # steps that replayed a wider variant than they needed
         self.extend_steps = 0  # extend steps run through the buffers (replayed or, without capture, eager)
+        self.ahead_steps = 0  # decode steps launched before the host had their tokens (async scheduling)
         self._num_segments = 0
         self.broken = False
 
@@ -147,9 +148,11 @@ class DecodeGraphs:
         )
 
     @torch.inference_mode()
-    def run(self, batch: list[tuple[Request, int]]) -> Tensor | None:
+    def run(self, batch: list[tuple[Request, int]], input_ids: Tensor | None = None) -> Tensor | None:
         """Same contract as ModelRunner.execute for a batch `accepts` took: float32 logits [B, V].
-        The result is a view of a buffer the next step overwrites. None: a capture failed, run eager."""
+        The result is a view of a buffer the next step overwrites. None: a capture failed, run eager.
+        input_ids: a decode step ahead of the host's tokens (ModelRunner.execute); they are copied into
+        the token buffer on the device, after the host's upload."""
         size = len(batch)
         decode = all(n == 1 for _, n in batch)
         if decode:
@@ -161,11 +164,14 @@ class DecodeGraphs:
         key = self._pick(tokens, seqs, mask)
         tokens, seqs = key[0], key[1]
         if decode:
-            self._fill(batch, tokens)
+            self._fill(batch, tokens, ahead=input_ids is not None)
         else:
             self._fill_extend(batch, tokens, seqs)
             self.extend_steps += 1
         self._upload(tokens, seqs + (tokens != seqs))
+        if input_ids is not None:
+            self.d_ids[:size].copy_(input_ids, non_blocking=True)
+            self.ahead_steps += 1
         if not self.capture_enabled:
             self._forward(key)
         else:
@@ -232,7 +238,9 @@ class DecodeGraphs:
 
     # ---- internals ------------------------------------------------------------------------------------
 
-    def _fill(self, batch: list[tuple[Request, int]], bucket: int) -> None:
+    def _fill(self, batch: list[tuple[Request, int]], bucket: int, ahead: bool = False) -> None:
+        """ahead: each request's token at num_computed_tokens == num_tokens is not on the host yet (its
+        id arrives on the device, `run`); 0 holds its place here."""
         bs = self.runner.block_size
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copies read these host buffers
@@ -241,11 +249,11 @@ class DecodeGraphs:
         for i, (req, _) in enumerate(batch):
             p = req.num_computed_tokens
             table = req.block_table
-            if p + 1 > req.num_tokens or len(table) * bs < p + 1:
+            if p + 1 > req.num_tokens + ahead or (ahead and p != req.num_tokens) or len(table) * bs < p + 1:
                 raise ValueError(f"request {req.request_id}: cannot compute token {p}")
             if not -1 <= req.lora_slot < self.runner.adapter_cache.slots.num_slots:
                 raise ValueError(f"request {req.request_id}: lora slot {req.lora_slot} out of range")
-            ids[i] = req.all_token_ids[p]
+            ids[i] = 0 if ahead else req.all_token_ids[p]
             pos[i] = p
             tables[i, : len(table)] = table
             slots[i] = table[p // bs] * bs + p % bs
@@ -355,7 +363,10 @@ class DecodeGraphs:
         )
         layers = self.runner.model.config.num_layers
         active = [list(mask) for _ in range(layers)]
-        return LoRABatch(meta, weights.a, weights.b, weights.scales, weights.ranks, self.runner.ops, active)
+        return LoRABatch(
+            meta, weights.a, weights.b, weights.scales, weights.ranks, self.runner.ops, active,
+            self.runner.lora_stream,
+        )  # fmt: skip
 
     def _forward(self, key: GraphKey) -> None:
         tokens, seqs, mask = key

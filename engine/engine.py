@@ -16,9 +16,17 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import Group, build_output
 from engine.request import LoRARequest, Request, RequestOutput, RequestStatus
-from engine.sampler import Sampler
+from engine.sampler import Sampler, SamplerOutput, all_plain_greedy, greedy_tokens
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+
+
+@dataclass(slots=True)
+class StepAhead:
+    """A decode step on the device whose sampled tokens the host has not read yet (async scheduling)."""
+
+    requests: list[Request]
+    tokens: Any  # [B] int64 Tensor on the device, one row per request
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +69,9 @@ class LLMEngine:
         )
         self.sampler = Sampler(runner.device, config.seed)
         self.groups: dict[str, Group] = {}
+        self.async_scheduling: bool = getattr(config, "async_scheduling", False)
+        self._ahead: StepAhead | None = None  # the step launched last, tokens not read yet
+        self.num_steps_ahead = 0  # steps launched before the previous one's tokens were read
 
     @classmethod
     def from_config(cls, config: EngineConfig, adapter_loader: Any = None) -> LLMEngine:
@@ -157,6 +168,8 @@ class LLMEngine:
 
     # ---- the step ----
     def step(self) -> list[RequestOutput]:
+        if self._ahead is not None:
+            return self._step_ahead()
         batch = self.scheduler.schedule()
         scheduled = batch.scheduled
         logits = self.runner.execute(scheduled) if scheduled else None
@@ -164,6 +177,10 @@ class LLMEngine:
         ready = [r for r, _ in scheduled if r.num_computed_tokens == len(r.all_token_ids)]
         if ready:
             assert logits is not None
+            if self.async_scheduling and len(ready) == len(scheduled) and all_plain_greedy(ready):
+                # Every row samples by argmax: leave the tokens on the device and go on without waiting.
+                self._ahead = StepAhead(ready, greedy_tokens(logits))
+                return self._step_ahead(batch.failed)
             # Pure decode steps sample every row: skip the gather (and its host -> device index copy).
             if len(ready) < len(scheduled):
                 rows = [
@@ -174,6 +191,51 @@ class LLMEngine:
         if not batch.scheduled and not batch.failed:
             self._wait_idle()
         return self._collect([*ready, *batch.failed])
+
+    def _step_ahead(self, failed: list[Request] | None = None) -> list[RequestOutput]:
+        """Async scheduling. The step in `_ahead` runs on the device, its tokens unread. Launch the next
+        decode step first, with those tokens as its input ids (still on the device), then read them and
+        do the host's work (detokenize, stop checks, outputs) while the device runs the next step.
+
+        The next step holds every running request that is not certain to stop (max_tokens, context),
+        and only when it is the step schedule() would make (Scheduler.schedule_ahead). A request that
+        does stop on the token just read (EOS, stop string, abort) computed one token too many in it:
+        that token is dropped. Its KV write landed in its own blocks, before any later step can reuse
+        them (one device stream), so the results equal those of synchronous steps."""
+        current, self._ahead = self._ahead, None
+        assert current is not None
+        rows = [i for i, r in enumerate(current.requests) if not r.is_finished]  # aborts between steps
+        live = [current.requests[i] for i in rows]
+        nxt = self._launch_ahead(live, current.tokens, rows)
+        token_ids = current.tokens.tolist()  # the step's only wait for the device
+        self._postprocess(live, SamplerOutput([token_ids[i] for i in rows], [None] * len(live)))
+        if nxt is not None:
+            going = [i for i, r in enumerate(nxt.requests) if not r.is_finished]
+            self.scheduler.advance_ahead([nxt.requests[i] for i in going])
+            if len(going) < len(nxt.requests):
+                nxt = StepAhead([nxt.requests[i] for i in going], nxt.tokens[going])
+            self._ahead = nxt if nxt.requests else None
+        return self._collect([*live, *(failed or [])])
+
+    def _launch_ahead(self, live: list[Request], tokens: Any, rows: list[int]) -> StepAhead | None:
+        """Schedule and launch the decode step after the one in flight (see _step_ahead), or None."""
+        if not live or len(live) != self.scheduler.num_running:
+            return None  # e.g. a request in chunked prefill is running too: schedule() decides
+        keep = [j for j, r in enumerate(live) if not self._stops_by_length(r)]
+        scheduled = self.scheduler.schedule_ahead([live[j] for j in keep])
+        if scheduled is None:
+            return None
+        picked = [rows[j] for j in keep]
+        ids = tokens if len(picked) == tokens.shape[0] else tokens[picked]
+        logits = self.runner.execute(scheduled, input_ids=ids)
+        self.num_steps_ahead += 1
+        return StepAhead([r for r, _ in scheduled], greedy_tokens(logits))
+
+    def _stops_by_length(self, request: Request) -> bool:
+        """Will the token in flight end this request by max_tokens or the context (see _stop_status)?"""
+        num_tokens = len(request.all_token_ids) + 1
+        num_output = num_tokens - len(request.prompt_token_ids)
+        return num_output >= (request.params.max_tokens or 0) or num_tokens >= self.max_model_len
 
     def _postprocess(self, requests: list[Request], sampled: Any) -> None:
         for request, token, logprobs in zip(requests, sampled.token_ids, sampled.logprobs, strict=True):

@@ -92,6 +92,8 @@ class ModelRunner:
             )
             for _ in range(cfg.num_layers)
         ]
+        # The LoRA shrink runs on this stream beside the base projection (LoRABatch.linear); None: inline.
+        self.lora_stream: Any = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Last: the graphs' warm-up needs the KV cache, and the memory line reports everything above.
         self.graphs = setup_decode_graphs(self, config.max_model_len)
         if self.device.type == "cuda":
@@ -125,16 +127,25 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Request, int]]) -> Tensor:
+    def execute(self, batch: list[tuple[Request, int]], input_ids: Tensor | None = None) -> Tensor:
         """Compute tokens [num_computed, num_computed + n) of each request, writing their KV into its
-        blocks. Returns float32 logits [B, V] of each request's last computed token."""
+        blocks. Returns float32 logits [B, V] of each request's last computed token.
+
+        input_ids [B] int64 on the device (async scheduling): a decode step (n = 1 each) whose tokens are
+        the previous step's samples, not yet appended on the host: each request computes the token at
+        position num_computed_tokens == num_tokens, and its id comes from input_ids."""
         if not batch:
             raise ValueError("empty batch")
+        if input_ids is not None and (input_ids.shape != (len(batch),) or any(n != 1 for _, n in batch)):
+            raise ValueError("input_ids needs a decode batch and one id per request")
         if self.graphs is not None:
-            logits = self.graphs.run(batch) if self.graphs.accepts(batch) else self._run_split(batch)
+            if self.graphs.accepts(batch):
+                logits = self.graphs.run(batch, input_ids)
+            else:
+                logits = self._run_split(batch) if input_ids is None else None
             if logits is not None:
                 return logits
-        step = self.prepare(batch)
+        step = self.prepare(batch, input_ids)
         hidden = self.model.model(
             step.input_ids, step.positions, self.kv_caches, step.attn, step.lora, self.ops
         )
@@ -165,8 +176,10 @@ class ModelRunner:
         order = torch.tensor(decode + extend, device=logits.device)
         return torch.empty_like(logits).index_copy_(0, order, logits)
 
-    def prepare(self, batch: list[tuple[Request, int]]) -> StepInputs:
+    def prepare(self, batch: list[tuple[Request, int]], input_ids: Tensor | None = None) -> StepInputs:
+        """The step's tensors; with input_ids, a decode step ahead of the host's tokens (see execute)."""
         bs = self.block_size
+        ahead = int(input_ids is not None)  # the one token past num_tokens each request computes
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -176,7 +189,7 @@ class ModelRunner:
         tables: list[list[int]] = []
         for req, n in batch:
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
-            if n <= 0 or end > req.num_tokens:
+            if n <= 0 or end > req.num_tokens + ahead or (ahead and start != req.num_tokens):
                 raise ValueError(f"request {req.request_id}: cannot compute tokens [{start}, {end})")
             if len(req.block_table) * bs < end:
                 raise ValueError(f"request {req.request_id}: {len(req.block_table)} blocks for {end} tokens")
@@ -185,7 +198,7 @@ class ModelRunner:
                 raise ValueError(f"request {req.request_id}: block ids outside [0, {self.num_kv_blocks})")
             if not -1 <= req.lora_slot < self.adapter_cache.slots.num_slots:
                 raise ValueError(f"request {req.request_id}: lora slot {req.lora_slot} out of range")
-            token_ids.extend(req.all_token_ids[start:end])
+            token_ids.extend(req.all_token_ids[start:end] if not ahead else [0])  # 0: a placeholder
             positions.extend(range(start, end))
             slots.extend(req.block_table[p // bs] * bs + p % bs for p in range(start, end))
             token_lora.extend([req.lora_slot] * n)
@@ -219,5 +232,7 @@ class ModelRunner:
                 ranks=weights.ranks,
                 ops=self.ops,
                 active=weights.active_groups(sorted({s for s in token_lora if s >= 0})),
+                stream=self.lora_stream,
             )
-        return StepInputs(tensor(token_ids, torch.int64), tensor(positions, torch.int64), attn, lora)
+        ids = tensor(token_ids, torch.int64) if input_ids is None else input_ids
+        return StepInputs(ids, tensor(positions, torch.int64), attn, lora)

@@ -96,18 +96,46 @@ class LoRABatch:
     ranks: Tensor
     ops: Ops
     active: list[list[bool]]
+    # CUDA: a second stream for the shrink, so that it runs beside the base projection (`linear`).
+    stream: Any = None
 
-    def apply(self, layer: int, group: int, x: Tensor, y: Tensor) -> None:
-        """y += LoRA delta of every module of `group` (its slices side by side in y). x [T, in]; y [T, sum O]."""
+    def linear(self, layer: int, group: int, x: Tensor, proj: Any) -> Tensor:
+        """proj(x) plus the LoRA delta of `group`. With a side stream, the shrink (x @ A.T, small and
+        latency-bound) runs there while the base GEMM reads the weights; the expand adds into the GEMM's
+        output after both. The shrink's buffer and x are allocated on the main stream and live past the
+        join, so the allocator never hands their memory to anything else while the side stream reads them."""
         if not self.active[layer][group]:
-            return
+            return proj(x)  # type: ignore[no-any-return]
+        if self.stream is None or not x.is_cuda:
+            y = proj(x)
+            self.apply(layer, group, x, y)
+            return y  # type: ignore[no-any-return]
+        buf, weights_a, weights_b, ranks = self._operands(layer, group, x)
+        main = torch.cuda.current_stream(x.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            self.ops.lora_shrink(x, weights_a, self.meta, buf, ranks)
+        y = proj(x)
+        main.wait_stream(self.stream)
+        self.ops.lora_expand(buf, weights_b, self.meta, y, self.scales, ranks)
+        return y  # type: ignore[no-any-return]
+
+    def _operands(
+        self, layer: int, group: int, x: Tensor
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
         modules = MODULE_GROUPS[group]
         weights_a = [self.a[m][layer] for m in modules]  # each [S, R, in]
         weights_b = [self.b[m][layer] for m in modules]  # each [S, O_n, R]
         buf = torch.empty(
             len(modules), x.shape[0], weights_a[0].shape[1], dtype=torch.float32, device=x.device
         )
-        ranks = self.ranks[layer, group]  # [S]
+        return buf, weights_a, weights_b, self.ranks[layer, group]  # ranks [S]
+
+    def apply(self, layer: int, group: int, x: Tensor, y: Tensor) -> None:
+        """y += LoRA delta of every module of `group` (its slices side by side in y). x [T, in]; y [T, sum O]."""
+        if not self.active[layer][group]:
+            return
+        buf, weights_a, weights_b, ranks = self._operands(layer, group, x)
         self.ops.lora_shrink(x, weights_a, self.meta, buf, ranks)
         self.ops.lora_expand(buf, weights_b, self.meta, y, self.scales, ranks)
 

@@ -25,6 +25,15 @@ class SamplerOutput:
     logprobs: list[dict[int, float] | None]
 
 
+def all_plain_greedy(requests: list[Request]) -> bool:
+    return all(map(_PLAIN_GREEDY, requests))
+
+
+def greedy_tokens(logits: Tensor) -> Tensor:
+    """[B] int64 argmax of each row, left on the logits' device (async scheduling reads it later)."""
+    return logits.float().argmax(dim=-1)
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
@@ -35,9 +44,9 @@ class Sampler:
     def __call__(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
         """logits [B, V] float32, one row per request (in order)."""
         assert logits.dim() == 2 and logits.shape[0] == len(requests), (tuple(logits.shape), len(requests))
-        if all(map(_PLAIN_GREEDY, requests)):
+        if all_plain_greedy(requests):
             # The common batch: argmax is all there is to do, so no copy and no per-row Python work.
-            return SamplerOutput(logits.float().argmax(dim=-1).tolist(), [None] * len(requests))
+            return SamplerOutput(greedy_tokens(logits).tolist(), [None] * len(requests))
         logits = logits.to(torch.float32, copy=True)
         self._apply_penalties(logits, requests)
         self._apply_min_tokens(logits, requests)

@@ -296,6 +296,32 @@ class Scheduler:
             return "admitted", budget
         return ("held" if held else "blocked"), budget
 
+    def schedule_ahead(self, requests: list[Request]) -> list[tuple[Request, int]] | None:
+        """Async scheduling: the next decode step, made while the current one still runs, before its
+        tokens are known. `requests` are the running requests that will go on (the caller leaves out
+        those certain to stop), one new token each at position num_computed_tokens. None where schedule()
+        could decide anything else: a request waits for admission, the step is over the token budget, or
+        the free blocks do not cover it (schedule() would preempt). Blocks are taken only when all fit."""
+        if self.queues or not requests or len(requests) > self.max_num_batched_tokens:
+            return None
+        bm = self.block_manager
+        new_blocks = sum(r.num_computed_tokens + 1 > len(r.block_table) * bm.block_size for r in requests)
+        if new_blocks > bm.num_free_blocks:
+            return None
+        for request in requests:
+            if request.status is not RequestStatus.RUNNING or not bm.allocate_slots(request, 1):
+                raise RuntimeError(f"request {request.request_id} cannot be scheduled ahead")
+            self._charge(request.fairness_key, 1)
+        return [(r, 1) for r in requests]
+
+    def advance_ahead(self, requests: list[Request]) -> None:
+        """A step schedule_ahead made has run for these requests, and the token each computed in it is on
+        the host now: count it computed, and offer a block it filled to the prefix cache (schedule_ahead
+        could not hash that block: its last token was not known yet)."""
+        for request in requests:
+            request.num_computed_tokens += 1
+            self.block_manager.allocate_slots(request, 0)  # registers the newly full block, if any
+
     def advance(self, out: SchedulerOutput) -> None:
         """After the model ran: the scheduled tokens are computed."""
         for request, n in out.scheduled:

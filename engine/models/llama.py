@@ -66,9 +66,7 @@ class Attention(nn.Module):
         ops: Ops,
     ) -> Tensor:
         tokens = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, Hq*D + 2*Hkv*D]
-        if lora is not None:
-            lora.apply(self.index, QKV, x, qkv)
+        qkv = self.qkv_proj(x) if lora is None else lora.linear(self.index, QKV, x, self.qkv_proj)
         k_cache, v_cache = kv_cache
         # RoPE on q and k, then k and v into the paged cache: one launch on the Triton backend.
         q = ops.rope_write_kv(
@@ -84,10 +82,7 @@ class Attention(nn.Module):
             self.scale,
         )  # [T, Hq, D]
         out = out.reshape(tokens, self.q_size)  # [T, Hq*D]
-        y = self.o_proj(out)  # [T, H]
-        if lora is not None:
-            lora.apply(self.index, O_PROJ, out, y)
-        return y
+        return self.o_proj(out) if lora is None else lora.linear(self.index, O_PROJ, out, self.o_proj)
 
 
 class MLP(nn.Module):
@@ -99,14 +94,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: Tensor, lora: LoRABatch | None, ops: Ops) -> Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2*I]
-        if lora is not None:
-            lora.apply(self.index, GATE_UP, x, gate_up)
+        up = self.gate_up_proj
+        gate_up = up(x) if lora is None else lora.linear(self.index, GATE_UP, x, up)  # [T, 2*I]
         h = ops.silu_mul(gate_up)  # [T, I]
-        y = self.down_proj(h)  # [T, H]
-        if lora is not None:
-            lora.apply(self.index, DOWN, h, y)
-        return y
+        return self.down_proj(h) if lora is None else lora.linear(self.index, DOWN, h, self.down_proj)
 
 
 class DecoderLayer(nn.Module):

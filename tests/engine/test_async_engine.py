@@ -148,7 +148,7 @@ async def test_an_exception_in_the_loop_fails_everyone_and_marks_the_engine_dead
         await g.__anext__()
     runner = engine.engine.runner
 
-    def explode(batch):
+    def explode(batch, **kw):
         raise RuntimeError("boom: device lost")
 
     runner.execute = explode

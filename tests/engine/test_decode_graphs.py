@@ -41,7 +41,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[LoRARequ
     return base, loras
 
 
-def make_llm(base: Path, graphs: bool) -> LLM:
+def make_llm(base: Path, graphs: bool, ahead: bool = True) -> LLM:
+    """ahead=False: synchronous steps, for tests that schedule and run a step by hand after step()."""
     llm = LLM(
         str(base), device="cpu", dtype="float32", block_size=4, num_kv_blocks=256, max_lora_rank=16,
         max_loras=3, max_cpu_loras=3, max_num_seqs=8,
@@ -50,6 +51,7 @@ def make_llm(base: Path, graphs: bool) -> LLM:
     assert runner.graphs is None  # CPU: the config flag is ignored
     if graphs:
         runner.graphs = DecodeGraphs(runner, max_batch=8, max_blocks=16, capture=False)
+    llm.engine.async_scheduling = ahead
     return llm
 
 
@@ -82,7 +84,7 @@ def test_fixed_buffer_decode_equals_eager(model: tuple[Path, list[LoRARequest]])
 
 def test_logits_and_grouping_match_eager_step(model: tuple[Path, list[LoRARequest]]) -> None:
     base, loras = model
-    llm = make_llm(base, graphs=True)
+    llm = make_llm(base, graphs=True, ahead=False)
     engine = llm.engine
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     for lora in (loras[2], loras[0]):  # resident first, so all three requests decode together
@@ -116,7 +118,7 @@ def test_logits_and_grouping_match_eager_step(model: tuple[Path, list[LoRAReques
 def test_refuses_foreign_blocks_and_slots(model: tuple[Path, list[LoRARequest]]) -> None:
     """The fixed-buffer path keeps the eager path's guards: a bad block id or slot never reaches a kernel."""
     base, _ = model
-    llm = make_llm(base, graphs=True)
+    llm = make_llm(base, graphs=True, ahead=False)
     engine = llm.engine
     engine.add_request("x", [0, 5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     engine.step()
@@ -141,7 +143,7 @@ def test_fixed_buffer_extend_equals_eager(model: tuple[Path, list[LoRARequest]])
     """Small extend steps (prefills, prefix-cache hits, mixed with decodes and adapters) through the fixed
     buffers: the padding sequence, empty rows and last-token gather give the eager step's logits."""
     base, loras = model
-    llm = make_llm(base, graphs=True)
+    llm = make_llm(base, graphs=True, ahead=False)
     engine = llm.engine
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     for lora in (loras[1], loras[2]):
@@ -253,6 +255,7 @@ def test_mixed_step_runs_as_a_decode_and_an_extend_part(model: tuple[Path, list[
         max_loras=3, max_cpu_loras=3, max_num_seqs=16,
     )  # fmt: skip
     engine, runner = llm.engine, llm.engine.runner
+    engine.async_scheduling = False  # the test schedules the mixed step itself
     runner.graphs = DecodeGraphs(runner, max_batch=16, max_blocks=16, capture=False)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     for i in range(10):

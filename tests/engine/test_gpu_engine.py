@@ -66,16 +66,23 @@ def peft_greedy(model, prompt: list[int], name: str | None, steps: int) -> list[
 
 
 @pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
-def test_fp32_greedy_tokens_equal_peft(models, cuda_graphs):
+@pytest.mark.parametrize("ahead", [True, False], ids=["async", "sync"])
+def test_fp32_greedy_tokens_equal_peft(models, cuda_graphs, ahead):
+    """Async scheduling and the LoRA shrink's side stream on and off (the stream is on in all four)."""
     base, adapters = models
     llm = LLM(
         str(base), device=DEVICE, dtype="float32", max_loras=4, max_cpu_loras=4, max_lora_rank=16,
         num_kv_blocks=256, kernel_backend="triton", cuda_graphs=cuda_graphs, enable_prefix_caching=False,
+        async_scheduling=ahead,
     )  # fmt: skip
+    assert llm.engine.runner.lora_stream is not None
     loras = [None if n is None else LoRARequest(n, str(adapters[n])) for n in NAMES]
     steps = 12
     outs = llm.generate(prompts(), SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True), loras)
     got = [list(o.outputs[0].token_ids) for o in outs]
+    assert (llm.engine.num_steps_ahead > 0) == ahead
+    if cuda_graphs:
+        assert (llm.engine.runner.graphs.ahead_steps > 0) == ahead
     hf = load_hf(base, adapters).to(DEVICE)
     want = [peft_greedy(hf, p, n, steps) for p, n in zip(prompts(), NAMES, strict=True)]
     assert got == want

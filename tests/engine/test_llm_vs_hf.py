@@ -446,11 +446,11 @@ def test_an_offline_step_that_raises_leaves_the_llm_usable_and_correct(llama):
     real = llm.engine.runner.execute
     calls = {"n": 0}
 
-    def flaky(batch):
+    def flaky(batch, **kw):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("transient device error")
-        return real(batch)
+        return real(batch, **kw)
 
     llm.engine.runner.execute = flaky
     with pytest.raises(RuntimeError, match="transient"):
