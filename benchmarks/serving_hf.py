@@ -97,6 +97,11 @@ def workload_c(bench: Bench) -> dict[str, Any]:
     chk_names = ["a0", "__base__", f"a{len(adapters) - 1}", "__base__"]
     make_resident(bench, adapters)
     ours_logits, ours_tokens = _greedy(bench, chk_prompts, chk_loras, 16)
+    engine.async_scheduling = False  # the same check with synchronous steps: async must change nothing
+    try:
+        sync_logits, sync_tokens = _greedy(bench, chk_prompts, chk_loras, 16)
+    finally:
+        engine.async_scheduling = True
     with torch.inference_mode():
         ref = peft(input_ids=ids[:4], adapter_names=chk_names).logits[:, -1].float()
         ref_tokens = peft.generate(
@@ -139,4 +144,6 @@ def workload_c(bench: Bench) -> dict[str, Any]:
         "check_prefill_logits_rel_err": rel,
         "check_greedy_tokens_equal": same / (len(chk_prompts) * 16),
         "check_first_token_equal": first_same / len(chk_prompts),
+        "check_async_tokens_equal_sync": ours_tokens == sync_tokens,
+        "check_async_vs_sync_logits_rel_err": float((ours_logits - sync_logits).norm() / sync_logits.norm()),
     }

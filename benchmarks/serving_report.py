@@ -34,7 +34,7 @@ def table(r: dict[str, Any]) -> str:
             lines.append(
                 f"b) B={row['batch']} {key:18s} adapters={row['adapters']:3d} fwd {row['forward_ms']:.3f} ms "
                 f"roof {row['roofline_ms']:.3f} ms ({row['forward_over_roofline']:.2f}x)  "
-                f"{row['tokens_per_s']:.0f} tok/s"
+                f"{row['tokens_per_s']:.0f} tok/s, ahead {_f(row.get('steps_ahead_share'))}"
             )
         lines.append(
             f"b) qkvo/base throughput {b['qkvo_over_base_throughput']:.3f} (forward {b['qkvo_over_base_forward']:.3f}); "
@@ -51,7 +51,9 @@ def table(r: dict[str, Any]) -> str:
         )
         lines.append(
             f"c) oracle: prefill logits rel err {c['check_prefill_logits_rel_err']:.2e}, greedy tokens equal "
-            f"{c['check_greedy_tokens_equal']:.2f}, first tokens equal {c['check_first_token_equal']:.2f}"
+            f"{c['check_greedy_tokens_equal']:.2f}, first tokens equal {c['check_first_token_equal']:.2f}; "
+            f"async = sync tokens {c.get('check_async_tokens_equal_sync')} (logits rel err "
+            f"{_f(c.get('check_async_vs_sync_logits_rel_err'), '.1e')})"
         )
     d = r.get("d", {})
     if "warm_over_cold" in d:

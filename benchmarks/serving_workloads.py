@@ -174,10 +174,12 @@ def decode(bench: Bench, batch: int, loras: list[LoRARequest] | None, check: boo
     timer.reset()
     timer.check_next = check
     walls = []
+    ahead = engine.num_steps_ahead
     for _ in range(s.steps):
         t = time.perf_counter()
         engine.step()
         walls.append(time.perf_counter() - t)
+    ahead = engine.num_steps_ahead - ahead
     forward_ms = timer.median_ms()
     if len(engine.scheduler.running) != batch:
         raise RuntimeError(f"{len(engine.scheduler.running)} sequences running, not {batch}")
@@ -203,6 +205,7 @@ def decode(bench: Bench, batch: int, loras: list[LoRARequest] | None, check: boo
         "roofline_tokens_per_s": batch / roofline_ms * 1e3,
         "forward_over_roofline": forward_ms / roofline_ms,
         "bytes_per_step": roof_bytes,
+        "steps_ahead_share": ahead / s.steps,  # steps launched before the previous one's tokens were read
     }
     if check:
         out["graph_vs_eager_rel_err"] = timer.check_error

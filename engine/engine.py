@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
@@ -27,6 +29,24 @@ class StepAhead:
 
     requests: list[Request]
     tokens: Any  # [B] int64 Tensor on the device, one row per request
+    host: Any = None  # its copy in pinned host memory, on its way (CUDA)
+    copied: Any = None  # CUDA event: the copy is done
+
+    def __post_init__(self) -> None:
+        # The copy starts now, before the next step is queued behind it: a plain .tolist() later would
+        # queue its copy after the next step and wait for that one too.
+        if self.tokens.is_cuda:
+            self.host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self.host.copy_(self.tokens, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.host = self.tokens
+
+    def token_ids(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,14 +227,13 @@ class LLMEngine:
         rows = [i for i, r in enumerate(current.requests) if not r.is_finished]  # aborts between steps
         live = [current.requests[i] for i in rows]
         nxt = self._launch_ahead(live, current.tokens, rows)
-        token_ids = current.tokens.tolist()  # the step's only wait for the device
+        token_ids = current.token_ids()  # the step's only wait for the device
         self._postprocess(live, SamplerOutput([token_ids[i] for i in rows], [None] * len(live)))
         if nxt is not None:
-            going = [i for i, r in enumerate(nxt.requests) if not r.is_finished]
-            self.scheduler.advance_ahead([nxt.requests[i] for i in going])
-            if len(going) < len(nxt.requests):
-                nxt = StepAhead([nxt.requests[i] for i in going], nxt.tokens[going])
-            self._ahead = nxt if nxt.requests else None
+            going = [r for r in nxt.requests if not r.is_finished]
+            self.scheduler.advance_ahead(going)
+            # The rows of requests that just stopped stay in `nxt`: the next harvest skips finished rows.
+            self._ahead = nxt if going else None
         return self._collect([*live, *(failed or [])])
 
     def _launch_ahead(self, live: list[Request], tokens: Any, rows: list[int]) -> StepAhead | None:

@@ -58,6 +58,7 @@ def test_adapters_cost_bytes_and_outputs_match_the_oracle(result: dict) -> None:
     # float32 on the CPU: our engine equals transformers + PEFT on the same mixed batch.
     assert c["check_prefill_logits_rel_err"] < 1e-4
     assert c["check_greedy_tokens_equal"] == 1.0
+    assert c["check_async_tokens_equal_sync"] is True and c["check_async_vs_sync_logits_rel_err"] == 0.0
 
 
 def test_prefix_cache_and_traffic(result: dict) -> None:
