@@ -248,10 +248,8 @@ def workload_b(bench: Bench) -> dict[str, Any]:
 
 def ablations(bench: Bench, batch: int, loras: list[LoRARequest]) -> dict[str, Any]:
     """The q/k/v/o batch again without each of this session's changes, same process: synchronous steps
-    (async scheduling off); LoRA as two launches (shrink, expand) instead of the one-launch kernel, with
-    the shrink on its side stream and inline (graphs re-captured in a fresh set for each)."""
-    import dataclasses
-
+    (async scheduling off), and the LoRA shrink inline instead of on its side stream (graphs re-captured
+    in a fresh set)."""
     from engine.cuda_graphs import DecodeGraphs
 
     engine, runner = bench.engine, bench.engine.runner
@@ -260,15 +258,14 @@ def ablations(bench: Bench, batch: int, loras: list[LoRARequest]) -> dict[str, A
         out = {"sync_steps": decode(bench, batch, loras)}
     finally:
         engine.async_scheduling = True
-    graphs, stream, ops = runner.graphs, runner.lora_stream, runner.ops
-    for name, side in (("two_launches", stream), ("two_launches_inline", None)):
-        runner.ops, runner.lora_stream = dataclasses.replace(ops, lora_fused=None), side
-        if graphs is not None:
-            runner.graphs = DecodeGraphs(runner, graphs.max_batch, graphs.max_blocks)
-        try:
-            out[name] = decode(bench, batch, loras)
-        finally:
-            runner.lora_stream, runner.graphs, runner.ops = stream, graphs, ops
+    graphs, stream = runner.graphs, runner.lora_stream
+    runner.lora_stream = None
+    if graphs is not None:
+        runner.graphs = DecodeGraphs(runner, graphs.max_batch, graphs.max_blocks)
+    try:
+        out["shrink_inline"] = decode(bench, batch, loras)
+    finally:
+        runner.lora_stream, runner.graphs = stream, graphs
     return out
 
 

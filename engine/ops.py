@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kernels import attention, fused, lora, lora_fused
+from kernels import attention, fused, lora
 from kernels.lora import LoRAMeta, make_lora_meta
-from kernels.lora_fused import use_fused
 
 BACKENDS = ("auto", "triton", "ref")
 
@@ -30,9 +29,6 @@ class Ops:
     rms_norm: Callable[..., tuple[Tensor, Tensor]]  # (x, weight, eps, residual) -> (normed, x + residual)
     rope_write_kv: Callable[..., Tensor]  # (qkv, cos, sin, k_cache, v_cache, slots, Hq, Hkv) -> q [T, Hq, D]
     silu_mul: Callable[..., Tensor]  # gate_up [T, 2I] -> silu(gate) * up [T, I]
-    # (x, weights_a, weights_b, meta, y, scales, ranks): shrink + expand in one launch (decode-sized
-    # steps, see kernels/lora_fused.py use_fused); None: always the two launches above.
-    lora_fused: Callable[..., None] | None = None
 
     @staticmethod
     def make_lora_meta(token_slots: Tensor, max_segments: int) -> LoRAMeta:
@@ -61,7 +57,6 @@ def get_ops(backend: str, device: torch.device) -> Ops:
             rms_norm=fused.rms_norm_ref,
             rope_write_kv=fused.rope_write_kv_ref,
             silu_mul=fused.silu_mul_ref,
-            lora_fused=lora_fused.lora_fused_ref,
         )
     return Ops(
         name="triton",
@@ -72,7 +67,6 @@ def get_ops(backend: str, device: torch.device) -> Ops:
         rms_norm=_triton_fn(fused, "rms_norm"),
         rope_write_kv=_triton_fn(fused, "rope_write_kv"),
         silu_mul=_triton_fn(fused, "silu_mul"),
-        lora_fused=_triton_fn(lora_fused, "lora_fused"),
     )
 
 
@@ -112,12 +106,11 @@ class LoRABatch:
         join, so the allocator never hands their memory to anything else while the side stream reads them."""
         if not self.active[layer][group]:
             return proj(x)  # type: ignore[no-any-return]
-        if self.stream is None or not x.is_cuda or self._fused(x):
+        if self.stream is None or not x.is_cuda:
             y = proj(x)
             self.apply(layer, group, x, y)
             return y  # type: ignore[no-any-return]
         buf, weights_a, weights_b, ranks = self._operands(layer, group, x)
-        assert buf is not None
         main = torch.cuda.current_stream(x.device)
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
@@ -127,33 +120,22 @@ class LoRABatch:
         self.ops.lora_expand(buf, weights_b, self.meta, y, self.scales, ranks)
         return y  # type: ignore[no-any-return]
 
-    def _fused(self, x: Tensor) -> bool:
-        return self.ops.lora_fused is not None and use_fused(x.shape[0], self.meta.num_segments)
-
     def _operands(
-        self, layer: int, group: int, x: Tensor, allocate: bool = True
-    ) -> tuple[Tensor | None, list[Tensor], list[Tensor], Tensor]:
-        """(shrink buffer [N, T, R] float32 or None, A of each module, B of each module, ranks [S])."""
+        self, layer: int, group: int, x: Tensor
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
         modules = MODULE_GROUPS[group]
         weights_a = [self.a[m][layer] for m in modules]  # each [S, R, in]
         weights_b = [self.b[m][layer] for m in modules]  # each [S, O_n, R]
-        buf = None
-        if allocate:
-            buf = torch.empty(
-                len(modules), x.shape[0], weights_a[0].shape[1], dtype=torch.float32, device=x.device
-            )
+        buf = torch.empty(
+            len(modules), x.shape[0], weights_a[0].shape[1], dtype=torch.float32, device=x.device
+        )
         return buf, weights_a, weights_b, self.ranks[layer, group]  # ranks [S]
 
     def apply(self, layer: int, group: int, x: Tensor, y: Tensor) -> None:
-        """y += LoRA delta of every module of `group` (its slices side by side in y). x [T, in]; y [T, sum O].
-        Decode-sized steps take the one-launch kernel (Ops.lora_fused), others shrink then expand."""
+        """y += LoRA delta of every module of `group` (its slices side by side in y). x [T, in]; y [T, sum O]."""
         if not self.active[layer][group]:
             return
-        buf, weights_a, weights_b, ranks = self._operands(layer, group, x, allocate=not self._fused(x))
-        if self.ops.lora_fused is not None and buf is None:
-            self.ops.lora_fused(x, weights_a, weights_b, self.meta, y, self.scales, ranks)
-            return
-        assert buf is not None
+        buf, weights_a, weights_b, ranks = self._operands(layer, group, x)
         self.ops.lora_shrink(x, weights_a, self.meta, buf, ranks)
         self.ops.lora_expand(buf, weights_b, self.meta, y, self.scales, ranks)
 

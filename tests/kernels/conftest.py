@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-KERNEL_MODULES = ("kernels.lora", "kernels.lora_fused", "kernels.attention", "kernels.fused")
+KERNEL_MODULES = ("kernels.lora", "kernels.attention", "kernels.fused")
 ON_GPU = torch.cuda.is_available()
 INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
 

@@ -38,7 +38,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pa
     return base, adapters
 
 
-def interpreted_triton_ops(calls: dict[str, int], fused_lora: bool = True) -> Ops:
+def interpreted_triton_ops(calls: dict[str, int]) -> Ops:
     # The kernel modules conftest.py imported in interpreter mode (engine/ops.py may hold older copies).
     lora, attention = sys.modules["kernels.lora"], sys.modules["kernels.attention"]
     fused = sys.modules["kernels.fused"]
@@ -59,8 +59,7 @@ def interpreted_triton_ops(calls: dict[str, int], fused_lora: bool = True) -> Op
         fused.rope_write_kv,
         fused.silu_mul,
     )
-    one_launch = counted(sys.modules["kernels.lora_fused"].lora_fused) if fused_lora else None
-    return Ops("triton", *(counted(f) for f in fns), lora_fused=one_launch)
+    return Ops("triton", *(counted(f) for f in fns))
 
 
 def run_steps(base: Path, adapters: dict[str, Path], ops: Ops | None) -> list[torch.Tensor]:
@@ -104,17 +103,14 @@ def run_steps(base: Path, adapters: dict[str, Path], ops: Ops | None) -> list[to
     return logits
 
 
-@pytest.mark.parametrize("fused_lora", [True, False], ids=["one-launch-lora", "shrink-expand"])
-def test_runner_with_triton_kernels_matches_references(models, fused_lora):
+def test_runner_with_triton_kernels_matches_references(models):
     base, adapters = models
     want = run_steps(base, adapters, None)
     calls: dict[str, int] = {}
-    got = run_steps(base, adapters, interpreted_triton_ops(calls, fused_lora))
+    got = run_steps(base, adapters, interpreted_triton_ops(calls))
     # 4 steps x 1 layer: attention and RoPE + KV write once per step, RMSNorm twice per layer plus the final
-    # one, LoRA for all four module groups (every step here is small: one launch each when the fused
-    # kernel is there); the plain KV write is no longer called by the model.
-    lora_calls = {"lora_fused": 16} if fused_lora else {"lora_shrink": 16, "lora_expand": 16}
-    want_calls = {"rope_write_kv": 4, "paged_attention": 4, **lora_calls}
+    # one, LoRA for all four module groups; the plain KV write is no longer called by the model.
+    want_calls = {"rope_write_kv": 4, "paged_attention": 4, "lora_shrink": 16, "lora_expand": 16}
     assert calls == {**want_calls, "rms_norm": 12, "silu_mul": 4}, calls
     for step, (g, w) in enumerate(zip(got, want, strict=True)):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=0, msg=f"step {step}")
