@@ -100,6 +100,8 @@ def workload_c(bench: Bench) -> dict[str, Any]:
     engine.async_scheduling = False  # the same check with synchronous steps: async must change nothing
     try:
         sync_logits, sync_tokens = _greedy(bench, chk_prompts, chk_loras, 16)
+        # And once more synchronously: how far two identical runs drift (split-K atomics sum in any order).
+        again_logits, again_tokens = _greedy(bench, chk_prompts, chk_loras, 16)
     finally:
         engine.async_scheduling = True
     with torch.inference_mode():
@@ -146,4 +148,6 @@ def workload_c(bench: Bench) -> dict[str, Any]:
         "check_first_token_equal": first_same / len(chk_prompts),
         "check_async_tokens_equal_sync": ours_tokens == sync_tokens,
         "check_async_vs_sync_logits_rel_err": float((ours_logits - sync_logits).norm() / sync_logits.norm()),
+        "check_sync_repeat_tokens_equal": again_tokens == sync_tokens,
+        "check_sync_repeat_logits_rel_err": float((again_logits - sync_logits).norm() / sync_logits.norm()),
     }

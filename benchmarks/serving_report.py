@@ -53,7 +53,9 @@ def table(r: dict[str, Any]) -> str:
             f"c) oracle: prefill logits rel err {c['check_prefill_logits_rel_err']:.2e}, greedy tokens equal "
             f"{c['check_greedy_tokens_equal']:.2f}, first tokens equal {c['check_first_token_equal']:.2f}; "
             f"async = sync tokens {c.get('check_async_tokens_equal_sync')} (logits rel err "
-            f"{_f(c.get('check_async_vs_sync_logits_rel_err'), '.1e')})"
+            f"{_f(c.get('check_async_vs_sync_logits_rel_err'), '.1e')}); sync run repeated: tokens "
+            f"{c.get('check_sync_repeat_tokens_equal')} (logits rel err "
+            f"{_f(c.get('check_sync_repeat_logits_rel_err'), '.1e')})"
         )
     d = r.get("d", {})
     if "warm_over_cold" in d:
