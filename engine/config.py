@@ -44,8 +44,9 @@ class EngineConfig:
     # ignored elsewhere. Off = every step eager (for debugging, or to save the graphs' memory).
     cuda_graphs: bool = True
     # Async scheduling: while the GPU runs a decode step, the next one is scheduled and launched with the
-    # sampled tokens still on the device; the host reads a step's tokens while the next one runs. Only
-    # for batches of plain-greedy requests with nothing waiting; results are the same either way.
+    # sampled tokens still on the device; the host reads a step's tokens while the next one runs. Only for
+    # batches whose sampling needs no earlier tokens (no penalties, min_tokens, logprobs) with nothing
+    # waiting; results are the same either way (seeded sampling included).
     async_scheduling: bool = True
     # Seed for requests without their own seed (sampling) and for random init in demos.
     seed: int = 0

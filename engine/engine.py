@@ -18,7 +18,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import Group, build_output
 from engine.request import LoRARequest, Request, RequestOutput, RequestStatus
-from engine.sampler import Sampler, SamplerOutput, all_plain_greedy, greedy_tokens
+from engine.sampler import Sampler, SamplerOutput, can_sample_ahead
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 
@@ -197,9 +197,9 @@ class LLMEngine:
         ready = [r for r, _ in scheduled if r.num_computed_tokens == len(r.all_token_ids)]
         if ready:
             assert logits is not None
-            if self.async_scheduling and len(ready) == len(scheduled) and all_plain_greedy(ready):
-                # Every row samples by argmax: leave the tokens on the device and go on without waiting.
-                self._ahead = StepAhead(ready, greedy_tokens(logits))
+            if self.async_scheduling and len(ready) == len(scheduled) and can_sample_ahead(ready):
+                # No row needs its tokens so far to sample: leave them on the device, go on without waiting.
+                self._ahead = StepAhead(ready, self.sampler.sample_tensor(logits, ready))
                 return self._step_ahead(batch.failed)
             # Pure decode steps sample every row: skip the gather (and its host -> device index copy).
             if len(ready) < len(scheduled):
@@ -248,7 +248,8 @@ class LLMEngine:
         ids = tokens if len(picked) == tokens.shape[0] else tokens[picked]
         logits = self.runner.execute(scheduled, input_ids=ids)
         self.num_steps_ahead += 1
-        return StepAhead([r for r, _ in scheduled], greedy_tokens(logits))
+        requests = [r for r, _ in scheduled]
+        return StepAhead(requests, self.sampler.sample_tensor(logits, requests))
 
     def _stops_by_length(self, request: Request) -> bool:
         """Will the token in flight end this request by max_tokens or the context (see _stop_status)?"""

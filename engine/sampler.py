@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,8 +31,26 @@ def all_plain_greedy(requests: list[Request]) -> bool:
 
 
 def greedy_tokens(logits: Tensor) -> Tensor:
-    """[B] int64 argmax of each row, left on the logits' device (async scheduling reads it later)."""
+    """[B] int64 argmax of each row, left on the logits' device."""
     return logits.float().argmax(dim=-1)
+
+
+def can_sample_ahead(requests: list[Request]) -> bool:
+    """Whether Sampler.sample_tensor covers these rows: nothing in them depends on the tokens sampled so
+    far (penalties, min_tokens do) and nothing is read back (logprobs)."""
+    return all(
+        r.plain_greedy or (not r.has_penalties and not r.params.min_tokens and r.params.logprobs is None)
+        for r in requests
+    )
+
+
+def _on(device: torch.device, values: list[Any], dtype: torch.dtype | None = None) -> Tensor:
+    """A small tensor of host values on `device`, without waiting for the device: a plain copy from
+    pageable memory waits for everything queued on the stream, which would end async scheduling's
+    overlap. Pinned memory copies asynchronously (torch keeps the buffer until the copy is done)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 class Sampler:
@@ -50,20 +69,34 @@ class Sampler:
         logits = logits.to(torch.float32, copy=True)
         self._apply_penalties(logits, requests)
         self._apply_min_tokens(logits, requests)
+        token_ids = self._choose(logits, requests).tolist()
+        return SamplerOutput(token_ids, self._logprobs(logits, requests, token_ids))
+
+    @torch.inference_mode()
+    def sample_tensor(self, logits: Tensor, requests: list[Request]) -> Tensor:
+        """[B] int64 tokens left on the device, nothing read back and no wait for the device (async
+        scheduling). Only for rows `can_sample_ahead` accepts; draws as __call__ does."""
+        if all_plain_greedy(requests):
+            return greedy_tokens(logits)
+        assert can_sample_ahead(requests)
+        return self._choose(logits.to(torch.float32, copy=True), requests)
+
+    def _choose(self, logits: Tensor, requests: list[Request]) -> Tensor:
+        """Temperature, top-k / top-p / min-p, then argmax or a draw per row: tokens [B] on the device.
+        logits [B, V] float32, changed in place."""
         greedy = [r.greedy for r in requests]
         if not all(greedy):
             temps = [1.0 if g else r.params.temperature for r, g in zip(requests, greedy, strict=True)]
-            scale = torch.tensor(temps, device=logits.device)
-            logits.div_(scale.unsqueeze(1))
+            logits.div_(_on(logits.device, temps).unsqueeze(1))
             _apply_top_k_top_p_min_p(
                 logits, [r for r, g in zip(requests, greedy, strict=True) if not g], greedy
             )
         tokens = logits.argmax(dim=-1)  # [B]
         sampled_rows = [i for i, g in enumerate(greedy) if not g]
         if sampled_rows:
-            tokens[sampled_rows] = self._draw(logits[sampled_rows], [requests[i] for i in sampled_rows])
-        token_ids = tokens.tolist()
-        return SamplerOutput(token_ids, self._logprobs(logits, requests, token_ids))
+            rows = _on(logits.device, sampled_rows, torch.int64)
+            tokens[rows] = self._draw(logits[rows], [requests[i] for i in sampled_rows])
+        return tokens
 
     # ---- steps ----
     def _apply_penalties(self, logits: Tensor, requests: list[Request]) -> None:
@@ -109,7 +142,10 @@ class Sampler:
         q = torch.empty_like(probs)
         shared = [j for j, r in enumerate(requests) if r.params.seed is None]
         if shared:
-            q[shared] = torch.empty_like(q[shared]).exponential_(generator=self.generator)
+            rows = _on(logits.device, shared, torch.int64)
+            q[rows] = torch.empty(len(shared), q.shape[1], device=q.device).exponential_(
+                generator=self.generator
+            )
         for j, request in enumerate(requests):
             if request.params.seed is None:
                 continue
@@ -151,11 +187,12 @@ def _apply_top_k_top_p_min_p(logits: Tensor, sampled: list[Request], greedy: lis
     if not any(r.params.top_k or r.params.top_p < 1.0 or r.params.min_p > 0.0 for r in sampled):
         return
     vocab = logits.shape[1]
-    rows = torch.tensor([i for i, g in enumerate(greedy) if not g], device=logits.device)
+    device = logits.device
+    rows = _on(device, [i for i, g in enumerate(greedy) if not g], torch.int64)
     sub = logits.index_select(0, rows)  # [Bs, V]
-    top_k = torch.tensor([r.params.top_k or vocab for r in sampled], device=logits.device).clamp_(max=vocab)
-    top_p = torch.tensor([r.params.top_p for r in sampled], device=logits.device)
-    min_p = torch.tensor([r.params.min_p for r in sampled], device=logits.device)
+    top_k = _on(device, [r.params.top_k or vocab for r in sampled], torch.int64).clamp_(max=vocab)
+    top_p = _on(device, [r.params.top_p for r in sampled], torch.float32)
+    min_p = _on(device, [r.params.min_p for r in sampled], torch.float32)
     sorted_logits, order = sub.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, V]
     drop = ranks >= top_k.unsqueeze(1)

@@ -189,17 +189,39 @@ def test_same_outputs_under_preemption(demo: Path) -> None:
     assert ahead == sync and pre == sync_pre > 0 and steps_ahead > 0 and free == total
 
 
-def test_sampling_rows_turn_it_off_and_outputs_stay_seeded(demo: Path) -> None:
+def test_seeded_sampling_goes_ahead_with_the_same_draws(demo: Path) -> None:
+    """Temperature, top-k, top-p and min-p rows are sampled on the device too; each seeded request draws
+    from its own generator once a step either way, so the text is the same."""
+
     def params_of(i: int) -> SamplingParams:
-        if i % 2:
-            return SamplingParams(max_tokens=10, temperature=0.8, seed=i)
-        return SamplingParams(max_tokens=10, temperature=0.0, logprobs=2 if i % 4 == 0 else None)
+        kinds = [
+            SamplingParams(max_tokens=14, temperature=0.8, seed=i),
+            SamplingParams(max_tokens=9, temperature=1.0, top_k=20, seed=100 + i),
+            SamplingParams(max_tokens=12, temperature=0.7, top_p=0.9, min_p=0.05, seed=7 * i, stop=["e"]),
+            SamplingParams(max_tokens=10, temperature=0.0),
+        ]
+        return kinds[i % len(kinds)]
+
+    (sync, _, _, _, _), (ahead, steps_ahead, _, free, total) = _both(demo, params_of)
+    assert ahead == sync and steps_ahead > 5 and free == total
+
+
+def test_rows_that_need_their_tokens_turn_it_off(demo: Path) -> None:
+    """Logprobs (read back), penalties and min_tokens (they depend on the tokens so far) keep a step
+    synchronous while such a row runs; the outputs do not change."""
+
+    def params_of(i: int) -> SamplingParams:
+        if i % 3 == 1:
+            return SamplingParams(max_tokens=6, temperature=0.0, logprobs=2)
+        if i % 3 == 2:
+            return SamplingParams(max_tokens=6, temperature=0.0, repetition_penalty=1.2, min_tokens=3)
+        return SamplingParams(max_tokens=12, temperature=0.0)
 
     (sync, _, _, _, _), (ahead, steps_ahead, _, _, _) = _both(demo, params_of)
     assert ahead == sync
-    # Only steps whose rows are all plain greedy go ahead: the tail after the sampled rows finished.
-    greedy_only = _both(demo, lambda i: SamplingParams(max_tokens=10, temperature=0.0))[1][1]
-    assert steps_ahead < greedy_only
+    # Only the tail after those rows finished went ahead.
+    plain = _both(demo, lambda i: SamplingParams(max_tokens=12, temperature=0.0))[1][1]
+    assert 0 < steps_ahead < plain
 
 
 def test_the_step_ahead_takes_its_ids_from_the_device(demo: Path) -> None:

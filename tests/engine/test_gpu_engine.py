@@ -90,6 +90,28 @@ def test_fp32_greedy_tokens_equal_peft(models, cuda_graphs, ahead):
     assert got[0] != peft_greedy(hf, prompts()[0], None, steps)
 
 
+def test_seeded_sampling_is_the_same_with_async_scheduling(models):
+    """On CUDA the sampling parameters reach the device through pinned copies and the draws stay there:
+    seeded temperature / top-k / top-p sampling gives the same text with async scheduling on and off."""
+    base, adapters = models
+    loras = [None if n is None else LoRARequest(n, str(adapters[n])) for n in NAMES]
+    params = [
+        SamplingParams(max_tokens=10, temperature=0.9, top_k=[0, 40][i % 2], top_p=[1.0, 0.9][i % 2], seed=i)
+        for i in range(len(NAMES))
+    ]
+    got = []
+    for ahead in (True, False):
+        llm = LLM(
+            str(base), device=DEVICE, dtype="float32", max_loras=4, max_cpu_loras=4, max_lora_rank=16,
+            num_kv_blocks=256, kernel_backend="triton", async_scheduling=ahead,
+        )  # fmt: skip
+        outs = llm.generate(prompts(), params, loras)
+        got.append([list(o.outputs[0].token_ids) for o in outs])
+        assert (llm.engine.num_steps_ahead > 0) == ahead
+        llm.engine.close()
+    assert got[0] == got[1]
+
+
 def make_runner(base: Path, dtype: str, backend: str) -> ModelRunner:
     config = EngineConfig(
         model=str(base), device=DEVICE, dtype=dtype, block_size=16, num_kv_blocks=128, max_loras=4,
