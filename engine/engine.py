@@ -18,7 +18,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import Group, build_output
 from engine.request import LoRARequest, Request, RequestOutput, RequestStatus
-from engine.sampler import Sampler, SamplerOutput, can_sample_ahead
+from engine.sampler import Sampler, SamplerOutput, can_sample_ahead, to_device
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 
@@ -245,7 +245,10 @@ class LLMEngine:
         if scheduled is None:
             return None
         picked = [rows[j] for j in keep]
-        ids = tokens if len(picked) == tokens.shape[0] else tokens[picked]
+        if len(picked) == tokens.shape[0]:
+            ids = tokens
+        else:  # a request stopped or was aborted: gather the others' rows (index through pinned memory)
+            ids = tokens.index_select(0, to_device(tokens.device, picked, torch.int64))
         logits = self.runner.execute(scheduled, input_ids=ids)
         self.num_steps_ahead += 1
         requests = [r for r, _ in scheduled]

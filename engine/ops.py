@@ -102,8 +102,9 @@ class LoRABatch:
     def linear(self, layer: int, group: int, x: Tensor, proj: Any) -> Tensor:
         """proj(x) plus the LoRA delta of `group`. In a CUDA-graph capture with a side stream, the shrink
         (x @ A.T, small and latency-bound) runs there while the base GEMM reads the weights; the expand
-        adds into the GEMM's output after both. The shrink's buffer and x are allocated on the main stream and live past the
-        join, so the allocator never hands their memory to anything else while the side stream reads them."""
+        adds into the GEMM's output after both. The shrink's buffer and x are allocated on the main
+        stream and live past the join, so the allocator never hands their memory to anything else while
+        the side stream reads them."""
         if not self.active[layer][group]:
             return proj(x)  # type: ignore[no-any-return]
         if self.stream is None or not x.is_cuda or not torch.cuda.is_current_stream_capturing():

@@ -44,7 +44,7 @@ def can_sample_ahead(requests: list[Request]) -> bool:
     )
 
 
-def _on(device: torch.device, values: list[Any], dtype: torch.dtype | None = None) -> Tensor:
+def to_device(device: torch.device, values: list[Any], dtype: torch.dtype | None = None) -> Tensor:
     """A small tensor of host values on `device`, without waiting for the device: a plain copy from
     pageable memory waits for everything queued on the stream, which would end async scheduling's
     overlap. Pinned memory copies asynchronously (torch keeps the buffer until the copy is done)."""
@@ -87,14 +87,14 @@ class Sampler:
         greedy = [r.greedy for r in requests]
         if not all(greedy):
             temps = [1.0 if g else r.params.temperature for r, g in zip(requests, greedy, strict=True)]
-            logits.div_(_on(logits.device, temps).unsqueeze(1))
+            logits.div_(to_device(logits.device, temps).unsqueeze(1))
             _apply_top_k_top_p_min_p(
                 logits, [r for r, g in zip(requests, greedy, strict=True) if not g], greedy
             )
         tokens = logits.argmax(dim=-1)  # [B]
         sampled_rows = [i for i, g in enumerate(greedy) if not g]
         if sampled_rows:
-            rows = _on(logits.device, sampled_rows, torch.int64)
+            rows = to_device(logits.device, sampled_rows, torch.int64)
             tokens[rows] = self._draw(logits[rows], [requests[i] for i in sampled_rows])
         return tokens
 
@@ -142,7 +142,7 @@ class Sampler:
         q = torch.empty_like(probs)
         shared = [j for j, r in enumerate(requests) if r.params.seed is None]
         if shared:
-            rows = _on(logits.device, shared, torch.int64)
+            rows = to_device(logits.device, shared, torch.int64)
             q[rows] = torch.empty(len(shared), q.shape[1], device=q.device).exponential_(
                 generator=self.generator
             )
@@ -188,11 +188,11 @@ def _apply_top_k_top_p_min_p(logits: Tensor, sampled: list[Request], greedy: lis
         return
     vocab = logits.shape[1]
     device = logits.device
-    rows = _on(device, [i for i, g in enumerate(greedy) if not g], torch.int64)
+    rows = to_device(device, [i for i, g in enumerate(greedy) if not g], torch.int64)
     sub = logits.index_select(0, rows)  # [Bs, V]
-    top_k = _on(device, [r.params.top_k or vocab for r in sampled], torch.int64).clamp_(max=vocab)
-    top_p = _on(device, [r.params.top_p for r in sampled], torch.float32)
-    min_p = _on(device, [r.params.min_p for r in sampled], torch.float32)
+    top_k = to_device(device, [r.params.top_k or vocab for r in sampled], torch.int64).clamp_(max=vocab)
+    top_p = to_device(device, [r.params.top_p for r in sampled], torch.float32)
+    min_p = to_device(device, [r.params.min_p for r in sampled], torch.float32)
     sorted_logits, order = sub.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, V]
     drop = ranks >= top_k.unsqueeze(1)

@@ -95,8 +95,11 @@ def test_seeded_sampling_is_the_same_with_async_scheduling(models):
     seeded temperature / top-k / top-p sampling gives the same text with async scheduling on and off."""
     base, adapters = models
     loras = [None if n is None else LoRARequest(n, str(adapters[n])) for n in NAMES]
+    # Different lengths: requests stop while others run, so steps ahead gather the remaining rows' tokens.
     params = [
-        SamplingParams(max_tokens=10, temperature=0.9, top_k=[0, 40][i % 2], top_p=[1.0, 0.9][i % 2], seed=i)
+        SamplingParams(
+            max_tokens=6 + i, temperature=0.9, top_k=[0, 40][i % 2], top_p=[1.0, 0.9][i % 2], seed=i
+        )
         for i in range(len(NAMES))
     ]
     got = []
