@@ -8,28 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.demo import write_demo_model
 from engine.engine import LLMEngine
 from engine.outputs import build_group_output
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_model(tmp_path_factory.mktemp("demo") / "model")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/engine/conftest.py; so is `demo`
 
 
 def _params(i: int) -> SamplingParams:

@@ -1,0 +1,24 @@
+"""Fixtures shared by the CPU engine tests that run the demo model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.demo import write_demo_model
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_model(tmp_path_factory.mktemp("demo") / "model")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread: the tiny model's steps are quicker, and timing noise from the 2-core box less."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
