@@ -249,7 +249,9 @@ class DecodeGraphs:
         for i, (req, _) in enumerate(batch):
             p = req.num_computed_tokens
             table = req.block_table
-            if p + 1 > req.num_tokens + ahead or (ahead and p != req.num_tokens) or len(table) * bs < p + 1:
+            # ahead: the token at p is the one not on the host yet
+            position_ok = p == req.num_tokens if ahead else p < req.num_tokens
+            if not position_ok or len(table) * bs < p + 1:
                 raise ValueError(f"request {req.request_id}: cannot compute token {p}")
             if not -1 <= req.lora_slot < self.runner.adapter_cache.slots.num_slots:
                 raise ValueError(f"request {req.request_id}: lora slot {req.lora_slot} out of range")

@@ -29,8 +29,8 @@ class StepAhead:
 
     requests: list[Request]
     tokens: Any  # [B] int64 Tensor on the device, one row per request
-    host: Any = None  # its copy in pinned host memory, on its way (CUDA)
-    copied: Any = None  # CUDA event: the copy is done
+    host: Any = field(init=False, default=None)  # its copy in pinned host memory, on its way (CUDA)
+    copied: Any = field(init=False, default=None)  # CUDA event: the copy is done
 
     def __post_init__(self) -> None:
         # The copy starts now, before the next step is queued behind it: a plain .tolist() later would
@@ -89,7 +89,7 @@ class LLMEngine:
         )
         self.sampler = Sampler(runner.device, config.seed)
         self.groups: dict[str, Group] = {}
-        self.async_scheduling: bool = getattr(config, "async_scheduling", False)
+        self.async_scheduling: bool = config.async_scheduling
         self._ahead: StepAhead | None = None  # the step launched last, tokens not read yet
         self.num_steps_ahead = 0  # steps launched before the previous one's tokens were read
 

@@ -189,7 +189,7 @@ class ModelRunner:
         tables: list[list[int]] = []
         for req, n in batch:
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
-            if n <= 0 or end > req.num_tokens + ahead or (ahead and start != req.num_tokens):
+            if n <= 0 or (start != req.num_tokens if ahead else end > req.num_tokens):
                 raise ValueError(f"request {req.request_id}: cannot compute tokens [{start}, {end})")
             if len(req.block_table) * bs < end:
                 raise ValueError(f"request {req.request_id}: {len(req.block_table)} blocks for {end} tokens")

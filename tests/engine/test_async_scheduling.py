@@ -222,7 +222,6 @@ def test_the_step_ahead_takes_its_ids_from_the_device(demo: Path) -> None:
     (req,) = engine.scheduler.running
     runner = engine.runner
     batch = engine.scheduler.schedule().scheduled
-    engine.scheduler.advance_ahead([])  # nothing: a no-op on an empty list
     logits_a = runner.execute(batch).clone()  # computes position p with the known token
     token = req.all_token_ids[-1]
     # Now the same position again, ahead-style: the token comes from input_ids, the request lacks it.
