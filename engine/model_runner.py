@@ -1,14 +1,13 @@
 """Model runner: the only engine part that builds tensors. One step = one forward over a flat batch.
 
-It owns the KV cache (sized once, from the memory budget) and turns the scheduler's (request, n) pairs
-into the step tensors of docs/internals.md: token ids, positions, cache slots, block tables, sequence
-lengths, query offsets and the token -> adapter slot grouping.
+It owns the KV cache (sized once, from the memory budget), the step input (engine/step_input.py: the
+scheduler's (request, n) pairs as token ids, positions, cache slots, block tables, sequence lengths, query
+offsets and the token -> adapter slot grouping) and the CUDA graphs that replay steps over that input.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,10 +15,19 @@ from torch import Tensor
 
 from engine.adapter_cache import AdapterCache
 from engine.config import EngineConfig
-from engine.cuda_graphs import setup_decode_graphs
-from engine.model_loader import LoadedModel, ModelConfig
-from engine.ops import AttentionBatch, LoRABatch, get_ops
-from engine.request import Request
+from engine.cuda_graphs import (
+    ATTENTION_ONLY,
+    EXTEND_SEQS,
+    EXTEND_TOKENS,
+    DecodeGraphs,
+    GroupMask,
+    all_groups_mask,
+)
+from engine.model_config import ModelConfig
+from engine.model_loader import LoadedModel
+from engine.ops import LoRABatch, get_ops
+from engine.sampler import to_device
+from engine.step_input import Batch, Layout, StepInput
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +73,6 @@ def decide_num_kv_blocks(config: EngineConfig, model: LoadedModel, cuda_mem: tup
     return int(blocks)
 
 
-@dataclass
-class StepInputs:
-    input_ids: Tensor  # [T] int64
-    positions: Tensor  # [T] int64
-    attn: AttentionBatch
-    lora: LoRABatch | None  # None when no token of the step uses an adapter
-
-
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: LoadedModel, adapter_cache: AdapterCache) -> None:
         self.config = config
@@ -94,10 +94,43 @@ class ModelRunner:
         ]
         # The LoRA shrink runs on this stream beside the base projection (LoRABatch.linear); None: inline.
         self.lora_stream: Any = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        longest = min(x for x in (cfg.max_position_embeddings, config.max_model_len) if x is not None)
+        longest = min(longest, self.num_kv_blocks * self.block_size)
+        self.input = StepInput(
+            self.device,
+            max_tokens=max(config.max_num_batched_tokens, EXTEND_TOKENS[-1]),
+            max_rows=max(config.max_num_seqs, EXTEND_SEQS[-1] + 1),  # + 1: a graph's padding sequence
+            max_blocks=-(-longest // self.block_size),
+            block_size=self.block_size,
+            num_kv_blocks=self.num_kv_blocks,
+            vocab_size=cfg.vocab_size,
+            num_slots=adapter_cache.slots.num_slots,
+        )
         # Last: the graphs' warm-up needs the KV cache, and the memory line reports everything above.
-        self.graphs = setup_decode_graphs(self, config.max_model_len)
+        self.graphs: DecodeGraphs | None = None
+        if config.cuda_graphs and self.device.type == "cuda" and self.ops.name == "triton":
+            # The torch references sync on the host: graphs need the Triton kernels.
+            self.graphs = self.make_graphs()
+            masks: list[GroupMask] = [None]
+            if adapter_cache.slots.num_slots > 0:
+                masks += [all_groups_mask(), ATTENTION_ONLY]
+            self.graphs.capture_all(masks)
         if self.device.type == "cuda":
             self.log_memory()
+
+    def make_graphs(
+        self, capture: bool = True, max_batch: int | None = None, verify_lens: tuple[int, ...] = ()
+    ) -> DecodeGraphs:
+        """A fresh set of graphs over this runner's step input (captured on first use); capture=False
+        runs the graphs' forwards eagerly (CPU tests of the bucket layouts)."""
+        return DecodeGraphs(
+            self.input,
+            self._graph_forward,
+            max_batch or self.config.max_num_seqs,
+            self.model.config.vocab_size,
+            capture=capture,
+            verify_lens=verify_lens,
+        )
 
     def log_memory(self) -> None:
         """One line at start: what adapter slots, KV cache and graphs took against the memory budget."""
@@ -107,8 +140,8 @@ class ModelRunner:
         graph_part = (
             f"{len(g.graphs)} CUDA graphs ({len(g.buckets)} decode buckets up to {g.max_batch} sequences, "
             f"{len(g.extend_tokens)} extend buckets up to {max(g.extend_tokens, default=0)} tokens for 1 and "
-            f"{g.extend_seqs[-1]} sequences; x {len({m for *_, m in g.graphs})} LoRA variants) captured in "
-            f"{g.capture_seconds:.1f} s"
+            f"{g.extend_seqs[-1]} sequences, verify lengths {sorted(g.verify)}; "
+            f"x {len({m for *_, m in g.graphs})} LoRA variants) captured in {g.capture_seconds:.1f} s"
             if g is not None
             else "CUDA graphs off"
         )
@@ -127,9 +160,10 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Request, int]], input_ids: Tensor | None = None) -> Tensor:
+    def execute(self, batch: Batch, input_ids: Tensor | None = None, all_logits: bool = False) -> Tensor:
         """Compute tokens [num_computed, num_computed + n) of each request, writing their KV into its
-        blocks. Returns float32 logits [B, V] of each request's last computed token.
+        blocks. Returns float32 logits [B, V] of each request's last computed token; all_logits: of every
+        computed token, rows in batch order ([sum n, V]; e.g. to verify k drafted tokens with n = k + 1).
 
         input_ids [B] int64 on the device (async scheduling): a decode step (n = 1 each) whose tokens are
         the previous step's samples, not yet appended on the host: each request computes the token at
@@ -139,20 +173,37 @@ class ModelRunner:
         if input_ids is not None and (input_ids.shape != (len(batch),) or any(n != 1 for _, n in batch)):
             raise ValueError("input_ids needs a decode batch and one id per request")
         if self.graphs is not None:
-            if self.graphs.accepts(batch):
-                logits = self.graphs.run(batch, input_ids)
-            else:
-                logits = self._run_split(batch) if input_ids is None else None
+            logits = self._replay(batch, input_ids, all_logits)
+            if logits is None and input_ids is None and not all_logits:
+                logits = self._run_split(batch)
             if logits is not None:
                 return logits
-        step = self.prepare(batch, input_ids)
-        hidden = self.model.model(
-            step.input_ids, step.positions, self.kv_caches, step.attn, step.lora, self.ops
-        )
-        last = step.attn.query_start_loc[1:].to(torch.int64) - 1  # [B]
-        return self.model.model.compute_logits(hidden[last])  # [B, V]
+        layout = self.input.fill(batch, input_ids, all_logits)
+        used = sorted({r.lora_slot for r, _ in batch if r.lora_slot >= 0})
+        return self._forward(layout, self.adapter_cache.slots.active_groups(used) if used else None)
 
-    def _run_split(self, batch: list[tuple[Request, int]]) -> Tensor | None:
+    def _replay(self, batch: Batch, input_ids: Tensor | None, all_logits: bool) -> Tensor | None:
+        """The step from a graph bucket, or None (it fits none, or a capture failed: run eager)."""
+        assert self.graphs is not None
+        bucket = self.graphs.bucket(batch, all_logits)
+        if bucket is None:
+            return None
+        key = self.graphs.pick(bucket, self._group_mask(batch))
+        self.input.fill(batch, input_ids, all_logits, pad_to=key[:3])  # type: ignore[arg-type]
+        logits = self.graphs.replay(key, ahead=input_ids is not None)
+        return None if logits is None else logits[: sum(n for _, n in batch) if all_logits else len(batch)]
+
+    def _group_mask(self, batch: Batch) -> GroupMask:
+        """Module groups any adapter of the batch targets (None: no adapter). Slots out of range are left
+        to the step input's check."""
+        slots = self.adapter_cache.slots
+        used = sorted({r.lora_slot for r, _ in batch if 0 <= r.lora_slot < slots.num_slots})
+        if not used:
+            return None
+        active = slots.host_ranks[:, :, used] > 0  # [L, G, used]
+        return tuple(bool(g) for g in active.any(dim=2).any(dim=0).tolist())
+
+    def _run_split(self, batch: Batch) -> Tensor | None:
         """A step mixing decodes with a small prefill (a new request joining a running batch, chunked
         prefill's usual step) as two graph replays, the decode rows and then the prefill rows, instead of
         one eager forward: the eager step is launch-bound (~2-3x a replay), so reading the weights twice
@@ -163,76 +214,39 @@ class ModelRunner:
         parts = [[batch[i] for i in decode], [batch[i] for i in extend]]
         if not decode or not extend or not all(self.graphs.accepts(p) for p in parts):
             return None
-        first = self.graphs.run(parts[0])
+        first = self._replay(parts[0], None, False)
         if first is None:
             return None
         first = first.clone()  # the second replay overwrites the graphs' logits buffer
-        second = self.graphs.run(parts[1])  # a failure here leaves the decode rows' KV written: the
-        if second is None:  # eager rerun writes the same values again
+        second = self._replay(parts[1], None, False)  # a failure here leaves the decode rows' KV
+        if second is None:  # written: the eager rerun writes the same values again
             return None
         logits = torch.cat([first, second])  # rows in (decode, extend) order
         if decode == list(range(len(decode))):
             return logits
-        order = torch.tensor(decode + extend, device=logits.device)
+        order = to_device(logits.device, decode + extend, torch.int64)
         return torch.empty_like(logits).index_copy_(0, order, logits)
 
-    def prepare(self, batch: list[tuple[Request, int]], input_ids: Tensor | None = None) -> StepInputs:
-        """The step's tensors; with input_ids, a decode step ahead of the host's tokens (see execute)."""
-        bs = self.block_size
-        ahead = int(input_ids is not None)  # the one token past num_tokens each request computes
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        token_lora: list[int] = []
-        seq_lens: list[int] = []
-        query_start = [0]
-        tables: list[list[int]] = []
-        for req, n in batch:
-            start, end = req.num_computed_tokens, req.num_computed_tokens + n
-            if n <= 0 or (start != req.num_tokens if ahead else end > req.num_tokens):
-                raise ValueError(f"request {req.request_id}: cannot compute tokens [{start}, {end})")
-            if len(req.block_table) * bs < end:
-                raise ValueError(f"request {req.request_id}: {len(req.block_table)} blocks for {end} tokens")
-            if req.block_table and not 0 <= min(req.block_table) <= max(req.block_table) < self.num_kv_blocks:
-                # A wrong block id would read or overwrite another sequence's (another tenant's) KV.
-                raise ValueError(f"request {req.request_id}: block ids outside [0, {self.num_kv_blocks})")
-            if not -1 <= req.lora_slot < self.adapter_cache.slots.num_slots:
-                raise ValueError(f"request {req.request_id}: lora slot {req.lora_slot} out of range")
-            token_ids.extend(req.all_token_ids[start:end] if not ahead else [0])  # 0: a placeholder
-            positions.extend(range(start, end))
-            slots.extend(req.block_table[p // bs] * bs + p % bs for p in range(start, end))
-            token_lora.extend([req.lora_slot] * n)
-            seq_lens.append(end)
-            query_start.append(query_start[-1] + n)
-            tables.append(req.block_table)
-        if min(token_ids) < 0 or max(token_ids) >= self.model.config.vocab_size:
-            # On CUDA an out-of-range embedding index is a device-side assert that kills the whole engine.
-            raise ValueError(f"token ids outside [0, {self.model.config.vocab_size})")
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+    def _graph_forward(self, layout: Layout, mask: GroupMask) -> Tensor:
+        active = None if mask is None else [list(mask)] * self.model.config.num_layers
+        return self._forward(layout, active)
 
-        def tensor(values: list[Any], dtype: torch.dtype) -> Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        attn = AttentionBatch(
-            slot_mapping=tensor(slots, torch.int64),  # [T]
-            block_tables=tensor(padded, torch.int32),  # [B, max_blocks]
-            seq_lens=tensor(seq_lens, torch.int32),  # [B]
-            query_start_loc=tensor(query_start, torch.int32),  # [B+1]
-        )
+    def _forward(self, layout: Layout, active: list[list[bool]] | None) -> Tensor:
+        """The model over the step input's views: float32 logits [layout.num_logits, V]. active: [L][G]
+        module groups that need LoRA launches; None: no adapter in the step."""
+        step = self.input
         lora = None
-        if any(s >= 0 for s in token_lora):
-            # Steps without any adapter skip the LoRA launches entirely.
+        if active is not None:
             weights = self.adapter_cache.slots
             lora = LoRABatch(
-                meta=self.ops.make_lora_meta(tensor(token_lora, torch.int32), max(weights.num_slots, 1)),
-                a=weights.a,
-                b=weights.b,
-                scales=weights.scales,
-                ranks=weights.ranks,
-                ops=self.ops,
-                active=weights.active_groups(sorted({s for s in token_lora if s >= 0})),
-                stream=self.lora_stream,
-            )
-        ids = tensor(token_ids, torch.int64) if input_ids is None else input_ids
-        return StepInputs(ids, tensor(positions, torch.int64), attn, lora)
+                step.lora_meta(layout), weights.a, weights.b, weights.scales, weights.ranks, self.ops,
+                active, self.lora_stream,
+            )  # fmt: skip
+        ids = step.device_buffer("ids")[: layout.tokens]
+        positions = step.device_buffer("pos")[: layout.tokens]
+        model = self.model.model
+        hidden = model(ids, positions, self.kv_caches, step.attention(layout), lora, self.ops)  # [T, H]
+        rows = step.logit_rows(layout)
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)  # [num_logits, H]
+        return model.compute_logits(hidden)  # [num_logits, V]

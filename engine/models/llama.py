@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.model_config import ModelConfig
 from engine.ops import DOWN, GATE_UP, O_PROJ, QKV, AttentionBatch, LoRABatch, Ops
-
-if TYPE_CHECKING:
-    from engine.model_loader import ModelConfig
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:

@@ -1,7 +1,7 @@
 """The decode-graph input path (fixed buffers, padding to buckets, host-built LoRA grouping) on the CPU.
 
-Graphs themselves need CUDA; `DecodeGraphs(capture=False)` runs the same forward over the same buffers
-eagerly, so these tests pin down everything a replay would read. The GPU run of benchmarks/serving.py
+Graphs themselves need CUDA; `runner.make_graphs(capture=False)` runs the same forward over the same
+buffers (the runner's StepInput) eagerly, so these tests pin down everything a replay would read. The GPU run of benchmarks/serving.py
 checks replay against eager on the device.
 """
 
@@ -15,6 +15,7 @@ import torch
 
 from engine import LLM, LoRARequest, SamplingParams
 from engine.cuda_graphs import DecodeGraphs, all_groups_mask, bucket_sizes
+from engine.step_input import StepInput
 from kernels.lora import make_lora_meta
 from tests.helpers.hf_models import ALL_TARGETS, VOCAB_SIZE, make_peft_adapter, make_tiny_model
 
@@ -50,9 +51,18 @@ def make_llm(base: Path, graphs: bool, ahead: bool = True) -> LLM:
     runner = llm.engine.runner
     assert runner.graphs is None  # CPU: the config flag is ignored
     if graphs:
-        runner.graphs = DecodeGraphs(runner, max_batch=8, max_blocks=16, capture=False)
+        runner.graphs = runner.make_graphs(capture=False, max_batch=8)
     llm.engine.async_scheduling = ahead
     return llm
+
+
+def eager(runner, batch, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The same step through the eager path (it writes the same KV again)."""
+    graphs, runner.graphs = runner.graphs, None
+    try:
+        return runner.execute(batch, **kwargs).clone()
+    finally:
+        runner.graphs = graphs
 
 
 def test_bucket_sizes_cover_every_batch() -> None:
@@ -77,9 +87,9 @@ def test_fixed_buffer_decode_equals_eager(model: tuple[Path, list[LoRARequest]])
     fixed = fixed_llm.generate(prompts, params, lora_request=mix)
     assert [o.outputs[0].token_ids for o in fixed] == [o.outputs[0].token_ids for o in eager]
     # The decode steps really went through the fixed buffers (7 sequences -> bucket 8).
-    graphs = fixed_llm.engine.runner.graphs
-    assert graphs is not None and graphs.replays == 0 and graphs.h_seq_lens[7] == 1
-    assert graphs.h_slot_mapping[7] == -1
+    runner = fixed_llm.engine.runner
+    assert runner.graphs is not None and runner.graphs.replays == 0 and runner.input.seq_lens[7] == 1
+    assert runner.input.slot_mapping[7] == -1
 
 
 def test_logits_and_grouping_match_eager_step(model: tuple[Path, list[LoRARequest]]) -> None:
@@ -98,21 +108,17 @@ def test_logits_and_grouping_match_eager_step(model: tuple[Path, list[LoRAReques
     batch = engine.scheduler.schedule().scheduled  # allocates the next token's block
     assert len(batch) == 3 and all(n == 1 for _, n in batch)
     runner = engine.runner
-    fixed = runner.graphs.run(batch).clone()  # bucket 4, one padding row
-    step = runner.prepare(batch)
-    hidden = runner.model.model(
-        step.input_ids, step.positions, runner.kv_caches, step.attn, step.lora, runner.ops
-    )
-    eager = runner.model.model.compute_logits(hidden)
-    torch.testing.assert_close(fixed, eager, rtol=1e-5, atol=1e-5)
+    assert runner.graphs.bucket(batch) == (4, 4, 1)  # bucket 4, one padding row
+    fixed = runner.execute(batch).clone()
     # The host-built grouping is make_lora_meta's, padding row included (slot -1 sorts last).
-    g = runner.graphs
-    ref = make_lora_meta(g.h_token_slots[:4].clone(), g.num_slots)
-    assert g.h_sorted[:4].tolist() == ref.sorted_token_ids.tolist()
-    assert g.h_segs[0].tolist() == ref.seg_slots.tolist()
-    assert g.h_segs[1].tolist() == ref.seg_starts.tolist()
-    assert g.h_segs[2].tolist() == ref.seg_lens.tolist()
-    assert g.h_token_slots[3] == -1
+    g = runner.input
+    ref = make_lora_meta(torch.from_numpy(g.token_slots[:4].copy()), g.num_segments_max)
+    assert g.sorted[:4].tolist() == ref.sorted_token_ids.tolist()
+    assert g.segs[0].tolist() == ref.seg_slots.tolist()
+    assert g.segs[1].tolist() == ref.seg_starts.tolist()
+    assert g.segs[2].tolist() == ref.seg_lens.tolist()
+    assert g.token_slots[3] == -1
+    torch.testing.assert_close(fixed, eager(runner, batch), rtol=1e-5, atol=1e-5)
 
 
 def test_refuses_foreign_blocks_and_slots(model: tuple[Path, list[LoRARequest]]) -> None:
@@ -123,15 +129,17 @@ def test_refuses_foreign_blocks_and_slots(model: tuple[Path, list[LoRARequest]])
     engine.add_request("x", [0, 5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     engine.step()
     ((req, _),) = engine.scheduler.schedule().scheduled
-    graphs = engine.runner.graphs
+    runner = engine.runner
+    graphs = runner.graphs
     good = list(req.block_table)
     req.block_table = [*good[:-1], engine.runner.num_kv_blocks]
+    assert graphs.accepts([(req, 1)])
     with pytest.raises(ValueError, match="block ids outside"):
-        graphs.run([(req, 1)])
+        runner.execute([(req, 1)])
     req.block_table = good
     req.lora_slot = 3
     with pytest.raises(ValueError, match="lora slot 3 out of range"):
-        graphs.run([(req, 1)])
+        runner.execute([(req, 1)])
     req.lora_slot = -1
     assert graphs.accepts([(req, 2)])  # a small extend step
     assert not graphs.accepts([(req, 2)] * 9)  # more sequences than the largest extend bucket
@@ -161,25 +169,17 @@ def test_fixed_buffer_extend_equals_eager(model: tuple[Path, list[LoRARequest]])
     sizes = sorted(n for _, n in batch)
     assert sizes[0] == 1 and sizes[-1] > 1 and len(batch) == 4  # a decode mixed with prefills
     assert any(r.request_id == "hit" and r.num_computed_tokens > 0 for r, _ in batch)  # the cache hit
-    runner, graphs = engine.runner, engine.runner.graphs
+    runner, graphs, g = engine.runner, engine.runner.graphs, engine.runner.input
     assert graphs.accepts(batch)
-    fixed = graphs.run(batch).clone()
-    step = runner.prepare(batch)
-    hidden = runner.model.model(
-        step.input_ids, step.positions, runner.kv_caches, step.attn, step.lora, runner.ops
-    )
-    last = step.attn.query_start_loc[1:].to(torch.int64) - 1
-    eager = runner.model.model.compute_logits(hidden[last])
-    torch.testing.assert_close(fixed, eager, rtol=1e-5, atol=1e-5)
+    fixed = runner.execute(batch).clone()
     total = sum(n for _, n in batch)
     assert graphs.extend_steps == 2  # "first"'s prefill and this step (its decode went the decode way)
     # 4 sequences -> bucket 4 (no empty rows), the padding sequence in row 4 owns the padding tokens.
-    assert graphs.h_query_start[4] == total and graphs.h_query_start[5] == 16
-    assert (
-        graphs.h_seq_lens[4] == 16 - total
-        and graphs.h_last[:4].tolist() == (step.attn.query_start_loc[1:] - 1).tolist()
-    )
-    assert (graphs.h_slot_mapping[total:16] == -1).all() and (graphs.h_token_slots[total:16] == -1).all()
+    assert g.query_start[4] == total and g.query_start[5] == 16
+    ends = [int(x) for x in g.query_start[1:5]]
+    assert g.seq_lens[4] == 16 - total and g.logit_idx[:4].tolist() == [e - 1 for e in ends]
+    assert (g.slot_mapping[total:16] == -1).all() and (g.token_slots[total:16] == -1).all()
+    torch.testing.assert_close(fixed, eager(runner, batch), rtol=1e-5, atol=1e-5)
 
 
 def test_extend_steps_generate_like_eager(model: tuple[Path, list[LoRARequest]]) -> None:
@@ -229,11 +229,11 @@ def test_cuda_graph_replay_equals_eager_and_peft(model: tuple[Path, list[LoRAReq
     graphs = llm.engine.runner.graphs
     assert graphs.replays > 0
     at_start = (None, (True,) * 4, (True, True, False, False))
-    assert any(mask not in at_start for _, _, mask in graphs.graphs)  # a variant captured on use
+    assert any(mask not in at_start for *_, mask in graphs.graphs)  # a variant captured on use
     assert graphs.extend_steps > 0  # the prefills went through the extend graphs
     borrowing, llm = run(True, capture_after=1000)  # wider captured graphs replayed instead
     assert llm.engine.runner.graphs.borrowed > 0
-    assert all(mask in at_start for _, _, mask in llm.engine.runner.graphs.graphs)
+    assert all(mask in at_start for *_, mask in llm.engine.runner.graphs.graphs)
     eager, _ = run(False)
     assert replayed == eager == borrowing
     oracle = hf_greedy(
@@ -256,7 +256,7 @@ def test_mixed_step_runs_as_a_decode_and_an_extend_part(model: tuple[Path, list[
     )  # fmt: skip
     engine, runner = llm.engine, llm.engine.runner
     engine.async_scheduling = False  # the test schedules the mixed step itself
-    runner.graphs = DecodeGraphs(runner, max_batch=16, max_blocks=16, capture=False)
+    runner.graphs = runner.make_graphs(capture=False, max_batch=16)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     for i in range(10):
         engine.add_request(f"d{i}", [0, 5 + i, 9, 11], params, lora=loras[i % 3] if i % 4 else None)
@@ -269,12 +269,7 @@ def test_mixed_step_runs_as_a_decode_and_an_extend_part(model: tuple[Path, list[
     before = runner.graphs.extend_steps
     fixed = runner.execute(batch).clone()
     assert runner.graphs.extend_steps == before + 1
-    step = runner.prepare(batch)
-    hidden = runner.model.model(
-        step.input_ids, step.positions, runner.kv_caches, step.attn, step.lora, runner.ops
-    )
-    eager = runner.model.model.compute_logits(hidden[step.attn.query_start_loc[1:].to(torch.int64) - 1])
-    torch.testing.assert_close(fixed, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fixed, eager(runner, batch), rtol=1e-5, atol=1e-5)
 
 
 def test_missing_variants_borrow_a_wider_graph_then_get_captured(
@@ -286,15 +281,18 @@ def test_missing_variants_borrow_a_wider_graph_then_get_captured(
     graphs = make_llm(base, graphs=True).engine.runner.graphs
     graphs.capture_enabled, graphs.capture_after = True, 3  # only _pick runs here: nothing is captured
     every, qkvo = all_groups_mask(), (True, True, False, False)
-    graphs.graphs = dict.fromkeys([(64, 8, None), (64, 8, every), (16, 16, every), (32, 2, qkvo)])
-    assert graphs._pick(64, 1, None) == (64, 8, None)
-    assert graphs._pick(64, 2, qkvo) == (64, 8, every)
-    assert graphs._pick(32, 2, qkvo) == (32, 2, qkvo)  # captured: no borrowing
-    assert graphs._pick(16, 16, qkvo) == (16, 16, every)
-    assert graphs._pick(16, 16, None) == (16, 16, None)  # would need a capture: no LoRA graph for it
-    assert graphs.borrowed == 3
-    assert graphs._pick(16, 16, qkvo) == (16, 16, every)
-    assert graphs._pick(16, 16, qkvo) == (16, 16, qkvo)  # the third request: capture it now
+    graphs.graphs = dict.fromkeys(
+        [(64, 8, 0, None), (64, 8, 0, every), (16, 16, 1, every), (32, 2, 0, qkvo), (12, 4, 3, every)]
+    )
+    assert graphs.pick((64, 1, 0), None) == (64, 8, 0, None)
+    assert graphs.pick((64, 2, 0), qkvo) == (64, 8, 0, every)
+    assert graphs.pick((32, 2, 0), qkvo) == (32, 2, 0, qkvo)  # captured: no borrowing
+    assert graphs.pick((16, 16, 1), qkvo) == (16, 16, 1, every)
+    assert graphs.pick((16, 16, 1), None) == (16, 16, 1, None)  # would need a capture: no LoRA graph for it
+    assert graphs.pick((12, 4, 3), qkvo) == (12, 4, 3, every)  # a verify bucket borrows the same way
+    assert graphs.borrowed == 4
+    assert graphs.pick((16, 16, 1), qkvo) == (16, 16, 1, every)
+    assert graphs.pick((16, 16, 1), qkvo) == (16, 16, 1, qkvo)  # the third request: capture it now
 
 
 def test_a_borrowed_wider_graph_computes_the_same_logits(model: tuple[Path, list[LoRARequest]]) -> None:
@@ -305,7 +303,7 @@ def test_a_borrowed_wider_graph_computes_the_same_logits(model: tuple[Path, list
         llm = make_llm(base, graphs=True)
         graphs = llm.engine.runner.graphs
         if wide:
-            graphs._pick = lambda t, s, m: (t, s if t == s else 8, None if m is None else all_groups_mask())
+            graphs.pick = lambda b, m: (b[0], b[1] if b[2] else 8, b[2], None if m is None else all_groups_mask())
         params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
         mix = [loras[0], None, loras[0]]  # loras[0] targets q and v only: borrowing adds three zero groups
         outs = llm.generate([[0, 7, 8, 9], [0, 10, 11], [0, 12, 13, 14, 15]], params, lora_request=mix)
@@ -319,9 +317,18 @@ def test_no_extend_graphs_when_a_bucket_cannot_fit_a_table_row(model: tuple[Path
     max_model_len) are not offered, so it never reads past its row."""
     base, _ = model
     runner = make_llm(base, graphs=False).engine.runner
-    graphs = DecodeGraphs(runner, max_batch=8, max_blocks=6, capture=False)  # 24 tokens a row
+
+    def graphs_over(max_blocks: int) -> DecodeGraphs:
+        g = runner.input
+        step = StepInput(
+            runner.device, g.max_tokens, g.max_rows, max_blocks, g.block_size, g.num_kv_blocks,
+            g.vocab_size, g.num_slots,
+        )  # fmt: skip
+        return DecodeGraphs(step, runner._graph_forward, 8, g.vocab_size, capture=False)
+
+    graphs = graphs_over(6)  # 24 tokens a row
     assert graphs.extend_tokens == [16]
-    none = DecodeGraphs(runner, max_batch=8, max_blocks=3, capture=False)  # 12 tokens a row
+    none = graphs_over(3)  # 12 tokens a row
     assert none.extend_tokens == []
     engine = make_llm(base, graphs=False).engine
     engine.add_request("x", [0, 5, 6, 7], SamplingParams(max_tokens=2, temperature=0.0))
