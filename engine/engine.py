@@ -11,42 +11,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from engine.async_scheduling import AsyncScheduling
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import Group, build_output
 from engine.request import LoRARequest, Request, RequestOutput, RequestStatus
-from engine.sampler import Sampler, SamplerOutput, can_sample_ahead, to_device
+from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-
-
-@dataclass(slots=True)
-class StepAhead:
-    """A decode step on the device whose sampled tokens the host has not read yet (async scheduling)."""
-
-    requests: list[Request]
-    tokens: Any  # [B] int64 Tensor on the device, one row per request
-    host: Any = field(init=False, default=None)  # its copy in pinned host memory, on its way (CUDA)
-    copied: Any = field(init=False, default=None)  # CUDA event: the copy is done
-
-    def __post_init__(self) -> None:
-        # The copy starts now, before the next step is queued behind it: a plain .tolist() later would
-        # queue its copy after the next step and wait for that one too.
-        if self.tokens.is_cuda:
-            self.host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
-            self.host.copy_(self.tokens, non_blocking=True)
-            self.copied = torch.cuda.Event()
-            self.copied.record()
-        else:
-            self.host = self.tokens
-
-    def token_ids(self) -> list[int]:
-        if self.copied is not None:
-            self.copied.synchronize()
-        return self.host.tolist()  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +62,21 @@ class LLMEngine:
         )
         self.sampler = Sampler(runner.device, config.seed)
         self.groups: dict[str, Group] = {}
-        self.async_scheduling: bool = config.async_scheduling
-        self._ahead: StepAhead | None = None  # the step launched last, tokens not read yet
-        self.num_steps_ahead = 0  # steps launched before the previous one's tokens were read
+        self.ahead = AsyncScheduling(
+            config.async_scheduling, self.scheduler, runner, self.sampler, self.max_model_len
+        )
+
+    @property
+    def async_scheduling(self) -> bool:
+        return self.ahead.enabled
+
+    @async_scheduling.setter
+    def async_scheduling(self, enabled: bool) -> None:
+        self.ahead.enabled = enabled  # a step already in flight still finishes the async way
+
+    @property
+    def num_steps_ahead(self) -> int:
+        return self.ahead.num_steps_ahead
 
     @classmethod
     def from_config(cls, config: EngineConfig, adapter_loader: Any = None) -> LLMEngine:
@@ -188,77 +173,34 @@ class LLMEngine:
 
     # ---- the step ----
     def step(self) -> list[RequestOutput]:
-        if self._ahead is not None:
-            return self._step_ahead()
-        batch = self.scheduler.schedule()
-        scheduled = batch.scheduled
-        logits = self.runner.execute(scheduled) if scheduled else None
-        self.scheduler.advance(batch)
-        ready = [r for r, _ in scheduled if r.num_computed_tokens == len(r.all_token_ids)]
-        if ready:
-            assert logits is not None
-            if self.async_scheduling and len(ready) == len(scheduled) and can_sample_ahead(ready):
-                # No row needs its tokens so far to sample: leave them on the device, go on without waiting.
-                self._ahead = StepAhead(ready, self.sampler.sample_tensor(logits, ready))
-                return self._step_ahead(batch.failed)
-            # Pure decode steps sample every row: skip the gather (and its host -> device index copy).
-            if len(ready) < len(scheduled):
-                rows = [
-                    i for i, (r, _) in enumerate(scheduled) if r.num_computed_tokens == len(r.all_token_ids)
-                ]
-                logits = logits[rows]
-            self._postprocess(ready, self.sampler(logits, ready))
-        if not batch.scheduled and not batch.failed:
-            self._wait_idle()
-        return self._collect([*ready, *batch.failed])
+        """schedule -> run -> sample -> postprocess. With async scheduling a step can be in flight (its
+        tokens still on the device): then the next one is launched before they are read (engine/
+        async_scheduling.py)."""
+        failed: list[Request] = []
+        if self.ahead.in_flight is None:
+            batch = self.scheduler.schedule()
+            failed, scheduled = batch.failed, batch.scheduled
+            logits = self.runner.execute(scheduled) if scheduled else None
+            self.scheduler.advance(batch)
+            ready = [r for r, _ in scheduled if r.num_computed_tokens == len(r.all_token_ids)]
+            if not ready or not self.ahead.start(ready, len(scheduled), logits):
+                if ready:
+                    self._postprocess(ready, self.sampler(self._rows_of(logits, scheduled, ready), ready))
+                elif not scheduled and not failed:
+                    self._wait_idle()
+                return self._collect([*ready, *failed])
+        live, sampled = self.ahead.advance()  # launches the next step, then reads this one's tokens
+        self._postprocess(live, sampled)
+        self.ahead.settle()
+        return self._collect([*live, *failed])
 
-    def _step_ahead(self, failed: list[Request] | None = None) -> list[RequestOutput]:
-        """Async scheduling. The step in `_ahead` runs on the device, its tokens unread. Launch the next
-        decode step first, with those tokens as its input ids (still on the device), then read them and
-        do the host's work (detokenize, stop checks, outputs) while the device runs the next step.
-
-        The next step holds every running request that is not certain to stop (max_tokens, context),
-        and only when it is the step schedule() would make (Scheduler.schedule_ahead). A request that
-        does stop on the token just read (EOS, stop string, abort) computed one token too many in it:
-        that token is dropped. Its KV write landed in its own blocks, before any later step can reuse
-        them (one device stream), so the results equal those of synchronous steps."""
-        current, self._ahead = self._ahead, None
-        assert current is not None
-        rows = [i for i, r in enumerate(current.requests) if not r.is_finished]  # aborts between steps
-        live = [current.requests[i] for i in rows]
-        nxt = self._launch_ahead(live, current.tokens, rows)
-        token_ids = current.token_ids()  # the step's only wait for the device
-        self._postprocess(live, SamplerOutput([token_ids[i] for i in rows], [None] * len(live)))
-        if nxt is not None:
-            going = [r for r in nxt.requests if not r.is_finished]
-            self.scheduler.advance_ahead(going)
-            # The rows of requests that just stopped stay in `nxt`: the next harvest skips finished rows.
-            self._ahead = nxt if going else None
-        return self._collect([*live, *(failed or [])])
-
-    def _launch_ahead(self, live: list[Request], tokens: Any, rows: list[int]) -> StepAhead | None:
-        """Schedule and launch the decode step after the one in flight (see _step_ahead), or None."""
-        if not live or len(live) != self.scheduler.num_running:
-            return None  # e.g. a request in chunked prefill is running too: schedule() decides
-        keep = [j for j, r in enumerate(live) if not self._stops_by_length(r)]
-        scheduled = self.scheduler.schedule_ahead([live[j] for j in keep])
-        if scheduled is None:
-            return None
-        picked = [rows[j] for j in keep]
-        if len(picked) == tokens.shape[0]:
-            ids = tokens
-        else:  # a request stopped or was aborted: gather the others' rows (index through pinned memory)
-            ids = tokens.index_select(0, to_device(tokens.device, picked, torch.int64))
-        logits = self.runner.execute(scheduled, input_ids=ids)
-        self.num_steps_ahead += 1
-        requests = [r for r, _ in scheduled]
-        return StepAhead(requests, self.sampler.sample_tensor(logits, requests))
-
-    def _stops_by_length(self, request: Request) -> bool:
-        """Will the token in flight end this request by max_tokens or the context (see _stop_status)?"""
-        num_tokens = len(request.all_token_ids) + 1
-        num_output = num_tokens - len(request.prompt_token_ids)
-        return num_output >= (request.params.max_tokens or 0) or num_tokens >= self.max_model_len
+    @staticmethod
+    def _rows_of(logits: Any, scheduled: list[tuple[Request, int]], ready: list[Request]) -> Any:
+        """The logits rows of the requests that sample (mid-prefill rows left out)."""
+        if len(ready) == len(scheduled):  # e.g. pure decode: skip the gather and its index copy
+            return logits
+        rows = [i for i, (r, _) in enumerate(scheduled) if r.num_computed_tokens == len(r.all_token_ids)]
+        return logits[rows]
 
     def _postprocess(self, requests: list[Request], sampled: Any) -> None:
         for request, token, logprobs in zip(requests, sampled.token_ids, sampled.logprobs, strict=True):
