@@ -303,7 +303,12 @@ def test_a_borrowed_wider_graph_computes_the_same_logits(model: tuple[Path, list
         llm = make_llm(base, graphs=True)
         graphs = llm.engine.runner.graphs
         if wide:
-            graphs.pick = lambda b, m: (b[0], b[1] if b[2] else 8, b[2], None if m is None else all_groups_mask())
+            graphs.pick = lambda b, m: (
+                b[0],
+                b[1] if b[2] else 8,
+                b[2],
+                None if m is None else all_groups_mask(),
+            )
         params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
         mix = [loras[0], None, loras[0]]  # loras[0] targets q and v only: borrowing adds three zero groups
         outs = llm.generate([[0, 7, 8, 9], [0, 10, 11], [0, 12, 13, 14, 15]], params, lora_request=mix)
