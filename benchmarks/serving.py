@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (out / "serving.json").write_text(json.dumps(result, indent=1))
     graphs = bench.engine.runner.graphs
     if graphs is not None:
-        result["meta"]["graph_variants"] = sorted(f"T{t}B{b}:{m}" for t, b, m in graphs.graphs)
+        result["meta"]["graph_variants"] = sorted(f"T{t}B{b}Q{q}:{m}" for t, b, q, m in graphs.graphs)
         result["meta"]["graph_capture_seconds"] = graphs.capture_seconds
     (out / "serving.json").write_text(json.dumps(result, indent=1))
     bench.engine.close()

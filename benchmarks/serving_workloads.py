@@ -86,12 +86,11 @@ class ForwardTimer:
         runner = self.runner
         eager = None
         if self.check_next and runner.graphs is not None and runner.graphs.accepts(batch):
-            step = runner.prepare(batch, input_ids)
-            with torch.inference_mode():
-                hidden = runner.model.model(
-                    step.input_ids, step.positions, runner.kv_caches, step.attn, step.lora, runner.ops
-                )
-                eager = runner.model.model.compute_logits(hidden[step.attn.query_start_loc[1:].long() - 1])
+            graphs, runner.graphs = runner.graphs, None  # the same step through the eager path
+            try:
+                eager = self.inner(batch, input_ids).clone()
+            finally:
+                runner.graphs = graphs
         if runner.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -250,8 +249,6 @@ def ablations(bench: Bench, batch: int, loras: list[LoRARequest]) -> dict[str, A
     """The q/k/v/o batch again without each of this session's changes, same process: synchronous steps
     (async scheduling off), and the LoRA shrink inline instead of on its side stream (graphs re-captured
     in a fresh set)."""
-    from engine.cuda_graphs import DecodeGraphs
-
     engine, runner = bench.engine, bench.engine.runner
     engine.async_scheduling = False
     try:
@@ -261,7 +258,7 @@ def ablations(bench: Bench, batch: int, loras: list[LoRARequest]) -> dict[str, A
     graphs, stream = runner.graphs, runner.lora_stream
     runner.lora_stream = None
     if graphs is not None:
-        runner.graphs = DecodeGraphs(runner, graphs.max_batch, graphs.max_blocks)
+        runner.graphs = runner.make_graphs(max_batch=graphs.max_batch)
     try:
         out["shrink_inline"] = decode(bench, batch, loras)
     finally:
@@ -275,7 +272,6 @@ def workload_g(bench: Bench) -> dict[str, Any]:
     graphs re-captured in a pool of their own. Same process, same weights, same cache."""
     import dataclasses
 
-    from engine.cuda_graphs import DecodeGraphs
     from kernels import attention, fused
 
     runner = bench.engine.runner
@@ -298,7 +294,7 @@ def workload_g(bench: Bench) -> dict[str, Any]:
         ops, rms_norm=fused.rms_norm_ref, rope_write_kv=rope_then_write, silu_mul=fused.silu_mul_ref
     )
     # Re-capturing into the first pool trips an allocator assert: a fresh set, captured on first use.
-    runner.graphs = DecodeGraphs(runner, graphs.max_batch, graphs.max_blocks)
+    runner.graphs = runner.make_graphs(max_batch=graphs.max_batch)
     try:
         rows = {str(b): decode(bench, b, None) for b in sorted({1, min(32, bench.sizes.batch_sizes[-1])})}
         rows["captured"] = len(runner.graphs.graphs)  # type: ignore[assignment]

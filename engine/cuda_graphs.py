@@ -41,7 +41,7 @@ GraphKey = tuple[int, int, int, GroupMask]  # (tokens, sequences, query_len: 0 =
 Forward = Callable[[Layout, GroupMask], Tensor]
 EXTEND_TOKENS = (16, 32, 64, 128, 256)
 EXTEND_SEQS = (1, 2, 4, 8)
-CAPTURE_AFTER = 64  # uses of a variant before it is captured (see DecodeGraphs._pick)
+CAPTURE_AFTER = 64  # uses of a variant before it is captured (see DecodeGraphs.pick)
 # Adapters on q/k/v/o only (the most common PEFT target set): its variants are captured at start too.
 ATTENTION_ONLY = (True, True, False, False)
 
