@@ -244,7 +244,7 @@ class ModelRunner:
             )  # fmt: skip
         ids = step.device_buffer("ids")[: layout.tokens]
         positions = step.device_buffer("pos")[: layout.tokens]
-        model = self.model.model
+        model: Any = self.model.model  # LlamaForCausalLM (an nn.Module to the type checker)
         hidden = model(ids, positions, self.kv_caches, step.attention(layout), lora, self.ops)  # [T, H]
         rows = step.logit_rows(layout)
         if rows is not None:

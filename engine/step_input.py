@@ -18,6 +18,7 @@ of them, e.g. to verify drafts); no gather when every token is wanted.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,8 @@ class Layout:
 
 
 class StepInput:
+    """The runner's step buffers (module docstring); `fill` is the only writer."""
+
     def __init__(
         self,
         device: torch.device,
@@ -87,7 +90,8 @@ class StepInput:
         self.seq_lens = pair("seq_lens", r, dtype=torch.int32, fill=1)
         self.query_start = pair("query_start", r + 1, dtype=torch.int32, fill=None)
         self.segs = pair("segs", 3, self.num_segments_max, dtype=torch.int32)  # seg slots, starts, lens
-        self.segs[0].fill(-1)
+        self.segs[0].fill(-1)  # no segment in use
+        self._pairs["segs"][1][0].fill_(-1)
         self._copied: Any = None  # CUDA event of the last host -> device copy
         self.num_segments = 0
 
@@ -161,10 +165,9 @@ class StepInput:
         layout = self._pad(size, t, width, all_logits, pad_to)
         self.num_segments = self._group(layout.tokens) if (lora[: layout.tokens] >= 0).any() else 0
         self._upload(layout)
-        if ahead:
+        if input_ids is not None:
             self.device_buffer("ids")[:size].copy_(input_ids, non_blocking=True)
-        return Layout(layout.tokens, layout.rows, layout.width, layout.num_logits, layout.gather,
-                      self.num_segments)  # fmt: skip
+        return dataclasses.replace(layout, num_segments=self.num_segments)
 
     def _pad(
         self, size: int, t: int, width: int, all_logits: bool, pad_to: tuple[int, int, int] | None
@@ -211,6 +214,8 @@ class StepInput:
         sizes = {"ids": tokens, "pos": tokens, "slot_mapping": tokens, "token_slots": tokens,
                  "sorted": tokens, "tables": rows, "seq_lens": rows, "query_start": rows + 1,
                  "logit_idx": layout.num_logits if layout.gather else 0}  # fmt: skip
+        if self.device.type != "cuda":
+            return  # on the CPU each pair is one tensor (`host.to(device)` returns it): nothing to copy
         for name, n in sizes.items():
             if n:
                 host, dev = self._pairs[name]
@@ -218,9 +223,8 @@ class StepInput:
         if self.num_segments:
             host, dev = self._pairs["segs"]
             dev.copy_(host, non_blocking=True)
-        if self.device.type == "cuda":
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+        self._copied = torch.cuda.Event()
+        self._copied.record()
 
     # ---- what a forward reads ----
     def attention(self, layout: Layout) -> AttentionBatch:
