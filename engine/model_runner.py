@@ -98,7 +98,8 @@ class ModelRunner:
         longest = min(longest, self.num_kv_blocks * self.block_size)
         self.input = StepInput(
             self.device,
-            max_tokens=max(config.max_num_batched_tokens, EXTEND_TOKENS[-1]),
+            # Steps never exceed the token budget; graph buckets stay inside these buffers.
+            max_tokens=max(config.max_num_batched_tokens, EXTEND_TOKENS[0]),
             max_rows=max(config.max_num_seqs, EXTEND_SEQS[-1] + 1),  # + 1: a graph's padding sequence
             max_blocks=-(-longest // self.block_size),
             block_size=self.block_size,
