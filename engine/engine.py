@@ -173,23 +173,26 @@ class LLMEngine:
 
     # ---- the step ----
     def step(self) -> list[RequestOutput]:
-        """schedule -> run -> sample -> postprocess. With async scheduling a step can be in flight (its
-        tokens still on the device): then the next one is launched before they are read (engine/
-        async_scheduling.py)."""
-        failed: list[Request] = []
-        if self.ahead.in_flight is None:
-            batch = self.scheduler.schedule()
-            failed, scheduled = batch.failed, batch.scheduled
-            logits = self.runner.execute(scheduled) if scheduled else None
-            self.scheduler.advance(batch)
-            ready = [r for r, _ in scheduled if r.num_computed_tokens == len(r.all_token_ids)]
-            if not ready or not self.ahead.start(ready, len(scheduled), logits):
-                if ready:
-                    self._postprocess(ready, self.sampler(self._rows_of(logits, scheduled, ready), ready))
-                elif not scheduled and not failed:
-                    self._wait_idle()
-                return self._collect([*ready, *failed])
-        live, sampled = self.ahead.advance()  # launches the next step, then reads this one's tokens
+        """schedule -> run -> sample -> postprocess. With async scheduling a step may be left in flight
+        (its tokens still on the device); the next step() launches the step after it before reading them
+        (engine/async_scheduling.py)."""
+        if self.ahead.in_flight is not None:
+            return self._advance_in_flight([])
+        batch = self.scheduler.schedule()
+        scheduled = batch.scheduled
+        logits = self.runner.execute(scheduled) if scheduled else None
+        self.scheduler.advance(batch)
+        ready = [r for r, _ in scheduled if r.num_computed_tokens == len(r.all_token_ids)]
+        if ready and self.ahead.start(ready, len(scheduled), logits):
+            return self._advance_in_flight(batch.failed)
+        if ready:
+            self._postprocess(ready, self.sampler(self._rows_of(logits, scheduled, ready), ready))
+        elif not scheduled and not batch.failed:
+            self._wait_idle()
+        return self._collect([*ready, *batch.failed])
+
+    def _advance_in_flight(self, failed: list[Request]) -> list[RequestOutput]:
+        live, sampled = self.ahead.advance()  # launches the next step, then reads the in-flight tokens
         self._postprocess(live, sampled)
         self.ahead.settle()
         return self._collect([*live, *failed])
