@@ -66,7 +66,7 @@ def build_engine(model_dir: Path, batch: int, mix: str, seed: int = 0) -> LLMEng
     bank[:, :, special] = -30.0  # nobody stops on EOS: the batch keeps its size
     calls = [0]
 
-    def fake_execute(scheduled: list[tuple[Any, int]]) -> torch.Tensor:
+    def fake_execute(scheduled: list[tuple[Any, int]], input_ids: Any = None) -> torch.Tensor:
         calls[0] += 1
         return bank[calls[0] % LOGIT_BANK, : len(scheduled)]
 
