@@ -242,3 +242,6 @@ def test_checks_that_need_the_model_run_when_the_spec_is_fitted() -> None:
     with pytest.raises(params.RequestError) as err:
         chat_spec.fit(8, vocab_size=512)
     assert err.value.param == "top_logprobs"
+    with pytest.raises(params.RequestError) as err:
+        params.chat_spec(chat(max_completion_tokens=2**63))
+    assert err.value.param == "max_completion_tokens"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from app.domain.completions.schemas import ChatCompletionRequest, CompletionRequest, _SamplingFields
@@ -81,7 +81,8 @@ class SamplingSpec:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # top-n logprobs to render, None when not asked for
-    chat: bool = False
+    # The request's name for a SamplingParams field where they differ (chat's top_logprobs, ...).
+    names: dict[str, str] = field(default_factory=dict)
 
     @property
     def max_tokens(self) -> int | None:
@@ -96,17 +97,17 @@ class SamplingSpec:
         if self.params.min_tokens > max_tokens:
             raise invalid("min_tokens", f"min_tokens exceeds the {max_tokens} tokens left in the context")
         self.params = _engine_params(
-            lambda: dataclasses.replace(self.params, max_tokens=max_tokens), self.chat
+            lambda: dataclasses.replace(self.params, max_tokens=max_tokens), self.names
         )
-        _engine_params(lambda: self.params.check_vocab(vocab_size), self.chat)
+        _engine_params(lambda: self.params.check_vocab(vocab_size), self.names)
 
 
-def _engine_params(make: Callable[[], T], chat: bool) -> T:
+def _engine_params(make: Callable[[], T], names: dict[str, str]) -> T:
     """`make()`, with SamplingParams' refusals as 400s naming the request's field."""
     try:
         return make()
     except SamplingParamsError as exc:
-        param = "top_logprobs" if chat and exc.param == "logprobs" else exc.param  # chat's name for it
+        param = names.get(exc.param, exc.param)
         raise invalid(param, str(exc)) from exc
 
 
@@ -120,7 +121,9 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def _common(req: _SamplingFields, max_tokens: int | None, logprobs: int | None, chat: bool) -> SamplingSpec:
+def _common(
+    req: _SamplingFields, max_tokens: int | None, logprobs: int | None, names: dict[str, str]
+) -> SamplingSpec:
     if req.cache_salt is not None:
         raise invalid("cache_salt", "cache_salt is set by the server from your tenant; do not send it")
     if req.logit_bias:
@@ -151,8 +154,8 @@ def _common(req: _SamplingFields, max_tokens: int | None, logprobs: int | None, 
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    params = _engine_params(lambda: SamplingParams(**kwargs), chat)
-    return SamplingSpec(params, req.stream, include_usage, logprobs, chat)
+    params = _engine_params(lambda: SamplingParams(**kwargs), names)
+    return SamplingSpec(params, req.stream, include_usage, logprobs, names)
 
 
 def completion_spec(req: CompletionRequest) -> SamplingSpec:
@@ -162,7 +165,7 @@ def completion_spec(req: CompletionRequest) -> SamplingSpec:
         raise invalid("suffix", "suffix is not supported", code="unsupported_parameter")
     if req.best_of is not None and req.best_of != req.n:
         raise invalid("best_of", "best_of must equal n when set", code="unsupported_parameter")
-    return _common(req, req.max_tokens, req.logprobs, chat=False)
+    return _common(req, req.max_tokens, req.logprobs, {})
 
 
 def chat_spec(req: ChatCompletionRequest) -> SamplingSpec:
@@ -181,7 +184,10 @@ def chat_spec(req: ChatCompletionRequest) -> SamplingSpec:
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs", "top_logprobs requires logprobs to be true")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return _common(req, req.max_completion_tokens or req.max_tokens, logprobs, chat=True)
+    names = {"logprobs": "top_logprobs"}
+    if req.max_completion_tokens is not None:
+        names["max_tokens"] = "max_completion_tokens"
+    return _common(req, req.max_completion_tokens or req.max_tokens, logprobs, names)
 
 
 def normalize_prompt(prompt: str | list[Any]) -> TextPrompt | TokenPrompt:
