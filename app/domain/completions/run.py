@@ -123,11 +123,11 @@ class CompletionRun:
 
     @property
     def cached_tokens(self) -> int:
-        return max(int(self.last.num_cached_tokens), 0) if self.last is not None else 0
+        return max(self.last.num_cached_tokens, 0) if self.last is not None else 0
 
     @property
     def finished(self) -> bool:
-        return self.last is not None and bool(self.last.finished)
+        return self.last is not None and self.last.finished
 
     @property
     def finish_reason(self) -> str | None:
@@ -139,7 +139,7 @@ class CompletionRun:
         return self.prompt_tokens + self.max_tokens * self.spec.n
 
     def timings(self) -> dict[str, float | None]:
-        m = getattr(self.last, "metrics", None)
+        m = self.last.metrics if self.last is not None else None
         now = time.monotonic()
         queue = None
         if m is not None and m.first_scheduled_time is not None:
