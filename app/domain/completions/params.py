@@ -130,8 +130,6 @@ def _common(
         raise invalid("logit_bias", "logit_bias is not supported", code="unsupported_parameter")
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options", "stream_options is only allowed when stream is true")
-    if max_tokens is not None and req.min_tokens > max_tokens:
-        raise invalid("min_tokens", "min_tokens must not exceed max_tokens")
     kwargs: dict[str, Any] = {
         "n": req.n,
         "max_tokens": max_tokens,
