@@ -5,14 +5,17 @@ either the engine's own fault or a request's data the door did not foresee. The 
 engine (AsyncLLMEngine marks it dead); the second must fail only the request it belongs to.
 
 A step's exception does not say which row caused it, so blame is found by isolation:
-1. Every request running in the failed step is a suspect. Each is preempted (its KV blocks freed, its
-   computed count reset, its tokens kept), which puts the scheduler and block manager back in a state
-   that any step may start from: the suspects recompute later, as after an ordinary preemption, so an
-   innocent one's greedy output is unchanged.
-2. One suspect alone is the culprit: it fails (FINISHED_ERROR, its own error) and everyone else goes on.
-3. Several suspects are held out of the scheduler and let back in one at a time ("on trial"), each
-   beside the requests not under suspicion. A trial ends well once its request has produced a token (or
-   finished); a step that fails with the request on trial in it fails that request only.
+1. Every request running in the failed step is preempted (its KV blocks freed, its computed count
+   reset, its tokens kept), which puts the scheduler and block manager back in a state that any step may
+   start from: they recompute later, as after an ordinary preemption, so an innocent one's greedy output
+   is unchanged.
+2. The suspects are those of them that never got a token out of an earlier step, plus the one on trial
+   (below); a request that did is cleared, since its data went through steps before. When all of them
+   are cleared (a fault late in some request's life), all of them are suspects.
+3. One suspect alone is the culprit: it fails (FINISHED_ERROR, its own error) and everyone else goes on.
+4. Several suspects are held out of the scheduler and let back in one at a time ("on trial"), beside
+   the cleared requests. A trial ends well once its request has produced a token (or finished); a step
+   that fails with the request on trial as its only suspect fails that request only.
 The engine is declared broken when the failure is of a kind only the engine can cause (an accelerator
 error, a broken invariant, an explicit EngineFault), or when MAX_FAILED_STEPS steps in a row fail.
 """
@@ -20,6 +23,7 @@ error, a broken invariant, an explicit EngineFault), or when MAX_FAILED_STEPS st
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -62,6 +66,7 @@ class StepGuard:
         self.held: deque[Request] = deque()  # suspects waiting for their trial, outside the scheduler
         self.trial: Request | None = None
         self._trial_tokens = 0  # the trial's output tokens when it went on trial
+        self._step_started = 0.0  # monotonic start of the step in progress
         self.failures_in_a_row = 0
         self.num_failed_steps = 0  # since start, for stats and tests
         self.num_failed_requests = 0
@@ -75,6 +80,7 @@ class StepGuard:
             suspect = self.held.popleft()
             self.engine.scheduler._enqueue(suspect, front=True)
             self.trial, self._trial_tokens = suspect, suspect.num_output_tokens
+        self._step_started = time.monotonic()
 
     def succeeded(self) -> None:
         self.failures_in_a_row = 0
@@ -92,14 +98,15 @@ class StepGuard:
                 f"{self.failures_in_a_row} steps in a row failed, the last with {exc!r}"
             ) from exc
         scheduler = self.engine.scheduler
-        suspects = list(scheduler.running)
-        self.engine._ahead = None  # its tokens belong to the failed step: the suspects recompute them
-        for request in suspects:
+        running = list(scheduler.running)
+        self.engine._ahead = None  # its tokens belong to the failed step: they are recomputed
+        for request in running:
             scheduler.running.remove(request)
             scheduler._preempt(request)
-        if self.trial is not None and self.trial in suspects:
-            culprits, self.trial = [self.trial], None
-        elif len(suspects) == 1:
+        suspects = [r for r in running if not self._cleared(r)] or running
+        if self.trial in suspects:
+            self.trial = None
+        if len(suspects) == 1:
             culprits = suspects
         else:
             culprits = []
@@ -107,9 +114,10 @@ class StepGuard:
                 scheduler._remove_waiting(request)
                 self.held.append(request)
         log.warning(
-            "a step failed (%s: %s); %d running, blamed: %s, held for trial: %d",
+            "a step failed (%s: %s); %d running, %d suspected, blamed: %s, held for trial: %d",
             type(exc).__name__,
             exc,
+            len(running),
             len(suspects),
             [r.request_id for r in culprits] or "none yet",
             len(self.held),
@@ -120,6 +128,13 @@ class StepGuard:
             scheduler.finish(request, RequestStatus.FINISHED_ERROR)
             self.num_failed_requests += 1
         return self._unreported()
+
+    def _cleared(self, request: Request) -> bool:
+        """Not suspected of this failure: the request got a token out of an earlier step (which it could
+        not have, had its data broken steps), and is not the one on trial. Any request can be suspected
+        again when none of the failed step's requests is new (see recover)."""
+        first = request.metrics.first_token_time
+        return request is not self.trial and first is not None and first < self._step_started
 
     def unhold(self, request_id: str) -> None:
         """Put a caller request's held sequences back in the scheduler (before it is aborted)."""

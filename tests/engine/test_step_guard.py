@@ -94,6 +94,18 @@ def run_guarded(engine: LLMEngine, guard: StepGuard, steps: int = 500) -> dict[s
     raise AssertionError(f"still running after {steps} steps: {results}")
 
 
+def step_until_it_fails(engine: LLMEngine, guard: StepGuard) -> list:
+    """Step (an async-scheduled step may only launch the next) until one raises; recover from it."""
+    for _ in range(4):
+        guard.before_step()
+        try:
+            engine.step()
+        except OverflowError as exc:
+            return guard.recover(exc)
+        guard.succeeded()
+    raise AssertionError("no step failed")
+
+
 @pytest.mark.parametrize("async_scheduling", [True, False])
 def test_a_request_that_breaks_its_step_fails_alone_and_the_others_finish_unchanged(
     base, expected, async_scheduling
@@ -139,6 +151,35 @@ def test_two_bad_requests_among_good_ones_each_fail_alone(base, expected):
     assert results.pop("bad-a") == "error" and results.pop("bad-b") == "error"
     assert results == {k: expected[k] for k in ("ok0", "ok1", "ok2")}
     assert guard.num_failed_requests == 2
+
+
+def test_a_request_on_trial_is_not_blamed_for_a_newcomers_fault(base, expected):
+    engine = LLMEngine.from_config(config(base))
+    engine.sampler = PoisonedSampler(engine.sampler)
+    guard = StepGuard(engine)
+    for rid in ("ok0", "ok1", "bad-a"):
+        engine.add_request(rid, PROMPTS.get(rid, [0, 9, 9]), GREEDY)
+    step_until_it_fails(engine, guard)  # three new requests: all held, none blamed yet
+    assert len(guard.held) == 3 and guard.num_failed_requests == 0
+    engine.add_request("bad-b", [0, 8, 8], GREEDY)  # joins the first trial's step, and breaks it
+    results = run_guarded(engine, guard)
+    assert results.pop("bad-a") == "error" and results.pop("bad-b") == "error"
+    assert results == {k: expected[k] for k in ("ok0", "ok1")}
+
+
+def test_a_decoding_request_is_cleared_and_never_held(base, expected):
+    engine = LLMEngine.from_config(config(base))
+    engine.sampler = PoisonedSampler(engine.sampler)
+    guard = StepGuard(engine)
+    engine.add_request("ok0", PROMPTS["ok0"], GREEDY)
+    for _ in range(3):
+        guard.before_step()
+        engine.step()
+    engine.add_request("bad", [0, 5, 6], GREEDY)
+    outputs = step_until_it_fails(engine, guard)
+    assert [o.request_id for o in outputs] == ["bad"] and outputs[0].error
+    assert not guard.held and guard.num_failed_requests == 1
+    assert run_guarded(engine, guard) == {"ok0": expected["ok0"]}
 
 
 def test_an_aborted_suspect_leaves_the_held_list(base):

@@ -212,3 +212,85 @@ def test_hostile_requests_are_400s_naming_their_field_while_a_stream_completes(
     print(
         f"\nhostile: {len(cases)} requests, by status {dict(by_status)}; /ready polled {len(readiness)}x, all 200"
     )
+
+
+POISON_SEED = 424242
+
+
+class SeedPoisonedSampler:
+    """The live engine's sampler, except that a batch holding a request seeded POISON_SEED raises: a value
+    the door let through that breaks the step for everyone in its batch."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def _check(self, requests: list[Any]) -> None:
+        if any(r.params.seed == POISON_SEED for r in requests):
+            raise OverflowError("Overflow when unpacking long long")
+
+    def __call__(self, logits: Any, requests: list[Any]) -> Any:
+        self._check(requests)
+        return self.inner(logits, requests)
+
+    def sample_tensor(self, logits: Any, requests: list[Any]) -> Any:
+        self._check(requests)
+        return self.inner.sample_tensor(logits, requests)
+
+
+def test_a_request_that_breaks_a_step_fails_alone_settled_while_a_stream_completes(
+    live_server: LiveServer,  # noqa: F811 (the imported fixture)
+) -> None:
+    normal = {"Authorization": f"Bearer {live_server.key(live_server.tenant()['id'])}"}
+    bad_tenant = live_server.tenant()
+    bad = {"Authorization": f"Bearer {live_server.key(bad_tenant['id'])}"}
+    alone = httpx.post(live_server.url + "/v1/completions", json=STREAM, headers=normal, timeout=120)
+    assert alone.status_code == 200, alone.text
+    expected = alone.json()["choices"][0]["text"]
+    engine = live_server.serving.engine.engine
+    failed_before = engine.guard.num_failed_requests
+    inner = engine.engine.sampler
+    engine.engine.sampler = SeedPoisonedSampler(inner)
+    try:
+        text = ""
+        answers: list[httpx.Response] = []
+        with (
+            httpx.stream(
+                "POST",
+                live_server.url + "/v1/completions",
+                json={**STREAM, "stream": True},
+                headers=normal,
+                timeout=120,
+            ) as stream,
+            ThreadPoolExecutor(max_workers=3) as pool,
+        ):
+            futures = None
+            for line in stream.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                text += chunk["choices"][0]["text"] if chunk["choices"] else ""
+                if futures is None:  # three poisoned requests join the running stream's batches
+                    body = {"model": "demo-model", "prompt": "hi", "max_tokens": 8, "seed": POISON_SEED}
+                    futures = [
+                        pool.submit(
+                            httpx.post,
+                            live_server.url + "/v1/completions",
+                            json=body,
+                            headers=bad,
+                            timeout=60,
+                        )
+                        for _ in range(3)
+                    ]
+            answers = [f.result() for f in futures or []]
+    finally:
+        engine.engine.sampler = inner
+    assert text == expected
+    assert [r.status_code for r in answers] == [503] * 3, [r.text for r in answers]
+    assert engine.is_healthy and engine.guard.num_failed_requests - failed_before == 3
+    assert live_server.admin.get("/ready").status_code == 200
+    rows = [r for r in live_server.usage_rows() if str(r["tenant_id"]) == bad_tenant["id"]]
+    deadline = time.monotonic() + 10
+    while any(r["status"] == "reserved" for r in rows) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        rows = [r for r in live_server.usage_rows() if str(r["tenant_id"]) == bad_tenant["id"]]
+    assert sorted(r["status"] for r in rows) == ["error"] * 3  # each settled once, as its own failure
