@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Consecutive failed steps after which no request is blamed any more: the engine itself is broken.
-MAX_FAILED_STEPS = 8
+MAX_FAILED_STEPS = 16
 REQUEST_FAILED_MESSAGE = "the engine could not process this request"
 # Text of errors that come from the device or its libraries: after one of these the device state (a CUDA
 # context after a device-side assert, a communicator) cannot be trusted by any request.
