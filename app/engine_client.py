@@ -1,7 +1,8 @@
 """The app's handle on the inference engine: started in the lifespan, asked by /ready, fed adapters.
 
-The engine module (and with it torch) is imported only when the engine starts, so the API package stays
-importable and quick to test without it. Loading runs in a worker thread: /health answers at once and
+Only the engine's torch-free public types (engine.request, engine.sampling_params) are imported up front;
+the engine proper (and with it torch) only when the engine starts, so the API package stays importable
+and quick to test without it. Loading runs in a worker thread: /health answers at once and
 /ready turns 200 only when the model is loaded and the engine loop ticks.
 """
 
