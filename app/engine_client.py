@@ -1,7 +1,8 @@
 """The app's handle on the inference engine: started in the lifespan, asked by /ready, fed adapters.
 
-The engine module (and with it torch) is imported only when the engine starts, so the API package stays
-importable and quick to test without it. Loading runs in a worker thread: /health answers at once and
+Only the engine's torch-free public types (engine.request, engine.sampling_params) are imported up front;
+the engine proper (and with it torch) only when the engine starts, so the API package stays importable
+and quick to test without it. Loading runs in a worker thread: /health answers at once and
 /ready turns 200 only when the model is loaded and the engine loop ticks.
 """
 
@@ -13,7 +14,14 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from engine.request import LoRARequest, RequestOutput
+from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the engine proper needs torch: imported only when it starts (see _build)
+    from engine.async_engine import AsyncLLMEngine
+    from engine.engine import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +58,7 @@ class EngineClient:
     def __init__(self, options: EngineOptions, adapters: AdapterSource | None = None) -> None:
         self.options = options
         self._adapters = adapters
-        self._engine: Any = None
+        self._engine: AsyncLLMEngine | None = None
         self._load_error: str | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -82,7 +90,7 @@ class EngineClient:
             time.monotonic() - started,
         )
 
-    def _build(self) -> Any:
+    def _build(self) -> AsyncLLMEngine:
         from engine.async_engine import AsyncLLMEngine
         from engine.config import EngineConfig
 
@@ -113,11 +121,12 @@ class EngineClient:
             self._engine = None
 
     # ---- the loader callback (runs on the engine's loader thread) -----------------------------------
-    def _load_adapter(self, lora: Any) -> str:
+    def _load_adapter(self, lora: LoRARequest) -> str:
         if self._adapters is None:
             if lora.lora_path is None:
                 raise FileNotFoundError(f"no adapter source for {lora.lora_name}")
             return str(lora.lora_path)
+        assert lora.content_hash is not None  # LoRARequest computes it when it is not given
         return self._adapters.local_folder(lora.content_hash)
 
     # ---- state ------------------------------------------------------------------------------------
@@ -138,10 +147,10 @@ class EngineClient:
         return True, "ok"
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> AsyncLLMEngine:
         """The running engine, or EngineUnavailable (a 503) when it is not ready."""
         ready, reason = self.readiness()
-        if not ready:
+        if not ready or self._engine is None:
             raise EngineUnavailable(reason)
         return self._engine
 
@@ -167,25 +176,19 @@ class EngineClient:
     def decode_token(self, token_id: int) -> str:
         return str(self.engine.decode([token_id]))
 
-    def lora_request(self, name: str, folder: Path, content_hash: str) -> Any:
-        from engine.request import LoRARequest
-
+    def lora_request(self, name: str, folder: Path, content_hash: str) -> LoRARequest:
         return LoRARequest(lora_name=name, lora_path=str(folder), content_hash=content_hash)
 
     def generate(
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        max_tokens: int,
-        sampling: dict[str, Any],
-        lora: Any,
+        params: SamplingParams,
+        lora: LoRARequest | None,
         cache_salt: str,
         fairness_key: str,
-    ) -> AsyncIterator[Any]:
-        from engine.sampling_params import SamplingParams
-
-        params = SamplingParams(max_tokens=max_tokens, **sampling)
-        return self.engine.generate(  # type: ignore[no-any-return]
+    ) -> AsyncIterator[RequestOutput]:
+        return self.engine.generate(
             request_id,
             prompt_token_ids,
             params,
@@ -202,5 +205,5 @@ class EngineClient:
         if self._engine is not None:
             self._engine.evict_adapter(content_hash)
 
-    def stats(self) -> Any:
+    def stats(self) -> EngineStats | None:
         return self._engine.stats() if self._engine is not None else None

@@ -1,8 +1,11 @@
 """AsyncLLMEngine: the one protocol the app uses. The engine loop runs in its own thread; asyncio callers
 talk to it through a command inbox, and get outputs back through per-request asyncio queues.
 
-If a step raises, every in-flight request fails with EngineDeadError, the engine is marked dead
-(is_healthy False, dead_error set) and refuses new work: a half-updated engine is never trusted again.
+A step that raises because of one request's data fails that request alone (RequestFailedError) and the
+loop goes on; engine/step_guard.py finds the request and restores the engine's state. A fault of the
+engine itself (an accelerator error, a broken invariant, steps failing over and over) fails every
+in-flight request with EngineDeadError, marks the engine dead (is_healthy False, dead_error set) and
+refuses new work: a half-updated engine is never trusted again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from engine.config import EngineConfig
 from engine.engine import EngineStats, LLMEngine
 from engine.request import LoRARequest, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.step_guard import StepGuard
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, _Stream] = {}  # touched only by the loop thread once registered
         self._stats = engine.stats()
         self._thread: threading.Thread | None = None
+        self.guard = StepGuard(engine)
 
     @classmethod
     def from_config(cls, config: EngineConfig, adapter_loader: Any = None) -> AsyncLLMEngine:
@@ -147,6 +152,7 @@ class AsyncLLMEngine:
         """Stop a request (e.g. the client went away); its stream ends with finish_reason "abort"."""
 
         def run() -> None:
+            self.guard.unhold(request_id)
             output = self.engine.abort(request_id)
             stream = self._streams.pop(request_id, None)
             if stream is not None and output is not None:
@@ -162,6 +168,7 @@ class AsyncLLMEngine:
         def run() -> None:
             if self._streams.get(request_id) is stream:
                 del self._streams[request_id]
+                self.guard.unhold(request_id)
                 output = self.engine.abort(request_id)
                 if output is not None:
                     _deliver(stream, output)
@@ -201,7 +208,13 @@ class AsyncLLMEngine:
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue
-                outputs = self.engine.step()
+                self.guard.before_step()
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:
+                    outputs = self.guard.recover(exc)  # EngineFault when no request is to blame
+                else:
+                    self.guard.succeeded()
                 # Snapshot first: a caller that just saw its request finish must not see it running.
                 self._stats = self.engine.stats()
                 for output in outputs:

@@ -102,8 +102,7 @@ class LLMEngine:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         prompt_token_ids = self._check_prompt(prompt_token_ids)
-        if lora is not None and lora.content_hash is None:
-            raise ValueError(f"adapter {lora.lora_name!r} has no content hash")
+        self._check_request(params, lora, cache_salt, fairness_key)
         params = self._fit_params(params, len(prompt_token_ids))
         children = []
         for i in range(params.n):
@@ -148,6 +147,27 @@ class LLMEngine:
                 "and at least one must be left to generate"
             )
         return ids
+
+    def _check_request(
+        self,
+        params: SamplingParams,
+        lora: LoRARequest | None,
+        cache_salt: str | None,
+        fairness_key: str | None,
+    ) -> None:
+        """The door's checks besides the prompt: a value that got past them would raise inside a step,
+        where it would fail every request of the batch (see engine/step_guard.py), not just its own."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate()  # again: the object may have been changed since it was made
+        params.check_vocab(self.vocab_size)
+        if lora is not None and not isinstance(lora, LoRARequest):
+            raise ValueError(f"lora must be a LoRARequest, got {type(lora).__name__}")
+        if lora is not None and lora.content_hash is None:
+            raise ValueError(f"adapter {lora.lora_name!r} has no content hash")
+        for name, value in (("cache_salt", cache_salt), ("fairness_key", fairness_key)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string or None, got {type(value).__name__}")
 
     def _fit_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         room = self.max_model_len - prompt_len

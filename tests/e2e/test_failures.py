@@ -179,7 +179,8 @@ def test_engine_death_turns_in_flight_requests_and_ready_into_503(live_server: L
     engine = live_server.serving.engine._engine.engine
 
     def broken(*_: Any, **__: Any) -> Any:
-        raise RuntimeError("injected fault: the GPU fell off the bus")
+        # An accelerator error: the engine's own fault, never blamed on a request.
+        raise RuntimeError("CUDA error: injected fault: the GPU fell off the bus")
 
     engine.runner.execute = broken
     for t in threads:

@@ -149,7 +149,7 @@ async def test_an_exception_in_the_loop_fails_everyone_and_marks_the_engine_dead
     runner = engine.engine.runner
 
     def explode(batch, **kw):
-        raise RuntimeError("boom: device lost")
+        raise RuntimeError("CUDA error: boom: device lost")  # the device's fault: no request is blamed
 
     runner.execute = explode
     for g in gens:

@@ -7,6 +7,7 @@ import pytest
 
 from app.domain.completions import params, render
 from app.domain.completions.schemas import ChatCompletionRequest, CompletionRequest
+from engine.sampling_params import INT64_MAX, SamplingParams
 
 
 def completion(**body: object) -> CompletionRequest:
@@ -82,7 +83,7 @@ def test_chat_rules() -> None:
         assert err.value.param == param
     assert params.chat_spec(chat(response_format={"type": "text"})).max_tokens is None
     spec = params.chat_spec(chat(max_completion_tokens=7, logprobs=True, top_logprobs=2))
-    assert (spec.max_tokens, spec.logprobs, spec.kwargs["logprobs"]) == (7, 2, 2)
+    assert (spec.max_tokens, spec.logprobs, spec.params.logprobs) == (7, 2, 2)
     assert params.chat_spec(chat()).max_tokens is None
 
 
@@ -105,19 +106,22 @@ def test_spec_carries_every_sampling_field() -> None:
         )
     )
     assert spec.max_tokens == 9 and spec.stream and spec.include_usage and spec.logprobs == 1
-    assert spec.kwargs == {
-        "n": 2,
-        "temperature": 0.0,
-        "top_p": 0.5,
-        "min_p": 0.1,
-        "seed": 3,
-        "top_k": 5,
-        "min_tokens": 2,
-        "ignore_eos": True,
-        "stop": ["x"],
-        "logprobs": 1,
-    }
-    assert "top_k" not in params.completion_spec(completion(top_k=-1)).kwargs
+    assert spec.params == SamplingParams(
+        n=2,
+        max_tokens=9,
+        temperature=0.0,
+        top_p=0.5,
+        min_p=0.1,
+        seed=3,
+        top_k=5,
+        min_tokens=2,
+        ignore_eos=True,
+        stop=["x"],
+        logprobs=1,
+    )
+    assert params.completion_spec(completion(top_k=-1)).params.top_k == 0
+    # Unset fields keep the engine's defaults.
+    assert params.completion_spec(completion()).params == SamplingParams(max_tokens=16)
 
 
 def test_prompt_forms() -> None:
@@ -187,3 +191,57 @@ def test_sse_frames_and_logprobs() -> None:
     assert [t.token for t in chat_lp.content[0].top_logprobs] == ["a", "bc"]
     assert chat_lp.content[0].bytes == [98, 99]
     assert render.finish_reason("length") == "length" and render.finish_reason(None) is None
+
+
+HUGE = 2**63
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"top_k": HUGE}, "top_k"),  # used to kill the engine: "Overflow when unpacking long long"
+        ({"top_k": 10**30}, "top_k"),
+        ({"min_tokens": HUGE, "max_tokens": None}, "min_tokens"),
+        ({"repetition_penalty": 1e308}, "repetition_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"stop_token_ids": [HUGE]}, "stop_token_ids"),
+    ],
+)
+def test_sampling_ranges_are_the_engines_checks_and_name_the_field(
+    body: dict[str, object], param: str
+) -> None:
+    with pytest.raises(params.RequestError) as err:
+        params.completion_spec(completion(**body))
+    assert (err.value.status, err.value.param) == (400, param)
+    assert err.value.message.startswith(param)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("seed", -1), ("seed", INT64_MAX + 1), ("seed", 2**64), ("seed", True), ("stop_token_ids", [-1])],
+)
+def test_the_apis_own_limits_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(msgspec.ValidationError, match=field):
+        completion(**{field: value})
+
+
+def test_checks_that_need_the_model_run_when_the_spec_is_fitted() -> None:
+    spec = params.completion_spec(completion(top_k=600, stop_token_ids=[3], max_tokens=None, min_tokens=4))
+    with pytest.raises(params.RequestError) as err:
+        spec.fit(3, vocab_size=1000)
+    assert err.value.param == "min_tokens"
+    spec.fit(8, vocab_size=1000)
+    assert spec.params.max_tokens == 8 and spec.params.top_k == 600
+    with pytest.raises(params.RequestError) as err:
+        spec.fit(8, vocab_size=512)
+    assert err.value.param == "top_k"
+    chat_spec = params.chat_spec(chat(logprobs=True, top_logprobs=1))
+    chat_spec.params.logprobs = (
+        99  # as if the schema had let it through: the engine's check names chat's field
+    )
+    with pytest.raises(params.RequestError) as err:
+        chat_spec.fit(8, vocab_size=512)
+    assert err.value.param == "top_logprobs"
+    with pytest.raises(params.RequestError) as err:
+        params.chat_spec(chat(max_completion_tokens=2**63))
+    assert err.value.param == "max_completion_tokens"

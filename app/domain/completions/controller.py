@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth.guards import require_scope
 from app.auth.principal import Principal
 from app.domain.completions import responses
+from app.domain.completions.body_limits import refuse_deep_json
 from app.domain.completions.params import RequestError
 from app.domain.completions.params import model_not_found as _model_not_found
 from app.domain.completions.run import Caller, CompletionRun
@@ -154,6 +155,7 @@ class CompletionsController(Controller):
     tags = ("completions",)
     guards = (require_scope("completions"),)
     exception_handlers = {ValidationException: _bad_body}  # noqa: RUF012
+    before_request = staticmethod(refuse_deep_json)
 
     @post(
         "/completions",

@@ -1,15 +1,22 @@
-"""Cross-field checks of OpenAI request bodies, and their translation into engine sampling arguments.
+"""Cross-field checks of OpenAI request bodies, and their translation into the engine's SamplingParams.
 
-Pure functions with no engine import, so every refusal is a plain 400 decided before anything reaches the
-engine (and before a usage row or a rate-limit token is spent).
+Pure functions (engine.sampling_params imports without torch), so every refusal is a plain 400 decided
+before anything reaches the engine (and before a usage row or a rate-limit token is spent). The ranges of
+the sampling numbers are SamplingParams' own checks, the same ones the engine runs at its door; this
+module adds only the API's own limits (stop list size, unsupported fields, cross-field rules).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from app.domain.completions.schemas import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from engine.sampling_params import SamplingParams, SamplingParamsError
+
+T = TypeVar("T")
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
@@ -64,16 +71,44 @@ class TokenPrompt:
 
 @dataclass(slots=True)
 class SamplingSpec:
-    """What the engine needs besides the prompt: keyword arguments of `engine.SamplingParams`.
+    """What the engine needs besides the prompt, and how to answer.
 
-    `max_tokens` None means "up to the context", resolved once the prompt length is known.
+    `params.max_tokens` is what the client asked for (None: up to the context) until `fit` sets the
+    number of tokens to generate, once the prompt length is known.
     """
 
-    max_tokens: int | None
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    params: SamplingParams
     stream: bool = False
     include_usage: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = None  # top-n logprobs to render, None when not asked for
+    # The request's name for a SamplingParams field where they differ (chat's top_logprobs, ...).
+    names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self.params.max_tokens
+
+    @property
+    def n(self) -> int:
+        return self.params.n
+
+    def fit(self, max_tokens: int, vocab_size: int) -> None:
+        """The final params: generate `max_tokens`, and the checks that need the model's vocabulary."""
+        if self.params.min_tokens > max_tokens:
+            raise invalid("min_tokens", f"min_tokens exceeds the {max_tokens} tokens left in the context")
+        self.params = _engine_params(
+            lambda: dataclasses.replace(self.params, max_tokens=max_tokens), self.names
+        )
+        _engine_params(lambda: self.params.check_vocab(vocab_size), self.names)
+
+
+def _engine_params(make: Callable[[], T], names: dict[str, str]) -> T:
+    """`make()`, with SamplingParams' refusals as 400s naming the request's field."""
+    try:
+        return make()
+    except SamplingParamsError as exc:
+        param = names.get(exc.param, exc.param)
+        raise invalid(param, str(exc)) from exc
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:
@@ -86,36 +121,39 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def _common(req: _SamplingFields, max_tokens: int | None) -> SamplingSpec:
+def _common(
+    req: _SamplingFields, max_tokens: int | None, logprobs: int | None, names: dict[str, str]
+) -> SamplingSpec:
     if req.cache_salt is not None:
         raise invalid("cache_salt", "cache_salt is set by the server from your tenant; do not send it")
     if req.logit_bias:
         raise invalid("logit_bias", "logit_bias is not supported", code="unsupported_parameter")
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options", "stream_options is only allowed when stream is true")
-    if max_tokens is not None and req.min_tokens > max_tokens:
-        raise invalid("min_tokens", "min_tokens must not exceed max_tokens")
-    kwargs: dict[str, Any] = {"n": req.n, "temperature": 1.0 if req.temperature is None else req.temperature}
+    kwargs: dict[str, Any] = {
+        "n": req.n,
+        "max_tokens": max_tokens,
+        "min_tokens": req.min_tokens,
+        "ignore_eos": req.ignore_eos,
+        "stop": _stop_list(req.stop),
+        "stop_token_ids": req.stop_token_ids or [],
+        "logprobs": logprobs,
+    }
     optional = {
+        "temperature": req.temperature,
         "top_p": req.top_p,
         "min_p": req.min_p,
         "seed": req.seed,
         "presence_penalty": req.presence_penalty,
         "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
+        # 0 and -1 both mean "no top-k" across OpenAI-compatible servers; so does SamplingParams.
+        "top_k": req.top_k,
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
-    # 0 and -1 both mean "no top-k" across OpenAI-compatible servers; the engine's default says the same.
-    if req.top_k is not None and req.top_k > 0:
-        kwargs["top_k"] = req.top_k
-    if req.min_tokens:
-        kwargs["min_tokens"] = req.min_tokens
-    if req.ignore_eos:
-        kwargs["ignore_eos"] = True
-    stops = _stop_list(req.stop)
-    if stops:
-        kwargs["stop"] = stops
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return SamplingSpec(max_tokens=max_tokens, kwargs=kwargs, stream=req.stream, include_usage=include_usage)
+    params = _engine_params(lambda: SamplingParams(**kwargs), names)
+    return SamplingSpec(params, req.stream, include_usage, logprobs, names)
 
 
 def completion_spec(req: CompletionRequest) -> SamplingSpec:
@@ -125,11 +163,7 @@ def completion_spec(req: CompletionRequest) -> SamplingSpec:
         raise invalid("suffix", "suffix is not supported", code="unsupported_parameter")
     if req.best_of is not None and req.best_of != req.n:
         raise invalid("best_of", "best_of must equal n when set", code="unsupported_parameter")
-    spec = _common(req, req.max_tokens)
-    if req.logprobs is not None:
-        spec.logprobs = req.logprobs
-        spec.kwargs["logprobs"] = req.logprobs
-    return spec
+    return _common(req, req.max_tokens, req.logprobs, {})
 
 
 def chat_spec(req: ChatCompletionRequest) -> SamplingSpec:
@@ -147,11 +181,11 @@ def chat_spec(req: ChatCompletionRequest) -> SamplingSpec:
         raise invalid("max_completion_tokens", "max_tokens and max_completion_tokens disagree")
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs", "top_logprobs requires logprobs to be true")
-    spec = _common(req, req.max_completion_tokens or req.max_tokens)
-    if req.logprobs:
-        spec.logprobs = req.top_logprobs or 0
-        spec.kwargs["logprobs"] = spec.logprobs
-    return spec
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    names = {"logprobs": "top_logprobs"}
+    if req.max_completion_tokens is not None:
+        names["max_tokens"] = "max_completion_tokens"
+    return _common(req, req.max_completion_tokens or req.max_tokens, logprobs, names)
 
 
 def normalize_prompt(prompt: str | list[Any]) -> TextPrompt | TokenPrompt:

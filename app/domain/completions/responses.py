@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from app.domain.completions import render
@@ -19,6 +19,7 @@ from app.domain.completions.schemas import (
     Usage,
 )
 from app.engine_client import EngineUnavailable
+from engine.request import RequestOutput
 
 
 def run_usage(run: CompletionRun) -> Usage:
@@ -84,7 +85,9 @@ class StreamState:
         self.finished = [False] * n
 
 
-def _chunk(run: CompletionRun, out: Any, state: StreamState, chat: bool, decode: Any) -> list[bytes]:
+def _chunk(
+    run: CompletionRun, out: RequestOutput, state: StreamState, chat: bool, decode: Callable[[int], str]
+) -> list[bytes]:
     frames: list[bytes] = []
     top_n = run.spec.logprobs
     for o in sorted(out.outputs, key=lambda o: o.index):
@@ -130,7 +133,11 @@ def _chunk(run: CompletionRun, out: Any, state: StreamState, chat: bool, decode:
 
 
 async def stream(
-    driver: RunDriver, run: CompletionRun, chat: bool, outputs: AsyncIterator[Any], first: Any
+    driver: RunDriver,
+    run: CompletionRun,
+    chat: bool,
+    outputs: AsyncIterator[RequestOutput],
+    first: RequestOutput,
 ) -> AsyncIterator[bytes]:
     """SSE frames: one chunk per new piece of text, the usage chunk when asked, then `[DONE]`.
 
@@ -138,7 +145,7 @@ async def stream(
     engine failure before any token is still a plain 503. A disconnect cancels this generator; `finally` settles the run.
     """
     decode = driver.engine.decode_token
-    state = StreamState(run.spec.kwargs.get("n", 1))
+    state = StreamState(run.spec.n)
     try:
         for frame in _chunk(run, first, state, chat, decode):
             yield frame

@@ -19,6 +19,7 @@ import anyio
 
 from app.domain.completions.params import RequestError, SamplingSpec
 from app.engine_client import EngineClient, EngineUnavailable
+from engine.request import CompletionOutput, LoRARequest, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class Caller:
 class Target:
     model: str  # the name the client sent, echoed back in responses
     adapter: Any | None = None  # the registry row, None for the base model
-    lora: Any | None = None  # engine LoRARequest
+    lora: LoRARequest | None = None
 
 
 @dataclass(slots=True)
@@ -93,22 +94,25 @@ class CompletionRun:
     caller: Caller
     target: Target
     prompt_ids: list[int]
-    max_tokens: int
-    spec: SamplingSpec
+    spec: SamplingSpec  # its params.max_tokens is the number of tokens to generate (fitted)
     cache_salt: str
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
     admission: Any = None
     headers: dict[str, str] = field(default_factory=dict)
-    last: Any = None  # the newest engine RequestOutput
+    last: RequestOutput | None = None  # the newest engine output
     # The newest CompletionOutput of each choice: an engine output carries only the choices that changed.
-    choices: dict[int, Any] = field(default_factory=dict)
+    choices: dict[int, CompletionOutput] = field(default_factory=dict)
     first_token_at: float | None = None
     last_token_at: float = 0.0
     error: str | None = None
     settled: bool = False
 
     # ---- what metering and responses read ----------------------------------------------------------
+    @property
+    def max_tokens(self) -> int:
+        return self.spec.params.max_tokens or 0
+
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
@@ -119,11 +123,11 @@ class CompletionRun:
 
     @property
     def cached_tokens(self) -> int:
-        return max(int(self.last.num_cached_tokens), 0) if self.last is not None else 0
+        return max(self.last.num_cached_tokens, 0) if self.last is not None else 0
 
     @property
     def finished(self) -> bool:
-        return self.last is not None and bool(self.last.finished)
+        return self.last is not None and self.last.finished
 
     @property
     def finish_reason(self) -> str | None:
@@ -132,10 +136,10 @@ class CompletionRun:
 
     @property
     def reserve_tokens(self) -> int:
-        return self.prompt_tokens + self.max_tokens * self.spec.kwargs.get("n", 1)
+        return self.prompt_tokens + self.max_tokens * self.spec.n
 
     def timings(self) -> dict[str, float | None]:
-        m = getattr(self.last, "metrics", None)
+        m = self.last.metrics if self.last is not None else None
         now = time.monotonic()
         queue = None
         if m is not None and m.first_scheduled_time is not None:
@@ -195,20 +199,19 @@ class RunDriver:
                     int(adapter.version) if adapter is not None else None,
                     run.target.model,
                     run.prompt_tokens,
-                    run.max_tokens * run.spec.kwargs.get("n", 1),
+                    run.max_tokens * run.spec.n,
                 )
             except BaseException:
                 await self._release(run)
                 raise
 
-    async def outputs(self, run: CompletionRun) -> AsyncIterator[Any]:
+    async def outputs(self, run: CompletionRun) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for this run; EngineUnavailable when the engine is or goes down."""
         try:
             stream = self.engine.generate(
                 run.request_id,
                 run.prompt_ids,
-                run.max_tokens,
-                run.spec.kwargs,
+                run.spec.params,
                 run.target.lora,
                 run.cache_salt,
                 run.caller.tenant_id,
@@ -233,7 +236,7 @@ class RunDriver:
             log.warning("engine failed request %s: %s", run.request_id, run.error)
             raise EngineUnavailable(run.error) from exc
 
-    def _observe(self, run: CompletionRun, out: Any) -> None:
+    def _observe(self, run: CompletionRun, out: RequestOutput) -> None:
         now = time.monotonic()
         new_tokens = sum(
             len(o.token_ids) - len(getattr(run.choices.get(o.index), "token_ids", ())) for o in out.outputs

@@ -1,8 +1,9 @@
 """OpenAI-compatible request and response bodies for /v1/completions, /v1/chat/completions and /v1/models.
 
-Range limits live in `Meta` so the OpenAPI schema states them and msgspec refuses bad values before any
-handler code runs; cross-field rules (stream_options without stream, min_tokens > max_tokens, ...) are in
-`params.py`. Unknown fields are ignored, as OpenAI-compatible servers do, because SDKs add new ones often.
+Types and the API's own limits live in `Meta` so the OpenAPI schema states them and msgspec refuses bad
+values before any handler code runs; every sampling number is then range-checked by the engine's
+SamplingParams (in `params.py`, with the cross-field rules: stream_options without stream, ...), the same
+checks the engine runs at its door. Unknown fields are ignored, as OpenAI-compatible servers do, because SDKs add new ones often.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
+
+from engine.sampling_params import INT64_MAX
 
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
@@ -22,6 +25,9 @@ ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
 UserTag = Annotated[str, Meta(max_length=256)]
 Prompt = str | list[str | TokenId | list[TokenId]]
 Stop = str | list[str] | None
+# OpenAI's seed is a signed 64-bit integer; a negative one is refused (generators take unsigned seeds).
+Seed = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+MAX_STOP_TOKEN_IDS = 64
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -36,7 +42,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     top_p: TopP | None = None
     n: Annotated[int, Meta(ge=1, le=16)] = 1
     stop: Stop = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None
@@ -46,6 +52,8 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     min_p: MinP | None = None
     min_tokens: Annotated[int, Meta(ge=0)] = 0
     ignore_eos: bool = False
+    repetition_penalty: float | None = None
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     # Refused when set: the prefix-cache salt is always the server's HMAC of the tenant id.
     cache_salt: str | None = None
     # Accepted for compatibility but refused when set to anything that changes behaviour.

@@ -90,16 +90,12 @@ class CompletionService:
         prompt_param: str,
     ) -> CompletionRun:
         max_tokens = params.fit_context(len(ids), spec.max_tokens, self.engine.max_model_len, prompt_param)
-        if spec.kwargs.get("min_tokens", 0) > max_tokens:
-            raise params.invalid(
-                "min_tokens", f"min_tokens exceeds the {max_tokens} tokens left in the context"
-            )
+        spec.fit(max_tokens, self.engine.vocab_size)
         return CompletionRun(
             request_id=f"{prefix}-{uuid.uuid4().hex}",
             caller=caller,
             target=target,
             prompt_ids=ids,
-            max_tokens=max_tokens,
             spec=spec,
             cache_salt=cache_salt(self.secret, caller.tenant_id),
         )
