@@ -97,6 +97,10 @@ class AsyncScheduling:
         self.scheduler.advance_ahead(going)
         self.in_flight = launched if going else None
 
+    def drop(self) -> None:
+        """Forget the steps in flight (a step raised: StepGuard preempts their requests, which recompute)."""
+        self.in_flight = self._launched = None
+
     def _launch(self, live: list[Request], tokens: Any, rows: list[int]) -> InFlight | None:
         if not live or len(live) != self.scheduler.num_running:
             return None  # e.g. a request in chunked prefill is running too: schedule() decides

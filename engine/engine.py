@@ -60,11 +60,23 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, adapter_cache, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.sampler = Sampler(runner.device, config.seed)
         self.groups: dict[str, Group] = {}
         self.ahead = AsyncScheduling(
-            config.async_scheduling, self.scheduler, runner, self.sampler, self.max_model_len
+            config.async_scheduling,
+            self.scheduler,
+            runner,
+            Sampler(runner.device, config.seed),
+            self.max_model_len,
         )
+
+    @property
+    def sampler(self) -> Sampler:
+        """One sampler for synchronous and in-flight steps (async scheduling holds it)."""
+        return self.ahead.sampler
+
+    @sampler.setter
+    def sampler(self, sampler: Sampler) -> None:
+        self.ahead.sampler = sampler
 
     @property
     def async_scheduling(self) -> bool:

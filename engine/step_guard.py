@@ -99,7 +99,7 @@ class StepGuard:
             ) from exc
         scheduler = self.engine.scheduler
         running = list(scheduler.running)
-        self.engine._ahead = None  # its tokens belong to the failed step: they are recomputed
+        self.engine.ahead.drop()  # its tokens belong to the failed step: they are recomputed
         for request in running:
             scheduler.running.remove(request)
             scheduler._preempt(request)
