@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +20,8 @@ from app.domain.completions.schemas import (
     Usage,
 )
 from app.engine_client import EngineUnavailable
+
+log = logging.getLogger(__name__)
 
 
 def run_usage(run: CompletionRun) -> Usage:
@@ -161,6 +164,12 @@ async def stream(
             )
         yield render.DONE_FRAME
     except EngineUnavailable as exc:
-        yield render.sse_error(f"the engine failed: {exc}", "service_unavailable_error", "engine_unavailable")
+        # The stream had started (200 sent): the failure is an error event; its cause goes to the log only.
+        log.warning("stream %s: engine failed: %s", run.request_id, exc)
+        yield render.sse_error(
+            "The model failed while generating; try again later.",
+            "service_unavailable_error",
+            "engine_unavailable",
+        )
     finally:
         await driver.finish(run)
