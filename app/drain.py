@@ -101,4 +101,5 @@ async def _refuse(send: Send) -> None:
     ]
     start: Any = {"type": "http.response.start", "status": 503, "headers": headers}
     await send(start)
-    await send({"type": "http.response.body", "body": _REFUSAL})
+    body: Any = {"type": "http.response.body", "body": _REFUSAL}
+    await send(body)
