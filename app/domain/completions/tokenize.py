@@ -8,6 +8,7 @@ threads), and a prompt far longer than the context is refused after tokenizing o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -19,8 +20,15 @@ from app.engine_client import EngineClient
 
 T = TypeVar("T")
 
-# The fast tokenizers release the GIL for most of their work, but a thread per core is all that helps.
-TOKENIZER_THREADS = 4
+
+def _default_threads() -> int:
+    # The fast tokenizers release the GIL for most of their work, so each thread can keep a core busy:
+    # leave one core to the event loop (and the engine's loop), and more than four never helped.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(4, cores - 1))
+
+
+TOKENIZER_THREADS = _default_threads()
 # A text longer than this many characters per context token is first tokenized only up to that length;
 # when that beginning alone has twice the context's tokens, the whole cannot fit (merges across the cut
 # change a count by a token or two, never by half) and the rest is never read.
