@@ -6,6 +6,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio.to_thread
+
 from app.domain.completions import render
 from app.domain.completions.run import CompletionRun, RunDriver
 from app.domain.completions.schemas import (
@@ -37,8 +39,16 @@ async def complete(
             pass
     finally:
         await driver.finish(run)
-    outputs = [o for _, o in sorted(run.choices.items())]
     decode = driver.engine.decode_token
+    if run.spec.logprobs is None:
+        return _body(run, chat, decode)
+    # Logprobs decode every token and each alternative one call at a time: for a long answer with n > 1
+    # that is seconds of work, for a worker thread (anyio's bounded pool), not the event loop.
+    return await anyio.to_thread.run_sync(_body, run, chat, decode)
+
+
+def _body(run: CompletionRun, chat: bool, decode: Any) -> CompletionResponse | ChatCompletionResponse:
+    outputs = [o for _, o in sorted(run.choices.items())]
     top_n = run.spec.logprobs
     if chat:
         return ChatCompletionResponse(
