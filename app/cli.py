@@ -19,11 +19,10 @@ def _settings() -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from app.bootstrap import BootstrapError, check_schema, ensure_model, first_admin_key, migrate
     from app.logging import configure_logging
     from app.main import create_app
+    from app.server import serve
 
     settings = _settings()
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -50,10 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     settings = ensure_model(settings)
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_config=None, server_header=False
-    )
-    return 0
+    return serve(create_app(settings), settings)
 
 
 def _migrate(_: argparse.Namespace) -> int:

@@ -66,6 +66,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_request_bytes: int = 1_048_576
+    # On SIGTERM: how long running requests (streams included) may take to finish before the rest are
+    # cut off and the process exits (docs/reliability.md, graceful drain).
+    shutdown_timeout: float = 30.0
 
     # Limits and metering (docs/metering.md). A reservation older than usage_sweep_after_seconds
     # belongs to a dead process: the sweeper expires it and its concurrency slot is freed.
@@ -165,6 +168,7 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
         ("last_used_flush_seconds", s.last_used_flush_seconds > 0.0, "expected a positive number"),
         ("port", 0 <= s.port <= 65535, "expected a port number 0..65535"),
         ("max_request_bytes", s.max_request_bytes >= 1024, "expected an integer >= 1024"),
+        ("shutdown_timeout", 0.0 <= s.shutdown_timeout <= 3600.0, "expected 0..3600 seconds"),
         ("max_upload_bytes", s.max_upload_bytes >= 1024, "expected an integer >= 1024"),
         (
             "adapter_sweep_interval_seconds",

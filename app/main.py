@@ -35,6 +35,7 @@ from app.domain.tenants.controller import TenantController
 from app.domain.usage.controller import admin_usage, metrics_endpoint, own_usage
 from app.domain.usage.lifespan import METRICS_STATE_KEY, usage_services
 from app.domain.usage.unavailable import database_unavailable_handlers
+from app.drain import DRAIN_STATE_KEY, Drain, DrainGuard, drain_check
 from app.errors import exception_handlers
 from app.lifespan import last_used_writer
 from app.logging import RequestIdMiddleware, configure_logging
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     ready_checks: dict[str, ReadyCheck] = {
         "database": database_check,
         "engine": serving.ready_check,
+        "shutdown": drain_check,
     }
     # litestar.events listeners (`@listener("event")` functions).
     listeners: Sequence[EventListener] = [
@@ -87,6 +89,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     # ---- End of registration. ----
 
     db_config = make_db_config(settings)
+    drain = Drain()  # SIGTERM's graceful drain (app/server.py flips it; app/drain.py enforces it)
     assert settings.secret is not None
     authenticator = KeyAuthenticator(
         session_maker=db_config.create_session_maker(),
@@ -118,11 +121,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
                     adapter_label_key=settings.secret,
                 ),
                 SERVING_STATE_KEY: serving,
+                DRAIN_STATE_KEY: drain,
             }
         ),
     )
-    # Outermost, so 404s, 405s and errors also get a request id and an access-log line.
-    app.asgi_handler = RequestIdMiddleware(app.asgi_handler)
+    # Outermost, so 404s, 405s and errors also get a request id and an access-log line; the drain guard
+    # inside it, so a refusal during shutdown is logged too.
+    app.asgi_handler = RequestIdMiddleware(DrainGuard(app.asgi_handler, drain))
     return app
 
 

@@ -432,7 +432,7 @@ def test_tenant_b_cannot_read_a_usage(
         (b"{", "invalid_json"),
         (b"", "invalid_json"),
         (b"[]", "invalid_json"),
-        (b'{"model": 1, "prompt": "x"}', "invalid_value"),
+        (b'{"model": 1, "prompt": "x"}', "invalid_type"),
     ],
 )
 def test_malformed_bodies_are_400_in_the_envelope(
@@ -444,4 +444,4 @@ def test_malformed_bodies_are_400_in_the_envelope(
         headers={"Authorization": f"Bearer {tenant_a['key']}", "content-type": "application/json"},
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == code
-    assert r.json()["error"]["param"] == ("model" if code == "invalid_value" else None)
+    assert r.json()["error"]["param"] == ("model" if code == "invalid_type" else None)

@@ -7,6 +7,7 @@ foundation's 422 is for the admin API), an unknown model is a 404 on `model`, a 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth.guards import require_scope
 from app.auth.principal import Principal
 from app.domain.completions import responses
+from app.domain.completions.body_errors import body_error
 from app.domain.completions.body_limits import refuse_deep_json
 from app.domain.completions.params import RequestError
 from app.domain.completions.params import model_not_found as _model_not_found
@@ -55,6 +57,7 @@ ERROR_RESPONSES = {
     status: ResponseSpec(data_container=ErrorEnvelope, description=text, generate_examples=False)
     for status, text in _ERRORS.items()
 }
+log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -73,23 +76,19 @@ def _api_error(exc: RequestError) -> ApiError:
 
 
 def _unavailable(reason: str) -> ApiError:
-    return ApiError(503, f"The model is not available: {reason}", code="engine_unavailable")
+    # The reason (often an exception's text) is for the operator's log, never for the client.
+    log.warning("engine unavailable: %s", reason)
+    return ApiError(
+        503,
+        "The model is not available right now; try again later.",
+        code="engine_unavailable",
+        headers={"Retry-After": "5"},
+    )
 
 
 def _bad_body(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
-    """A body msgspec refused: OpenAI answers 400 and names the parameter."""
-    for item in exc.extra if isinstance(exc.extra, list) else []:
-        if isinstance(item, dict) and item.get("key") and item.get("source") == "body":
-            param = str(item["key"]).removeprefix("$.")
-            if param == "data":  # msgspec's name for the whole body
-                return error_response(
-                    ApiError(400, "The request body must be a JSON object", code="invalid_json")
-                )
-            text = f"Invalid value for '{param}': {item.get('message') or exc.detail}"
-            return error_response(ApiError(400, text, param=param, code="invalid_value"))
-    if "JSON" in exc.detail or "decode" in exc.detail.lower():
-        return error_response(ApiError(400, "Malformed JSON body", code="invalid_json"))
-    return error_response(ApiError(400, exc.detail, code="invalid_value"))
+    """A body msgspec refused: OpenAI answers 400 and names the parameter (body_errors.py has the words)."""
+    return error_response(body_error(exc))
 
 
 async def _caller(principal: Principal, db_session: AsyncSession) -> Caller:

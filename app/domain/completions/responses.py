@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+import anyio.to_thread
 
 from app.domain.completions import render
 from app.domain.completions.run import CompletionRun, RunDriver
@@ -21,6 +24,8 @@ from app.domain.completions.schemas import (
 from app.engine_client import EngineUnavailable
 from engine.request import RequestOutput
 
+log = logging.getLogger(__name__)
+
 
 def run_usage(run: CompletionRun) -> Usage:
     return render.usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens)
@@ -35,8 +40,16 @@ async def complete(
             pass
     finally:
         await driver.finish(run)
-    outputs = [o for _, o in sorted(run.choices.items())]
     decode = driver.engine.decode_token
+    if run.spec.logprobs is None:
+        return _body(run, chat, decode)
+    # Logprobs decode every token and each alternative one call at a time: for a long answer with n > 1
+    # that is seconds of work, for a worker thread (anyio's bounded pool), not the event loop.
+    return await anyio.to_thread.run_sync(_body, run, chat, decode)
+
+
+def _body(run: CompletionRun, chat: bool, decode: Any) -> CompletionResponse | ChatCompletionResponse:
+    outputs = [o for _, o in sorted(run.choices.items())]
     top_n = run.spec.logprobs
     if chat:
         return ChatCompletionResponse(
@@ -168,6 +181,12 @@ async def stream(
             )
         yield render.DONE_FRAME
     except EngineUnavailable as exc:
-        yield render.sse_error(f"the engine failed: {exc}", "service_unavailable_error", "engine_unavailable")
+        # The stream had started (200 sent): the failure is an error event; its cause goes to the log only.
+        log.warning("stream %s: engine failed: %s", run.request_id, exc)
+        yield render.sse_error(
+            "The model failed while generating; try again later.",
+            "service_unavailable_error",
+            "engine_unavailable",
+        )
     finally:
         await driver.finish(run)

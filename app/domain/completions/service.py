@@ -17,6 +17,7 @@ from app.domain.completions import params
 from app.domain.completions.adapter_files import AdapterFiles
 from app.domain.completions.run import Caller, CompletionRun, Target
 from app.domain.completions.schemas import ChatCompletionRequest, CompletionRequest
+from app.domain.completions.tokenize import Tokenizer
 from app.engine_client import EngineClient
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class CompletionService:
         self.files = files
         self.secret = secret
         self.resolve = resolve
+        self.tokenizer = Tokenizer(engine)  # in worker threads: a long prompt never blocks the event loop
 
     async def target(self, caller: Caller, model: str) -> Target:
         if model == self.engine.model_name:
@@ -70,14 +72,14 @@ class CompletionService:
             params.check_tokens(prompt.token_ids, self.engine.vocab_size)
             ids = prompt.token_ids
         else:
-            ids = self.engine.encode(prompt.text)
+            ids = await self.tokenizer.encode(prompt.text)
         return self._run("cmpl", caller, target, ids, spec, "prompt")
 
     async def prepare_chat(self, caller: Caller, req: ChatCompletionRequest) -> CompletionRun:
         spec = params.chat_spec(req)
         messages = params.chat_messages(req)
         target = await self.target(caller, req.model)
-        ids = self.engine.apply_chat_template(messages)
+        ids = await self.tokenizer.apply_chat_template(messages)
         return self._run("chatcmpl", caller, target, ids, spec, "messages")
 
     def _run(

@@ -50,6 +50,7 @@ class Serving:
         self.service = CompletionService(self.engine, None, settings.secret, self._resolve)
         self._app: Litestar | None = None
         self._session_maker: Any = None
+        self._last_reason: str | None = None
 
     # ---- what create_app registers ----------------------------------------------------------------
     @asynccontextmanager
@@ -75,7 +76,14 @@ class Serving:
         if self.settings.model is None:
             return None
         ok, reason = self.engine.readiness()
-        return None if ok else reason
+        if ok:
+            return None
+        # Reasons read "what: detail", the detail often an exception's text: /ready says what, the log
+        # (once per new reason, since probes ask every few seconds) has the detail.
+        if reason != self._last_reason:
+            log.warning("engine not ready: %s", reason)
+            self._last_reason = reason
+        return reason.split(":", 1)[0]
 
     def listeners(self) -> list[EventListener]:
         @listener("adapter_deleted")
