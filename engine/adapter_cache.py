@@ -278,6 +278,7 @@ class AdapterCache:
     def gpu_order(self) -> list[str]:
         """Device-resident content hashes, least recently used first."""
         with self._lock:
+            self._collect()
             return list(self._gpu)
 
     def cpu_order(self) -> list[str]:
