@@ -30,10 +30,11 @@ from typing import Any
 import torch
 
 from benchmarks.serving_adapters import ALL_SEVEN, QKVO, SeededAdapters
+from benchmarks.serving_e import workload_e
 from benchmarks.serving_hf import workload_c
 from benchmarks.serving_model import LLAMA3_8B, make_engine, random_model, write_model_folder
 from benchmarks.serving_profile import workload_p
-from benchmarks.serving_traffic import workload_d, workload_e, workload_f
+from benchmarks.serving_traffic import workload_d, workload_f
 from benchmarks.serving_workloads import Bench, Sizes, workload_a, workload_b, workload_g
 from engine.config import EngineConfig
 
@@ -99,7 +100,7 @@ def build(args: argparse.Namespace, work: Path) -> Bench:
         folder = write_model_folder(work / "llama-3-8b-shaped", LLAMA3_8B)
         config = EngineConfig(
             model=str(folder), device="cuda", dtype="bfloat16", max_num_seqs=128, max_loras=128,
-            max_cpu_loras=256, max_lora_rank=16, max_model_len=4096, gpu_memory_fraction=args.memory_fraction,
+            max_cpu_loras=512, max_lora_rank=16, max_model_len=4096, gpu_memory_fraction=args.memory_fraction,
             cuda_graphs=not args.no_graphs,
         )  # fmt: skip
         loaded = random_model(folder, torch.bfloat16, torch.device("cuda"), seed=0)
