@@ -160,6 +160,9 @@ class AdapterCache:
     def acquire(self, lora: LoRARequest) -> int | None:
         """Slot of `lora`, pinned (refcount + 1); None while it loads or every slot is pinned.
 
+        A slot whose copy is still on its way is handed out at once: the device's compute stream is made
+        to wait for the copy (LoRASlots.order_after), so the request runs this step, not one step later.
+
         Never blocks on I/O. Raises AdapterLoadError when its background load failed (to every caller
         until `failure_ttl` seconds after the first report; the next acquire after that loads again)."""
         key = _key(lora)
@@ -169,8 +172,9 @@ class AdapterCache:
             self._collect()
             resident = self._gpu.get(key)
             if resident is not None:
-                if resident.draining or not self._copied(resident):
+                if resident.draining:
                     return None
+                self._use(resident)
                 resident.refs += 1
                 self._gpu.move_to_end(key)
                 self._stats["hits"] += 1
@@ -195,8 +199,7 @@ class AdapterCache:
                 return None
             resident = self._to_slot(key, adapter, slot)
             self._stats["cpu_hits"] += 1
-            if not self._copied(resident):
-                return None
+            self._use(resident)
             resident.refs += 1
             return slot
 
@@ -222,7 +225,7 @@ class AdapterCache:
             self._collect()
             resident = self._gpu.get(key)
             if resident is not None:
-                return not resident.draining and self._copied(resident)
+                return not resident.draining
             return key in self._cpu or key in self._failed
 
     def release(self, lora: LoRARequest) -> None:
@@ -377,6 +380,11 @@ class AdapterCache:
         resident = _Resident(slot=slot, event=self.slots.write(slot, adapter), record=record)
         self._gpu[key] = resident
         return resident
+
+    def _use(self, resident: _Resident) -> None:
+        """About to hand out this slot: if its copy may still run, order the device's work after it."""
+        if not self._copied(resident):
+            self.slots.order_after(resident.event)
 
     def _copied(self, resident: _Resident) -> bool:
         event = resident.event

@@ -64,6 +64,11 @@ class LoRASlots:
             end.record(self._stream)
         return SlotCopy(start, end)
 
+    def order_after(self, copy: SlotCopy) -> None:
+        """Make the compute stream wait for this slot copy (no host wait): work launched from now on, on
+        this thread's current stream, sees the slot's new contents."""
+        torch.cuda.current_stream(self.device).wait_event(copy.end)
+
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         for module in self.a:
             self.a[module][:, slot].zero_()
