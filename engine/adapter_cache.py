@@ -35,8 +35,9 @@ from engine.lora_slots import LoRASlots, pin_adapter
 from engine.request import LoRARequest
 
 AdapterLoader = Callable[[LoRARequest], str]
-# (folder, expected sha256, the load's stage clock) -> the adapter in CPU memory
-ReadAdapter = Callable[[str, str | None, StageClock], LoRAAdapter]
+# (folder, expected sha256, the load's stage clock) -> the adapter in CPU memory, or an object whose
+# build() makes it (a loader process's StagedBuffer: views built in the engine's thread, see there)
+ReadAdapter = Callable[[str, str | None, StageClock], Any]
 log = logging.getLogger(__name__)
 # Finished loads kept for stats() and the benchmark's per-stage table.
 _LOG_SIZE = 4096
@@ -87,7 +88,7 @@ class AdapterCache:
         self._gpu: OrderedDict[str, _Resident] = OrderedDict()  # LRU first
         self._free = list(range(slots.num_slots))
         self._cpu: OrderedDict[str, LoRAAdapter] = OrderedDict()  # LRU first
-        self._loading: dict[str, Future[tuple[LoRAAdapter, float]]] = {}
+        self._loading: dict[str, Future[tuple[Any, float]]] = {}
         self._done: queue.SimpleQueue[str] = queue.SimpleQueue()  # keys whose load future finished
         self._records: dict[str, LoadRecord] = {}  # loads asked for and not yet in a slot
         self._log: deque[LoadRecord] = deque(maxlen=_LOG_SIZE)
@@ -318,7 +319,7 @@ class AdapterCache:
         self._loading[key] = future
         future.add_done_callback(lambda _: self._done.put(key))
 
-    def _load(self, lora: LoRARequest, record: LoadRecord) -> tuple[LoRAAdapter, float]:
+    def _load(self, lora: LoRARequest, record: LoadRecord) -> tuple[Any, float]:
         """Runs in the loader thread: fetch, then read, verify the hash, parse, stack (in a loader process
         when there is one), pin (a no-op for an adapter that is pinned already). Writes only `record`,
         which nobody reads before the future is done."""
@@ -327,8 +328,10 @@ class AdapterCache:
         clock = StageClock()
         folder = self._loader(lora)
         clock.lap("fetch")
-        adapter = pin_adapter(self._read(folder, lora.content_hash, clock))
-        clock.lap("pin")
+        adapter = self._read(folder, lora.content_hash, clock)
+        if isinstance(adapter, LoRAAdapter):
+            adapter = pin_adapter(adapter)
+            clock.lap("pin")
         for name, seconds in clock.wall.items():
             record.wall[name] = record.wall.get(name, 0.0) + seconds
         record.cpu.update(clock.cpu)
@@ -352,6 +355,8 @@ class AdapterCache:
                 continue
             try:
                 adapter, seconds = future.result()
+                if not isinstance(adapter, LoRAAdapter):
+                    adapter = adapter.build()
             except Exception as exc:
                 self._stats["load_failures"] += 1
                 self._failed[key] = (f"adapter {key[:12]} could not be loaded: {exc}", -1.0)

@@ -99,8 +99,26 @@ def _stage(
     return Staged(adapter.content_hash, adapter.scaling, layout, nbytes, clock.wall, clock.cpu)
 
 
+@dataclass(frozen=True, slots=True)
+class StagedBuffer:
+    """A loaded adapter's bytes in its pinned CPU-tier buffer, views not built yet. The first run (H200,
+    2026-12-03) showed the loader thread's last stage at 65 ms wall for 24 ms of CPU: the few dozen
+    tensor-view calls each handed the GIL back to the step loop and waited to win it again. So the views
+    are built by `build()` where the GIL is held anyway (AdapterCache._collect, in the engine's thread)."""
+
+    buffer: torch.Tensor
+    staged: Staged
+    cfg: ModelConfig
+    dtype: torch.dtype
+
+    def build(self) -> LoRAAdapter:
+        s = self.staged
+        return adapter_on_buffer(self.buffer, s.layout, self.cfg, self.dtype, s.scaling, s.content_hash)
+
+
 class ProcessLoader:
-    """`load(folder, expected_hash, clock)` for AdapterCache, done in `processes` worker processes."""
+    """`load(folder, expected_hash, clock)` for AdapterCache, done in `processes` worker processes; it
+    returns a `StagedBuffer` (AdapterCache builds the adapter from it)."""
 
     def __init__(
         self, cfg: ModelConfig, max_rank: int, dtype: torch.dtype, processes: int, pin: bool
@@ -124,7 +142,7 @@ class ProcessLoader:
         # Start every process now (interpreter + torch import: seconds), not at the first cold adapter.
         list(self._pool.map(_ping, range(processes)))
 
-    def __call__(self, folder: str, expected_hash: str | None, clock: StageClock) -> LoRAAdapter:
+    def __call__(self, folder: str, expected_hash: str | None, clock: StageClock) -> StagedBuffer:
         block = self._blocks.get()  # one block per loader thread: never waits
         try:
             offset = block * self.block_bytes
@@ -139,11 +157,8 @@ class ProcessLoader:
             ctypes.memmove(buffer.data_ptr(), self._view.data_ptr() + offset, staged.nbytes)
         finally:
             self._blocks.put(block)
-        adapter = adapter_on_buffer(
-            buffer, staged.layout, self.cfg, self.dtype, staged.scaling, staged.content_hash
-        )
         clock.lap("pin")
-        return adapter
+        return StagedBuffer(buffer, staged, self.cfg, self.dtype)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -201,7 +201,7 @@ def test_loader_processes_give_the_same_adapter_and_reuse_their_block(dirs: dict
         got = {}
         for name in ("a", "b", "c"):
             clock = StageClock()
-            got[name] = far(str(dirs[name]), None, clock)
+            got[name] = far(str(dirs[name]), None, clock).build()
             assert {"ipc", "read", "parse", "stack", "finite", "pin"} <= set(clock.wall)
         for name, adapter in got.items():
             here = load_adapter(dirs[name], MODEL, 8, torch.float32)
@@ -211,6 +211,14 @@ def test_loader_processes_give_the_same_adapter_and_reuse_their_block(dirs: dict
                 assert torch.equal(adapter.a[m], here.a[m]) and torch.equal(adapter.b[m], here.b[m])
         with pytest.raises(Exception, match="does not match"):
             far(str(dirs["a"]), "0" * 64, StageClock())
-        assert far(str(dirs["b"]), None, StageClock()).content_hash == got["b"].content_hash  # still serving
+        assert far(str(dirs["b"]), None, StageClock()).build().content_hash == got["b"].content_hash
+        # Through the cache: the views are built when the finished load is collected, and the slot holds it.
+        cache = AdapterCache(LoRASlots(MODEL, 2, 8, torch.float32, torch.device("cpu")), far, 4)
+        c = req(dirs, "c")
+        cache.prefetch(c)
+        cache.wait_for_loads(timeout=60)
+        slot = cache.acquire(c)
+        assert slot is not None and torch.equal(cache.slots.a["k_proj"][:, slot], got["c"].a["k_proj"])
+        assert "ipc" in cache.load_records()[0].wall
     finally:
         far.close()
