@@ -24,7 +24,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,17 +139,21 @@ class AdapterCache:
             processes = 4 if pin else 0
         if not processes or config.max_loras == 0:
             return cls(slots, read_here, config.max_cpu_loras, loader)
-        from engine.adapter_process import ProcessLoader
+        from engine.adapter_process import LoaderProcessDied, ProcessLoader
 
-        far = ProcessLoader(loaded.config, config.max_lora_rank, loaded.dtype, processes, pin)
+        try:
+            far = ProcessLoader(loaded.config, config.max_lora_rank, loaded.dtype, processes, pin)
+        except (OSError, LoaderProcessDied):
+            log.exception("adapter loader processes did not start; loading in threads")
+            return cls(slots, read_here, config.max_cpu_loras, loader)
         broken = threading.Event()
 
-        def read(folder: str, expected_hash: str | None, clock: StageClock) -> LoRAAdapter:
+        def read(folder: str, expected_hash: str | None, clock: StageClock) -> Any:
             if not broken.is_set():
                 try:
                     return far(folder, expected_hash, clock)
-                except BrokenProcessPool:  # a loader process died (e.g. killed): load in threads from now on
-                    log.exception("adapter loader processes broke; loading in threads from now on")
+                except LoaderProcessDied:  # e.g. killed: this load and the later ones run in threads
+                    log.exception("an adapter loader process died; loading in threads from now on")
                     broken.set()
             return read_here(folder, expected_hash, clock)
 

@@ -193,7 +193,7 @@ def test_loader_processes_give_the_same_adapter_and_reuse_their_block(dirs: dict
     """Spawned processes (seconds to start on this CPU): one process, one staging block, three loads in
     turn; each result equals a load in this thread, and an earlier adapter is not overwritten by the
     next load through the same block."""
-    from engine.adapter_process import ProcessLoader
+    from engine.adapter_process import LoaderProcessDied, ProcessLoader
     from engine.load_stages import StageClock
 
     far = ProcessLoader(MODEL, 8, torch.float32, processes=1, pin=False)
@@ -220,5 +220,9 @@ def test_loader_processes_give_the_same_adapter_and_reuse_their_block(dirs: dict
         slot = cache.acquire(c)
         assert slot is not None and torch.equal(cache.slots.a["k_proj"][:, slot], got["c"].a["k_proj"])
         assert "ipc" in cache.load_records()[0].wall
+        far._children[0].proc.kill()  # a worker that dies is reported as such, not as a bad adapter
+        far._children[0].proc.wait()
+        with pytest.raises(LoaderProcessDied):
+            far(str(dirs["a"]), None, StageClock())
     finally:
         far.close()
