@@ -35,15 +35,38 @@ import torch
 
 from engine.adapter_file import AdapterError, ReadBuffer
 from engine.load_stages import StageClock
-from engine.lora import (
-    LoRAAdapter,
-    adapter_on_buffer,
-    load_adapter,
-    max_adapter_bytes,
-    stacked_layout,
-    stacked_nbytes,
-)
+from engine.lora import LoRAAdapter, load_adapter, module_shapes, stacked_sizes, stacked_views
 from engine.model_loader import ModelConfig
+from engine.ops import LORA_MODULES
+
+
+def stacked_nbytes(module_rank: dict[str, int], model_cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of the stacked buffer of an adapter with these module ranks (`stacked_layout`)."""
+    return stacked_sizes(module_rank, module_shapes(model_cfg), model_cfg.num_layers, dtype)[1]
+
+
+def max_adapter_bytes(model_cfg: ModelConfig, max_rank: int, dtype: torch.dtype) -> int:
+    """The largest stacked adapter this model admits: every module at max_rank."""
+    return stacked_nbytes(dict.fromkeys(LORA_MODULES, max_rank), model_cfg, dtype)
+
+
+def adapter_on_buffer(
+    buffer: torch.Tensor,
+    module_rank: dict[str, int],
+    model_cfg: ModelConfig,
+    dtype: torch.dtype,
+    scaling: float,
+    content_hash: str,
+) -> LoRAAdapter:
+    """An adapter whose stacked bytes (as `load_adapter` lays them out) were copied into `buffer`, e.g.
+    from a loader process's staging block: views only, nothing read or checked again."""
+    a, b, ranks = stacked_views(buffer, module_rank, module_shapes(model_cfg), model_cfg.num_layers, dtype)
+    return LoRAAdapter(content_hash, max(module_rank.values()), scaling, a, b, ranks)
+
+
+def stacked_layout(adapter: LoRAAdapter) -> dict[str, int]:
+    """Module -> rank of an adapter's stacked buffer, in layout order (what `adapter_on_buffer` needs)."""
+    return {m: adapter.a[m].shape[1] for m in adapter.a}
 
 
 class LoaderProcessDied(RuntimeError):

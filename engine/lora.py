@@ -305,7 +305,7 @@ def _layout(
     for (_, module), (a, _, _) in per_module.items():
         module_rank[module] = max(module_rank.get(module, 0), a.shape[0])
     module_rank = {m: module_rank[m] for m in LORA_MODULES if m in module_rank}
-    values, nbytes = _sizes(module_rank, shapes, layers, dtype)
+    values, nbytes = stacked_sizes(module_rank, shapes, layers, dtype)
     return module_rank, values, nbytes
 
 
@@ -321,7 +321,7 @@ def _stack(
     or has a lower rank), all views of `buffer` (uint8, sized by `_layout`). Returns the adapter and all
     its A/B values, flat."""
     module_rank, values, _ = _layout(per_module, shapes, layers, dtype)
-    a_out, b_out, ranks = _views(buffer, module_rank, shapes, layers, dtype)
+    a_out, b_out, ranks = stacked_views(buffer, module_rank, shapes, layers, dtype)
     flat = buffer[:values].view(dtype)
     by_module: dict[str, dict[int, tuple[Tensor, Tensor, float]]] = {m: {} for m in module_rank}
     for (layer, module), pair in per_module.items():
@@ -351,7 +351,7 @@ def _stack(
     return adapter, flat
 
 
-def _views(
+def stacked_views(
     buffer: Tensor,
     module_rank: dict[str, int],
     shapes: dict[str, tuple[int, int]],
@@ -360,7 +360,7 @@ def _views(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
     """A [L, r, in] and B [L, out, r] of each module, and ranks [L, G], as views of `buffer` (uint8, the
     `_layout` of these module ranks)."""
-    values, nbytes = _sizes(module_rank, shapes, layers, dtype)
+    values, nbytes = stacked_sizes(module_rank, shapes, layers, dtype)
     if buffer.dtype != torch.uint8 or buffer.numel() != nbytes:
         raise ValueError(f"buffer of {buffer.numel()} {buffer.dtype} for an adapter of {nbytes} bytes")
     flat = buffer[:values].view(dtype)
@@ -379,41 +379,12 @@ def _views(
     return a_out, b_out, ranks
 
 
-def _sizes(
+def stacked_sizes(
     module_rank: dict[str, int], shapes: dict[str, tuple[int, int]], layers: int, dtype: torch.dtype
 ) -> tuple[int, int]:
     """(bytes of the A/B values, bytes of the whole stacked buffer with the ranks after them)."""
     values = sum(layers * r * sum(shapes[m]) for m, r in module_rank.items()) * dtype.itemsize
     return values, -(-values // 64) * 64 + layers * len(MODULE_GROUPS) * 4
-
-
-def stacked_nbytes(module_rank: dict[str, int], model_cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of the stacked buffer of an adapter with these module ranks (`stacked_layout`)."""
-    return _sizes(module_rank, module_shapes(model_cfg), model_cfg.num_layers, dtype)[1]
-
-
-def max_adapter_bytes(model_cfg: ModelConfig, max_rank: int, dtype: torch.dtype) -> int:
-    """The largest stacked adapter this model admits: every module at max_rank."""
-    return stacked_nbytes(dict.fromkeys(LORA_MODULES, max_rank), model_cfg, dtype)
-
-
-def adapter_on_buffer(
-    buffer: Tensor,
-    module_rank: dict[str, int],
-    model_cfg: ModelConfig,
-    dtype: torch.dtype,
-    scaling: float,
-    content_hash: str,
-) -> LoRAAdapter:
-    """An adapter whose stacked bytes (as `load_adapter` lays them out) were copied into `buffer`, e.g.
-    from a loader process's staging block: views only, nothing read or checked again."""
-    a, b, ranks = _views(buffer, module_rank, module_shapes(model_cfg), model_cfg.num_layers, dtype)
-    return LoRAAdapter(content_hash, max(module_rank.values()), scaling, a, b, ranks)
-
-
-def stacked_layout(adapter: LoRAAdapter) -> dict[str, int]:
-    """Module -> rank of an adapter's stacked buffer, in layout order (what `adapter_on_buffer` needs)."""
-    return {m: adapter.a[m].shape[1] for m in adapter.a}
 
 
 def _fill(region: Tensor, pieces: list[tuple[Tensor, float]]) -> None:
