@@ -33,6 +33,7 @@ import torch
 from benchmarks.serving_adapters import QKVO, SeededAdapters
 from benchmarks.serving_model import LLAMA3_8B
 from engine import lora as L
+from engine.adapter_file import parse_safetensors, read_bounded
 from engine.model_loader import ModelConfig, parse_config
 
 RANK = 16
@@ -60,11 +61,11 @@ def phases(folder: Path, cfg: ModelConfig, dtype: torch.dtype, buffer: L.ReadBuf
     L.check_adapter_config(raw)
     shapes = L.module_shapes(cfg)
     limit = 4 * cfg.num_layers * RANK * sum(i + o for i, o in shapes.values()) + (1 << 20)
-    data = L._read_bounded(folder / L.WEIGHTS_FILE, limit, RANK, buffer, _NoDigest())  # type: ignore[arg-type]
+    data = read_bounded(folder / L.WEIGHTS_FILE, limit, RANK, buffer, _NoDigest())  # type: ignore[arg-type]
     lap("read")
     hashlib.sha256(data).hexdigest()
     lap("sha256")
-    tensors = L._parse_tensors(data)
+    tensors = parse_safetensors(data)
     lap("parse")
     found = L._pair_tensors(tensors, shapes, cfg.num_layers)
     scaling, per_module = L._check_and_scale(found, raw, shapes, RANK)

@@ -30,10 +30,11 @@ from typing import Any
 import torch
 
 from benchmarks.serving_adapters import ALL_SEVEN, QKVO, SeededAdapters
+from benchmarks.serving_e import workload_e
 from benchmarks.serving_hf import workload_c
 from benchmarks.serving_model import LLAMA3_8B, make_engine, random_model, write_model_folder
 from benchmarks.serving_profile import workload_p
-from benchmarks.serving_traffic import workload_d, workload_e, workload_f
+from benchmarks.serving_traffic import workload_d, workload_f
 from benchmarks.serving_workloads import Bench, Sizes, workload_a, workload_b, workload_g
 from engine.config import EngineConfig
 
@@ -92,6 +93,7 @@ def build(args: argparse.Namespace, work: Path) -> Bench:
         config = EngineConfig(
             model=str(folder), device="cpu", dtype="float32", max_num_seqs=8, max_loras=8, max_cpu_loras=16,
             max_lora_rank=16, num_kv_blocks=256, cuda_graphs=not args.no_graphs,
+            adapter_load_processes=args.load_processes,
         )  # fmt: skip
         loaded = load_model(config)
         sizes, rank, files = SMOKE, 8, (24, 8)
@@ -99,8 +101,8 @@ def build(args: argparse.Namespace, work: Path) -> Bench:
         folder = write_model_folder(work / "llama-3-8b-shaped", LLAMA3_8B)
         config = EngineConfig(
             model=str(folder), device="cuda", dtype="bfloat16", max_num_seqs=128, max_loras=128,
-            max_cpu_loras=256, max_lora_rank=16, max_model_len=4096, gpu_memory_fraction=args.memory_fraction,
-            cuda_graphs=not args.no_graphs,
+            max_cpu_loras=512, max_lora_rank=16, max_model_len=4096, gpu_memory_fraction=args.memory_fraction,
+            cuda_graphs=not args.no_graphs, adapter_load_processes=args.load_processes,
         )  # fmt: skip
         loaded = random_model(folder, torch.bfloat16, torch.device("cuda"), seed=0)
         sizes, rank, files = FULL, 16, (400, 70)
@@ -129,6 +131,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-graphs", action="store_true", help="EngineConfig(cuda_graphs=False)")
     parser.add_argument("--memory-fraction", type=float, default=0.85)
     parser.add_argument(
+        "--load-processes", type=int, default=None,
+        help="EngineConfig.adapter_load_processes (default: 4 on CUDA, 0 on CPU; 0 = loader threads only)",
+    )  # fmt: skip
+    parser.add_argument(
         "--work", default=None, help="scratch folder for the model and adapters (default tmp)"
     )
     args = parser.parse_args(argv)
@@ -151,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             + " ".join(sys.argv[1:] if argv is None else argv),
             "model": "Llama-3-8B-shaped, random weights" if not args.smoke else "demo model (CPU)",
             "dtype": str(bench.engine.model.dtype),
+            "adapter_load_processes": args.load_processes,
         },
         "copy_bandwidth_GBps": bench.bandwidth / 1e9,
     }

@@ -66,20 +66,36 @@ def table(r: dict[str, Any]) -> str:
         )
     e = r.get("e", {})
     if "throughput_ratio" in e:
+        cap = e["base_capacity"]
         lines.append(
-            f"e) {e['registered_adapters']} adapters/{e['gpu_slots']} slots, {e['distinct_adapters_used']} used, "
-            f"{e['rate_per_s']}/s: LoRA {e['lora']['tokens_per_s']:.0f} tok/s p50/p99 TTFT "
-            f"{e['lora']['ttft_p50_ms']:.0f}/{e['lora']['ttft_p99_ms']:.0f} ms | base "
-            f"{e['base']['tokens_per_s']:.0f} tok/s {e['base']['ttft_p50_ms']:.0f}/{e['base']['ttft_p99_ms']:.0f} ms"
-            f" -> {e['throughput_ratio']:.3f}; loads {e['adapter_loads']:.0f} in {e['adapter_load_seconds']:.1f} s"
+            f"e) {e['registered_adapters']} adapters/{e['gpu_slots']} slots/{e['cpu_tier']} CPU, "
+            f"{e['distinct_adapters_used']} used; base capacity {cap['tokens_per_s']:.0f} tok/s = "
+            f"{cap['requests_per_s']:.1f} req/s; page cache: {e['page_cache']}"
         )
-        for run in ("lora", "base"):
-            x = e[run]
+        runs = [
+            (f"cold {e['rate_per_s']:g}/s", e["lora"], e["base"]),
+            (f"warm {e['rate_per_s']:g}/s", e["warm"], e["base"]),
+            (f"sat {e['sat']['rate_per_s']:.1f}/s", e["sat"]["lora"], e["sat"]["base"]),
+        ]
+        for name, x, base in runs:
+            split = "  ".join(f"{k} {v['p50_ms']:.0f}/{v['p99_ms']:.0f}" for k, v in x["ttft_split"].items())
             lines.append(
-                f"e) {run}: {x['steps']} steps ({x['graph_replays']} replays), step {x['step_ms_mean']:.2f} ms, "
-                f"running {x['running_mean']:.1f}, waiting {x['waiting_mean']:.1f}, "
-                f"{x['steps_with_loads_in_flight']} steps with loads in flight"
+                f"e) {name:12s} {x['tokens_per_s']:.0f} tok/s vs base {base['tokens_per_s']:.0f} -> "
+                f"{x['tokens_per_s'] / base['tokens_per_s']:.3f}; TTFT p50/p99 {x['ttft_p50_ms']:.0f}/"
+                f"{x['ttft_p99_ms']:.0f} ms (base {base['ttft_p50_ms']:.0f}/{base['ttft_p99_ms']:.0f}); "
+                f"step {x['step_ms_mean']:.1f} ms (p99 {x['step_ms_p99']:.1f}), running {x['running_mean']:.0f}, "
+                f"waiting {x['waiting_mean']:.0f}"
             )
+            lines.append(f"e)   TTFT split p50/p99 ms: {split}")
+        for name, table_ in (("idle", e["idle_load_stages"]), ("cold", e["lora"]["load_stages"]),
+                             ("sat", e["sat"]["lora"]["load_stages"])):  # fmt: skip
+            cells = "  ".join(
+                f"{k} {v['median_ms']:.1f}"
+                + (f"/cpu {v['cpu_median_ms']:.1f}" if v.get("cpu_median_ms") else "")
+                for k, v in table_.items()
+                if isinstance(v, dict) and "median_ms" in v
+            )
+            lines.append(f"e) load stages {name} ({table_['loads']} loads), median ms: {cells}")
     f = r.get("f", {})
     if "cpu_to_gpu_ms" in f:
         lines.append(

@@ -1,16 +1,15 @@
-"""Workloads d (prefix cache TTFT), e (1,000 adapters, Zipf popularity, Poisson arrivals) and f (adapter
-load times), each against its baseline in the same process."""
+"""Workloads d (prefix cache TTFT) and f (adapter load times), each against its baseline in the same
+process (e, 1,000 adapters under Poisson arrivals: benchmarks/serving_e.py)."""
 
 from __future__ import annotations
 
-import random
 import statistics
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
+from benchmarks.serving_e import stage_table
 from benchmarks.serving_s3 import workload_f_s3
 from benchmarks.serving_workloads import Bench
 from engine.lora import load_adapter
@@ -56,105 +55,6 @@ def workload_d(bench: Bench) -> dict[str, Any]:
     }
 
 
-def _trace(bench: Bench, with_adapters: bool, seed: int) -> list[tuple[float, list[int], int | None]]:
-    """(arrival s, prompt, adapter index) for e_requests Poisson arrivals; adapters Zipf(1.0) over e_adapters."""
-    s = bench.sizes
-    rng = random.Random(seed)
-    np_rng = np.random.default_rng(seed)
-    weights = 1.0 / np.arange(1, s.e_adapters + 1)
-    picks = np_rng.choice(s.e_adapters, size=s.e_requests, p=weights / weights.sum())
-    out, t = [], 0.0
-    for i in range(s.e_requests):
-        t += rng.expovariate(s.e_rate)
-        prompt = [rng.randrange(10, bench.engine.vocab_size - 10) for _ in range(s.e_prompt)]
-        out.append((t, prompt, int(picks[i]) if with_adapters else None))
-    return out
-
-
-def _serve(bench: Bench, trace: list[tuple[float, list[int], int | None]], tag: str) -> dict[str, Any]:
-    engine, s = bench.engine, bench.sizes
-    params = SamplingParams(max_tokens=s.e_new, temperature=0.0, ignore_eos=True)
-    arrivals: dict[str, float] = {}
-    first: dict[str, float] = {}
-    tokens, failed, nxt = 0, 0, 0
-    # Per step: (wall s, running, waiting, adapter loads in flight), to show what limits the run.
-    trace_steps: list[tuple[float, int, int, bool]] = []
-    cache, graphs = engine.adapter_cache, engine.runner.graphs
-    replays_before = graphs.replays if graphs is not None else 0
-
-    def loading() -> bool:
-        return cache is not None and cache.has_pending_loads
-
-    start = time.perf_counter()
-    last_finish = start
-    while nxt < len(trace) or engine.has_unfinished():
-        now = time.perf_counter() - start
-        while nxt < len(trace) and trace[nxt][0] <= now:
-            at, prompt, index = trace[nxt]
-            rid = f"{tag}-{nxt}"
-            lora = bench.qkvo.lora(index) if index is not None else None
-            engine.add_request(rid, prompt, params, lora=lora, cache_salt=rid)
-            arrivals[rid] = at
-            nxt += 1
-        if not engine.has_unfinished():
-            time.sleep(max(0.0, min(0.01, trace[nxt][0] - now)))
-            continue
-        t0 = time.perf_counter()
-        outs = engine.step()
-        now = time.perf_counter() - start
-        trace_steps.append(
-            (now + start - t0, len(engine.scheduler.running), engine.scheduler.num_waiting, loading())
-        )
-        for o in outs:
-            if o.request_id not in first and o.outputs and o.outputs[0].token_ids:
-                first[o.request_id] = now
-            if o.finished:
-                failed += o.error is not None
-                tokens += len(o.outputs[0].token_ids)
-                last_finish = time.perf_counter()
-    ttfts = sorted(first[r] - arrivals[r] for r in first)
-    span = last_finish - start - trace[0][0]
-    return {
-        "requests": len(trace),
-        "failed": failed,
-        "output_tokens": tokens,
-        "tokens_per_s": tokens / span,
-        "ttft_p50_ms": float(np.percentile(ttfts, 50)) * 1e3,
-        "ttft_p99_ms": float(np.percentile(ttfts, 99)) * 1e3,
-        "steps": len(trace_steps),
-        "graph_replays": (graphs.replays - replays_before) if graphs is not None else 0,
-        "step_ms_mean": 1e3 * sum(w for w, *_ in trace_steps) / max(1, len(trace_steps)),
-        "running_mean": sum(r for _, r, _, _ in trace_steps) / max(1, len(trace_steps)),
-        "waiting_mean": sum(w for _, _, w, _ in trace_steps) / max(1, len(trace_steps)),
-        "steps_with_loads_in_flight": sum(1 for *_, lo in trace_steps if lo),
-    }
-
-
-def workload_e(bench: Bench) -> dict[str, Any]:
-    s = bench.sizes
-    lora_trace = _trace(bench, True, seed=11)
-    base_trace = [(t, p, None) for t, p, _ in lora_trace]  # the same arrivals and prompts, no adapters
-    used = sorted({i for _, _, i in lora_trace if i is not None})
-    bench.qkvo.prepare(used)  # hashes known up front; files may still be rewritten on demand (LRU)
-    stats_before = dict(bench.engine.adapter_cache.stats())
-    lora = _serve(bench, lora_trace, bench.tag("e"))
-    stats_after = dict(bench.engine.adapter_cache.stats())
-    base = _serve(bench, base_trace, bench.tag("eb"))
-    return {
-        "registered_adapters": s.e_adapters,
-        "gpu_slots": bench.engine.adapter_cache.slots.num_slots,
-        "distinct_adapters_used": len(used),
-        "rate_per_s": s.e_rate,
-        "prompt": s.e_prompt,
-        "new_tokens": s.e_new,
-        "lora": lora,
-        "base": base,
-        "throughput_ratio": lora["tokens_per_s"] / base["tokens_per_s"],
-        "adapter_loads": stats_after["loads"] - stats_before["loads"],
-        "adapter_load_seconds": stats_after["load_seconds"] - stats_before["load_seconds"],
-    }
-
-
 def workload_f(bench: Bench) -> dict[str, Any]:
     """One adapter: disk -> GPU slot through the cache (read, sha256, parse, pin, copy), and CPU (pinned)
     -> GPU slot alone; also the disk -> CPU part. Then S3 -> GPU slot through the server's own code
@@ -165,6 +65,7 @@ def workload_f(bench: Bench) -> dict[str, Any]:
     disk_to_gpu, disk_to_cpu, cpu_to_gpu = [], [], []
     scratch = LoRASlots(cfg, 1, engine.config.max_lora_rank, loaded.dtype, loaded.device)
     base_index = 10_000_000  # never used by another workload
+    started = time.monotonic()
     for k in range(5):
         lora = bench.qkvo.lora(base_index + k)
         start = time.perf_counter()
@@ -182,6 +83,7 @@ def workload_f(bench: Bench) -> dict[str, Any]:
         cpu_to_gpu.append(time.perf_counter() - start)
         cache.evict(lora.content_hash)
     del scratch
+    stages = stage_table([r for r in cache.load_records() if r.submitted >= started])
     s3 = workload_f_s3(bench)
     if bench.cuda:
         torch.cuda.empty_cache()
@@ -191,5 +93,6 @@ def workload_f(bench: Bench) -> dict[str, Any]:
         "disk_to_cpu_ms": statistics.median(disk_to_cpu) * 1e3,
         "cpu_to_gpu_ms": statistics.median(cpu_to_gpu) * 1e3,
         "cpu_to_gpu_GBps": bench.qkvo.nbytes() / statistics.median(cpu_to_gpu) / 1e9,
+        "disk_to_gpu_stages": stages,  # page cache warm here (the file was just written); e's idle row is cold
         **s3,
     }

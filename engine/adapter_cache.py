@@ -1,7 +1,12 @@
 """Adapter cache: device slots and a CPU tier, both LRU, with pinning of adapters in use.
 
-  loader callback (disk / S3, in a background thread) -> CPU tier (pinned memory on CUDA hosts)
+  loader callback (disk / S3, in a background thread) -> read, hash, parse, stack (a loader process on
+  CUDA hosts: engine/adapter_process.py) -> CPU tier (pinned memory on CUDA hosts)
   -> device slot (copied on a side stream on CUDA) -> used by the batch's tokens via their slot index.
+
+A load starts when a request arrives (`prefetch`, called by the engine's add_request), not when the
+scheduler first wants the adapter; a loaded adapter goes straight into a free slot if there is one. Every
+load leaves a `LoadRecord` (engine/load_stages.py): its time per stage, from the ask to the slot copy.
 
 Keys are content hashes (sha256 of the weights), never names. An adapter pinned by a running or
 scheduled request is never evicted: its slot index is baked into that request's step tensors, so reusing
@@ -11,9 +16,11 @@ All bookkeeping is plain Python; tensors are only touched through `LoRASlots` an
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -21,11 +28,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.adapter_file import ReadBuffer
+from engine.load_stages import LoadRecord, StageClock
 from engine.lora import LoRAAdapter, load_adapter
 from engine.lora_slots import LoRASlots, pin_adapter
 from engine.request import LoRARequest
 
 AdapterLoader = Callable[[LoRARequest], str]
+# (folder, expected sha256, the load's stage clock) -> the adapter in CPU memory, or an object whose
+# build() makes it (a loader process's StagedBuffer: views built in the engine's thread, see there)
+ReadAdapter = Callable[[str, str | None, StageClock], Any]
+log = logging.getLogger(__name__)
+# Finished loads kept for stats() and the benchmark's per-stage table.
+_LOG_SIZE = 4096
 
 
 class AdapterLoadError(RuntimeError):
@@ -43,22 +57,24 @@ def path_loader(lora: LoRARequest) -> str:
 class _Resident:
     slot: int
     refs: int = 0
-    event: Any = None  # CUDA event of the slot copy; None once known complete
+    event: Any = None  # the slot copy (LoRASlots.write); None once known complete
     draining: bool = False  # evicted while pinned: freed at the last release, never handed out again
+    record: LoadRecord | None = None  # the load this slot copy finishes, timed when the copy is seen done
 
 
 class AdapterCache:
     def __init__(
         self,
         slots: LoRASlots,
-        load: Callable[[str, str | None], LoRAAdapter],
+        load: ReadAdapter,
         max_cpu_loras: int,
         loader: AdapterLoader | None = None,
         failure_ttl: float = 2.0,
         load_workers: int = 4,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
-        """`slots`: device storage (its num_slots = max_loras); `load(folder, expected_hash)` reads one
-        adapter into CPU tensors; `loader` maps a request to a local folder (default: its lora_path).
+        """`slots`: device storage (its num_slots = max_loras); `load(folder, expected_hash, clock)` reads
+        one adapter into CPU tensors; `loader` maps a request to a local folder (default: its lora_path).
         A failed load is reported to every acquire for `failure_ttl` seconds, then retried. Loads of
         different adapters run on `load_workers` threads, so one slow fetch does not hold up the others;
         a load spends most of its time in I/O, sha256 and memmove, which let go of the GIL, so a few
@@ -71,7 +87,11 @@ class AdapterCache:
         self._gpu: OrderedDict[str, _Resident] = OrderedDict()  # LRU first
         self._free = list(range(slots.num_slots))
         self._cpu: OrderedDict[str, LoRAAdapter] = OrderedDict()  # LRU first
-        self._loading: dict[str, Future[tuple[LoRAAdapter, float]]] = {}
+        self._loading: dict[str, Future[tuple[Any, float]]] = {}
+        self._done: queue.SimpleQueue[str] = queue.SimpleQueue()  # keys whose load future finished
+        self._records: dict[str, LoadRecord] = {}  # loads asked for and not yet in a slot
+        self._log: deque[LoadRecord] = deque(maxlen=_LOG_SIZE)
+        self._on_close = on_close
         self._failed: dict[str, tuple[str, float]] = {}  # key -> (message, first report time or -1)
         self._failure_ttl = failure_ttl
         self._discard: set[str] = set()  # evicted while loading
@@ -81,6 +101,7 @@ class AdapterCache:
                 "hits",
                 "cpu_hits",
                 "misses",
+                "prefetches",
                 "loads",
                 "load_failures",
                 "load_seconds",
@@ -92,13 +113,14 @@ class AdapterCache:
 
     @classmethod
     def for_model(cls, config: Any, loaded: Any, loader: AdapterLoader | None = None) -> AdapterCache:
-        """From an EngineConfig and a LoadedModel (see engine/model_loader.py)."""
+        """From an EngineConfig and a LoadedModel (see engine/model_loader.py). On CUDA hosts (or when
+        config.adapter_load_processes says so) the CPU part of a load runs in loader processes."""
         slots = LoRASlots(loaded.config, config.max_loras, config.max_lora_rank, loaded.dtype, loaded.device)
 
         pin = loaded.device.type == "cuda"  # page-locked only where an async device copy needs it
         per_thread = threading.local()  # each loader thread reuses its own read buffer
 
-        def read(folder: str, expected_hash: str | None) -> LoRAAdapter:
+        def read_here(folder: str, expected_hash: str | None, clock: StageClock) -> LoRAAdapter:
             if not hasattr(per_thread, "buffer"):
                 per_thread.buffer = ReadBuffer()
             return load_adapter(
@@ -109,14 +131,41 @@ class AdapterCache:
                 expected_hash,
                 pin,
                 per_thread.buffer,
+                clock,
             )
 
-        return cls(slots, read, config.max_cpu_loras, loader)
+        processes = getattr(config, "adapter_load_processes", None)
+        if processes is None:
+            processes = 4 if pin else 0
+        if not processes or config.max_loras == 0:
+            return cls(slots, read_here, config.max_cpu_loras, loader)
+        from engine.adapter_process import LoaderProcessDied, ProcessLoader
+
+        try:
+            far = ProcessLoader(loaded.config, config.max_lora_rank, loaded.dtype, processes, pin)
+        except (OSError, LoaderProcessDied):
+            log.exception("adapter loader processes did not start; loading in threads")
+            return cls(slots, read_here, config.max_cpu_loras, loader)
+        broken = threading.Event()
+
+        def read(folder: str, expected_hash: str | None, clock: StageClock) -> Any:
+            if not broken.is_set():
+                try:
+                    return far(folder, expected_hash, clock)
+                except LoaderProcessDied:  # e.g. killed: this load and the later ones run in threads
+                    log.exception("an adapter loader process died; loading in threads from now on")
+                    broken.set()
+            return read_here(folder, expected_hash, clock)
+
+        return cls(slots, read, config.max_cpu_loras, loader, load_workers=processes, on_close=far.close)
 
     # -- the scheduler's side -------------------------------------------------------------------------
 
     def acquire(self, lora: LoRARequest) -> int | None:
         """Slot of `lora`, pinned (refcount + 1); None while it loads or every slot is pinned.
+
+        A slot whose copy is still on its way is handed out at once: the device's compute stream is made
+        to wait for the copy (LoRASlots.order_after), so the request runs this step, not one step later.
 
         Never blocks on I/O. Raises AdapterLoadError when its background load failed (to every caller
         until `failure_ttl` seconds after the first report; the next acquire after that loads again)."""
@@ -127,8 +176,9 @@ class AdapterCache:
             self._collect()
             resident = self._gpu.get(key)
             if resident is not None:
-                if resident.draining or not _copied(resident):
+                if resident.draining:
                     return None
+                self._use(resident)
                 resident.refs += 1
                 self._gpu.move_to_end(key)
                 self._stats["hits"] += 1
@@ -146,19 +196,41 @@ class AdapterCache:
             if adapter is None:
                 if key not in self._loading:
                     self._stats["misses"] += 1
-                    self._loading[key] = self._pool.submit(self._load, lora)
+                    self._submit(key, lora, prefetched=False)
                 return None
             slot = self._take_slot()
             if slot is None:
                 return None
-            self._cpu.move_to_end(key)
-            resident = _Resident(slot=slot, event=self.slots.write(slot, adapter))
-            self._gpu[key] = resident
+            resident = self._to_slot(key, adapter, slot)
             self._stats["cpu_hits"] += 1
-            if not _copied(resident):
-                return None
+            self._use(resident)
             resident.refs += 1
             return slot
+
+    def prefetch(self, lora: LoRARequest) -> None:
+        """Start loading `lora` now, in the background, if it is in neither tier nor on its way (the
+        engine calls this when a request arrives, so the load overlaps the request's wait in the queue).
+        Never blocks, never raises for a bad adapter: the scheduler's acquire reports that."""
+        key = _key(lora)
+        with self._lock:
+            if self.slots.num_slots == 0:
+                return
+            self._collect()
+            if key in self._gpu or key in self._cpu or key in self._loading or key in self._failed:
+                return
+            self._stats["prefetches"] += 1
+            self._submit(key, lora, prefetched=True)
+
+    def is_ready(self, lora: LoRARequest) -> bool:
+        """Could acquire hand out a slot for `lora` without waiting for a load? (A hint for admission:
+        resident in a slot whose copy is done, or in the CPU tier; acquire itself still decides.)"""
+        key = _key(lora)
+        with self._lock:
+            self._collect()
+            resident = self._gpu.get(key)
+            if resident is not None:
+                return not resident.draining
+            return key in self._cpu or key in self._failed
 
     def release(self, lora: LoRARequest) -> None:
         """Unpin (refcount - 1). The slot stays cached for the next request (LRU)."""
@@ -191,6 +263,8 @@ class AdapterCache:
     def stats(self) -> dict[str, float]:
         with self._lock:
             self._collect()
+            for resident in self._gpu.values():
+                self._copied(resident)  # times the slot copies that finished since the last look
             out = dict(self._stats)
             out.update(
                 gpu_resident=float(len(self._gpu)),
@@ -201,9 +275,17 @@ class AdapterCache:
             )
             return out
 
+    def load_records(self) -> list[LoadRecord]:
+        """The latest finished loads (up to 4,096), oldest first: per-stage times of each, from the ask
+        to the adapter in the CPU tier, and to its first slot copy once that is done."""
+        with self._lock:
+            self._collect()
+            return list(self._log)
+
     def gpu_order(self) -> list[str]:
         """Device-resident content hashes, least recently used first."""
         with self._lock:
+            self._collect()
             return list(self._gpu)
 
     def cpu_order(self) -> list[str]:
@@ -214,7 +296,7 @@ class AdapterCache:
     @property
     def has_pending_loads(self) -> bool:
         with self._lock:
-            return bool(self._loading) or any(not _copied(r) for r in self._gpu.values())
+            return bool(self._loading) or any(not self._copied(r) for r in self._gpu.values())
 
     def wait_for_loads(self, timeout: float | None = None) -> None:
         """Block until the background loads and slot copies running now finish (the engine's idle wait,
@@ -228,28 +310,56 @@ class AdapterCache:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._on_close is not None:
+            self._on_close()
 
     # -- internals ----------------------------------------------------------------------------------------
 
-    def _load(self, lora: LoRARequest) -> tuple[LoRAAdapter, float]:
-        """Runs in the loader thread: fetch, verify the hash, parse, pin (a no-op for an adapter that
-        `load_adapter` read into pinned memory already). Touches no shared state."""
+    def _submit(self, key: str, lora: LoRARequest, prefetched: bool) -> None:
+        record = LoadRecord(key, time.monotonic(), prefetched=prefetched)
+        self._records[key] = record
+        future = self._pool.submit(self._load, lora, record)
+        self._loading[key] = future
+        future.add_done_callback(lambda _: self._done.put(key))
+
+    def _load(self, lora: LoRARequest, record: LoadRecord) -> tuple[Any, float]:
+        """Runs in the loader thread: fetch, then read, verify the hash, parse, stack (in a loader process
+        when there is one), pin (a no-op for an adapter that is pinned already). Writes only `record`,
+        which nobody reads before the future is done."""
         start = time.perf_counter()
+        record.wall["queue"] = time.monotonic() - record.submitted
+        clock = StageClock()
         folder = self._loader(lora)
-        adapter = pin_adapter(self._read(folder, lora.content_hash))
+        clock.lap("fetch")
+        adapter = self._read(folder, lora.content_hash, clock)
+        if isinstance(adapter, LoRAAdapter):
+            adapter = pin_adapter(adapter)
+            clock.lap("pin")
+        for name, seconds in clock.wall.items():
+            record.wall[name] = record.wall.get(name, 0.0) + seconds
+        record.cpu.update(clock.cpu)
+        record.loaded = time.monotonic()
         return adapter, time.perf_counter() - start
 
     def _collect(self) -> None:
-        """Move finished background loads into the CPU tier (or record their failure)."""
-        for key, future in list(self._loading.items()):
-            if not future.done():
+        """Move finished background loads into the CPU tier (or record their failure); a loaded adapter
+        goes into a free slot at once, so its first acquire finds the copy done."""
+        while True:
+            try:
+                key = self._done.get_nowait()
+            except queue.Empty:
+                return
+            future = self._loading.pop(key, None)
+            record = self._records.pop(key, None)
+            if future is None:
                 continue
-            del self._loading[key]
             if key in self._discard:
                 self._discard.discard(key)
                 continue
             try:
                 adapter, seconds = future.result()
+                if not isinstance(adapter, LoRAAdapter):
+                    adapter = adapter.build()
             except Exception as exc:
                 self._stats["load_failures"] += 1
                 self._failed[key] = (f"adapter {key[:12]} could not be loaded: {exc}", -1.0)
@@ -257,9 +367,45 @@ class AdapterCache:
             self._stats["loads"] += 1
             self._stats["load_seconds"] += seconds
             self._cpu[key] = adapter
+            if record is not None:
+                self._log.append(record)
             while len(self._cpu) > self._max_cpu:
                 self._cpu.popitem(last=False)
                 self._stats["cpu_evictions"] += 1
+            if key in self._cpu and key not in self._gpu and self._free:
+                self._to_slot(key, adapter, self._free.pop(0), record)
+            elif record is not None:
+                self._records[key] = record  # timed at its first slot copy
+
+    def _to_slot(
+        self, key: str, adapter: LoRAAdapter, slot: int, record: LoadRecord | None = None
+    ) -> _Resident:
+        """Start the copy of a CPU-tier adapter into `slot` (refcount 0: acquire pins it)."""
+        self._cpu.move_to_end(key)
+        record = record or self._records.pop(key, None)
+        if record is not None:
+            record.wall["ready"] = time.monotonic() - record.loaded  # loaded -> its slot copy starts
+        resident = _Resident(slot=slot, event=self.slots.write(slot, adapter), record=record)
+        self._gpu[key] = resident
+        return resident
+
+    def _use(self, resident: _Resident) -> None:
+        """About to hand out this slot: if its copy may still run, order the device's work after it."""
+        if not self._copied(resident):
+            self.slots.order_after(resident.event)
+
+    def _copied(self, resident: _Resident) -> bool:
+        event = resident.event
+        if event is not None and not event.query():
+            return False
+        resident.event = None
+        record, resident.record = resident.record, None
+        if record is not None:
+            record.slotted = time.monotonic()
+            seconds = event.seconds() if event is not None else 0.0
+            record.wall["copy"] = seconds
+            record.cpu["copy"] = 0.0
+        return True
 
     def _take_slot(self) -> int | None:
         if self._free:
@@ -282,10 +428,3 @@ def _key(lora: LoRARequest) -> str:
     if lora.content_hash is None:
         raise ValueError(f"adapter {lora.lora_name!r} has no content hash")
     return lora.content_hash
-
-
-def _copied(resident: _Resident) -> bool:
-    if resident.event is not None and not resident.event.query():
-        return False
-    resident.event = None
-    return True

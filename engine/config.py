@@ -36,6 +36,9 @@ class EngineConfig:
     max_cpu_loras: int = 8
     # Adapters of higher rank are refused; slots are padded to this rank.
     max_lora_rank: int = 64
+    # Processes that read, hash, parse and stack adapters, so loads never compete with the step loop for
+    # the GIL (engine/adapter_process.py). None = 4 on CUDA, 0 (loader threads only) on CPU.
+    adapter_load_processes: int | None = None
     # Reuse KV of full blocks with the same (salt, adapter, tokens) chain.
     enable_prefix_caching: bool = True
     # auto = Triton on CUDA, torch reference on CPU.
@@ -70,6 +73,8 @@ class EngineConfig:
             raise ValueError(f"max_loras must be >= 0, got {self.max_loras}")
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        if self.adapter_load_processes is not None and self.adapter_load_processes < 0:
+            raise ValueError(f"adapter_load_processes must be >= 0, got {self.adapter_load_processes}")
         if self.max_lora_rank <= 0:
             raise ValueError(f"max_lora_rank must be positive, got {self.max_lora_rank}")
         if self.dtype not in _DTYPES:

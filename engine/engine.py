@@ -145,6 +145,9 @@ class LLMEngine:
                 self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
             raise
         self.groups[request_id] = Group(request_id, prompt, prompt_token_ids, children, detoks)
+        if lora is not None and self.adapter_cache is not None:
+            # Its load overlaps the wait for admission instead of starting when the scheduler asks.
+            self.adapter_cache.prefetch(lora)
 
     def _check_prompt(self, prompt_token_ids: list[int]) -> list[int]:
         ids = list(prompt_token_ids)

@@ -19,6 +19,7 @@ import ctypes
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from engine.adapter_file import (
     parse_safetensors,
     read_bounded,
 )
+from engine.load_stages import StageClock
 from engine.model_loader import ModelConfig
 from engine.ops import LORA_MODULES, MODULE_GROUPS
 
@@ -148,6 +150,8 @@ def load_adapter(
     expected_hash: str | None = None,
     pin: bool | None = None,
     read_buffer: ReadBuffer | None = None,
+    clock: StageClock | None = None,
+    out_buffer: Callable[[int], Tensor] | None = None,
 ) -> LoRAAdapter:
     """Read and validate a PEFT adapter folder into CPU tensors of `dtype`.
 
@@ -156,7 +160,10 @@ def load_adapter(
     come from torch's caching host allocator, which is the CPU tier's buffer pool: a freed adapter's block
     is reused only after every CUDA copy recorded on it has completed (torch records an event per
     non-blocking copy), and pinning fresh pages (slow, and serialising in the driver) stops once warm.
-    `read_buffer`: the calling thread's own, reused across its loads (None: a fresh one)."""
+    `read_buffer`: the calling thread's own, reused across its loads (None: a fresh one). `clock`: laps
+    read, parse, alloc, stack, finite, hash_wait (engine/load_stages.py). `out_buffer(nbytes)`: the uint8
+    buffer to stack into instead of a fresh one (a loader process's shared staging block)."""
+    clock = clock or StageClock()
     path = Path(folder)
     raw = read_adapter_config(path)
     check_adapter_config(raw)
@@ -174,14 +181,16 @@ def load_adapter(
     digest = Sha256Thread()
     try:
         data = read_bounded(weights_file, limit, max_rank, read_buffer or ReadBuffer(), digest)
+        clock.lap("read")
         try:
-            adapter = _build(data, raw, shapes, model_cfg.num_layers, max_rank, dtype, pin)
+            adapter = _build(data, raw, shapes, model_cfg.num_layers, max_rank, dtype, pin, clock, out_buffer)
         except AdapterError as exc:
             _check_hash(digest.hexdigest(), expected_hash, cause=exc)  # a forged file is named as such first
             raise
     finally:
         digest.join()  # whatever happened: the read buffer is this thread's to reuse only after this
     adapter.content_hash = digest.hexdigest()
+    clock.lap("hash_wait")  # what of the sha256 did not overlap the read and the parsing
     _check_hash(adapter.content_hash, expected_hash)
     return adapter
 
@@ -194,13 +203,23 @@ def _build(
     max_rank: int,
     dtype: torch.dtype,
     pin: bool,
+    clock: StageClock,
+    out_buffer: Callable[[int], Tensor] | None,
 ) -> LoRAAdapter:
     tensors = parse_safetensors(data)
     found = _pair_tensors(tensors, shapes, layers)
     scaling, per_module = _check_and_scale(found, raw, shapes, max_rank)
-    buffer = torch.empty(_layout(per_module, shapes, layers, dtype)[2], dtype=torch.uint8, pin_memory=pin)
+    clock.lap("parse")
+    nbytes = _layout(per_module, shapes, layers, dtype)[2]
+    if out_buffer is not None:
+        buffer = out_buffer(nbytes)
+    else:
+        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    clock.lap("alloc")
     adapter, values = _stack(scaling, per_module, shapes, layers, dtype, buffer)
+    clock.lap("stack")
     _refuse_non_finite(values, adapter)
+    clock.lap("finite")
     return adapter
 
 
@@ -286,9 +305,8 @@ def _layout(
     for (_, module), (a, _, _) in per_module.items():
         module_rank[module] = max(module_rank.get(module, 0), a.shape[0])
     module_rank = {m: module_rank[m] for m in LORA_MODULES if m in module_rank}
-    values = sum(layers * r * sum(shapes[m]) for m, r in module_rank.items()) * dtype.itemsize
-    ranks_at = -(-values // 64) * 64
-    return module_rank, values, ranks_at + layers * len(MODULE_GROUPS) * 4
+    values, nbytes = stacked_sizes(module_rank, shapes, layers, dtype)
+    return module_rank, values, nbytes
 
 
 def _stack(
@@ -302,23 +320,17 @@ def _stack(
     """Per module, stack the layers into A [L, r_m, in] / B [L, out, r_m] (zeros where a layer is skipped
     or has a lower rank), all views of `buffer` (uint8, sized by `_layout`). Returns the adapter and all
     its A/B values, flat."""
-    module_rank, values, nbytes = _layout(per_module, shapes, layers, dtype)
-    if buffer.dtype != torch.uint8 or buffer.numel() != nbytes:
-        raise ValueError(f"buffer of {buffer.numel()} {buffer.dtype} for an adapter of {nbytes} bytes")
-    groups = len(MODULE_GROUPS)
+    module_rank, values, _ = _layout(per_module, shapes, layers, dtype)
+    a_out, b_out, ranks = stacked_views(buffer, module_rank, shapes, layers, dtype)
     flat = buffer[:values].view(dtype)
     by_module: dict[str, dict[int, tuple[Tensor, Tensor, float]]] = {m: {} for m in module_rank}
     for (layer, module), pair in per_module.items():
         by_module[module][layer] = pair
-    a_out: dict[str, Tensor] = {}
-    b_out: dict[str, Tensor] = {}
     start = 0
     for m, r in module_rank.items():
         (d_in, d_out), pairs = shapes[m], by_module[m]
         region = flat[start : start + layers * r * (d_in + d_out)]
         start += region.numel()
-        a_out[m] = region[: layers * r * d_in].view(layers, r, d_in)
-        b_out[m] = region[layers * r * d_in :].view(layers, d_out, r)
         if len(pairs) == layers and all(a.shape[0] == r for a, _, _ in pairs.values()):
             # The usual adapter: every layer at one rank, so the layers' A then B tile the region in order.
             _fill(region, [(pairs[i][0], 1.0) for i in range(layers)] + [pairs[i][1:] for i in range(layers)])
@@ -328,16 +340,51 @@ def _stack(
             _copy_into(a_out[m][layer, : a.shape[0]], a, 1.0)
             _copy_into(b_out[m][layer, :, : a.shape[0]], b, ratio)
     group_of = {m: g for g, group in enumerate(MODULE_GROUPS) for m in group}
-    rank_rows = [[0] * groups for _ in range(layers)]
+    rank_rows = [[0] * len(MODULE_GROUPS) for _ in range(layers)]
     for (layer, module), (a, _, _) in per_module.items():
         g = group_of[module]
         rank_rows[layer][g] = max(rank_rows[layer][g], a.shape[0])
-    ranks = buffer[nbytes - layers * groups * 4 :].view(torch.int32).view(layers, groups)
     ranks.copy_(torch.tensor(rank_rows, dtype=torch.int32))
     adapter = LoRAAdapter(
         content_hash="", rank=max(module_rank.values()), scaling=scaling, a=a_out, b=b_out, ranks=ranks
     )
     return adapter, flat
+
+
+def stacked_views(
+    buffer: Tensor,
+    module_rank: dict[str, int],
+    shapes: dict[str, tuple[int, int]],
+    layers: int,
+    dtype: torch.dtype,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    """A [L, r, in] and B [L, out, r] of each module, and ranks [L, G], as views of `buffer` (uint8, the
+    `_layout` of these module ranks)."""
+    values, nbytes = stacked_sizes(module_rank, shapes, layers, dtype)
+    if buffer.dtype != torch.uint8 or buffer.numel() != nbytes:
+        raise ValueError(f"buffer of {buffer.numel()} {buffer.dtype} for an adapter of {nbytes} bytes")
+    flat = buffer[:values].view(dtype)
+    a_out: dict[str, Tensor] = {}
+    b_out: dict[str, Tensor] = {}
+    start = 0
+    for m, r in module_rank.items():
+        d_in, d_out = shapes[m]
+        region = flat[start : start + layers * r * (d_in + d_out)]
+        start += region.numel()
+        a_out[m] = region[: layers * r * d_in].view(layers, r, d_in)
+        b_out[m] = region[layers * r * d_in :].view(layers, d_out, r)
+    ranks = (
+        buffer[nbytes - layers * len(MODULE_GROUPS) * 4 :].view(torch.int32).view(layers, len(MODULE_GROUPS))
+    )
+    return a_out, b_out, ranks
+
+
+def stacked_sizes(
+    module_rank: dict[str, int], shapes: dict[str, tuple[int, int]], layers: int, dtype: torch.dtype
+) -> tuple[int, int]:
+    """(bytes of the A/B values, bytes of the whole stacked buffer with the ranks after them)."""
+    values = sum(layers * r * sum(shapes[m]) for m, r in module_rank.items()) * dtype.itemsize
+    return values, -(-values // 64) * 64 + layers * len(MODULE_GROUPS) * 4
 
 
 def _fill(region: Tensor, pieces: list[tuple[Tensor, float]]) -> None:

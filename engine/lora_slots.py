@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,8 +47,8 @@ class LoRASlots:
             return [[False] * self.host_ranks.shape[1] for _ in range(self.host_ranks.shape[0])]
         return (self.host_ranks[:, :, slots].amax(dim=-1) > 0).tolist()  # type: ignore[no-any-return]
 
-    def write(self, slot: int, adapter: LoRAAdapter) -> Any:
-        """Copy `adapter` into `slot`. Returns a CUDA event to check before use, or None when done."""
+    def write(self, slot: int, adapter: LoRAAdapter) -> SlotCopy | None:
+        """Copy `adapter` into `slot`. Returns the copy in flight (check it before use), or None when done."""
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
         self.host_ranks[:, :, slot] = adapter.ranks
@@ -56,10 +57,17 @@ class LoRASlots:
             return None
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(self._stream)
             self._write(slot, adapter)
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        return event
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(self._stream)
+        return SlotCopy(start, end)
+
+    def order_after(self, copy: SlotCopy) -> None:
+        """Make the compute stream wait for this slot copy (no host wait): work launched from now on, on
+        this thread's current stream, sees the slot's new contents."""
+        torch.cuda.current_stream(self.device).wait_event(copy.end)
 
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         for module in self.a:
@@ -71,6 +79,24 @@ class LoRASlots:
                 self.b[module][:, slot, :, :r].copy_(adapter.b[module], non_blocking=True)
         self.ranks[:, :, slot].copy_(adapter.ranks, non_blocking=True)
         self.scales[slot] = adapter.scaling
+
+
+@dataclass(slots=True)
+class SlotCopy:
+    """A slot copy on the side stream: CUDA events around it, so its device time is known exactly (the
+    host may only look at it a step later)."""
+
+    start: Any
+    end: Any
+
+    def query(self) -> bool:
+        return bool(self.end.query())
+
+    def synchronize(self) -> None:
+        self.end.synchronize()
+
+    def seconds(self) -> float:
+        return float(self.start.elapsed_time(self.end)) / 1e3
 
 
 def pin_adapter(adapter: LoRAAdapter) -> LoRAAdapter:

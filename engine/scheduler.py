@@ -64,6 +64,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # since start, for stats and tests
         self._lookups: dict[str, int] = {}  # cached tokens per request id, for one step's credit checks
+        # Adapters (content hashes) that got no slot earlier in this step (loading, or every slot pinned):
+        # their other requests are passed over without another acquire or prefix lookup, so a queue full
+        # of requests waiting for loads costs each step one look per adapter, not one per request and turn.
+        self._unready: set[str] = set()
         # Steps in a row in which a key had requests but none could get an adapter slot. After
         # slot_patience of them, other keys stop pinning adapters for new requests until it gets one:
         # otherwise a tenant keeping every slot busy with its own adapters starves the others' adapters.
@@ -202,6 +206,7 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         self._lookups = {}
+        self._unready = set()
         starving = {
             k for k, n in self.slot_wait_steps.items() if n >= self.slot_patience and k in self.queues
         }
@@ -243,6 +248,8 @@ class Scheduler:
         admittable), "blocked" (nothing: no adapter slot), "held" (nothing: adapters held back)."""
         progressed = held = False
         for request in list(self.queues[key]):
+            if request.lora is not None and request.lora.key in self._unready:
+                continue  # its adapter could not be had earlier in this step: never wait behind a load
             # Turns come round often (small quantum): remember the hit length for the credit check only.
             known = self._lookups.get(request.request_id)
             if known is None:
@@ -265,6 +272,7 @@ class Scheduler:
                         return "emptied", budget
                     continue
                 if acquired is None:
+                    self._unready.add(request.lora.key)
                     continue
                 slot = acquired
             # Fresh lookup: admissions earlier in this step may have evicted or added cached blocks.
