@@ -174,7 +174,7 @@ def parse_config_json(raw: bytes) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise config_error("malformed_config", "not valid JSON (UTF-8, no duplicate keys)") from None
     if not isinstance(parsed, dict):
-        raise config_error("malformed_config", "must be a JSON object")
+        raise config_error("malformed_config", "must be a JSON object")  # or a bare NaN or list of them
     return parsed
 
 
@@ -256,7 +256,8 @@ def _rank(name: str, value: Any, max_rank: int) -> int:
         raise config_error("invalid_rank", f"{name} must be a positive integer, got {_show(value)}")
     if value > max_rank:
         raise config_error(
-            "rank_too_high", f"{name}={_show(value)} exceeds max_lora_rank {max_rank}, this server's largest LoRA rank"
+            "rank_too_high",
+            f"{name}={_show(value)} exceeds max_lora_rank {max_rank}, this server's largest LoRA rank",
         )
     return value
 
@@ -345,15 +346,32 @@ def _pattern_value(pattern: dict[str, Any], path: str, default: float) -> float:
     return default
 
 
+class _NonJson:
+    """NaN / Infinity / -Infinity where a value should be: refused by the object holding it, by key."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _non_json_in(value: Any) -> _NonJson | None:
+    if isinstance(value, _NonJson):
+        return value
+    if isinstance(value, list):
+        return next((found for v in value if (found := _non_json_in(v)) is not None), None)
+    return None
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # Two values for one key would let the checker and the loader read different ones.
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
             raise config_error("malformed_config", f"key '{key[:100]}' appears twice")
+        if (constant := _non_json_in(value)) is not None:
+            raise config_error("malformed_config", f"{key[:100]}: {constant.name} is not a JSON number")
         out[key] = value
     return out
 
 
 def _no_constant(name: str) -> Any:
-    raise config_error("malformed_config", f"holds the non-JSON constant {name}")
+    return _NonJson(name)

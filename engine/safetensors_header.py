@@ -131,8 +131,12 @@ def _bad_constant(name: str) -> Any:
     raise _reject("malformed_safetensors", f"the header holds the non-JSON constant {name}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return _is_int(value) and value >= 0
 
 
 def _entry(name: str, spec: Any, data_start: int) -> TensorEntry:
@@ -147,10 +151,10 @@ def _entry(name: str, spec: Any, data_start: int) -> TensorEntry:
         raise _reject("dtype_refused", f"tensor '{name}' is {dtype}; only F16, BF16 and F32 are accepted")
     if not isinstance(shape, list) or len(shape) > 8 or not all(_is_count(d) for d in shape):
         raise _reject("malformed_safetensors", f"tensor '{name}' has an invalid shape")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
         raise _reject("malformed_safetensors", f"tensor '{name}' has invalid data_offsets")
     begin, end = offsets
-    if begin > end:
+    if not 0 <= begin <= end:
         raise _reject("bad_offsets", f"tensor '{name}' has data_offsets [{begin}, {end}] out of order")
     expected = math.prod(shape) * FLOAT_DTYPES[dtype]
     if end - begin != expected:
