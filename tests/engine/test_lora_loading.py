@@ -314,7 +314,11 @@ def test_parser_never_accepts_what_safetensors_refuses() -> None:
     ("header", "data", "message"),
     [
         ({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 15, "holds only"),
-        ({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 17, "after the last tensor"),
+        (
+            {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}},
+            b"\0" * 17,
+            "after the last tensor",
+        ),
         (
             {
                 "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
