@@ -32,6 +32,7 @@ def test_kernels_are_interpreted_in_this_session():
     assert sys.modules["triton"] is triton
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and triton: ~7 s here
 def test_engine_first_import_order_gets_interpreted_kernels_that_run():
     # What happens when tests/engine (collected before tests/kernels) imports kernels through engine/ops.py:
     # a fresh interpreter without the variable, which only the root conftest sets.
