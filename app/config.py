@@ -17,12 +17,21 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from engine.config import EngineConfig
+
 ENV_PREFIX = "LORAPLEX_"
 SECRET_FILE = "secret"
 
 
 class SettingsError(ValueError):
     """A `LORAPLEX_*` variable holds a value we cannot use; the message names the variable."""
+
+
+def _engine_default(name: str) -> Any:
+    return _ENGINE_DEFAULTS[name]
+
+
+_ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,18 +50,23 @@ class Settings:
     max_upload_bytes: int = 1_073_741_824
     adapter_sweep_interval_seconds: float = 600.0
 
-    # Model and engine sizing.
+    # The engine (docs/foundation.md's table). Every field named like an EngineConfig field is passed to
+    # it by engine_config(), and its default is EngineConfig's own, so each setting has one default.
+    # model None = no engine (`serve` fills in the demo model).
     model: str | None = None
-    device: str = "auto"
-    max_loras: int = 4
-    max_cpu_loras: int = 16
-    max_lora_rank: int = 64
-    gpu_memory_fraction: float = 0.85
-    # Engine sizing (docs/serving.md): longest prompt + output (None = the model's own limit), most
-    # sequences per step, and the KV-cache budget in bytes (None = the engine's default for the device).
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    kv_cache_bytes: int | None = None
+    device: str = _engine_default("device")
+    dtype: str = _engine_default("dtype")
+    max_loras: int = _engine_default("max_loras")
+    max_cpu_loras: int = _engine_default("max_cpu_loras")
+    max_lora_rank: int = _engine_default("max_lora_rank")
+    gpu_memory_fraction: float = _engine_default("gpu_memory_fraction")
+    max_model_len: int | None = _engine_default("max_model_len")
+    max_num_seqs: int = _engine_default("max_num_seqs")
+    max_num_batched_tokens: int = _engine_default("max_num_batched_tokens")
+    kv_cache_bytes: int | None = _engine_default("kv_cache_bytes")
+    enable_prefix_caching: bool = _engine_default("enable_prefix_caching")
+    cuda_graphs: bool = _engine_default("cuda_graphs")
+    async_scheduling: bool = _engine_default("async_scheduling")
     # Adapter files fetched for the engine under data_dir/adapter-cache; least recently used go past this.
     adapter_disk_cache_bytes: int = 20 * 1024**3
 
@@ -108,6 +122,16 @@ class Settings:
             if not ok:
                 value = getattr(self, msg_field)
                 raise SettingsError(f"{ENV_PREFIX}{msg_field.upper()}: {expect}, got {value!r}")
+        self.engine_config()
+
+    def engine_config(self) -> EngineConfig | None:
+        """The engine's configuration from these settings; None when no model is configured."""
+        if self.model is None:
+            return None
+        try:
+            return EngineConfig(**{name: getattr(self, name) for name in ENGINE_FIELDS})
+        except ValueError as exc:  # a combination the engine refuses that no single check above caught
+            raise SettingsError(f"engine settings: {exc}") from None
 
     @property
     def is_sqlite(self) -> bool:
@@ -116,6 +140,10 @@ class Settings:
     def only(self, *names: str) -> dict[str, Any]:
         """The named fields as a dict, so a component receives just what it needs."""
         return {n: getattr(self, n) for n in names}
+
+
+# The settings that engine_config() passes on: those named like a field of EngineConfig.
+ENGINE_FIELDS = tuple(f.name for f in fields(Settings) if f.name in _ENGINE_DEFAULTS)
 
 
 def _checks(s: Settings) -> list[tuple[str, bool, str]]:
@@ -147,6 +175,12 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
         ("gpu_memory_fraction", 0.0 < s.gpu_memory_fraction <= 1.0, "expected a number in (0, 1]"),
         ("max_model_len", s.max_model_len is None or s.max_model_len >= 16, "expected an integer >= 16"),
         ("max_num_seqs", s.max_num_seqs >= 1, "expected an integer >= 1"),
+        ("max_num_batched_tokens", s.max_num_batched_tokens >= 1, "expected an integer >= 1"),
+        (
+            "dtype",
+            s.dtype in ("auto", "float32", "float16", "bfloat16"),
+            "expected auto, float32, float16 or bfloat16",
+        ),
         ("adapter_disk_cache_bytes", s.adapter_disk_cache_bytes >= 1 << 20, "expected at least 1 MiB"),
         (
             "kv_cache_bytes",

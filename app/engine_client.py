@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,6 +21,8 @@ from engine.sampling_params import SamplingParams
 if TYPE_CHECKING:  # the engine proper needs torch: imported only when it starts (see _build)
     from engine.async_engine import AsyncLLMEngine
     from engine.engine import EngineStats
+
+from engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,27 +37,17 @@ class AdapterSource(Protocol):
     def local_folder(self, content_hash: str) -> str: ...
 
 
-@dataclass(frozen=True, slots=True)
-class EngineOptions:
-    """Only what the engine needs from the settings."""
-
-    model: str | None  # a Hugging Face model folder; None = no model configured
-    device: str = "auto"
-    dtype: str = "auto"
-    max_loras: int = 4
-    max_cpu_loras: int = 16
-    max_lora_rank: int = 64
-    gpu_memory_fraction: float = 0.85
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    kv_cache_bytes: int | None = None
-    # The loop is "not ticking" when it has not come round for this long: a stuck step or a dead thread.
-    stall_seconds: float = 30.0
-
-
 class EngineClient:
-    def __init__(self, options: EngineOptions, adapters: AdapterSource | None = None) -> None:
-        self.options = options
+    def __init__(
+        self,
+        config: EngineConfig | None,
+        adapters: AdapterSource | None = None,
+        stall_seconds: float = 30.0,
+    ) -> None:
+        # config None = no model configured: /v1 answers 503. Built by Settings.engine_config().
+        self.config = config
+        # The loop is "not ticking" when it has not come round for this long: a stuck step or a dead thread.
+        self.stall_seconds = stall_seconds
         self._adapters = adapters
         self._engine: AsyncLLMEngine | None = None
         self._load_error: str | None = None
@@ -81,7 +72,7 @@ class EngineClient:
             self._engine = await asyncio.to_thread(self._build)
         except Exception as exc:
             self._load_error = f"{type(exc).__name__}: {exc}"
-            log.exception("engine failed to load model %s", self.options.model)
+            log.exception("engine failed to load model %s", self.config and self.config.model)
             return
         log.info(
             "engine ready: model %s, max_model_len %s, %.1fs",
@@ -92,23 +83,9 @@ class EngineClient:
 
     def _build(self) -> AsyncLLMEngine:
         from engine.async_engine import AsyncLLMEngine
-        from engine.config import EngineConfig
 
-        o = self.options
-        assert o.model is not None
-        config = EngineConfig(
-            model=o.model,
-            device=o.device,
-            dtype=o.dtype,
-            max_loras=o.max_loras,
-            max_cpu_loras=o.max_cpu_loras,
-            max_lora_rank=o.max_lora_rank,
-            gpu_memory_fraction=o.gpu_memory_fraction,
-            max_model_len=o.max_model_len,
-            max_num_seqs=o.max_num_seqs,
-            kv_cache_bytes=o.kv_cache_bytes,
-        )
-        engine = AsyncLLMEngine.from_config(config, adapter_loader=self._load_adapter)
+        assert self.config is not None
+        engine = AsyncLLMEngine.from_config(self.config, adapter_loader=self._load_adapter)
         engine.start()
         return engine
 
@@ -132,7 +109,7 @@ class EngineClient:
     # ---- state ------------------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
         """(ready, reason) for /ready: model loaded, loop alive and ticking."""
-        if self.options.model is None:
+        if self.config is None:
             return False, "no model configured (set LORAPLEX_MODEL)"
         if self._load_error is not None:
             return False, f"model failed to load: {self._load_error}"
@@ -142,7 +119,7 @@ class EngineClient:
         if not engine.is_healthy:
             return False, f"engine dead: {engine.dead_error}"
         stalled = time.monotonic() - engine.last_tick
-        if stalled > self.options.stall_seconds:
+        if stalled > self.stall_seconds:
             return False, f"engine loop has not ticked for {stalled:.0f}s"
         return True, "ok"
 

@@ -58,7 +58,7 @@ def phases(folder: Path, cfg: ModelConfig, dtype: torch.dtype, buffer: L.ReadBuf
         t = now
 
     raw = L.read_adapter_config(folder)
-    L.check_adapter_config(raw)
+    spec = L.check_adapter_config(raw, RANK, cfg.num_layers)
     shapes = L.module_shapes(cfg)
     limit = 4 * cfg.num_layers * RANK * sum(i + o for i, o in shapes.values()) + (1 << 20)
     data = read_bounded(folder / L.WEIGHTS_FILE, limit, RANK, buffer, _NoDigest())  # type: ignore[arg-type]
@@ -67,8 +67,8 @@ def phases(folder: Path, cfg: ModelConfig, dtype: torch.dtype, buffer: L.ReadBuf
     lap("sha256")
     tensors = parse_safetensors(data)
     lap("parse")
-    found = L._pair_tensors(tensors, shapes, cfg.num_layers)
-    scaling, per_module = L._check_and_scale(found, raw, shapes, RANK)
+    found = L._pair_tensors(tensors, spec, cfg.num_layers)
+    scaling, per_module = L._check_and_scale(found, spec, shapes, RANK)
     lap("validate")
     pin = torch.cuda.is_available()
     nbytes = L._layout(per_module, shapes, cfg.num_layers, dtype)[2]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from engine.adapter_format import CONFIG_FILE, WEIGHTS_FILE
 from engine.lora import module_shapes
 from engine.model_loader import parse_config
 
@@ -149,7 +150,7 @@ def write_adapter(
             )
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, d_in, generator=gen) * 0.1
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, r, generator=gen) * 0.1
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -165,7 +166,7 @@ def write_adapter(
         "inference_mode": True,
         "modules_to_save": None,
     }
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
 

@@ -1,4 +1,4 @@
-"""The offline API of DESIGN.md: LLM(model=...).generate(prompts, SamplingParams(...), lora_request=...)."""
+"""The offline API (docs/engine.md): LLM(model=...).generate(prompts, SamplingParams(...), lora_request=...)."""
 
 from __future__ import annotations
 

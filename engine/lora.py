@@ -16,9 +16,7 @@ over the result for NaN/Inf. docs/engine.md has the measured times.
 from __future__ import annotations
 
 import ctypes
-import json
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,25 +25,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.adapter_file import (
+from engine.adapter_file import ReadBuffer, Sha256Thread, parse_safetensors, read_bounded
+from engine.adapter_format import (
+    CONFIG_FILE,
+    MAX_CONFIG_BYTES,
     WEIGHTS_FILE,
     AdapterError,
-    ReadBuffer,
-    Sha256Thread,
-    parse_safetensors,
-    read_bounded,
+    LoraConfig,
+    check_lora_config,
+    parse_config_json,
+    parse_tensor_name,
 )
 from engine.load_stages import StageClock
 from engine.model_loader import ModelConfig
 from engine.ops import LORA_MODULES, MODULE_GROUPS
 
-CONFIG_FILE = "adapter_config.json"
-MAX_CONFIG_BYTES = 1 << 20
-
-_KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
-)
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 # ATen runs an element-wise op on the calling thread alone up to this many elements (its grain size).
 _SERIAL_NUMEL = 32768
 
@@ -81,65 +75,26 @@ def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise AdapterError(f"no {CONFIG_FILE} in adapter folder")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+        raise AdapterError(f"no {CONFIG_FILE} in adapter folder", "malformed_config", "adapter_config")
+    with path.open("rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterError(
+            f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes", "config_too_large", "adapter_config"
+        )
     try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")
-    return raw
+        return parse_config_json(raw)
+    except AdapterError as exc:
+        raise AdapterError(f"{CONFIG_FILE}: {exc}", exc.code, exc.field) from None
 
 
-def check_adapter_config(raw: dict[str, Any]) -> None:
-    """Refuse, by name, every PEFT feature our LoRA path does not compute."""
-    peft_type = str(raw.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise AdapterError(f"peft_type {peft_type!r} is not supported (only LORA)")
-    refusals = {
-        "use_dora": "DoRA (use_dora) is not supported",
-        "modules_to_save": "modules_to_save is not supported (it replaces base weights)",
-        "lora_bias": "lora_bias is not supported",
-        "fan_in_fan_out": "fan_in_fan_out is not supported",
-        "layer_replication": "layer_replication is not supported",
-        "trainable_token_indices": "trainable_token_indices is not supported",
-        "use_qalora": "QALoRA is not supported",
-    }
-    for key, message in refusals.items():
-        if raw.get(key):
-            raise AdapterError(message)
-    if raw.get("bias", "none") != "none":
-        raise AdapterError(f"bias={raw['bias']!r} is not supported (only 'none')")
-    for key in ("r", "lora_alpha"):
-        value = raw.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise AdapterError(f"{key} must be a positive number, got {value!r}")
-    targets = raw.get("target_modules")
-    if isinstance(targets, list):
-        unknown = sorted(set(map(str, targets)) - set(LORA_MODULES))
-        if unknown:
-            raise AdapterError(f"target modules {unknown} are not supported (only {list(LORA_MODULES)})")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(raw.get(key) or {}, dict):
-            raise AdapterError(f"{key} must be a mapping")
-
-
-def _pattern_value(pattern: dict[str, Any], module_path: str, default: float) -> float:
-    """PEFT's rule: a key applies when it matches the end of the module path at a name boundary."""
-    for key, value in pattern.items():
-        try:
-            hit = re.match(rf"(.*\.)?({key})$", module_path)
-        except re.error as exc:
-            raise AdapterError(f"bad pattern {key!r}: {exc}") from exc
-        if hit:
-            return float(value)
-    return default
-
-
-def _module_path(layer: int, module: str) -> str:
-    return f"model.layers.{layer}.{'self_attn' if module in _ATTN else 'mlp'}.{module}"
+def check_adapter_config(raw: dict[str, Any], max_rank: int, num_layers: int | None = None) -> LoraConfig:
+    """The adapter-format contract (engine/adapter_format.py), the same checks upload validation runs:
+    every PEFT feature our LoRA path does not compute refused by name, every value in range."""
+    try:
+        return check_lora_config(raw, max_rank, num_layers=num_layers)
+    except AdapterError as exc:
+        raise AdapterError(f"{CONFIG_FILE}: {exc}", exc.code, exc.field) from None
 
 
 def load_adapter(
@@ -165,8 +120,7 @@ def load_adapter(
     buffer to stack into instead of a fresh one (a loader process's shared staging block)."""
     clock = clock or StageClock()
     path = Path(folder)
-    raw = read_adapter_config(path)
-    check_adapter_config(raw)
+    spec = check_adapter_config(read_adapter_config(path), max_rank, model_cfg.num_layers)
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         raise AdapterError(f"no {WEIGHTS_FILE} in adapter folder (other weight formats are refused)")
@@ -183,7 +137,7 @@ def load_adapter(
         data = read_bounded(weights_file, limit, max_rank, read_buffer or ReadBuffer(), digest)
         clock.lap("read")
         try:
-            adapter = _build(data, raw, shapes, model_cfg.num_layers, max_rank, dtype, pin, clock, out_buffer)
+            adapter = _build(data, spec, shapes, model_cfg.num_layers, max_rank, dtype, pin, clock, out_buffer)
         except AdapterError as exc:
             _check_hash(digest.hexdigest(), expected_hash, cause=exc)  # a forged file is named as such first
             raise
@@ -197,7 +151,7 @@ def load_adapter(
 
 def _build(
     data: memoryview,
-    raw: dict[str, Any],
+    spec: LoraConfig,
     shapes: dict[str, tuple[int, int]],
     layers: int,
     max_rank: int,
@@ -207,8 +161,8 @@ def _build(
     out_buffer: Callable[[int], Tensor] | None,
 ) -> LoRAAdapter:
     tensors = parse_safetensors(data)
-    found = _pair_tensors(tensors, shapes, layers)
-    scaling, per_module = _check_and_scale(found, raw, shapes, max_rank)
+    found = _pair_tensors(tensors, spec, layers)
+    scaling, per_module = _check_and_scale(found, spec, shapes, max_rank)
     clock.lap("parse")
     nbytes = _layout(per_module, shapes, layers, dtype)[2]
     if out_buffer is not None:
@@ -230,50 +184,35 @@ def _check_hash(content_hash: str, expected: str | None, cause: Exception | None
 
 
 def _pair_tensors(
-    tensors: dict[str, Tensor], shapes: dict[str, tuple[int, int]], layers: int
+    tensors: dict[str, Tensor], spec: LoraConfig, layers: int
 ) -> dict[tuple[int, str], dict[str, Tensor]]:
-    """(layer, module) -> {"A": tensor, "B": tensor}; every other tensor name is refused."""
+    """(layer, module) -> {"A": tensor, "B": tensor}: exactly one pair for each targeted module of each
+    transformed layer; every other tensor name is refused."""
     found: dict[tuple[int, str], dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
-        m = _KEY.match(key)
-        if m is None:
-            raise AdapterError(f"unsupported tensor {key!r} (only lora_A/lora_B of {list(LORA_MODULES)})")
-        layer, module, which = int(m.group(1)), m.group(2), m.group(3)
-        if module not in shapes:
-            raise AdapterError(f"tensor {key!r} targets unsupported module {module!r}")
-        if layer >= layers:
-            raise AdapterError(f"tensor {key!r} targets layer {layer}; the model has {layers}")
-        pair = found.setdefault((layer, module), {})
-        if which in pair:
-            raise AdapterError(f"tensor {key!r} duplicates another lora_{which} of layer {layer} {module}")
-        pair[which] = tensor
-    if not found:
-        raise AdapterError("adapter holds no LoRA weights")
+        layer, module, which = parse_tensor_name(key, layers)
+        if module not in spec.target_modules or not spec.transforms(layer):
+            raise AdapterError(f"tensor {key!r} is for a module or layer that adapter_config does not target")
+        found.setdefault((layer, module), {})[which] = tensor
+    for layer in range(layers):
+        for module in spec.target_modules if spec.transforms(layer) else ():
+            if set(found.get((layer, module), ())) != {"A", "B"}:
+                raise AdapterError(f"layer {layer} {module}: lora_A and lora_B must both be present")
     return found
 
 
 def _check_and_scale(
     found: dict[tuple[int, str], dict[str, Tensor]],
-    raw: dict[str, Any],
+    spec: LoraConfig,
     shapes: dict[str, tuple[int, int]],
     max_rank: int,
 ) -> tuple[float, dict[tuple[int, str], tuple[Tensor, Tensor, float]]]:
     """Validate each pair's shapes and rank against the model and the config (values are checked after
     stacking). Returns the adapter's scale and (layer, module) -> (A [r, in], B [out, r], the factor by
     which this module's own scale differs from the adapter's, to be folded into B)."""
-    base_r, base_alpha = float(raw["r"]), float(raw["lora_alpha"])
-    use_rslora = bool(raw.get("use_rslora", False))
-    rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
-
-    def scaling_of(r: float, alpha: float) -> float:
-        return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-    global_scaling = scaling_of(base_r, base_alpha)
     per_module: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
     for (layer, module), pair in found.items():
         name = f"layer {layer} {module}"
-        if set(pair) != {"A", "B"}:
-            raise AdapterError(f"{name}: lora_A and lora_B must both be present")
         a, b = pair["A"], pair["B"]
         d_in, d_out = shapes[module]
         r = a.shape[0] if a.dim() == 2 else -1
@@ -284,13 +223,12 @@ def _check_and_scale(
             )
         if r > max_rank:
             raise AdapterError(f"{name}: rank {r} exceeds max_lora_rank {max_rank}")
-        module_path = _module_path(layer, module)
-        expected_r = _pattern_value(rank_pattern, module_path, base_r) if rank_pattern else base_r
-        if r != int(expected_r):
-            raise AdapterError(f"{name}: rank {r} disagrees with adapter_config ({int(expected_r)})")
-        alpha = _pattern_value(alpha_pattern, module_path, base_alpha) if alpha_pattern else base_alpha
-        per_module[(layer, module)] = (a, b, scaling_of(r, alpha) / global_scaling)
-    return global_scaling, per_module
+        if r != spec.rank_of(layer, module):
+            raise AdapterError(
+                f"{name}: rank {r} disagrees with adapter_config ({spec.rank_of(layer, module)})"
+            )
+        per_module[(layer, module)] = (a, b, spec.scaling_of(layer, module) / spec.scaling)
+    return spec.scaling, per_module
 
 
 def _layout(

@@ -9,9 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.adapter_format import WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE
 from engine.sampling_params import SamplingParams
-
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def sha256_file(path: str) -> str:

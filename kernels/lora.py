@@ -227,7 +227,7 @@ def _token_blocks(num_tokens: int, meta: LoRAMeta, cfg: LoRALaunch) -> tuple[int
 def _shrink_launch(
     cfg: LoRALaunch, x: Tensor, meta: LoRAMeta, block_m: int, block_r: int, lanes: int, num_slices: int
 ) -> tuple[int, int, int]:
-    """(block_k, split_k, num_stages), from the sweeps in benchmarks/NOTES.md (runs 2-4)."""
+    """(block_k, split_k, num_stages), from the sweeps in benchmarks/archive/2026-11-27-kernels.md (runs 2-4)."""
     # Long steps over K keep more bytes in flight per program; big token or rank tiles take smaller ones.
     block_k = cfg.block_k or (128 if block_m >= 32 or block_r > 64 else 512 if block_r <= 16 else 256)
     split_k = cfg.split_k
@@ -352,7 +352,7 @@ def lora_expand(
     if num_tokens == 0:
         return
     (block_m, lanes), block_r = _token_blocks(num_tokens, meta, cfg), _block_r(max_rank)
-    # From the run-3 sweep (benchmarks/NOTES.md): 256-column tiles only for small token blocks and
+    # From the run-3 sweep (benchmarks/archive/2026-11-27-kernels.md): 256-column tiles only for small token blocks and
     # ranks (a 64 x 256 float32 tile spills); two tiles per program for decode, four for prefill.
     block_n = cfg.block_n or (256 if block_m <= 16 and block_r <= 16 else 128)
     tiles_per_program = cfg.tiles_per_program or (2 if block_m <= 16 else 4)

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The architectures the engine runs, and the projections it can put a LoRA on in each of them.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-SUPPORTED_MODULES = ATTENTION_MODULES + MLP_MODULES
+from engine.adapter_format import TARGET_MODULES
+
+# The architectures the engine runs (the adapter-format contract says which projections each allows).
+SUPPORTED_MODEL_TYPES = tuple(TARGET_MODULES)
 
 
 class BaseModelError(RuntimeError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from engine.adapter_format import AdapterError
+
 
 class AdapterRejected(Exception):
     """An uploaded adapter was refused. `code` names the reason; `param` names the form field at fault.
@@ -19,3 +21,9 @@ class AdapterRejected(Exception):
 
     def __repr__(self) -> str:
         return f"AdapterRejected({self.code!r}, {self.message!r}, param={self.param!r})"
+
+
+def rejected(exc: AdapterError) -> AdapterRejected:
+    """The adapter-format contract's refusal (engine/adapter_format.py) as the upload's client error."""
+    status = 413 if exc.code == "config_too_large" else 422
+    return AdapterRejected(exc.code, f"{exc.field}: {exc}", param=exc.field, status_code=status)

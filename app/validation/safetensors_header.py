@@ -1,169 +1,28 @@
-"""A strict, torch-free reader of the safetensors layout: the header is capped and checked first.
-
-Format: 8-byte little-endian header length N, N bytes of JSON, then the tensor data. Every tensor's
-`data_offsets` are relative to the data section. We accept a file only when the tensors tile the data
-section exactly: starting at 0, contiguous, no overlap, no gap, and ending at the file's last byte.
-"""
+"""The safetensors reader of uploads: the engine's own strict parser (engine/safetensors_header.py, torch-free),
+so an upload is checked by exactly the code that will load it; its refusals become AdapterRejected."""
 
 from __future__ import annotations
 
-import json
-import math
-import struct
-from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-from .errors import AdapterRejected
+from engine.adapter_format import AdapterError
+from engine.safetensors_header import MAX_HEADER_BYTES, SafetensorsLayout, TensorEntry
+from engine.safetensors_header import read_layout as _read_layout
 
-# Every dtype the format defines, so an unknown one is "malformed" and a known-but-unwanted one is
-# "refused dtype" (a clearer message for int8 or fp8 adapters).
-KNOWN_DTYPES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1,
-    "F6_E3M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8,
-    "U64": 8, "F64": 8, "C64": 8,
-}  # fmt: skip
-ALLOWED_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
+from .errors import rejected
 
-# A full-rank-pattern header of an 80-layer model with every projection targeted is about 150 KB;
-# the engine's loader allows 1 MiB beyond the tensor data, so a header this size always loads there.
-DEFAULT_MAX_HEADER_BYTES = 512 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class TensorEntry:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    end: int
-
-    @property
-    def itemsize(self) -> int:
-        return ALLOWED_DTYPES[self.dtype]
-
-
-@dataclass(frozen=True, slots=True)
-class SafetensorsLayout:
-    header_bytes: int
-    tensors: dict[str, TensorEntry]
-    metadata: dict[str, str]
-
-
-def _reject(code: str, message: str) -> AdapterRejected:
-    return AdapterRejected(code, f"weights: {message}", param="weights")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Two entries with one name would let a checker and a loader disagree on which tensor is real.
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _reject("malformed_safetensors", f"the header names '{key[:100]}' twice")
-        out[key] = value
-    return out
-
-
-def _bad_constant(name: str) -> Any:
-    raise _reject("malformed_safetensors", f"the header holds the non-JSON constant {name}")
-
-
-def _read_header_json(f: BinaryIO, file_size: int, max_header_bytes: int) -> tuple[int, dict[str, Any]]:
-    if file_size < 8:
-        raise _reject(
-            "truncated_file", f"the file is {file_size} bytes, too short to hold a safetensors header"
-        )
-    f.seek(0)
-    (length,) = struct.unpack("<Q", f.read(8))
-    if length > max_header_bytes:
-        raise _reject(
-            "header_too_large",
-            f"the header claims {length} bytes; at most {max_header_bytes} are accepted",
-        )
-    if 8 + length > file_size:
-        raise _reject(
-            "header_past_end", f"the header claims {length} bytes but the file holds only {file_size - 8}"
-        )
-    raw = f.read(length)
-    if len(raw) != length:
-        raise _reject("truncated_file", "the file ended inside the header")
-    if not raw.startswith(b"{"):
-        raise _reject("malformed_safetensors", "the header is not a JSON object")
-    try:
-        parsed = json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_bad_constant
-        )
-    except AdapterRejected:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _reject(
-            "malformed_safetensors", f"the header is not valid JSON ({type(exc).__name__})"
-        ) from None
-    if not isinstance(parsed, dict):
-        raise _reject("malformed_safetensors", "the header is not a JSON object")
-    return length, parsed
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _entry(name: str, spec: Any, data_start: int) -> TensorEntry:
-    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
-        raise _reject("malformed_safetensors", f"tensor '{name}' needs exactly dtype, shape and data_offsets")
-    dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in KNOWN_DTYPES:
-        raise _reject("malformed_safetensors", f"tensor '{name}' has an unknown dtype {str(dtype)[:20]!r}")
-    if dtype not in ALLOWED_DTYPES:
-        raise _reject("dtype_refused", f"tensor '{name}' is {dtype}; only F16, BF16 and F32 are accepted")
-    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
-        raise _reject("malformed_safetensors", f"tensor '{name}' has an invalid shape")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
-        raise _reject("malformed_safetensors", f"tensor '{name}' has invalid data_offsets")
-    begin, end = offsets
-    if not 0 <= begin <= end:
-        raise _reject("bad_offsets", f"tensor '{name}' has data_offsets [{begin}, {end}] out of order")
-    expected = math.prod(shape) * ALLOWED_DTYPES[dtype]
-    if end - begin != expected:
-        raise _reject(
-            "bad_offsets",
-            f"tensor '{name}' spans {end - begin} bytes but shape {shape} of {dtype} needs {expected}",
-        )
-    return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
-
-
-def _check_tiling(entries: list[TensorEntry], data_start: int, file_size: int) -> None:
-    position = data_start
-    for entry in sorted(entries, key=lambda e: (e.start, e.end)):
-        if entry.start < position:
-            raise _reject("bad_offsets", f"tensor '{entry.name}' overlaps the tensor before it")
-        if entry.start > position:
-            raise _reject("bad_offsets", f"there is a gap of unclaimed bytes before tensor '{entry.name}'")
-        position = entry.end
-    if position > file_size:
-        raise _reject(
-            "truncated_file",
-            f"the header says the file is {position} bytes long but it holds only {file_size}",
-        )
-    if position < file_size:
-        raise _reject(
-            "trailing_bytes",
-            f"the file has {file_size - position} bytes after the last tensor the header names",
-        )
+# The engine loads any header up to this size, so an upload never passes here and fails there.
+DEFAULT_MAX_HEADER_BYTES = MAX_HEADER_BYTES
 
 
 def read_layout(
     f: BinaryIO, file_size: int, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
 ) -> SafetensorsLayout:
     """Parse and check the header of the safetensors file open as `f` (binary, seekable)."""
-    length, parsed = _read_header_json(f, file_size, max_header_bytes)
-    data_start = 8 + length
-    metadata = parsed.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise _reject("malformed_safetensors", "__metadata__ must map strings to strings")
-    if not parsed:
-        raise _reject("missing_tensor", "the file holds no tensors")
-    entries = [_entry(name, spec, data_start) for name, spec in parsed.items()]
-    _check_tiling(entries, data_start, file_size)
-    return SafetensorsLayout(length, {e.name: e for e in entries}, metadata)
+    try:
+        return _read_layout(f, file_size, max_header_bytes)
+    except AdapterError as exc:
+        raise rejected(exc) from None
+
+
+__all__ = ["DEFAULT_MAX_HEADER_BYTES", "SafetensorsLayout", "TensorEntry", "read_layout"]

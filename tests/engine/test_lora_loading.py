@@ -199,7 +199,7 @@ def test_malformed_files_are_refused(base: Path, good: Path, tmp_path: Path) -> 
         ({"lora_alpha": "16"}, "lora_alpha must be"),
         ({"r": 4}, "disagrees"),
         ({"rank_pattern": ["q_proj"]}, "rank_pattern"),
-        ({"alpha_pattern": {"(": 3}}, "bad pattern"),
+        ({"alpha_pattern": {"(": 3}}, "not a module name"),
         ({"fan_in_fan_out": True}, "fan_in_fan_out"),
     ],
 )
@@ -216,18 +216,19 @@ def test_bad_tensors_are_refused(base: Path, good: Path, tmp_path: Path) -> None
     key_b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
     cases = [
         (lambda t: {k: v for k, v in t.items() if k != key_b}, "both be present"),
-        (lambda t: t | {key_a: t[key_a].to(torch.int32)}, "float type"),
+        (lambda t: t | {key_a: t[key_a].to(torch.int32)}, "only F16, BF16 and F32"),
         (lambda t: t | {key_b: torch.full_like(t[key_b], float("nan"))}, "NaN"),
         (lambda t: t | {key_a: t[key_a][:, :-1].contiguous()}, "do not fit"),
-        (lambda t: t | {"base_model.model.lm_head.lora_A.weight": torch.zeros(8, 64)}, "unsupported tensor"),
+        (lambda t: t | {"base_model.model.lm_head.lora_A.weight": torch.zeros(8, 64)}, "not a LoRA A/B"),
         (
             lambda t: t | {"base_model.model.model.layers.0.self_attn.q_proj.bias": torch.zeros(64)},
-            "unsupported",
+            "not a LoRA A/B",
         ),
-        (lambda t: {}, "no LoRA weights"),
+        (lambda t: {}, "holds no tensors"),
         (
+            # PEFT's in-memory name: save_pretrained never writes it, so it is not a name we read.
             lambda t: t | {key_a.replace("lora_A.weight", "lora_A.default.weight"): t[key_a].clone()},
-            "duplicates",
+            "not a LoRA A/B",
         ),
     ]
     for i, (fn, message) in enumerate(cases):
@@ -312,15 +313,19 @@ def test_parser_never_accepts_what_safetensors_refuses() -> None:
 @pytest.mark.parametrize(
     ("header", "data", "message"),
     [
-        ({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 15, "does not match"),
-        ({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 17, "does not match"),
+        ({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 15, "holds only"),
+        (
+            {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}},
+            b"\0" * 17,
+            "after the last tensor",
+        ),
         (
             {
                 "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]},
             },
             b"\0" * 20,
-            "do not follow",
+            "gap",
         ),
         (
             {
@@ -328,14 +333,14 @@ def test_parser_never_accepts_what_safetensors_refuses() -> None:
                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
             },
             b"\0" * 12,
-            "do not follow",
+            "overlaps",
         ),
-        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "fit its shape"),
-        ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, b"\0" * 8, "bad shape"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}, b"\0" * 8, "bad data_offsets"),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "needs 12"),
+        ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, b"\0" * 8, "invalid shape"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}, b"\0" * 8, "invalid data_offsets"),
         ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unknown dtype"),
         ({"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unknown dtype"),
-        ({"a": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "float type"),
+        ({"a": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "only F16, BF16 and F32"),
         ({"a": {"shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "must hold"),
         ({"__metadata__": {"format": 1}}, b"", "__metadata__"),
         ([1, 2], b"", "not a JSON object"),
@@ -351,9 +356,11 @@ def test_parser_refuses_duplicate_names_and_lying_lengths() -> None:
     # different weights than the ones validated, so both are refused.
     entry = '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
     raw = ('{"a": ' + entry + ', "a": ' + entry + "}").encode()
-    with pytest.raises(AdapterError, match="duplicate"):
+    with pytest.raises(AdapterError, match="twice"):
         adapter_file.parse_safetensors(bytearray(len(raw).to_bytes(8, "little") + raw + b"\0" * 4))
     with pytest.raises(AdapterError, match="past the end"):
+        adapter_file.parse_safetensors(bytearray((1 << 10).to_bytes(8, "little") + b"{}"))
+    with pytest.raises(AdapterError, match="at most 524288"):  # the cap is checked before anything is read
         adapter_file.parse_safetensors(bytearray((1 << 40).to_bytes(8, "little") + b"{}"))
     with pytest.raises(AdapterError, match="8-byte"):
         adapter_file.parse_safetensors(bytearray(b"\x02\0\0"))

@@ -29,6 +29,9 @@ from tests.helpers.hf_models import (
     make_tiny_model,
 )
 
+# Each test builds HF and PEFT models beside ours (about a minute for the file): `make test` runs them,
+# `make test-fast` leaves them to tests/engine/test_llm_vs_hf.py.
+pytestmark = pytest.mark.slow
 ATOL = 2e-4
 
 ARCHS = {

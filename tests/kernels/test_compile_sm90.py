@@ -14,7 +14,11 @@ import pytest
 
 from tests.kernels.conftest import ON_GPU
 
-pytestmark = pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels compile for real in the other tests")
+# slow: compiling every launch for sm_90 takes ~20 s of CPU.
+pytestmark = [
+    pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels compile for real in the other tests"),
+    pytest.mark.slow,
+]
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -142,9 +142,6 @@ def test_unknown_config_keys_are_ignored_with_a_warning(adapter, models, tmp_pat
         ({"bias": "all"}, "bias_refused"),
         ({"use_dora": True}, "use_dora_refused"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save_refused"),
-        ({"rank_pattern": {"q_proj": 4}}, "rank_pattern_refused"),
-        ({"alpha_pattern": {"q_proj": 4}}, "alpha_pattern_refused"),
-        ({"layers_to_transform": [0]}, "layers_to_transform_refused"),
         ({"lora_bias": True}, "lora_bias_refused"),
         ({"fan_in_fan_out": True}, "fan_in_fan_out_refused"),
         ({"target_modules": ["q_proj", "lm_head"]}, "unsupported_target_module"),
@@ -153,6 +150,8 @@ def test_unknown_config_keys_are_ignored_with_a_warning(adapter, models, tmp_pat
         ({"target_modules": []}, "unsupported_target_module"),
         ({"target_modules": ["self_attn.q_proj", "v_proj"]}, "unsupported_target_module"),
         ({"use_rslora": "yes"}, "malformed_config"),
+        ({"rank_pattern": ["q_proj"]}, "malformed_config"),
+        ({"layers_to_transform": [5]}, "wrong_architecture"),
     ],
 )
 def test_config_refusals_name_the_reason(adapter, models, tmp_path, changes, code):
@@ -163,7 +162,7 @@ def test_config_refusals_name_the_reason(adapter, models, tmp_path, changes, cod
 
 
 def test_every_option_that_changes_the_forward_pass_is_refused_by_name(adapter, models, tmp_path):
-    from app.validation.lora_config import _REFUSED_WHEN_ACTIVE
+    from engine.adapter_format import REFUSED_WHEN_ACTIVE as _REFUSED_WHEN_ACTIVE
 
     active = {"layers_pattern": "layers", "exclude_modules": ["q_proj"], "megatron_config": {"tp": 2}}
     for key in _REFUSED_WHEN_ACTIVE:

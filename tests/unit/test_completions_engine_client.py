@@ -7,11 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from app.engine_client import EngineClient, EngineOptions, EngineUnavailable
+from app.engine_client import EngineClient, EngineUnavailable
+from engine.config import EngineConfig
 
 
 def client(model: str | None = "m", stall_seconds: float = 30.0) -> EngineClient:
-    return EngineClient(EngineOptions(model=model, stall_seconds=stall_seconds))
+    return EngineClient(None if model is None else EngineConfig(model=model), stall_seconds=stall_seconds)
 
 
 def loaded(c: EngineClient, **state: object) -> EngineClient:

@@ -24,6 +24,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import UUIDAuditBase
 
+# The two files of an adapter, as the adapter-format contract names them (re-exported for the registry).
+from engine.adapter_format import CONFIG_FILE as CONFIG_FILE
+from engine.adapter_format import WEIGHTS_FILE as WEIGHTS_FILE
+
 ADAPTER_STATUSES = ("pending", "ready", "failed")
 
 
@@ -59,7 +63,3 @@ class Adapter(UUIDAuditBase):
 
 def object_prefix(tenant_id: UUID | str, adapter_id: UUID | str) -> str:
     return f"adapters/{tenant_id}/{adapter_id}/"
-
-
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"

@@ -26,6 +26,7 @@ from multipart import (
 from app.domain.adapters.service import NAME_RULE, is_valid_name
 from app.validation import AdapterRejected, refuse_by_name
 from app.validation.lora_config import MAX_CONFIG_BYTES
+from engine.adapter_format import CONFIG_FILE, WEIGHTS_FILE
 
 MAX_NAME_BYTES = 256
 # Room for the multipart framing and the two small fields around the weights.
@@ -120,9 +121,7 @@ class FormReceiver:
             raise _refuse("file_expected", f"'{name}' must be sent as a file", name)
         refuse_by_name(segment.filename, name)
         limit = MAX_CONFIG_BYTES if name == "adapter_config" else self.max_weights_bytes
-        path = self.folder / (
-            "adapter_config.json" if name == "adapter_config" else "adapter_model.safetensors"
-        )
+        path = self.folder / (CONFIG_FILE if name == "adapter_config" else WEIGHTS_FILE)
         received = ReceivedFile(path=path, filename=segment.filename)
         # Closed in _finish, or by close() when the upload fails midway.
         return _Part(name, limit, file=open(path, "wb"), received=received)

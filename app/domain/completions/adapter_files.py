@@ -20,10 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from engine.adapter_format import CONFIG_FILE, WEIGHTS_FILE
 
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
+log = logging.getLogger(__name__)
 
 # download(adapter_row, dest_dir): writes both files of that adapter version into dest_dir.
 Download = Callable[[Any, Path], object]

@@ -19,32 +19,18 @@ from app.domain.completions.adapter_files import AdapterFiles
 from app.domain.completions.run import RunDriver
 from app.domain.completions.service import CompletionService
 from app.domain.usage.metering import database_down, db_unavailable
-from app.engine_client import EngineClient, EngineOptions
+from app.engine_client import EngineClient
 
 log = logging.getLogger(__name__)
 
 SERVING_STATE_KEY = "serving"
 
 
-def engine_options(settings: Settings) -> EngineOptions:
-    return EngineOptions(
-        model=settings.model,
-        device=settings.device,
-        max_loras=settings.max_loras,
-        max_cpu_loras=settings.max_cpu_loras,
-        max_lora_rank=settings.max_lora_rank,
-        gpu_memory_fraction=settings.gpu_memory_fraction,
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
-        kv_cache_bytes=settings.kv_cache_bytes,
-    )
-
-
 class Serving:
     def __init__(self, settings: Settings) -> None:
         assert settings.secret is not None
         self.settings = settings
-        self.engine = EngineClient(engine_options(settings))
+        self.engine = EngineClient(settings.engine_config())
         self.files: AdapterFiles | None = None
         self.driver = RunDriver(self.engine, {})  # rebound to the app's state when the app starts
         self.service = CompletionService(self.engine, None, settings.secret, self._resolve)
