@@ -137,7 +137,9 @@ def load_adapter(
         data = read_bounded(weights_file, limit, max_rank, read_buffer or ReadBuffer(), digest)
         clock.lap("read")
         try:
-            adapter = _build(data, spec, shapes, model_cfg.num_layers, max_rank, dtype, pin, clock, out_buffer)
+            adapter = _build(
+                data, spec, shapes, model_cfg.num_layers, max_rank, dtype, pin, clock, out_buffer
+            )
         except AdapterError as exc:
             _check_hash(digest.hexdigest(), expected_hash, cause=exc)  # a forged file is named as such first
             raise
