@@ -57,6 +57,8 @@ class Limiter:
         self._retry_s = redis_retry_s
         self._redis_down_until = 0.0  # monotonic
         self._pending: deque[tuple[Admission, int]] = deque()
+        # Quota releases of swept reservations that Redis missed: (tenant, month, tokens), replayed first.
+        self._pending_releases: deque[tuple[str, str, int]] = deque()
         self._quota_baseline = quota_baseline
         self._clock = clock
 
@@ -106,17 +108,25 @@ class Limiter:
         await self._settle_redis(admission, delta)
 
     async def release_quota(self, tenant_id: str, month: str, tokens: int) -> bool:
-        """Stop counting `tokens` against a tenant's month (YYYYMM) in Redis: the reservation of a request
-        whose process died (the sweeper expired its row). False when Redis is absent or down; the
-        in-process counters are rebuilt from the usage rows with each new month or process."""
-        if self._redis is None or self.backend != "redis":
+        """Stop counting `tokens` against a tenant's month (YYYYMM): the reservation of a request whose
+        process died (the sweeper expired its row). The in-process count of that month is dropped and
+        re-read from the usage rows on the next admission (it may or may not hold this reservation,
+        depending on when it was read); Redis gets the release now, or when it answers again. True when
+        Redis took it now."""
+        self._memory.forget_month(tenant_id, month)
+        if self._redis is None:
             return False
-        try:
-            await self._redis.release_quota(tenant_id, month, max(0, int(tokens)))
-        except REDIS_DOWN as exc:
-            self._mark_down(exc)
-            return False
-        return True
+        release = (tenant_id, month, max(0, int(tokens)))
+        if self.backend == "redis":
+            try:
+                await self._flush_pending()
+                await self._redis.release_quota(*release)
+                return True
+            except REDIS_DOWN as exc:
+                self._mark_down(exc)
+        if len(self._pending_releases) < MAX_PENDING_SETTLES:
+            self._pending_releases.append(release)
+        return False
 
     async def running(self, tenant_id: str) -> int:
         """Concurrency slots a tenant holds now (in the backend that answers)."""
@@ -200,6 +210,9 @@ class Limiter:
 
     async def _flush_pending(self) -> None:
         assert self._redis is not None
+        for _ in range(min(FLUSH_BATCH, len(self._pending_releases))):
+            await self._redis.release_quota(*self._pending_releases[0])
+            self._pending_releases.popleft()
         for _ in range(min(FLUSH_BATCH, len(self._pending))):
             admission, delta = self._pending[0]
             await self._redis.settle(admission.limits, admission.id, delta, self._clock(), admission.month)
