@@ -175,14 +175,16 @@ class AdapterRegistry:
             validate_adapter, form.adapter_config.path, form.weights.path, base, max_rank
         )
         adapter = await self._add_pending(tenant_id, form, checked, idempotency_key)
-        prefix = object_prefix(tenant_id, adapter.id)
+        # Kept apart from the row: after a rollback its attributes expire, and reading one would need I/O.
+        adapter_id = adapter.id
+        prefix = object_prefix(tenant_id, adapter_id)
         files = [(WEIGHTS_FILE, form.weights), (CONFIG_FILE, form.adapter_config)]
         try:
             try:
-                async with _heartbeat(self.session_maker, adapter.id):
+                async with _heartbeat(self.session_maker, adapter_id):
                     await asyncio.to_thread(_store_and_verify, self.store, prefix, files)
             except (StoreUnavailable, OSError) as exc:
-                log.error("adapter upload %s failed in the object store: %s", adapter.id, exc)
+                log.error("adapter upload %s failed in the object store: %s", adapter_id, exc)
                 raise ApiError(
                     503,
                     "The object store is unavailable; the adapter was not saved. Retry later.",
@@ -193,7 +195,7 @@ class AdapterRegistry:
             # Whatever went wrong (the store, a lost version race, a cancelled request), the row must not
             # stay `pending`: it turns `failed` and frees its Idempotency-Key for the retry.
             with anyio.CancelScope(shield=True):
-                await self._fail(adapter.id, prefix)
+                await self._fail(adapter_id, prefix)
             raise
         log.info(
             "adapter %s ready: rank %d, %s, sha256 %s, %d bytes",
