@@ -8,6 +8,7 @@ with the key's row and are as fresh, so a completion holds no database session t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -61,6 +62,7 @@ class KeyAuthenticator:
         self._clock = clock
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._last_used: dict[UUID, datetime] = {}
+        self._loading: dict[str, asyncio.Future[_Entry]] = {}
 
     async def authenticate(self, token: str) -> Principal:
         """The caller behind `token`; ApiError 401 (unknown, revoked, expired) or 403 (suspended tenant)."""
@@ -69,8 +71,18 @@ class KeyAuthenticator:
             return Principal(kind="admin", tenant_id=None, key_id=None, scopes=frozenset())
         entry = self._cached(digest)
         if entry is None:
-            entry = await self._load(token, digest)
+            entry = await self._load_once(token, digest)
         return self._check(entry)
+
+    async def _load_once(self, token: str, digest: str) -> _Entry:
+        # One lookup per key however many requests arrive with it at once: a burst of a cold key must
+        # not take one pooled connection per request.
+        loading = self._loading.get(digest)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(token, digest))
+            self._loading[digest] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(digest, None))
+        return await asyncio.shield(loading)
 
     def _cached(self, digest: str) -> _Entry | None:
         entry = self._cache.get(digest)
