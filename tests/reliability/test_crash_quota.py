@@ -30,7 +30,7 @@ from tests.reliability.conftest import (
     wait_for,
 )
 
-pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.timeout(300)]
 
 QUOTA = 500  # the demo model's context is 512 tokens: the whole quota fits one request
 STALE_MAX_TOKENS = 300

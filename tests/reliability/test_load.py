@@ -23,7 +23,7 @@ import pytest
 from tests.e2e.conftest import LiveServer
 from tests.reliability.conftest import usage_rows, wait_for
 
-pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.timeout(300)]
 
 STREAMS, WHOLE, CUT_EVERY = 100, 100, 10  # every 10th stream is cut off after its first token
 MAX_TOKENS = 8
