@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,7 @@ def _check_parallel_uploads(server: LiveServer, tmp_path: Path) -> None:
     replays, seen_same = _parallel(server, tenant["id"], [(same, "one-key")] * PARALLEL)
     assert len({a["id"] for a in replays}) == 1 and replays[0]["version"] == 2 * PARALLEL + 1
     assert 500 not in seen + seen_keyed + seen_same
+    print("upload statuses:", *(Counter(x) for x in (seen, seen_keyed, seen_same)))
     statuses = _statuses(server, tenant["id"])
     assert statuses.count("ready") == 2 * PARALLEL + 1 and "pending" not in statuses, statuses
 
