@@ -239,13 +239,15 @@ class AdapterRegistry:
         store allows; what is left, the orphan sweep removes."""
         try:
             await self.session.rollback()
-            await self.session.execute(
+            result: Any = await self.session.execute(
                 update(Adapter)
                 .where(Adapter.id == adapter_id, Adapter.status == "pending")
                 .values(status="failed", idempotency_key=None, updated_at=datetime.now(UTC))
                 .execution_options(synchronize_session=False)
             )
             await self.session.commit()
+            if int(result.rowcount or 0) != 1:
+                return  # it became ready after all (its objects are in use), or the sweep took it
             if await asyncio.to_thread(_remove_objects, self.store, prefix):
                 await self.session.execute(
                     delete(Adapter)
