@@ -92,6 +92,10 @@ class Settings:
     usage_sweep_interval_seconds: float = 60.0
     usage_retry_seconds: float = 1.0
     usage_db_timeout_seconds: float = 5.0
+    # Database pool (docs/reliability.md): None = derived from max_num_seqs (pool_sizing below); a request
+    # waiting longer than db_pool_timeout_seconds for a connection gets a 503 with Retry-After.
+    db_pool_size: int | None = None
+    db_pool_timeout_seconds: float = 2.0
 
     # Logs: json (one object a line), console (readable), or auto (json unless stderr is a terminal).
     log_format: str = "auto"
@@ -132,6 +136,14 @@ class Settings:
             return EngineConfig(**{name: getattr(self, name) for name in ENGINE_FIELDS})
         except ValueError as exc:  # a combination the engine refuses that no single check above caught
             raise SettingsError(f"engine settings: {exc}") from None
+
+    @property
+    def pool_sizing(self) -> tuple[int, int]:
+        """(pool size, overflow). A request holds a connection only for one short query at a time
+        (admission, usage reservation, settlement), so a quarter of the engine's sequences, doubled by
+        the overflow under bursts, covers it; 5..20 keeps PostgreSQL's 100 connections for a few servers."""
+        size = self.db_pool_size or min(max(self.max_num_seqs // 4, 5), 20)
+        return size, size
 
     @property
     def is_sqlite(self) -> bool:
@@ -215,6 +227,8 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
         ("usage_sweep_interval_seconds", s.usage_sweep_interval_seconds > 0.0, "expected a positive number"),
         ("usage_retry_seconds", s.usage_retry_seconds > 0.0, "expected a positive number"),
         ("usage_db_timeout_seconds", s.usage_db_timeout_seconds > 0.0, "expected a positive number"),
+        ("db_pool_size", s.db_pool_size is None or 1 <= s.db_pool_size <= 500, "expected 1..500"),
+        ("db_pool_timeout_seconds", 0.0 < s.db_pool_timeout_seconds <= 60.0, "expected 0..60 seconds"),
         ("log_format", s.log_format in ("auto", "json", "console"), "expected auto, json or console"),
         (
             "log_level",

@@ -2,11 +2,13 @@
 
 The cache keeps a key's row (not a verdict) for at most `ttl` seconds, and expiry is checked on every
 call, so a revoked key or a suspended tenant stops working within `ttl` (<= 5 s, enforced by Settings)
-even in other processes; in this process revocation evicts the entry at once.
+even in other processes; in this process revocation evicts the entry at once. The tenant's limits come
+with the key's row and are as fresh, so a completion holds no database session to read them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -23,6 +25,7 @@ from app.auth.principal import Principal
 from app.domain.keys.models import ApiKey
 from app.domain.tenants.models import Tenant
 from app.errors import ApiError
+from app.limits.types import TenantLimits
 from app.logging import request_context
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ class KeyAuthenticator:
         self._clock = clock
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._last_used: dict[UUID, datetime] = {}
+        self._loading: dict[str, asyncio.Future[_Entry]] = {}
 
     async def authenticate(self, token: str) -> Principal:
         """The caller behind `token`; ApiError 401 (unknown, revoked, expired) or 403 (suspended tenant)."""
@@ -67,8 +71,18 @@ class KeyAuthenticator:
             return Principal(kind="admin", tenant_id=None, key_id=None, scopes=frozenset())
         entry = self._cached(digest)
         if entry is None:
-            entry = await self._load(token, digest)
+            entry = await self._load_once(token, digest)
         return self._check(entry)
+
+    async def _load_once(self, token: str, digest: str) -> _Entry:
+        # One lookup per key however many requests arrive with it at once: a burst of a cold key must
+        # not take one pooled connection per request.
+        loading = self._loading.get(digest)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(token, digest))
+            self._loading[digest] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(digest, None))
+        return await asyncio.shield(loading)
 
     def _cached(self, digest: str) -> _Entry | None:
         entry = self._cache.get(digest)
@@ -85,24 +99,25 @@ class KeyAuthenticator:
             raise unauthorized("Invalid API key")
         async with self._session_maker() as session:
             rows = await session.execute(
-                select(ApiKey, Tenant.status)
+                select(ApiKey, Tenant)
                 .outerjoin(Tenant, Tenant.id == ApiKey.tenant_id)
                 .where(ApiKey.prefix == key_prefix(token))
             )
             match = next((r for r in rows.all() if same_hash(r[0].key_hash, digest)), None)
         if match is None:
             raise unauthorized("Invalid API key")
-        key, tenant_status = match
+        key, tenant = match
         entry = _Entry(
             principal=Principal(
                 kind="admin" if key.kind == "admin" else "tenant",
                 tenant_id=key.tenant_id,
                 key_id=key.id,
                 scopes=frozenset(key.scopes or ()),
+                limits=TenantLimits.of(tenant) if tenant is not None else None,
             ),
             revoked=key.revoked_at is not None,
             expires_at=key.expires_at,
-            tenant_suspended=tenant_status == "suspended",
+            tenant_suspended=tenant is not None and tenant.status == "suspended",
             fetched=self._clock(),
         )
         if self._ttl > 0:

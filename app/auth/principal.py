@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 from uuid import UUID
+
+from app.limits.types import TenantLimits
 
 SCOPES = ("completions", "billing")
 
@@ -15,6 +17,9 @@ class Principal:
     tenant_id: UUID | None
     key_id: UUID | None  # None for the bootstrap LORAPLEX_ADMIN_KEY, which has no row
     scopes: frozenset[str]
+    # The tenant's limits as read with the key (as fresh as the key cache, seconds), so a completion
+    # needs no database session of its own to find them.
+    limits: TenantLimits | None = field(default=None, compare=False)
 
     @property
     def is_admin(self) -> bool:

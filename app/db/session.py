@@ -1,12 +1,14 @@
 """Engine and sessions through advanced-alchemy's Litestar plugin.
 
 Handlers receive `db_session: AsyncSession` by dependency injection; it commits when the response is
-2xx and rolls back otherwise, so a failed request never leaves half its writes behind. Code running
+2xx and rolls back otherwise, so a failed request never leaves half its writes behind. The completion
+routes take none: they would hold a connection across a whole generation (docs/reliability.md). Code running
 outside a request (background tasks, lifespan hooks) opens its own session with `session_maker(app)`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
@@ -32,10 +34,19 @@ DB_CONFIG_STATE_KEY = "db_config"
 def make_db_config(settings: Settings) -> SQLAlchemyAsyncConfig:
     url = settings.database_url
     assert url is not None, "Settings.from_env fills in database_url"
+    size, overflow = settings.pool_sizing
+    # No query of a request waits long for a connection: past the pool timeout it is a 503 with
+    # Retry-After (app/domain/usage/unavailable.py), not a request stuck behind the others.
+    timeout = max(1, math.ceil(settings.db_pool_timeout_seconds))  # whole seconds: EngineConfig types it so
     if settings.is_sqlite:
-        engine_config = EngineConfig(connect_args={"timeout": 30})
+        # SQLite's own wait for its write lock; usage writes of this process queue before it (metering).
+        engine_config = EngineConfig(
+            connect_args={"timeout": 30}, pool_size=size, max_overflow=overflow, pool_timeout=timeout
+        )
     else:
-        engine_config = EngineConfig(pool_size=10, max_overflow=10, pool_pre_ping=True)
+        engine_config = EngineConfig(
+            pool_pre_ping=True, pool_size=size, max_overflow=overflow, pool_timeout=timeout
+        )
     config = SQLAlchemyAsyncConfig(
         connection_string=url,
         metadata=load_metadata(),

@@ -33,6 +33,7 @@ REDIS_DOWN = (RedisError, OSError, TimeoutError)
 TIMEOUTS = (RedisTimeoutError, TimeoutError)
 # Replays per call, so the first request after an outage does not pay for all of them.
 FLUSH_BATCH = 64
+REDIS_CONNECTIONS = 16
 
 
 class Limiter:
@@ -57,6 +58,8 @@ class Limiter:
         self._retry_s = redis_retry_s
         self._redis_down_until = 0.0  # monotonic
         self._pending: deque[tuple[Admission, int]] = deque()
+        # Quota releases of swept reservations that Redis missed: (tenant, month, tokens), replayed first.
+        self._pending_releases: deque[tuple[str, str, int]] = deque()
         self._quota_baseline = quota_baseline
         self._clock = clock
 
@@ -106,17 +109,25 @@ class Limiter:
         await self._settle_redis(admission, delta)
 
     async def release_quota(self, tenant_id: str, month: str, tokens: int) -> bool:
-        """Stop counting `tokens` against a tenant's month (YYYYMM) in Redis: the reservation of a request
-        whose process died (the sweeper expired its row). False when Redis is absent or down; the
-        in-process counters are rebuilt from the usage rows with each new month or process."""
-        if self._redis is None or self.backend != "redis":
+        """Stop counting `tokens` against a tenant's month (YYYYMM): the reservation of a request whose
+        process died (the sweeper expired its row). The in-process count of that month is dropped and
+        re-read from the usage rows on the next admission (it may or may not hold this reservation,
+        depending on when it was read); Redis gets the release now, or when it answers again. True when
+        Redis took it now."""
+        self._memory.forget_month(tenant_id, month)
+        if self._redis is None:
             return False
-        try:
-            await self._redis.release_quota(tenant_id, month, max(0, int(tokens)))
-        except REDIS_DOWN as exc:
-            self._mark_down(exc)
-            return False
-        return True
+        release = (tenant_id, month, max(0, int(tokens)))
+        if self.backend == "redis":
+            try:
+                await self._flush_pending()
+                await self._redis.release_quota(*release)
+                return True
+            except REDIS_DOWN as exc:
+                self._mark_down(exc)
+        if len(self._pending_releases) < MAX_PENDING_SETTLES:
+            self._pending_releases.append(release)
+        return False
 
     async def running(self, tenant_id: str) -> int:
         """Concurrency slots a tenant holds now (in the backend that answers)."""
@@ -199,11 +210,29 @@ class Limiter:
                 self._pending.append((admission, delta))
 
     async def _flush_pending(self) -> None:
+        # Each item leaves its queue before it is sent (and goes back if sending fails): concurrent
+        # requests flush at once, and none may send an item twice or pop from an empty queue.
         assert self._redis is not None
-        for _ in range(min(FLUSH_BATCH, len(self._pending))):
-            admission, delta = self._pending[0]
-            await self._redis.settle(admission.limits, admission.id, delta, self._clock(), admission.month)
-            self._pending.popleft()
+        for _ in range(FLUSH_BATCH):
+            if not self._pending_releases:
+                break
+            release = self._pending_releases.popleft()
+            try:
+                await self._redis.release_quota(*release)
+            except BaseException:
+                self._pending_releases.appendleft(release)
+                raise
+        for _ in range(FLUSH_BATCH):
+            if not self._pending:
+                break
+            admission, delta = self._pending.popleft()
+            try:
+                await self._redis.settle(
+                    admission.limits, admission.id, delta, self._clock(), admission.month
+                )
+            except BaseException:
+                self._pending.appendleft((admission, delta))
+                raise
 
     def _mark_down(self, exc: BaseException) -> None:
         if time.monotonic() >= self._redis_down_until:
@@ -216,11 +245,17 @@ def _redis_client(url: str, timeout_s: float) -> Any:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    # Fail fast: a request must not wait on a dead Redis, it falls back to the in-process limiter.
-    return redis.Redis.from_url(
+    # Fail fast: a request must not wait on a dead Redis, it falls back to the in-process limiter. A burst
+    # of requests shares a bounded set of connections instead of opening one each at once (fifty
+    # simultaneous connects on a busy loop miss the connect timeout, and the limiter would fall back
+    # while Redis is fine); the wait for a free connection is bounded too.
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=REDIS_CONNECTIONS,
+        timeout=max(timeout_s * 4, 1.0),
         socket_connect_timeout=timeout_s,
         socket_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
     )
+    return redis.Redis.from_pool(pool)

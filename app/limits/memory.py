@@ -144,6 +144,11 @@ class MemoryBackend:
                 self._months[month_key] -= delta
             return True
 
+    def forget_month(self, tenant_id: str, month: str) -> None:
+        """Drop a tenant's count for a month, so the next admission asks for the baseline again."""
+        with self._lock:
+            self._months.pop((tenant_id, month), None)
+
     def running(self, tenant_id: str, now: float) -> int:
         with self._lock:
             state = self._tenants.get(tenant_id)

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import require_admin
 from app.config import Settings
+from app.db.session import session_maker
 from app.domain.adapters.deps import ADAPTER_DELETED, base_model_spec, object_store
 from app.domain.adapters.openapi import UploadOperation
 from app.domain.adapters.registry import AdapterRegistry, check_idempotency_key, require_tenant
@@ -67,6 +68,9 @@ class AdapterController(Controller):
     ) -> Response[AdapterOut]:
         key = check_idempotency_key(idempotency_key)
         await require_tenant(db_session, tenant_id)
+        # Give the connection back while the body streams in (minutes for a large one): parallel uploads
+        # must not hold the pool idle in transaction.
+        await db_session.commit()
         base = base_model_spec(settings)
         uploads = settings.data_dir / "uploads"
         uploads.mkdir(parents=True, exist_ok=True)
@@ -80,7 +84,7 @@ class AdapterController(Controller):
                 Path(folder),
                 settings.max_upload_bytes,
             )
-            registry = AdapterRegistry(db_session, object_store(request.app))
+            registry = AdapterRegistry(db_session, object_store(request.app), session_maker(request.app))
             result = await registry.upload(tenant_id, form, base, settings.max_lora_rank, key)
         except AdapterRejected as exc:
             raise _api_error(exc) from None

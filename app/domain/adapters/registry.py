@@ -10,13 +10,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID, uuid4
 
-from sqlalchemy import func, select
+import anyio
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm.exc import StaleDataError
 
 from app.domain.adapters.models import CONFIG_FILE, WEIGHTS_FILE, Adapter, object_prefix
 from app.domain.adapters.service import NAME_RULE, find_adapters, is_valid_name
@@ -89,10 +94,50 @@ def _remove_objects(store: ObjectStore, prefix: str) -> bool:
     return True
 
 
+# A pending row's updated_at is touched this often while its files travel to the store, so the pending
+# sweep (sweep.py) can tell an upload in flight from one whose process died.
+HEARTBEAT_S = 15.0
+
+
+@asynccontextmanager
+async def _heartbeat(
+    session_maker: Callable[[], AsyncSession] | None, adapter_id: UUID
+) -> AsyncIterator[None]:
+    async def beat() -> None:
+        assert session_maker is not None
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                async with session_maker() as session:
+                    await session.execute(
+                        update(Adapter)
+                        .where(Adapter.id == adapter_id, Adapter.status == "pending")
+                        .values(updated_at=datetime.now(UTC))
+                        .execution_options(synchronize_session=False)
+                    )
+                    await session.commit()
+            except Exception:
+                log.warning("upload %s: heartbeat not written", adapter_id, exc_info=True)
+
+    task = asyncio.create_task(beat()) if session_maker is not None else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 class AdapterRegistry:
-    def __init__(self, session: AsyncSession, store: ObjectStore) -> None:
+    def __init__(
+        self,
+        session: AsyncSession,
+        store: ObjectStore,
+        session_maker: Callable[[], AsyncSession] | None = None,
+    ) -> None:
         self.session = session
         self.store = store
+        self.session_maker = session_maker  # for the heartbeat of long uploads (its own connection)
 
     async def _replay(self, tenant_id: UUID, key: str, form: ReceivedForm) -> Adapter | None:
         row = (
@@ -130,19 +175,28 @@ class AdapterRegistry:
             validate_adapter, form.adapter_config.path, form.weights.path, base, max_rank
         )
         adapter = await self._add_pending(tenant_id, form, checked, idempotency_key)
-        prefix = object_prefix(tenant_id, adapter.id)
+        # Kept apart from the row: after a rollback its attributes expire, and reading one would need I/O.
+        adapter_id = adapter.id
+        prefix = object_prefix(tenant_id, adapter_id)
         files = [(WEIGHTS_FILE, form.weights), (CONFIG_FILE, form.adapter_config)]
         try:
-            await asyncio.to_thread(_store_and_verify, self.store, prefix, files)
-        except (StoreUnavailable, OSError) as exc:
-            await self._fail(adapter, prefix)
-            log.error("adapter upload %s failed in the object store: %s", adapter.id, exc)
-            raise ApiError(
-                503,
-                "The object store is unavailable; the adapter was not saved. Retry later.",
-                code="object_store_unavailable",
-            ) from None
-        await self._make_ready(adapter)
+            try:
+                async with _heartbeat(self.session_maker, adapter_id):
+                    await asyncio.to_thread(_store_and_verify, self.store, prefix, files)
+            except (StoreUnavailable, OSError) as exc:
+                log.error("adapter upload %s failed in the object store: %s", adapter_id, exc)
+                raise ApiError(
+                    503,
+                    "The object store is unavailable; the adapter was not saved. Retry later.",
+                    code="object_store_unavailable",
+                ) from None
+            await self._make_ready(adapter)
+        except BaseException:
+            # Whatever went wrong (the store, a lost version race, a cancelled request), the row must not
+            # stay `pending`: it turns `failed` and frees its Idempotency-Key for the retry.
+            with anyio.CancelScope(shield=True):
+                await self._fail(adapter_id, prefix)
+            raise
         log.info(
             "adapter %s ready: rank %d, %s, sha256 %s, %d bytes",
             adapter.ref, adapter.rank, ",".join(adapter.target_modules), adapter.sha256[:12], adapter.size_bytes,
@@ -180,36 +234,68 @@ class AdapterRegistry:
             ) from None
         return adapter
 
-    async def _fail(self, adapter: Adapter, prefix: str) -> None:
-        adapter.status = "failed"
-        adapter.idempotency_key = None  # a retry with the same key must be able to start afresh
-        await self.session.commit()
-        if await asyncio.to_thread(_remove_objects, self.store, prefix):
-            await self.session.delete(adapter)
+    async def _fail(self, adapter_id: UUID, prefix: str) -> None:
+        """Best effort: mark the row failed (unless it became ready) and remove its objects now if the
+        store allows; what is left, the orphan sweep removes."""
+        try:
+            await self.session.rollback()
+            result: Any = await self.session.execute(
+                update(Adapter)
+                .where(Adapter.id == adapter_id, Adapter.status == "pending")
+                .values(status="failed", idempotency_key=None, updated_at=datetime.now(UTC))
+                .execution_options(synchronize_session=False)
+            )
             await self.session.commit()
+            if int(result.rowcount or 0) != 1:
+                return  # it became ready after all (its objects are in use), or the sweep took it
+            if await asyncio.to_thread(_remove_objects, self.store, prefix):
+                await self.session.execute(
+                    delete(Adapter)
+                    .where(Adapter.id == adapter_id, Adapter.status == "failed")
+                    .execution_options(synchronize_session=False)
+                )
+                await self.session.commit()
+        except Exception:
+            log.warning("could not mark upload %s failed; the pending sweep will", adapter_id, exc_info=True)
 
     async def _make_ready(self, adapter: Adapter) -> None:
-        for _ in range(_VERSION_ATTEMPTS):
-            latest = await self.session.scalar(
-                select(func.max(Adapter.version)).where(
-                    Adapter.tenant_id == adapter.tenant_id, Adapter.name == adapter.name
-                )
-            )
-            adapter.version = (latest or 0) + 1
-            adapter.status = "ready"
+        """Give the row the next version of its name and make it ready, in one statement.
+
+        The version is counted inside the UPDATE, so in SQLite (one writer at a time) two uploads can
+        never take the same number; in PostgreSQL the tenant's row is locked first, so concurrent uploads
+        of one tenant take their numbers one after the other. A collision left over (another process's
+        lock-free path) is retried."""
+        # Read before any rollback: a rollback expires the instance and reading it again would need I/O.
+        adapter_id, tenant_id, name = adapter.id, adapter.tenant_id, adapter.name
+        same_name = (Adapter.tenant_id == tenant_id) & (Adapter.name == name)
+        next_version = select(func.coalesce(func.max(Adapter.version), 0) + 1).where(same_name)
+        for attempt in range(_VERSION_ATTEMPTS):
             try:
+                if self.session.get_bind().dialect.name != "sqlite":
+                    await self.session.execute(
+                        select(Tenant.id).where(Tenant.id == tenant_id).with_for_update()
+                    )
+                result: Any = await self.session.execute(
+                    update(Adapter)
+                    .where(Adapter.id == adapter_id, Adapter.status == "pending")
+                    .values(
+                        version=next_version.scalar_subquery(), status="ready", updated_at=datetime.now(UTC)
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                if int(result.rowcount or 0) != 1:
+                    # The pending sweep took this upload for a dead one: nothing usable is left.
+                    await self.session.rollback()
+                    raise ApiError(
+                        503, "The upload took too long and was abandoned; upload again", code="upload_expired"
+                    )
                 await self.session.commit()
-                return
             except IntegrityError:
-                # Another upload of this name took the number first; count again.
                 await self.session.rollback()
-            except StaleDataError:
-                # The sweep took this upload for a dead one (pending past the grace period) and removed
-                # its row and objects: nothing usable is left, so the client must upload again.
-                await self.session.rollback()
-                raise ApiError(
-                    503, "The upload took too long and was abandoned; upload again", code="upload_expired"
-                ) from None
+                await asyncio.sleep(random.uniform(0.0, 0.05 * (attempt + 1)))
+                continue
+            await self.session.refresh(adapter)
+            return
         raise conflict("Too many concurrent uploads of this name; retry", param="name")
 
     async def delete(self, tenant_id: UUID, ref: str) -> list[str]:

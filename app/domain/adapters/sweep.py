@@ -1,8 +1,11 @@
 """The orphan sweep: objects no ready or in-flight upload owns are removed, then their dead rows.
 
 Orphans come from uploads that failed while the store was down (their rows are `failed`), uploads whose
-process died midway (rows `pending` for longer than the grace period) and deletions whose object removal
-failed (no row at all). A `pending` row younger than the grace period is an upload in flight: left alone.
+process died midway (rows `pending` without a heartbeat for longer than the grace period) and deletions
+whose object removal failed (no row at all). An upload in flight touches its `pending` row every
+HEARTBEAT_S (registry.py), so a row quiet for PENDING_GRACE belongs to a dead process: `fail_stale_pending`
+turns it `failed` (freeing its Idempotency-Key for the retry) within a minute or so, and the orphan sweep
+removes its objects and then the row.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from litestar import Litestar
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.domain.adapters.models import Adapter
@@ -25,7 +28,8 @@ from app.storage import ObjectInfo, ObjectStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-PENDING_GRACE = timedelta(hours=1)
+PENDING_GRACE = timedelta(seconds=60)  # four missed heartbeats
+PENDING_CHECK_S = 20.0
 _ROOT = "adapters/"
 
 
@@ -101,6 +105,28 @@ async def sweep_orphans(
     return SweepReport(deleted, rows_deleted)
 
 
+async def fail_stale_pending(
+    session_maker: Callable[[], AsyncSession],
+    *,
+    grace: timedelta = PENDING_GRACE,
+    now: datetime | None = None,
+) -> int:
+    """Turn `pending` rows without a heartbeat for `grace` into `failed`; returns how many."""
+    stale_before = (now or datetime.now(UTC)) - grace
+    async with session_maker() as session:
+        result = await session.execute(
+            update(Adapter)
+            .where(Adapter.status == "pending", Adapter.updated_at < stale_before)
+            .values(status="failed", idempotency_key=None, updated_at=datetime.now(UTC))
+            .execution_options(synchronize_session=False)
+        )
+        await session.commit()
+    failed = int(getattr(result, "rowcount", 0) or 0)
+    if failed:
+        log.warning("%d adapter uploads left pending by a dead process marked failed", failed)
+    return failed
+
+
 @asynccontextmanager
 async def adapter_sweeper(app: Litestar) -> AsyncIterator[None]:
     """Run the sweep every LORAPLEX_ADAPTER_SWEEP_INTERVAL_SECONDS while the app lives."""
@@ -117,10 +143,24 @@ async def adapter_sweeper(app: Litestar) -> AsyncIterator[None]:
             except Exception:  # the sweep must never take the app down; it retries next round
                 log.exception("orphan sweep failed")
 
-    task = asyncio.create_task(loop(), name="loraplex-adapter-sweep")
+    async def pending_loop() -> None:
+        # Cheap (one UPDATE, no store listing), so it runs more often than the orphan sweep.
+        while True:
+            await asyncio.sleep(min(interval, PENDING_CHECK_S))
+            try:
+                await fail_stale_pending(session_maker(app))
+            except Exception:
+                log.exception("pending-upload sweep failed")
+
+    tasks = [
+        asyncio.create_task(loop(), name="loraplex-adapter-sweep"),
+        asyncio.create_task(pending_loop(), name="loraplex-pending-sweep"),
+    ]
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

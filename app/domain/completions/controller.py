@@ -18,7 +18,6 @@ from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 from litestar.response import Stream
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.guards import require_scope
 from app.auth.principal import Principal
@@ -38,12 +37,9 @@ from app.domain.completions.schemas import (
     ModelList,
 )
 from app.domain.completions.serving import Serving, serving_of
-from app.domain.tenants.models import Tenant
-from app.domain.usage.metering import database_down, db_unavailable
 from app.engine_client import EngineUnavailable
 from app.errors import ApiError, error_response
 
-DbSession = NamedDependency[AsyncSession]
 CallerKey = NamedDependency[Principal]
 _ERRORS = {
     400: "A parameter is invalid (`param` names it), or the prompt does not fit the context",
@@ -91,18 +87,15 @@ def _bad_body(_: Request[Any, Any, Any], exc: ValidationException) -> Response[A
     return error_response(body_error(exc))
 
 
-async def _caller(principal: Principal, db_session: AsyncSession) -> Caller:
-    try:
-        tenant = await db_session.get(Tenant, principal.tenant_id)
-    except Exception as exc:
-        # asyncpg's "connection refused" arrives as a bare OSError, outside the app's DBAPIError handler.
-        if database_down(exc):
-            raise db_unavailable() from exc
-        raise
-    if tenant is None:
+async def _caller(principal: Principal) -> Caller:
+    """The caller with its tenant's limits, from the key cache: a completion holds no database session
+    while it waits for the engine (one held across a generation starved the pool under load)."""
+    if principal.tenant_id is None or principal.limits is None:
         raise ApiError(401, "Unknown tenant", code="invalid_api_key")
     return Caller(
-        tenant=tenant, tenant_id=str(tenant.id), key_id=str(principal.key_id) if principal.key_id else None
+        tenant=principal.limits,
+        tenant_id=str(principal.tenant_id),
+        key_id=str(principal.key_id) if principal.key_id else None,
     )
 
 
@@ -169,11 +162,10 @@ class CompletionsController(Controller):
         request: Request,
         data: JSONBody[CompletionRequest],
         principal: CallerKey,
-        db_session: DbSession,
     ) -> CompletionResponse:
         serving = serving_of(request.app)
         try:
-            run = await serving.service.prepare_completion(await _caller(principal, db_session), data)
+            run = await serving.service.prepare_completion(await _caller(principal), data)
             return await _serve(serving, request, run, chat=False)  # type: ignore[no-any-return]
         except RequestError as exc:
             raise _api_error(exc) from exc
@@ -193,11 +185,10 @@ class CompletionsController(Controller):
         request: Request,
         data: JSONBody[ChatCompletionRequest],
         principal: CallerKey,
-        db_session: DbSession,
     ) -> ChatCompletionResponse:
         serving = serving_of(request.app)
         try:
-            run = await serving.service.prepare_chat(await _caller(principal, db_session), data)
+            run = await serving.service.prepare_chat(await _caller(principal), data)
             return await _serve(serving, request, run, chat=True)  # type: ignore[no-any-return]
         except RequestError as exc:
             raise _api_error(exc) from exc

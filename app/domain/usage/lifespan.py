@@ -48,6 +48,7 @@ async def usage_services(app: Litestar) -> AsyncIterator[None]:
         session_maker(app),
         timeout_s=settings.usage_db_timeout_seconds,
         retry_s=settings.usage_retry_seconds,
+        single_writer=settings.is_sqlite,
     )
     limiter = Limiter(
         settings.redis_url,
