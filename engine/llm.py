@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
@@ -42,7 +42,7 @@ class LLM:
         batch = _as_prompt_list(prompts)
         params = _per_prompt(sampling_params or SamplingParams(), len(batch), "sampling_params")
         loras = _per_prompt(lora_request, len(batch), "lora_request")
-        salts = _per_prompt(cache_salt, len(batch), "cache_salt")
+        salts: list[str | None] = _per_prompt(cache_salt, len(batch), "cache_salt")
         ids: list[str] = []
         try:
             for prompt, p, lora, salt in zip(batch, params, loras, salts, strict=True):
@@ -90,7 +90,7 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     for p in items:
         if not isinstance(p, str) and not (isinstance(p, list) and all(isinstance(t, int) for t in p)):
             raise TypeError(f"a prompt is a string or a list of token ids, got {type(p).__name__}")
-    return items
+    return cast("list[Prompt]", items)
 
 
 def _per_prompt(value: T | Sequence[T], count: int, name: str) -> list[T]:

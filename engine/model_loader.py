@@ -56,7 +56,7 @@ def _parse_config(raw: dict[str, Any]) -> ModelConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in _ROPE_TYPES:
         raise ValueError(f"{arch}: unsupported rope scaling type {rope_type!r} (supported: {_ROPE_TYPES})")
-    rope_theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_theta = float(rope.get("rope_theta") or raw.get("rope_theta") or 10000.0)
     heads = int(raw["num_attention_heads"])
     hidden = int(raw["hidden_size"])
     head_dim = raw.get("head_dim") or hidden // heads
