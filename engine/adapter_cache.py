@@ -27,9 +27,8 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
-from engine.adapter_file import ReadBuffer
 from engine.load_stages import LoadRecord, StageClock
-from engine.lora import LoRAAdapter, load_adapter
+from engine.lora import LoRAAdapter
 from engine.lora_slots import LoRASlots, pin_adapter
 from engine.pinned_pool import Extent, PinnedPool
 from engine.request import LoRARequest
@@ -237,7 +236,9 @@ class AdapterCache:
                 self._copied(resident)  # times the slot copies that finished since the last look
             out = dict(self._stats)
             if self._arena is not None:
-                out.update(pool_misses=float(self._arena.misses), pool_free_blocks=float(self._arena.free_blocks))
+                out.update(
+                    pool_misses=float(self._arena.misses), pool_free_blocks=float(self._arena.free_blocks)
+                )
             out.update(
                 gpu_resident=float(len(self._gpu)),
                 cpu_resident=float(len(self._cpu)),

@@ -108,7 +108,9 @@ class LoRASlots:
         assert self._staging is not None
         tensors = [*adapter.a.values(), *adapter.b.values(), adapter.ranks]
         storage = adapter.ranks.untyped_storage()
-        if not all(t.is_contiguous() and t.untyped_storage().data_ptr() == storage.data_ptr() for t in tensors):
+        if not all(
+            t.is_contiguous() and t.untyped_storage().data_ptr() == storage.data_ptr() for t in tensors
+        ):
             return False
         offsets = [t.storage_offset() * t.element_size() for t in tensors]
         low = min(offsets)
