@@ -135,8 +135,12 @@ def _register(arena: torch.Tensor) -> bool:
     """Page-lock the arena in place; False (pageable, with a warning) where the driver refuses."""
     if not torch.cuda.is_available():
         return False
-    err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), arena.numel(), 0)
-    if int(err) != 0:
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), arena.numel(), 0)
+        code = int(getattr(err, "value", err))
+    except (AttributeError, RuntimeError, TypeError) as exc:
+        code, err = -1, exc
+    if code != 0:
         log.warning("cudaHostRegister of %d bytes failed (%s): CPU tier not pinned", arena.numel(), err)
         return False
     return True
