@@ -234,3 +234,39 @@ def test_batched_slot_copy_equals_the_per_tensor_path(dirs: dict[str, Path]) -> 
         # The batched path ran (it records each module's rank; the per-tensor fallback marks all dirty).
         expect = {m: adapter.a[m].shape[1] if m in adapter.a else 0 for m in plain.a}
         assert (batched._dirty[slot] == expect) == (adapter is not hand_built)
+
+
+@pytest.mark.gpu
+def test_cuda_pool_is_pinned_and_batched_copies_match(dirs: dict[str, Path]) -> None:
+    """On the GPU: the arena is page-locked in place, loads land in it, and slots written by one
+    host -> device copy per adapter on the side stream equal slots written per tensor, while CPU-tier
+    evictions hand runs back behind the copies' fence."""
+    device = torch.device("cuda")
+    pool = PinnedPool(64 << 20, 1 << 20, pin=True)
+    assert pool.pinned and pool.arena[:16].is_pinned()
+    slots = LoRASlots(MODEL, 2, 8, torch.bfloat16, device, batched=True)
+    plain = LoRASlots(MODEL, 2, 8, torch.bfloat16, device)
+
+    def read(folder: str, expected_hash: str | None, clock=None, out=None):
+        return load_adapter(
+            folder, MODEL, 8, torch.bfloat16, expected_hash, True, clock=clock, out_buffer=out
+        )
+
+    cache = AdapterCache(slots, read, 2, pool=pool, eager_slots=True)
+    try:
+        for name in ("a", "d", "b", "c", "a"):
+            req = lora(dirs, name)
+            slot = loaded(cache, req)
+            assert slot is not None
+            torch.cuda.current_stream().synchronize()
+            cache.wait_for_loads(timeout=30)
+            plain.write(slot, read(str(dirs[name]), None)).synchronize()
+            cache.release(req)
+        for module in plain.a:
+            assert torch.equal(slots.a[module], plain.a[module]) and torch.equal(
+                slots.b[module], plain.b[module]
+            )
+        assert torch.equal(slots.ranks, plain.ranks) and torch.equal(slots.scales, plain.scales)
+        assert cache.stats()["pool_misses"] == 0
+    finally:
+        cache.close()
