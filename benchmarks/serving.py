@@ -83,6 +83,15 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
+def adapter_switches(args: argparse.Namespace) -> dict[str, Any]:
+    """Issue 19's second-round switches, so one GPU call can ablate each (benchmarks/NOTES.md)."""
+    return {
+        "adapter_pinned_pool_mb": args.pinned_pool_mb,
+        "adapter_batched_copy": not args.no_batched_copy,
+        "adapter_eager_slots": not args.no_eager_slots,
+    }
+
+
 def build(args: argparse.Namespace, work: Path) -> Bench:
     if args.smoke:
         from engine.demo import write_demo_model
@@ -93,7 +102,7 @@ def build(args: argparse.Namespace, work: Path) -> Bench:
         config = EngineConfig(
             model=str(folder), device="cpu", dtype="float32", max_num_seqs=8, max_loras=8, max_cpu_loras=16,
             max_lora_rank=16, num_kv_blocks=256, cuda_graphs=not args.no_graphs,
-            adapter_load_processes=args.load_processes,
+            adapter_load_processes=args.load_processes, **adapter_switches(args),
         )  # fmt: skip
         loaded = load_model(config)
         sizes, rank, files = SMOKE, 8, (24, 8)
@@ -102,7 +111,7 @@ def build(args: argparse.Namespace, work: Path) -> Bench:
         config = EngineConfig(
             model=str(folder), device="cuda", dtype="bfloat16", max_num_seqs=128, max_loras=128,
             max_cpu_loras=512, max_lora_rank=16, max_model_len=4096, gpu_memory_fraction=args.memory_fraction,
-            cuda_graphs=not args.no_graphs, adapter_load_processes=args.load_processes,
+            cuda_graphs=not args.no_graphs, adapter_load_processes=args.load_processes, **adapter_switches(args),
         )  # fmt: skip
         loaded = random_model(folder, torch.bfloat16, torch.device("cuda"), seed=0)
         sizes, rank, files = FULL, 16, (400, 70)
@@ -132,8 +141,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--memory-fraction", type=float, default=0.85)
     parser.add_argument(
         "--load-processes", type=int, default=None,
-        help="EngineConfig.adapter_load_processes (default: 4 on CUDA, 0 on CPU; 0 = loader threads only)",
+        help="EngineConfig.adapter_load_processes (default: 8 on CUDA, 0 on CPU; 0 = loader threads only)",
     )  # fmt: skip
+    parser.add_argument(
+        "--pinned-pool-mb", type=int, default=None,
+        help="EngineConfig.adapter_pinned_pool_mb (default: on for CUDA, sized for the CPU tier; 0 = off)",
+    )  # fmt: skip
+    parser.add_argument("--no-batched-copy", action="store_true", help="per-tensor slot copies")
+    parser.add_argument("--no-eager-slots", action="store_true", help="loads wait for a free slot")
     parser.add_argument(
         "--work", default=None, help="scratch folder for the model and adapters (default tmp)"
     )
@@ -158,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "model": "Llama-3-8B-shaped, random weights" if not args.smoke else "demo model (CPU)",
             "dtype": str(bench.engine.model.dtype),
             "adapter_load_processes": args.load_processes,
+            **adapter_switches(args),
         },
         "copy_bandwidth_GBps": bench.bandwidth / 1e9,
     }

@@ -262,6 +262,7 @@ def workload_e(bench: Bench) -> dict[str, Any]:
             "throughput_ratio": sat["tokens_per_s"] / sat_base["tokens_per_s"],
             "stage_over_idle": _ratios(sat, idle),
         },
+        "adapter_pool": {k: stats_after[k] for k in ("pool_misses", "pool_free_blocks") if k in stats_after},
         "adapter_loads": stats_after["loads"] - stats_before["loads"],
         "adapter_load_seconds": stats_after["load_seconds"] - stats_before["load_seconds"],
     }

@@ -27,16 +27,17 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
-from engine.adapter_file import ReadBuffer
 from engine.load_stages import LoadRecord, StageClock
-from engine.lora import LoRAAdapter, load_adapter
+from engine.lora import LoRAAdapter
 from engine.lora_slots import LoRASlots, pin_adapter
+from engine.pinned_pool import Extent, PinnedPool
 from engine.request import LoRARequest
 
 AdapterLoader = Callable[[LoRARequest], str]
 # (folder, expected sha256, the load's stage clock) -> the adapter in CPU memory, or an object whose
 # build() makes it (a loader process's StagedBuffer: views built in the engine's thread, see there)
-ReadAdapter = Callable[[str, str | None, StageClock], Any]
+# (folder, expected_hash, clock) -> adapter; with a pinned pool also a 4th argument, out(nbytes) -> buffer
+ReadAdapter = Callable[..., Any]
 log = logging.getLogger(__name__)
 # Finished loads kept for stats() and the benchmark's per-stage table.
 _LOG_SIZE = 4096
@@ -72,13 +73,19 @@ class AdapterCache:
         failure_ttl: float = 2.0,
         load_workers: int = 4,
         on_close: Callable[[], None] | None = None,
+        pool: PinnedPool | None = None,
+        eager_slots: bool = False,
     ) -> None:
         """`slots`: device storage (its num_slots = max_loras); `load(folder, expected_hash, clock)` reads
         one adapter into CPU tensors; `loader` maps a request to a local folder (default: its lora_path).
         A failed load is reported to every acquire for `failure_ttl` seconds, then retried. Loads of
         different adapters run on `load_workers` threads, so one slow fetch does not hold up the others;
         a load spends most of its time in I/O, sha256 and memmove, which let go of the GIL, so a few
-        threads overlap well (a burst of cold adapters is the case that matters)."""
+        threads overlap well (a burst of cold adapters is the case that matters). `pool`: the CPU tier's
+        pinned memory, allocated once (every load stacks into a run of it; `read` then takes a fourth
+        argument, `out(nbytes) -> uint8 tensor`). `eager_slots`: a finished load that was prefetched (a
+        request waits for it) takes the least recently used unpinned slot when none is free, so its copy is
+        done before the scheduler asks, instead of at that ask."""
         self.slots = slots
         self._read = load
         self._loader = loader or path_loader
@@ -87,11 +94,14 @@ class AdapterCache:
         self._gpu: OrderedDict[str, _Resident] = OrderedDict()  # LRU first
         self._free = list(range(slots.num_slots))
         self._cpu: OrderedDict[str, LoRAAdapter] = OrderedDict()  # LRU first
-        self._loading: dict[str, Future[tuple[Any, float]]] = {}
+        self._loading: dict[str, Future[tuple[Any, float, Extent | None]]] = {}
         self._done: queue.SimpleQueue[str] = queue.SimpleQueue()  # keys whose load future finished
         self._records: dict[str, LoadRecord] = {}  # loads asked for and not yet in a slot
         self._log: deque[LoadRecord] = deque(maxlen=_LOG_SIZE)
         self._on_close = on_close
+        self._arena = pool
+        self._extents: dict[str, Extent] = {}  # CPU-tier adapter -> its run of the pool
+        self._eager = eager_slots
         self._failed: dict[str, tuple[str, float]] = {}  # key -> (message, first report time or -1)
         self._failure_ttl = failure_ttl
         self._discard: set[str] = set()  # evicted while loading
@@ -107,57 +117,17 @@ class AdapterCache:
                 "load_seconds",
                 "gpu_evictions",
                 "cpu_evictions",
+                "pool_misses",
             ),
             0.0,
         )
 
     @classmethod
     def for_model(cls, config: Any, loaded: Any, loader: AdapterLoader | None = None) -> AdapterCache:
-        """From an EngineConfig and a LoadedModel (see engine/model_loader.py). On CUDA hosts (or when
-        config.adapter_load_processes says so) the CPU part of a load runs in loader processes."""
-        slots = LoRASlots(loaded.config, config.max_loras, config.max_lora_rank, loaded.dtype, loaded.device)
+        """From an EngineConfig and a LoadedModel (see engine/adapter_setup.py)."""
+        from engine.adapter_setup import cache_for_model
 
-        pin = loaded.device.type == "cuda"  # page-locked only where an async device copy needs it
-        per_thread = threading.local()  # each loader thread reuses its own read buffer
-
-        def read_here(folder: str, expected_hash: str | None, clock: StageClock) -> LoRAAdapter:
-            if not hasattr(per_thread, "buffer"):
-                per_thread.buffer = ReadBuffer()
-            return load_adapter(
-                folder,
-                loaded.config,
-                config.max_lora_rank,
-                loaded.dtype,
-                expected_hash,
-                pin,
-                per_thread.buffer,
-                clock,
-            )
-
-        processes = getattr(config, "adapter_load_processes", None)
-        if processes is None:
-            processes = 4 if pin else 0
-        if not processes or config.max_loras == 0:
-            return cls(slots, read_here, config.max_cpu_loras, loader)
-        from engine.adapter_process import LoaderProcessDied, ProcessLoader
-
-        try:
-            far = ProcessLoader(loaded.config, config.max_lora_rank, loaded.dtype, processes, pin)
-        except (OSError, LoaderProcessDied):
-            log.exception("adapter loader processes did not start; loading in threads")
-            return cls(slots, read_here, config.max_cpu_loras, loader)
-        broken = threading.Event()
-
-        def read(folder: str, expected_hash: str | None, clock: StageClock) -> Any:
-            if not broken.is_set():
-                try:
-                    return far(folder, expected_hash, clock)
-                except LoaderProcessDied:  # e.g. killed: this load and the later ones run in threads
-                    log.exception("an adapter loader process died; loading in threads from now on")
-                    broken.set()
-            return read_here(folder, expected_hash, clock)
-
-        return cls(slots, read, config.max_cpu_loras, loader, load_workers=processes, on_close=far.close)
+        return cache_for_model(config, loaded, loader)
 
     # -- the scheduler's side -------------------------------------------------------------------------
 
@@ -246,7 +216,7 @@ class AdapterCache:
     def evict(self, content_hash: str) -> None:
         """Forget an adapter in both tiers (e.g. it was deleted); a pinned one goes at its last release."""
         with self._lock:
-            self._cpu.pop(content_hash, None)
+            self._drop_cpu(content_hash)
             self._failed.pop(content_hash, None)
             if content_hash in self._loading:
                 self._discard.add(content_hash)
@@ -266,6 +236,10 @@ class AdapterCache:
             for resident in self._gpu.values():
                 self._copied(resident)  # times the slot copies that finished since the last look
             out = dict(self._stats)
+            if self._arena is not None:
+                out.update(
+                    pool_misses=float(self._arena.misses), pool_free_blocks=float(self._arena.free_blocks)
+                )
             out.update(
                 gpu_resident=float(len(self._gpu)),
                 cpu_resident=float(len(self._cpu)),
@@ -312,6 +286,8 @@ class AdapterCache:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._on_close is not None:
             self._on_close()
+        if self._arena is not None:
+            self._arena.close()
 
     # -- internals ----------------------------------------------------------------------------------------
 
@@ -322,7 +298,7 @@ class AdapterCache:
         self._loading[key] = future
         future.add_done_callback(lambda _: self._done.put(key))
 
-    def _load(self, lora: LoRARequest, record: LoadRecord) -> tuple[Any, float]:
+    def _load(self, lora: LoRARequest, record: LoadRecord) -> tuple[Any, float, Extent | None]:
         """Runs in the loader thread: fetch, then read, verify the hash, parse, stack (in a loader process
         when there is one), pin (a no-op for an adapter that is pinned already). Writes only `record`,
         which nobody reads before the future is done."""
@@ -331,7 +307,23 @@ class AdapterCache:
         clock = StageClock()
         folder = self._loader(lora)
         clock.lap("fetch")
-        adapter = self._read(folder, lora.content_hash, clock)
+        taken: list[Extent] = []
+        arena = self._arena
+        if arena is None:
+            adapter = self._read(folder, lora.content_hash, clock)
+        else:
+
+            def out(nbytes: int) -> Any:
+                extent, buffer = arena.buffer(nbytes)
+                taken.extend([extent] if extent is not None else [])
+                return buffer
+
+            try:
+                adapter = self._read(folder, lora.content_hash, clock, out)
+            except BaseException:
+                for extent in taken:  # a bad adapter gives its run back
+                    arena.give(extent)
+                raise
         if isinstance(adapter, LoRAAdapter):
             adapter = pin_adapter(adapter)
             clock.lap("pin")
@@ -339,7 +331,7 @@ class AdapterCache:
             record.wall[name] = record.wall.get(name, 0.0) + seconds
         record.cpu.update(clock.cpu)
         record.loaded = time.monotonic()
-        return adapter, time.perf_counter() - start
+        return adapter, time.perf_counter() - start, taken[0] if taken else None
 
     def _collect(self) -> None:
         """Move finished background loads into the CPU tier (or record their failure); a loaded adapter
@@ -353,27 +345,39 @@ class AdapterCache:
             record = self._records.pop(key, None)
             if future is None:
                 continue
-            if key in self._discard:
-                self._discard.discard(key)
-                continue
+            extent = None
             try:
-                adapter, seconds = future.result()
-                if not isinstance(adapter, LoRAAdapter):
+                adapter, seconds, extent = future.result()
+                if key not in self._discard and not isinstance(adapter, LoRAAdapter):
                     adapter = adapter.build()
             except Exception as exc:
+                self._give(extent)  # a bad adapter's run goes back to the pool
+                if key in self._discard:
+                    self._discard.discard(key)
+                    continue
                 self._stats["load_failures"] += 1
                 self._failed[key] = (f"adapter {key[:12]} could not be loaded: {exc}", -1.0)
+                continue
+            if key in self._discard:  # evicted while it loaded
+                self._discard.discard(key)
+                self._give(extent)
                 continue
             self._stats["loads"] += 1
             self._stats["load_seconds"] += seconds
             self._cpu[key] = adapter
+            if extent is not None:
+                self._extents[key] = extent
             if record is not None:
                 self._log.append(record)
             while len(self._cpu) > self._max_cpu:
-                self._cpu.popitem(last=False)
+                self._drop_cpu(next(iter(self._cpu)))
                 self._stats["cpu_evictions"] += 1
-            if key in self._cpu and key not in self._gpu and self._free:
-                self._to_slot(key, adapter, self._free.pop(0), record)
+            slot = None
+            if key in self._cpu and key not in self._gpu:
+                prefetched = record is not None and record.prefetched
+                slot = self._take_slot() if self._eager and prefetched else self._take_free()
+            if slot is not None:
+                self._to_slot(key, adapter, slot, record)
             elif record is not None:
                 self._records[key] = record  # timed at its first slot copy
 
@@ -407,6 +411,9 @@ class AdapterCache:
             record.cpu["copy"] = 0.0
         return True
 
+    def _take_free(self) -> int | None:
+        return self._free.pop(0) if self._free else None
+
     def _take_slot(self) -> int | None:
         if self._free:
             return self._free.pop(0)
@@ -417,6 +424,15 @@ class AdapterCache:
                 self._stats["gpu_evictions"] += 1
                 return slot
         return None
+
+    def _drop_cpu(self, key: str) -> None:
+        """Forget a CPU-tier adapter; its run of the pool comes back once the slot copies from it ran."""
+        if self._cpu.pop(key, None) is not None:
+            self._give(self._extents.pop(key, None), self.slots.fence())
+
+    def _give(self, extent: Extent | None, fence: Any = None) -> None:
+        if extent is not None and self._arena is not None:
+            self._arena.give(extent, fence)
 
     def _drop_gpu(self, key: str) -> None:
         resident = self._gpu.pop(key)

@@ -150,7 +150,11 @@ class ProcessLoader:
             self.close()
             raise
 
-    def __call__(self, folder: str, expected_hash: str | None, clock: StageClock) -> StagedBuffer:
+    def __call__(
+        self, folder: str, expected_hash: str | None, clock: StageClock, out: Any = None
+    ) -> StagedBuffer:
+        """`out(nbytes)`: the CPU-tier buffer to copy the staged bytes into (a run of the pinned pool);
+        None: a fresh (pinned) allocation."""
         child = self._idle.get()  # as many children as loader threads: never waits
         try:
             job = {"folder": folder, "hash": expected_hash, "offset": child.offset, "block": self.block_bytes}
@@ -168,7 +172,10 @@ class ProcessLoader:
             clock.lap("ipc")
             clock.merge(staged.wall, staged.cpu)
             clock.wall["ipc"] -= sum(staged.wall.values())  # the round trip's own cost
-            buffer = torch.empty(staged.nbytes, dtype=torch.uint8, pin_memory=self.pin)
+            if out is not None:
+                buffer = out(staged.nbytes)
+            else:
+                buffer = torch.empty(staged.nbytes, dtype=torch.uint8, pin_memory=self.pin)
             ctypes.memmove(buffer.data_ptr(), self._view.data_ptr() + child.offset, staged.nbytes)
         finally:
             self._idle.put(child)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.lora import LoRAAdapter, module_shapes
+from engine.lora import LoRAAdapter, module_shapes, stacked_sizes
 from engine.model_loader import ModelConfig
 from engine.ops import MODULE_GROUPS
 
@@ -21,8 +21,16 @@ class LoRASlots:
     """
 
     def __init__(
-        self, cfg: ModelConfig, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
+        self,
+        cfg: ModelConfig,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        batched: bool = False,
     ) -> None:
+        """`batched`: write a slot with one host -> device copy of the adapter's whole stacked buffer into
+        a device staging buffer, then device-side copies (see `_write_batched`)."""
         self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
         layers, s, r = cfg.num_layers, num_slots, max_rank
         self.a: dict[str, Tensor] = {}
@@ -36,6 +44,14 @@ class LoRASlots:
         self.host_ranks = torch.zeros(layers, len(MODULE_GROUPS), s, dtype=torch.int32)
         # On CUDA, slot writes run on a side stream so that loading never stalls the running batch.
         self._stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+        # Highest rank ever written per (slot, module) since it was last zeroed: rows above it are zero
+        # already, so the batched write zeroes only what an earlier, larger adapter left there.
+        self._dirty = [dict.fromkeys(self.a, 0) for _ in range(num_slots)]
+        self._staging: Tensor | None = None
+        if batched and num_slots:
+            full = dict.fromkeys(self.a, max_rank)
+            nbytes = stacked_sizes(full, module_shapes(cfg), layers, dtype)[1]
+            self._staging = torch.empty(-(-nbytes // 8) * 8, dtype=torch.uint8, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -53,13 +69,13 @@ class LoRASlots:
             raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
         self.host_ranks[:, :, slot] = adapter.ranks
         if self._stream is None:
-            self._write(slot, adapter)
+            self._write_any(slot, adapter)
             return None
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             start = torch.cuda.Event(enable_timing=True)
             start.record(self._stream)
-            self._write(slot, adapter)
+            self._write_any(slot, adapter)
             end = torch.cuda.Event(enable_timing=True)
             end.record(self._stream)
         return SlotCopy(start, end)
@@ -68,6 +84,63 @@ class LoRASlots:
         """Make the compute stream wait for this slot copy (no host wait): work launched from now on, on
         this thread's current stream, sees the slot's new contents."""
         torch.cuda.current_stream(self.device).wait_event(copy.end)
+
+    def fence(self) -> Any:
+        """An event after every slot copy issued so far (None on CPU): a CPU buffer those copies read may
+        be reused once it has passed (engine/pinned_pool.py)."""
+        if self._stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return event
+
+    def _write_any(self, slot: int, adapter: LoRAAdapter) -> None:
+        if self._staging is None or not self._write_batched(slot, adapter):
+            self._write(slot, adapter)
+            self._dirty[slot] = dict.fromkeys(self.a, self.max_rank)  # unknown to the batched path: all
+
+    def _write_batched(self, slot: int, adapter: LoRAAdapter) -> bool:
+        """One host -> device copy of the bytes under every A/B and the ranks (they are views of one
+        buffer when load_adapter or a loader process made the adapter), then per targeted module one
+        device copy into A and one into B; zeroing only rows an earlier adapter left non-zero. The H200
+        run of 2026-12-03 issued ~30 host -> device copies and zero fills per adapter instead.
+        False (nothing written) when the adapter's tensors are not views of one contiguous span."""
+        assert self._staging is not None
+        tensors = [*adapter.a.values(), *adapter.b.values(), adapter.ranks]
+        storage = adapter.ranks.untyped_storage()
+        if not all(
+            t.is_contiguous() and t.untyped_storage().data_ptr() == storage.data_ptr() for t in tensors
+        ):
+            return False
+        offsets = [int(t.storage_offset()) * t.element_size() for t in tensors]
+        low = min(offsets)
+        high = max(o + t.nbytes for o, t in zip(offsets, tensors, strict=True))
+        if high - low > self._staging.numel():
+            return False
+        source = torch.empty(0, dtype=torch.uint8).set_(storage, low, (high - low,), (1,))
+        self._staging[: high - low].copy_(source, non_blocking=True)
+
+        def on_device(t: Tensor, offset: int) -> Tensor:
+            assert self._staging is not None
+            return self._staging[offset - low : offset - low + t.nbytes].view(t.dtype).view(t.shape)
+
+        device = [on_device(t, o) for t, o in zip(tensors, offsets, strict=True)]
+        a_dev = dict(zip(adapter.a, device, strict=False))
+        b_dev = dict(zip(adapter.b, device[len(adapter.a) :], strict=False))
+        dirty = self._dirty[slot]
+        for module in self.a:
+            a_slot, b_slot = self.a[module][:, slot], self.b[module][:, slot]
+            r = a_dev[module].shape[1] if module in a_dev else 0
+            if dirty[module] > r:
+                a_slot[:, r:].zero_()
+                b_slot[:, :, r:].zero_()
+            if r:
+                a_slot[:, :r].copy_(a_dev[module])
+                b_slot[:, :, :r].copy_(b_dev[module])
+            dirty[module] = r
+        self.ranks[:, :, slot].copy_(device[-1])
+        self.scales[slot] = adapter.scaling
+        return True
 
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         for module in self.a:
