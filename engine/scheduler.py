@@ -153,6 +153,22 @@ class Scheduler:
         self.num_preemptions += 1
         self._enqueue(request, front=True)
 
+    # ---- for the step guard (engine/step_guard.py), after a step raised ----
+    def preempt_all(self) -> list[Request]:
+        """Preempt every running request (the failed step's KV writes cannot be trusted); returns them."""
+        running = list(self.running)
+        self.running.clear()
+        for request in running:
+            self._preempt(request)
+        return running
+
+    def hold(self, request: Request) -> None:
+        """Take a waiting request out of its queue; it stays known until readmit() or finish()."""
+        self._remove_waiting(request)
+
+    def readmit(self, request: Request, front: bool) -> None:
+        self._enqueue(request, front)
+
     # ---- the step ----
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

@@ -78,7 +78,7 @@ class StepGuard:
             self.trial = None
         if self.trial is None and self.held:
             suspect = self.held.popleft()
-            self.engine.scheduler._enqueue(suspect, front=True)
+            self.engine.scheduler.readmit(suspect, front=True)
             self.trial, self._trial_tokens = suspect, suspect.num_output_tokens
         self._step_started = time.monotonic()
 
@@ -98,11 +98,8 @@ class StepGuard:
                 f"{self.failures_in_a_row} steps in a row failed, the last with {exc!r}"
             ) from exc
         scheduler = self.engine.scheduler
-        running = list(scheduler.running)
         self.engine.ahead.drop()  # its tokens belong to the failed step: they are recomputed
-        for request in running:
-            scheduler.running.remove(request)
-            scheduler._preempt(request)
+        running = scheduler.preempt_all()
         suspects = [r for r in running if not self._cleared(r)] or running
         if self.trial in suspects:
             self.trial = None
@@ -111,7 +108,7 @@ class StepGuard:
         else:
             culprits = []
             for request in suspects:
-                scheduler._remove_waiting(request)
+                scheduler.hold(request)
                 self.held.append(request)
         log.warning(
             "a step failed (%s: %s); %d running, %d suspected, blamed: %s, held for trial: %d",
@@ -141,7 +138,7 @@ class StepGuard:
         mine = [r for r in self.held if (r.parent_id or r.request_id) == request_id]
         for request in mine:
             self.held.remove(request)
-            self.engine.scheduler._enqueue(request, front=False)
+            self.engine.scheduler.readmit(request, front=False)
 
     def _unreported(self) -> list[RequestOutput]:
         """Outputs for the sequences that finished in the failed step or were failed now: the step never
