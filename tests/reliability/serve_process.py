@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +17,7 @@ from typing import Any
 import httpx
 
 from tests.integration.conftest import free_port
+from tests.reliability.conftest import ServeProcess
 
 ADMIN_KEY = "lpx_reliabilityadminkey0123456789"
 
@@ -71,27 +70,13 @@ def serve_process(tmp_path: Path, **settings: str) -> Iterator[Served]:
         "LORAPLEX_LOG_FORMAT": "json",
         **{f"LORAPLEX_{k.upper()}": v for k, v in settings.items()},
     }
-    log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    server = Served(f"http://127.0.0.1:{port}", proc, tmp_path / "data", log)
+    process = ServeProcess(env, tmp_path / "server.log")
+    process.start(timeout=180)
+    assert process.proc is not None
+    server = Served(process.url, process.proc, tmp_path / "data", process.log_path)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, server.log_tail()
-            try:
-                if server.admin.get("/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise AssertionError("server not ready: " + server.log_tail())
         yield server
     finally:
         server.admin.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if process.proc.poll() is None:
+            process.kill9()
