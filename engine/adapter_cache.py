@@ -286,8 +286,6 @@ class AdapterCache:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._on_close is not None:
             self._on_close()
-        if self._arena is not None:
-            self._arena.close()
 
     # -- internals ----------------------------------------------------------------------------------------
 

@@ -38,15 +38,6 @@ def default_load_processes(cuda: bool) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def pool_bytes(config: Any, block_bytes: int, workers: int) -> int:
-    """config.adapter_pinned_pool_mb, else room for the whole CPU tier plus the loads in flight at the
-    largest adapter size, capped at 16 GiB (a smaller adapter takes fewer blocks)."""
-    mb = getattr(config, "adapter_pinned_pool_mb", None)
-    if mb is not None:
-        return int(mb) << 20
-    return min((config.max_cpu_loras + workers) * block_bytes, 16 << 30)
-
-
 def cache_for_model(config: Any, loaded: Any, loader: AdapterLoader | None = None) -> AdapterCache:
     cuda = loaded.device.type == "cuda"
     batched = getattr(config, "adapter_batched_copy", True)
@@ -69,14 +60,13 @@ def cache_for_model(config: Any, loaded: Any, loader: AdapterLoader | None = Non
         processes = default_load_processes(cuda)
     workers = processes or 4
     pool = None
-    mb = getattr(config, "adapter_pinned_pool_mb", None)
-    if config.max_loras and (mb if mb is not None else cuda):
+    mb = config.adapter_pinned_pool_mb
+    if config.max_loras and mb:
         from engine.adapter_process import max_adapter_bytes
 
         largest = max_adapter_bytes(loaded.config, config.max_lora_rank, loaded.dtype)
         block = min(POOL_BLOCK_BYTES, -(-largest // 4096) * 4096)
-        total = pool_bytes(config, -(-largest // block) * block, workers)
-        pool = PinnedPool(total, block, pin) if total >= block else None
+        pool = PinnedPool(mb << 20, block, pin) if mb << 20 >= block else None
     eager = getattr(config, "adapter_eager_slots", True)
     common: dict[str, Any] = {"load_workers": workers, "pool": pool, "eager_slots": eager}
     if not processes or config.max_loras == 0:

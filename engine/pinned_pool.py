@@ -2,8 +2,8 @@
 
 The H200 run of 2026-12-03 measured ~24 ms of CPU for the fresh pinned allocation every cold load made
 (cudaHostAlloc pins new pages and serialises in the driver), on the serving path. Here one arena is
-pinned when the engine starts (cudaHostRegister on a plain allocation: torch's caching host allocator
-would round a large request up to a power of two), cut into fixed-size blocks; an adapter takes a run of
+pinned when the engine starts (torch's own pinned allocation, which page-locks a request rounded up to a
+power of two: size the pool as one), cut into fixed-size blocks; an adapter takes a run of
 consecutive blocks (its stacked buffer is one contiguous allocation: A/B views and one host -> device
 copy), and the CPU tier gives the run back when it drops the adapter.
 
@@ -14,14 +14,11 @@ A run given back may still be the source of a slot copy on the side stream: it c
 from __future__ import annotations
 
 import bisect
-import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +36,8 @@ class PinnedPool:
             raise ValueError(f"pool of {total_bytes} bytes in blocks of {block_bytes}")
         self.block_bytes = block_bytes
         self.blocks = total_bytes // block_bytes
-        self.arena = torch.empty(self.blocks * block_bytes, dtype=torch.uint8)
-        self.pinned = pin and _register(self.arena)
+        self.pinned = pin
+        self.arena = torch.empty(self.blocks * block_bytes, dtype=torch.uint8, pin_memory=pin)
         self._lock = threading.Lock()
         self._free: list[tuple[int, int]] = [(0, self.blocks)]  # (start, count), sorted, merged
         self._fenced: list[tuple[Any, Extent]] = []  # given back while a copy from it may still run
@@ -80,12 +77,6 @@ class PinnedPool:
                 self._release(extent)
             else:
                 self._fenced.append((fence, extent))
-
-    def close(self) -> None:
-        """Unpin the arena (the engine is closing; nothing may use its adapters after this)."""
-        if self.pinned:
-            self.pinned = False
-            torch.cuda.cudart().cudaHostUnregister(self.arena.data_ptr())
 
     @property
     def free_blocks(self) -> int:
@@ -129,18 +120,3 @@ class PinnedPool:
             del self._free[i - 1]
             i -= 1
         self._free.insert(i, (start, count))
-
-
-def _register(arena: torch.Tensor) -> bool:
-    """Page-lock the arena in place; False (pageable, with a warning) where the driver refuses."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), arena.numel(), 0)
-        code = int(getattr(err, "value", err))
-    except (AttributeError, RuntimeError, TypeError) as exc:
-        code, err = -1, exc
-    if code != 0:
-        log.warning("cudaHostRegister of %d bytes failed (%s): CPU tier not pinned", arena.numel(), err)
-        return False
-    return True
