@@ -1,7 +1,7 @@
 """100 concurrent streams + 100 concurrent whole answers from 5 tenants, on PostgreSQL + Redis and on
 SQLite: nothing fails but the 429s a tenant's own limit calls for, and every answered request has exactly
-one usage row with the tokens the client was told (streams cut off by the client: the tokens produced
-up to the cut, at least what the client received).
+one usage row with the tokens the client was told (streams cut off by the client: the tokens of the
+frames the server sent, at least what the client received).
 
 Before the fix each request held a pooled connection across its generation while metering waited for
 a second one: at pool size the requests stalled ~5 s and most got 503.
@@ -143,7 +143,7 @@ def check(server: LiveServer, outcomes: list[Outcome], elapsed: float) -> dict[s
     for o in served:
         row = by_id[o.request_id]
         if o.cut:
-            # The client saw some tokens and left; the row bills what the engine made before the abort.
+            # The client saw some tokens and left; the row bills the tokens of the frames the server sent.
             assert row["status"] in ("aborted", "ok"), row
             assert o.tokens_seen <= row["completion_tokens"] <= MAX_TOKENS, (o.tokens_seen, row)
             continue

@@ -100,8 +100,9 @@ class StreamState:
 
 def _chunk(
     run: CompletionRun, out: RequestOutput, state: StreamState, chat: bool, decode: Callable[[int], str]
-) -> list[bytes]:
-    frames: list[bytes] = []
+) -> list[tuple[bytes, int]]:
+    """The frames for one engine output, each with the number of tokens it carries."""
+    frames: list[tuple[bytes, int]] = []
     top_n = run.spec.logprobs
     for o in sorted(out.outputs, key=lambda o: o.index):
         i = o.index
@@ -114,6 +115,7 @@ def _chunk(
         reason = render.finish_reason(o.finish_reason)
         if not new_text and reason is None and not (chat and not state.role_sent[i]):
             continue
+        carried = len(o.token_ids) - state.tokens_sent[i]
         state.tokens_sent[i] = len(o.token_ids)
         state.text_sent[i] = len(o.text)
         state.finished[i] = reason is not None
@@ -141,7 +143,7 @@ def _chunk(
                 model=run.target.model,
                 choices=[CompletionChoice(index=i, text=new_text, logprobs=lp, finish_reason=reason)],
             )
-        frames.append(render.sse_frame(body))
+        frames.append((render.sse_frame(body), carried))
     return frames
 
 
@@ -159,13 +161,16 @@ async def stream(
     """
     decode = driver.engine.decode_token
     state = StreamState(run.spec.n)
+    run.streamed_tokens = 0
     try:
-        for frame in _chunk(run, first, state, chat, decode):
+        for frame, tokens in _chunk(run, first, state, chat, decode):
             yield frame
+            run.streamed_tokens += tokens  # the server asks for the next frame once it has sent this one
         if not run.finished:
             async for out in outputs:
-                for frame in _chunk(run, out, state, chat, decode):
+                for frame, tokens in _chunk(run, out, state, chat, decode):
                     yield frame
+                    run.streamed_tokens += tokens
         # Settle before the last frames, so a client that reads its bill right after [DONE] finds it.
         await driver.finish(run)
         if run.spec.include_usage:

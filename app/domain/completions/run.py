@@ -107,6 +107,10 @@ class CompletionRun:
     last_token_at: float = 0.0
     error: str | None = None
     settled: bool = False
+    # A stream's tokens whose frames the server has sent (None: not a stream): counted when the server
+    # asks for the next frame. A stream cut off by its client is billed these, never tokens the engine
+    # made that no frame carried (the frame being sent at the cut, if any, is not billed).
+    streamed_tokens: int | None = None
 
     # ---- what metering and responses read ----------------------------------------------------------
     @property
@@ -119,6 +123,8 @@ class CompletionRun:
 
     @property
     def completion_tokens(self) -> int:
+        if self.streamed_tokens is not None:
+            return self.streamed_tokens
         return sum(len(o.token_ids) for o in self.choices.values())
 
     @property
