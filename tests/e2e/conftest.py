@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -134,19 +135,26 @@ class LiveServer:
         return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
 
     def usage_rows(self) -> list[dict[str, Any]]:
-        """Every usage row, straight from PostgreSQL (what billing is computed from)."""
-        import asyncpg
+        """Every usage row, straight from the database (what billing is computed from)."""
+        return read_usage(self.app.state.settings.database_url)
 
-        dsn = self.app.state.settings.database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
-        async def fetch() -> list[dict[str, Any]]:
-            conn = await asyncpg.connect(dsn)
-            try:
-                return [dict(r) for r in await conn.fetch("SELECT * FROM usage_records ORDER BY created_at")]
-            finally:
-                await conn.close()
+def read_usage(database_url: str) -> list[dict[str, Any]]:
+    """Every usage row of a database (PostgreSQL or SQLite), read without the app."""
+    if database_url.startswith("sqlite"):
+        with sqlite3.connect(database_url.split(":///", 1)[1], timeout=30) as conn:
+            conn.row_factory = sqlite3.Row
+            return [dict(r) for r in conn.execute("SELECT * FROM usage_records ORDER BY created_at")]
+    import asyncpg
 
-        return asyncio.run(fetch())
+    async def fetch() -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://", 1))
+        try:
+            return [dict(r) for r in await conn.fetch("SELECT * FROM usage_records ORDER BY created_at")]
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
 
 
 def start_server(

@@ -2,7 +2,6 @@
 on SQLite, plus a `loraplex serve` subprocess that a test may kill -9 and start again.
 
 - `pg_server`, `sqlite_server`: a module's in-process server (uvicorn in a thread, demo model on CPU).
-- `usage_rows(server)`: every usage row, read from the server's database directly (PostgreSQL or SQLite).
 - `ServeProcess`: `loraplex serve` in a child process on loopback, with the environment a test gives it.
 """
 
@@ -21,7 +20,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -35,6 +33,7 @@ from tests.e2e.conftest import (  # noqa: F401
     LiveServer,
     demo_model,
     module_database,
+    read_usage,
     start_server,
 )
 from tests.integration.conftest import free_port
@@ -49,27 +48,6 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "
             return
         time.sleep(0.1)
     raise AssertionError(f"{what} not met within {timeout} s")
-
-
-def read_usage(database_url: str) -> list[dict[str, Any]]:
-    """Every usage row of a database, read without the app (what billing is computed from)."""
-    if database_url.startswith("sqlite"):
-        path = database_url.split(":///", 1)[1]
-        with sqlite3.connect(path, timeout=30) as conn:
-            conn.row_factory = sqlite3.Row
-            return [dict(r) for r in conn.execute("SELECT * FROM usage_records ORDER BY created_at")]
-    import asyncpg
-
-    dsn = database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-    async def fetch() -> list[dict[str, Any]]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return [dict(r) for r in await conn.fetch("SELECT * FROM usage_records ORDER BY created_at")]
-        finally:
-            await conn.close()
-
-    return asyncio.run(fetch())
 
 
 def execute(database_url: str, statement: str) -> None:
@@ -88,10 +66,6 @@ def execute(database_url: str, statement: str) -> None:
             await conn.close()
 
     asyncio.run(run())
-
-
-def usage_rows(server: LiveServer) -> list[dict[str, Any]]:
-    return read_usage(server.app.state.settings.database_url)
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +231,5 @@ __all__ = [
     "execute",
     "read_usage",
     "serve_env",
-    "usage_rows",
     "wait_for",
 ]

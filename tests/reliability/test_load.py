@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import LiveServer
-from tests.reliability.conftest import usage_rows, wait_for
+from tests.reliability.conftest import wait_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -131,11 +131,11 @@ def check(server: LiveServer, outcomes: list[Outcome], elapsed: float) -> dict[s
     ids = {o.request_id for o in served}
 
     def settled() -> bool:
-        rows = [r for r in usage_rows(server) if r["request_id"] in ids]
+        rows = [r for r in server.usage_rows() if r["request_id"] in ids]
         return len(rows) == len(ids) and all(r["status"] != "reserved" for r in rows)
 
     wait_for(settled, 60, "every usage row settled")
-    rows = [r for r in usage_rows(server) if r["request_id"] in ids]
+    rows = [r for r in server.usage_rows() if r["request_id"] in ids]
     per_id = Counter(r["request_id"] for r in rows)
     assert set(per_id.values()) == {1}, "a request with more or fewer than one usage row"
     by_id = {r["request_id"]: r for r in rows}
