@@ -14,6 +14,7 @@ from typing import Any
 
 from engine.adapter_cache import AdapterCache, AdapterLoader
 from engine.adapter_file import ReadBuffer
+from engine.config import EngineConfig
 from engine.load_stages import StageClock
 from engine.lora import LoRAAdapter, load_adapter
 from engine.lora_slots import LoRASlots
@@ -38,9 +39,9 @@ def default_load_processes(cuda: bool) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def cache_for_model(config: Any, loaded: Any, loader: AdapterLoader | None = None) -> AdapterCache:
+def cache_for_model(config: EngineConfig, loaded: Any, loader: AdapterLoader | None = None) -> AdapterCache:
     cuda = loaded.device.type == "cuda"
-    batched = getattr(config, "adapter_batched_copy", True)
+    batched = config.adapter_batched_copy
     slots = LoRASlots(
         loaded.config, config.max_loras, config.max_lora_rank, loaded.dtype, loaded.device, batched
     )
@@ -55,7 +56,7 @@ def cache_for_model(config: Any, loaded: Any, loader: AdapterLoader | None = Non
             clock, out,
         )  # fmt: skip
 
-    processes = getattr(config, "adapter_load_processes", None)
+    processes = config.adapter_load_processes
     if processes is None:
         processes = default_load_processes(cuda)
     workers = processes or 4
@@ -67,7 +68,7 @@ def cache_for_model(config: Any, loaded: Any, loader: AdapterLoader | None = Non
         largest = max_adapter_bytes(loaded.config, config.max_lora_rank, loaded.dtype)
         block = min(POOL_BLOCK_BYTES, -(-largest // 4096) * 4096)
         pool = PinnedPool(mb << 20, block, pin) if mb << 20 >= block else None
-    eager = getattr(config, "adapter_eager_slots", True)
+    eager = config.adapter_eager_slots
     common: dict[str, Any] = {"load_workers": workers, "pool": pool, "eager_slots": eager}
     if not processes or config.max_loras == 0:
         return AdapterCache(slots, read_here, config.max_cpu_loras, loader, **common)
