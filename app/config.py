@@ -83,6 +83,9 @@ class Settings:
     # On SIGTERM: how long running requests (streams included) may take to finish before the rest are
     # cut off and the process exits (docs/reliability.md, graceful drain).
     shutdown_timeout: float = 30.0
+    # Requests a process queues beyond the engine's max_num_seqs; past that, 503 server_overloaded at
+    # once (docs/reliability.md), not an unbounded queue.
+    max_queued_requests: int = 1024
 
     # Limits and metering (docs/metering.md). A reservation older than usage_sweep_after_seconds
     # belongs to a dead process: the sweeper expires it and its concurrency slot is freed.
@@ -215,6 +218,7 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
         ("port", 0 <= s.port <= 65535, "expected a port number 0..65535"),
         ("max_request_bytes", s.max_request_bytes >= 1024, "expected an integer >= 1024"),
         ("shutdown_timeout", 0.0 <= s.shutdown_timeout <= 3600.0, "expected 0..3600 seconds"),
+        ("max_queued_requests", s.max_queued_requests >= 0, "expected an integer >= 0"),
         ("max_upload_bytes", s.max_upload_bytes >= 1024, "expected an integer >= 1024"),
         (
             "adapter_sweep_interval_seconds",

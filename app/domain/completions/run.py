@@ -161,10 +161,14 @@ class RunDriver:
     order in which lifespans start should not matter.
     """
 
-    def __init__(self, engine: EngineClient, state: Mapping[str, Any]) -> None:
+    def __init__(self, engine: EngineClient, state: Mapping[str, Any], capacity: int | None = None) -> None:
+        """`capacity`: runs this process takes at once (running + queued in the engine); past it a new
+        one is refused at once with 503 `server_overloaded` (None: no bound)."""
         self.engine = engine
         self._state = state
         self._settling: set[asyncio.Future[None]] = set()  # referenced until done, so none is collected
+        self.capacity = capacity
+        self.active: set[str] = set()  # request ids between begin() and their settlement
 
     @property
     def limiter(self) -> Limits | None:
@@ -179,6 +183,23 @@ class RunDriver:
         return self._state.get("metrics")
 
     async def begin(self, run: CompletionRun) -> None:
+        if self.capacity is not None and len(self.active) >= self.capacity:
+            # Full: say so now, before any limit or row is touched, rather than queue without bound.
+            raise RequestError(
+                503,
+                "The server is at capacity; retry shortly",
+                code="server_overloaded",
+                type_="server_error",
+                headers={"Retry-After": "1"},
+            )
+        self.active.add(run.request_id)
+        try:
+            await self._admit(run)
+        except BaseException:
+            self.active.discard(run.request_id)
+            raise
+
+    async def _admit(self, run: CompletionRun) -> None:
         limiter, meter = self.limiter, self.meter
         if limiter is not None:
             admission = await limiter.admit(run.caller.tenant, run.reserve_tokens)
@@ -302,7 +323,10 @@ class RunDriver:
                 # Metering keeps and retries settlements the database refused; anything else is a bug
                 # to log, never a reason to fail a response that was already produced.
                 log.exception("usage settle failed for %s", run.request_id)
-        await self._release(run)
+        try:
+            await self._release(run)
+        finally:
+            self.active.discard(run.request_id)
 
     async def _release(self, run: CompletionRun) -> None:
         limiter = self.limiter

@@ -42,7 +42,9 @@ class Serving:
     @asynccontextmanager
     async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
         self._app = app
-        self.driver = RunDriver(self.engine, app.state)
+        self.driver = RunDriver(
+            self.engine, app.state, self.settings.max_num_seqs + self.settings.max_queued_requests
+        )
         if self.settings.model is None:
             # `loraplex serve` always sets a model (the demo one by default); an app built without one
             # (API tests of other areas) serves the admin API only and answers /v1 calls with 503.
