@@ -47,7 +47,7 @@ _ERRORS = {
     403: "The key lacks the `completions` scope",
     404: "No such model among the base model and your adapters",
     429: "A rate limit or quota of your tenant; see `Retry-After` and `x-ratelimit-*`",
-    503: "The model is not loaded, the engine failed, or usage cannot be recorded right now",
+    503: "The model is not loaded, the engine failed, the server is at capacity or draining, or usage cannot be recorded right now",
 }
 ERROR_RESPONSES = {
     status: ResponseSpec(data_container=ErrorEnvelope, description=text, generate_examples=False)
