@@ -12,7 +12,8 @@ import json
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -136,6 +137,38 @@ def names(got: str | None, field: str | None) -> bool:
     return got == field or (got is not None and field is not None and got.startswith(field + "["))
 
 
+def stream_beside(
+    server: LiveServer,
+    headers: dict[str, str],
+    others: Callable[[ThreadPoolExecutor], Iterable[Any]],
+    workers: int,
+) -> tuple[str, list[Any]]:
+    """Stream STREAM; once its first chunk is in, run `others(pool)` beside it. Returns the stream's text
+    and what `others` produced, listed once the stream and they are done."""
+    text = ""
+    started: Iterable[Any] | None = None
+    with (
+        httpx.stream(
+            "POST",
+            server.url + "/v1/completions",
+            json={**STREAM, "stream": True},
+            headers=headers,
+            timeout=120,
+        ) as stream,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
+        assert stream.status_code == 200
+        for line in stream.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            text += chunk["choices"][0]["text"] if chunk["choices"] else ""
+            if started is None:  # the stream is running: the others arrive now, interleaved with it
+                started = others(pool)
+        results = list(started or [])
+    return text, [f.result() if isinstance(f, Future) else f for f in results]
+
+
 def test_hostile_requests_are_400s_naming_their_field_while_a_stream_completes(
     live_server: LiveServer,  # noqa: F811 (the imported fixture)
 ) -> None:
@@ -170,28 +203,7 @@ def test_hostile_requests_are_400s_naming_their_field_while_a_stream_completes(
 
     poller = threading.Thread(target=poll_ready, daemon=True)
     poller.start()
-    text = ""
-    with (
-        httpx.stream(
-            "POST",
-            live_server.url + "/v1/completions",
-            json={**STREAM, "stream": True},
-            headers=normal,
-            timeout=120,
-        ) as stream,
-        ThreadPoolExecutor(max_workers=6) as pool,
-    ):
-        assert stream.status_code == 200
-        lines = stream.iter_lines()
-        results = None
-        for line in lines:
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            text += chunk["choices"][0]["text"] if chunk["choices"] else ""
-            if results is None:  # the stream is running: now the hostile ones arrive, interleaved with it
-                results = pool.map(send, cases)
-        answers = list(results or [])
+    text, answers = stream_beside(live_server, normal, lambda pool: pool.map(send, cases), workers=6)
     stop_polling.set()
     poller.join(timeout=10)
 
@@ -251,37 +263,14 @@ def test_a_request_that_breaks_a_step_fails_alone_settled_while_a_stream_complet
     inner = engine.engine.sampler
     engine.engine.sampler = SeedPoisonedSampler(inner)
     try:
-        text = ""
-        answers: list[httpx.Response] = []
-        with (
-            httpx.stream(
-                "POST",
-                live_server.url + "/v1/completions",
-                json={**STREAM, "stream": True},
-                headers=normal,
-                timeout=120,
-            ) as stream,
-            ThreadPoolExecutor(max_workers=3) as pool,
-        ):
-            futures = None
-            for line in stream.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                text += chunk["choices"][0]["text"] if chunk["choices"] else ""
-                if futures is None:  # three poisoned requests join the running stream's batches
-                    body = {"model": "demo-model", "prompt": "hi", "max_tokens": 8, "seed": POISON_SEED}
-                    futures = [
-                        pool.submit(
-                            httpx.post,
-                            live_server.url + "/v1/completions",
-                            json=body,
-                            headers=bad,
-                            timeout=60,
-                        )
-                        for _ in range(3)
-                    ]
-            answers = [f.result() for f in futures or []]
+        body = {"model": "demo-model", "prompt": "hi", "max_tokens": 8, "seed": POISON_SEED}
+        url = live_server.url + "/v1/completions"
+        text, answers = stream_beside(  # three poisoned requests join the running stream's batches
+            live_server,
+            normal,
+            lambda pool: [pool.submit(httpx.post, url, json=body, headers=bad, timeout=60) for _ in range(3)],
+            workers=3,
+        )
     finally:
         engine.engine.sampler = inner
     assert text == expected
