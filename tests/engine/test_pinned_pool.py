@@ -23,6 +23,8 @@ from engine.request import LoRARequest
 CFG = demo_config(512)
 MODEL = parse_config(CFG)
 BLOCK = 4096
+# The CPU tier is page-locked on a CUDA host (pin_adapter copies anything else out of the pool).
+CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,7 @@ def loaded(cache: AdapterCache, req: LoRARequest) -> int | None:
 
 
 def test_cpu_tier_lives_in_the_pool_and_gives_runs_back(dirs: dict[str, Path]) -> None:
-    pool = PinnedPool(64 << 20, 1 << 20, pin=False)
+    pool = PinnedPool(64 << 20, 1 << 20, pin=CUDA)
     cache = pooled_cache(pool, max_loras=1, max_cpu=2)
     try:
         total = pool.free_blocks
@@ -149,7 +151,7 @@ def test_cpu_tier_lives_in_the_pool_and_gives_runs_back(dirs: dict[str, Path]) -
 
 
 def test_a_bad_adapter_gives_its_run_back(dirs: dict[str, Path]) -> None:
-    pool = PinnedPool(64 << 20, 1 << 20, pin=False)
+    pool = PinnedPool(64 << 20, 1 << 20, pin=CUDA)
     cache = pooled_cache(pool)
     try:
         total = pool.free_blocks
@@ -171,7 +173,7 @@ def test_a_bad_adapter_gives_its_run_back(dirs: dict[str, Path]) -> None:
 
 def test_prefetched_load_takes_an_unpinned_slot_never_a_pinned_one(dirs: dict[str, Path]) -> None:
     for eager in (False, True):
-        cache = pooled_cache(PinnedPool(64 << 20, 1 << 20, pin=False), max_loras=2, max_cpu=4, eager=eager)
+        cache = pooled_cache(PinnedPool(64 << 20, 1 << 20, pin=CUDA), max_loras=2, max_cpu=4, eager=eager)
         try:
             a, b, c = lora(dirs, "a"), lora(dirs, "b"), lora(dirs, "c")
             assert loaded(cache, a) is not None and loaded(cache, b) is not None
