@@ -23,6 +23,7 @@ from engine.cuda_graphs import (
     GroupMask,
     all_groups_mask,
 )
+from engine.kernel_warmup import warm_lora_kernels
 from engine.model_config import ModelConfig
 from engine.model_loader import LoadedModel
 from engine.ops import LoRABatch, get_ops
@@ -116,6 +117,8 @@ class ModelRunner:
             if adapter_cache.slots.num_slots > 0:
                 masks += [all_groups_mask(), ATTENTION_ONLY]
             self.graphs.capture_all(masks)
+            # Eager steps' LoRA launch variants too (engine/kernel_warmup.py): none compiles mid-step.
+            warm_lora_kernels(adapter_cache.slots, self.ops, self.device)
         if self.device.type == "cuda":
             self.log_memory()
 
