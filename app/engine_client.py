@@ -150,6 +150,9 @@ class EngineClient:
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         return list(self.engine.apply_chat_template(messages))
 
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self.engine.decode(token_ids))
+
     def decode_token(self, token_id: int) -> str:
         return str(self.engine.decode([token_id]))
 

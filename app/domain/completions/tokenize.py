@@ -45,6 +45,9 @@ class Tokenizer:
         await self._refuse_far_too_long(text, "prompt")
         return await self._run(self.engine.encode, text)
 
+    async def decode(self, token_ids: list[int]) -> str:
+        return await self._run(self.engine.decode, token_ids)
+
     async def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         # The template only adds tokens around the contents, so the contents alone are a lower bound.
         await self._refuse_far_too_long("\n".join(m["content"] for m in messages), "messages")
