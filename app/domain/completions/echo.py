@@ -38,8 +38,11 @@ def echo_logprobs(
     top_n: int,
     decode: Decode,
     generated: CompletionLogprobs | None,
+    text_len: int,
 ) -> CompletionLogprobs:
-    """The legacy logprobs of an echoed prompt (null for its first token), then the generated ones'."""
+    """The legacy logprobs of an echoed prompt (null for its first token), then the generated ones'.
+    A prompt token's text_offset is the length of the tokens' texts before it, at most the echoed text's
+    length `text_len` (special tokens such as BOS are among the tokens but not in the echoed text)."""
     tokens: list[str] = []
     lps: list[float | None] = []
     tops: list[dict[str, float] | None] = []
@@ -48,7 +51,7 @@ def echo_logprobs(
     for tid, entry in zip(ids, entries, strict=False):
         text = decode(tid)
         tokens.append(text)
-        offsets.append(offset)
+        offsets.append(min(offset, text_len))
         offset += len(text)
         if entry is None:
             lps.append(None)

@@ -90,7 +90,7 @@ def _completion_choice(run: CompletionRun, o: CompletionOutput, decode: Any) -> 
         lps = render.completion_logprobs(ids, o.logprobs or [], spec.logprobs, decode, len(head))
         if spec.echo:
             lps = echo.echo_logprobs(
-                run.prompts[p], run.prompt_logprobs.get(p, []), spec.logprobs, decode, lps
+                run.prompts[p], run.prompt_logprobs.get(p, []), spec.logprobs, decode, lps, len(head)
             )
     return CompletionChoice(
         index=o.index,
@@ -169,7 +169,7 @@ def _chunk(
             )
             if lp is not None and head and spec.echo:
                 lp = echo.echo_logprobs(
-                    run.prompts[p], run.prompt_logprobs.get(p, []), top_n or 0, decode, lp
+                    run.prompts[p], run.prompt_logprobs.get(p, []), top_n or 0, decode, lp, len(echoed)
                 )
             body = CompletionResponse(
                 id=run.request_id,

@@ -1,0 +1,179 @@
+"""The completion fields against a live server (demo model on CPU, real PostgreSQL, Redis and S3) with the
+`openai` SDK and httpx: echo, max_tokens 0, lists of prompts, prompt_logprobs, continuous usage stats, and
+the bill equal to what clients were told."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import (  # noqa: F401  (fixtures)
+    LiveServer,
+    demo_model,
+    live_server,
+    module_database,
+    module_s3,
+)
+
+pytestmark = pytest.mark.slow
+PROMPT = "Language models predict"
+GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 5, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def key(live_server: LiveServer) -> str:
+    t = live_server.tenant()
+    live_server.upload(t["id"], "attn", live_server.demo_model / "adapters" / "demo-attn")
+    return live_server.key(t["id"])
+
+
+@pytest.fixture(scope="module")
+def client(live_server: LiveServer, key: str) -> Any:
+    return live_server.openai(key)
+
+
+@pytest.fixture(scope="module")
+def http(live_server: LiveServer, key: str) -> Any:
+    with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+        yield c
+
+
+def _complete(client: Any, prompt: Any, **kw: Any) -> Any:
+    return client.completions.create(
+        model="demo-model",
+        prompt=prompt,
+        extra_body={"ignore_eos": True},
+        **{"temperature": 0.0, "max_tokens": 5, **kw},
+    )
+
+
+def _row(live_server: LiveServer, request_id: str) -> dict[str, Any]:
+    rows = [r for r in live_server.usage_rows() if r["request_id"] == request_id]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def _billed_as_told(live_server: LiveServer, request_id: str, usage: Any) -> None:
+    row = _row(live_server, request_id)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+
+
+def test_echo_prepends_the_prompt_and_bills_the_same(live_server: LiveServer, client: Any) -> None:
+    plain = _complete(client, PROMPT)
+    echoed = _complete(client, PROMPT, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    assert echoed.usage == plain.usage
+    _billed_as_told(live_server, echoed.id, echoed.usage)
+
+
+def test_echo_with_max_tokens_0_is_the_prompt_alone(live_server: LiveServer, client: Any) -> None:
+    out = _complete(client, PROMPT, echo=True, max_tokens=0)
+    assert out.choices[0].text == PROMPT and out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens > 0
+    _billed_as_told(live_server, out.id, out.usage)
+    with pytest.raises(Exception) as err:
+        _complete(client, PROMPT, max_tokens=0)
+    assert err.value.status_code == 400 and err.value.body["param"] == "max_tokens"  # type: ignore[attr-defined]
+
+
+def test_echo_with_logprobs_covers_the_prompt_tokens(client: Any, http: Any) -> None:
+    out = _complete(client, PROMPT, echo=True, logprobs=2)
+    lp = out.choices[0].logprobs
+    prompt_tokens = out.usage.prompt_tokens
+    assert len(lp.tokens) == prompt_tokens + 5 and PROMPT in "".join(lp.tokens[:prompt_tokens])
+    assert lp.text_offset[prompt_tokens] == len(PROMPT)  # the first generated token, after the echo
+    assert lp.text_offset == sorted(lp.text_offset)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(isinstance(v, float) and v <= 0 for v in lp.token_logprobs[1:])
+    # The prompt part equals vLLM's prompt_logprobs for the same prompt.
+    body = {"model": "demo-model", "prompt": PROMPT, "max_tokens": 0, "prompt_logprobs": 2}
+    got = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert got["text"] == "" and len(got["prompt_logprobs"]) == prompt_tokens
+    for position in range(1, prompt_tokens):
+        entries = got["prompt_logprobs"][position]
+        mine = [e for e in entries.values() if e["decoded_token"] == lp.tokens[position]]
+        assert mine and mine[0]["logprob"] == pytest.approx(lp.token_logprobs[position], abs=1e-5)
+        assert sorted(e["rank"] for e in entries.values())[:2] == [1, 2]
+
+
+def test_prompt_logprobs_with_an_adapter_differ_from_the_base(http: Any) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 1, "prompt_logprobs": 0}
+    base = http.post("/v1/completions", json={**body, "model": "demo-model"}).json()["choices"][0]
+    lora = http.post("/v1/completions", json={**body, "model": "attn"}).json()["choices"][0]
+    assert base["prompt_logprobs"][0] is None and len(base["prompt_logprobs"]) == len(lora["prompt_logprobs"])
+    first = [next(iter(e.values()))["logprob"] for e in base["prompt_logprobs"][1:]]
+    other = [next(iter(e.values()))["logprob"] for e in lora["prompt_logprobs"][1:]]
+    assert first != other  # the adapter changes the model, so its prompt logprobs
+    bad = http.post("/v1/completions", json={**body, "model": "demo-model", "prompt_logprobs": 21})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_a_list_of_prompts_gives_n_choices_each_and_one_usage_row(
+    live_server: LiveServer, client: Any
+) -> None:
+    prompts = [PROMPT, "Hello there", [5, 6, 7, 8]]
+    singles = [_complete(client, p) for p in prompts]
+    out = _complete(client, prompts, n=2)
+    assert [c.index for c in out.choices] == list(range(6))
+    for p, single in enumerate(singles):
+        assert [out.choices[2 * p + i].text for i in range(2)] == [single.choices[0].text] * 2
+    assert out.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert out.usage.completion_tokens == 6 * 5
+    _billed_as_told(live_server, out.id, out.usage)
+
+
+def test_a_list_of_prompts_streams_with_the_right_indices(live_server: LiveServer, client: Any) -> None:
+    prompts = ["one", "two two", "three three three"]
+    whole = _complete(client, prompts, n=2, echo=True)
+    texts: dict[int, str] = {}
+    usage = None
+    rid = None
+    for chunk in _complete(
+        client, prompts, n=2, echo=True, stream=True, stream_options={"include_usage": True}
+    ):
+        rid = chunk.id
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+        usage = chunk.usage or usage
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert all(texts[2 * p + i].startswith(prompts[p]) for p in range(3) for i in range(2))
+    assert usage == whole.usage
+    _billed_as_told(live_server, rid, usage)
+
+
+def test_prompt_lists_are_bounded(http: Any) -> None:
+    r = http.post("/v1/completions", json={"model": "demo-model", "prompt": ["a"] * 65})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = http.post("/v1/completions", json={"model": "demo-model", "prompt": ["a", [999999]]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[1]"
+
+
+def test_continuous_usage_stats_on_every_chunk(live_server: LiveServer, http: Any) -> None:
+    body = {
+        "model": "demo-model",
+        "prompt": PROMPT,
+        **GREEDY,
+        "n": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    chunks = []
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    assert all(c["usage"] is not None for c in chunks)
+    done = [c["usage"]["completion_tokens"] for c in chunks]
+    assert done == sorted(done) and done[-1] == 10 and done[0] < 10
+    assert {c["usage"]["prompt_tokens"] for c in chunks} == {chunks[-1]["usage"]["prompt_tokens"]}
+    row = _row(live_server, chunks[-1]["id"])
+    assert row["completion_tokens"] == 10
+    # Without include_usage the option changes nothing (vLLM's rule).
+    body["stream_options"] = {"continuous_usage_stats": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        lines = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    assert all(c["usage"] is None for c in lines)
