@@ -177,3 +177,60 @@ def test_continuous_usage_stats_on_every_chunk(live_server: LiveServer, http: An
     with http.stream("POST", "/v1/completions", json=body) as r:
         lines = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
     assert all(c["usage"] is None for c in lines)
+
+
+def test_tokenize_and_detokenize(live_server: LiveServer, client: Any, http: Any) -> None:
+    rows_before = len(live_server.usage_rows())
+    told = _complete(client, PROMPT).usage.prompt_tokens
+    r = http.post("/tokenize", json={"model": "attn", "prompt": PROMPT})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == len(body["tokens"]) == told  # counted as completions count the prompt
+    assert body["max_model_len"] == 512
+    bare = http.post("/tokenize", json={"model": "demo-model", "prompt": PROMPT, "add_special_tokens": False})
+    assert bare.json()["tokens"] == body["tokens"][1:]  # without the BOS token
+    back = http.post("/detokenize", json={"model": "demo-model", "tokens": bare.json()["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": PROMPT}
+    chat = [{"role": "user", "content": "Hello"}]
+    chat_count = client.chat.completions.create(
+        model="demo-model", messages=chat, max_tokens=1
+    ).usage.prompt_tokens
+    assert (
+        http.post("/tokenize", json={"model": "demo-model", "messages": chat}).json()["count"] == chat_count
+    )
+    # Not billed: only the two completions above wrote usage rows.
+    assert len(live_server.usage_rows()) == rows_before + 2
+
+
+def test_tokenize_is_tenant_scoped_and_bounded(live_server: LiveServer, http: Any) -> None:
+    other = live_server.tenant()
+    stranger = {"Authorization": f"Bearer {live_server.key(other['id'])}"}
+    r = httpx.post(live_server.url + "/tokenize", json={"model": "attn", "prompt": "x"}, headers=stranger)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert (
+        httpx.post(live_server.url + "/tokenize", json={"model": "demo-model", "prompt": "x"}).status_code
+        == 401
+    )
+    cases = [
+        ("/tokenize", {"model": "demo-model"}, "prompt"),
+        ("/tokenize", {"model": "demo-model", "prompt": "x", "messages": [{"role": "user"}]}, "prompt"),
+        ("/tokenize", {"model": "demo-model", "prompt": 5}, "prompt"),
+        ("/detokenize", {"model": "demo-model", "tokens": [10**9]}, "tokens"),
+        ("/detokenize", {"model": "demo-model", "tokens": ["1"]}, "tokens[0]"),
+        ("/detokenize", {"model": "demo-model", "tokens": [1] * 131_073}, "tokens"),
+    ]
+    for path, body, param in cases:
+        r = http.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
+
+
+def test_tokenize_counts_against_the_request_limit(live_server: LiveServer) -> None:
+    t = live_server.tenant(requests_per_minute=2)
+    headers = {"Authorization": f"Bearer {live_server.key(t['id'])}"}
+    codes = [
+        httpx.post(
+            live_server.url + "/tokenize", json={"model": "demo-model", "prompt": "x"}, headers=headers
+        ).status_code
+        for _ in range(3)
+    ]
+    assert codes == [200, 200, 429]
