@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine import prompt_logprobs
 from engine.async_scheduling import AsyncScheduling
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import Group, build_output
+from engine.prompt_logprobs import collect_prompt_logprobs, wants_prompt_logprobs
 from engine.request import LoRARequest, Request, RequestOutput, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -230,8 +230,8 @@ class LLMEngine:
     def _forward(self, scheduled: list[tuple[Request, int]]) -> Any:
         """The step's logits [B, V], one row per request. A step that computes prompt tokens of a request
         asking for prompt logprobs takes every row's logits, records those, then keeps the last rows."""
-        if prompt_logprobs.wanted(scheduled):
-            return prompt_logprobs.collect(self.runner.execute(scheduled, all_logits=True), scheduled)
+        if wants_prompt_logprobs(scheduled):
+            return collect_prompt_logprobs(self.runner.execute(scheduled, all_logits=True), scheduled)
         return self.runner.execute(scheduled)
 
     def _advance_in_flight(self, failed: list[Request]) -> list[RequestOutput]:

@@ -21,7 +21,7 @@ from engine.sampler import to_device
 ROWS_PER_SLICE = 256
 
 
-def wanted(scheduled: list[tuple[Request, int]]) -> bool:
+def wants_prompt_logprobs(scheduled: list[tuple[Request, int]]) -> bool:
     """Whether a request of this step computes prompt tokens whose logprobs it still lacks."""
     return any(_positions(request, n) for request, n in scheduled)
 
@@ -37,7 +37,7 @@ def _positions(request: Request, n: int) -> range:
 
 
 @torch.inference_mode()
-def collect(logits: Tensor, scheduled: list[tuple[Request, int]]) -> Tensor:
+def collect_prompt_logprobs(logits: Tensor, scheduled: list[tuple[Request, int]]) -> Tensor:
     """logits [sum n, V] (every computed token, in batch order): records the prompt logprobs of the rows
     that give them, and returns each request's last row [B, V], the logits the step samples from."""
     rows: list[int] = []

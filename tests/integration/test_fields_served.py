@@ -5,18 +5,20 @@ the bill equal to what clients were told."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import (  # noqa: F401  (fixtures)
-    LiveServer,
-    demo_model,
-    live_server,
-    module_database,
-    module_s3,
+from tests.e2e import conftest as e2e
+from tests.e2e.conftest import LiveServer
+
+# The e2e suite's live server (one per module), reused here.
+demo_model, module_database, module_s3, live_server = (
+    e2e.demo_model,
+    e2e.module_database,
+    e2e.module_s3,
+    e2e.live_server,
 )
 
 pytestmark = pytest.mark.slow
