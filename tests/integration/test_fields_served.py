@@ -236,3 +236,37 @@ def test_tokenize_counts_against_the_request_limit(live_server: LiveServer) -> N
         for _ in range(3)
     ]
     assert codes == [200, 200, 429]
+
+
+def test_streamed_echo_of_the_prompt_alone(live_server: LiveServer, client: Any) -> None:
+    prompts = ["first prompt", "second"]
+    chunks = list(
+        _complete(
+            client, prompts, echo=True, max_tokens=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {0: prompts[0], 1: prompts[1]}
+    finals = [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason]
+    assert finals == ["length", "length"]
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == 0
+    _billed_as_told(live_server, chunks[-1].id, usage)
+
+
+def test_prompt_logprobs_of_a_list_belong_to_each_prompt(http: Any) -> None:
+    prompts = ["one two three", "four five"]
+    body = {"model": "demo-model", "max_tokens": 1, "prompt_logprobs": 1, "n": 2}
+    whole = http.post("/v1/completions", json={**body, "prompt": prompts}).json()["choices"]
+    for p, prompt in enumerate(prompts):
+        alone = http.post("/v1/completions", json={**body, "prompt": prompt}).json()["choices"][0]
+        assert whole[2 * p]["prompt_logprobs"] == whole[2 * p + 1]["prompt_logprobs"]
+        got = whole[2 * p]["prompt_logprobs"]
+        assert len(got) == len(alone["prompt_logprobs"])
+        for mine, theirs in zip(got[1:], alone["prompt_logprobs"][1:], strict=True):
+            assert mine.keys() == theirs.keys()
+            for k in mine:
+                assert mine[k]["logprob"] == pytest.approx(theirs[k]["logprob"], abs=1e-5)

@@ -193,7 +193,8 @@ class RunDriver:
         self._state = state
         self._settling: set[asyncio.Future[None]] = set()  # referenced until done, so none is collected
         self.capacity = capacity
-        self.active: set[str] = set()  # request ids between begin() and their settlement
+        # Engine request ids between begin() and their settlement (a list of prompts holds one per prompt).
+        self.active: set[str] = set()
 
     @property
     def limiter(self) -> Limits | None:
@@ -217,11 +218,12 @@ class RunDriver:
                 type_="server_error",
                 headers={"Retry-After": "1"},
             )
-        self.active.add(run.request_id)
+        engine_ids = {run.engine_id(p) for p in range(len(run.prompts))}
+        self.active.update(engine_ids)
         try:
             await self._admit(run)
         except BaseException:
-            self.active.discard(run.request_id)
+            self.active.difference_update(engine_ids)
             raise
 
     async def _admit(self, run: CompletionRun) -> None:
@@ -394,7 +396,7 @@ class RunDriver:
         try:
             await self._release(run)
         finally:
-            self.active.discard(run.request_id)
+            self.active.difference_update(run.engine_id(p) for p in range(len(run.prompts)))
 
     async def _release(self, run: CompletionRun) -> None:
         limiter = self.limiter
