@@ -270,3 +270,22 @@ def test_prompt_logprobs_of_a_list_belong_to_each_prompt(http: Any) -> None:
             assert mine.keys() == theirs.keys()
             for k in mine:
                 assert mine[k]["logprob"] == pytest.approx(theirs[k]["logprob"], abs=1e-5)
+
+
+def test_streamed_prompt_logprobs_and_echoed_logprobs_equal_the_whole_answer(http: Any) -> None:
+    body = {"model": "attn", "prompt": PROMPT, **GREEDY, "echo": True, "logprobs": 1, "prompt_logprobs": 2}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]
+    chunks = []
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:])["choices"][0])
+    assert chunks[0]["prompt_logprobs"] == whole["prompt_logprobs"]
+    assert all(c["prompt_logprobs"] is None for c in chunks[1:])
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    tokens = [t for c in chunks for t in c["logprobs"]["tokens"]]
+    offsets = [o for c in chunks for o in c["logprobs"]["text_offset"]]
+    assert tokens == whole["logprobs"]["tokens"] and offsets == whole["logprobs"]["text_offset"]
+    streamed = [v for c in chunks for v in c["logprobs"]["token_logprobs"]]
+    assert streamed[0] is None
+    assert streamed[1:] == pytest.approx(whole["logprobs"]["token_logprobs"][1:], abs=1e-5)

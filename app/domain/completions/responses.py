@@ -196,6 +196,18 @@ def _chunk(
     return frames
 
 
+async def _frames(
+    run: CompletionRun, out: RequestOutput, state: StreamState, chat: bool, decode: Callable[[int], str]
+) -> list[tuple[bytes, int]]:
+    """_chunk's frames; in a worker thread while a choice's first frame still has to carry the prompt's
+    logprobs (a decode per prompt token and alternative: seconds for a long prompt, never on the loop)."""
+    spec = run.spec
+    heavy = spec.prompt_logprobs is not None or (spec.echo and spec.logprobs is not None)
+    if heavy and not chat and not all(state.head_sent):
+        return await anyio.to_thread.run_sync(_chunk, run, out, state, chat, decode)
+    return _chunk(run, out, state, chat, decode)
+
+
 async def stream(
     driver: RunDriver,
     run: CompletionRun,
@@ -212,12 +224,12 @@ async def stream(
     state = StreamState(run.num_choices)
     run.streamed_tokens = 0
     try:
-        for frame, tokens in _chunk(run, first, state, chat, decode):
+        for frame, tokens in await _frames(run, first, state, chat, decode):
             yield frame
             run.streamed_tokens += tokens  # the server asks for the next frame once it has sent this one
         if not run.finished:
             async for out in outputs:
-                for frame, tokens in _chunk(run, out, state, chat, decode):
+                for frame, tokens in await _frames(run, out, state, chat, decode):
                     yield frame
                     run.streamed_tokens += tokens
         # Settle before the last frames, so a client that reads its bill right after [DONE] finds it.
