@@ -229,9 +229,9 @@ class LLMEngine:
 
     def _forward(self, scheduled: list[tuple[Request, int]]) -> Any:
         """The step's logits [B, V], one row per request. A step that computes prompt tokens of a request
-        asking for prompt logprobs takes every row's logits, records those, then keeps the last rows."""
+        asking for prompt logprobs runs eagerly and records those first (engine/prompt_logprobs.py)."""
         if wants_prompt_logprobs(scheduled):
-            return collect_prompt_logprobs(self.runner.execute(scheduled, all_logits=True), scheduled)
+            return collect_prompt_logprobs(self.runner, scheduled)
         return self.runner.execute(scheduled)
 
     def _advance_in_flight(self, failed: list[Request]) -> list[RequestOutput]:

@@ -1,15 +1,19 @@
 """Prompt logprobs (vLLM's `prompt_logprobs`): the log-probability of every prompt token given the tokens
 before it, with the top-k alternatives and the prompt token's rank.
 
-A step that computes part of the prompt of a request collecting them runs the forward with every row's
-logits (ModelRunner.execute(all_logits=True)); here those requests' rows get log-softmax, the prompt
-token's logprob and rank, and the top-k, on the device, a slice of rows at a time, and only those small
-results are copied to the host. The rows are gathered across chunked-prefill steps in the request's
-`prompt_logprobs` list (a position already there, e.g. after a preemption's recompute, is skipped).
-The step then goes on with each request's last row, as a step without prompt logprobs would.
+A step that computes part of the prompt of a request collecting them runs its forward eagerly for the
+final hidden states of every token (ModelRunner.execute_hidden); the rows of those requests become
+logits a slice at a time (ModelRunner.logits), get log-softmax, the prompt token's logprob and rank, and
+the top-k on the device, and only those small results are copied to the host: the device holds at most
+ROWS_PER_SLICE x vocab logits at once, whatever the chunk's length. The rows are gathered across
+chunked-prefill steps in the request's `prompt_logprobs` list (a position already there, e.g. after a
+preemption's recompute, is skipped). The step then samples from each request's last row's logits, as a
+step without prompt logprobs would.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,9 +41,10 @@ def _positions(request: Request, n: int) -> range:
 
 
 @torch.inference_mode()
-def collect_prompt_logprobs(logits: Tensor, scheduled: list[tuple[Request, int]]) -> Tensor:
-    """logits [sum n, V] (every computed token, in batch order): records the prompt logprobs of the rows
-    that give them, and returns each request's last row [B, V], the logits the step samples from."""
+def collect_prompt_logprobs(runner: Any, scheduled: list[tuple[Request, int]]) -> Tensor:
+    """Runs the step (runner: ModelRunner's execute_hidden and logits), records the prompt logprobs of the
+    rows that give them, and returns each request's last row's logits [B, V], which the step samples from."""
+    hidden = runner.execute_hidden(scheduled)  # [sum n, H]
     rows: list[int] = []
     targets: list[int] = []  # the prompt token each row predicts
     owners: list[tuple[Request, int]] = []  # (request, top-k) per row
@@ -53,15 +58,18 @@ def collect_prompt_logprobs(logits: Tensor, scheduled: list[tuple[Request, int]]
             owners.append((request, request.params.prompt_logprobs or 0))
         offset += n
         last.append(offset - 1)
+    device = hidden.device
     for begin in range(0, len(rows), ROWS_PER_SLICE):
         end = begin + ROWS_PER_SLICE
-        _record(logits, rows[begin:end], targets[begin:end], owners[begin:end])
-    return logits.index_select(0, to_device(logits.device, last, torch.int64))
+        picked = hidden.index_select(0, to_device(device, rows[begin:end], torch.int64))
+        _record(runner.logits(picked), targets[begin:end], owners[begin:end])
+    return runner.logits(hidden.index_select(0, to_device(device, last, torch.int64)))  # type: ignore[no-any-return]
 
 
-def _record(logits: Tensor, rows: list[int], targets: list[int], owners: list[tuple[Request, int]]) -> None:
+def _record(logits: Tensor, targets: list[int], owners: list[tuple[Request, int]]) -> None:
+    """logits [R, V] float32 of the rows predicting `targets`."""
     device = logits.device
-    lp = torch.log_softmax(logits.index_select(0, to_device(device, rows, torch.int64)).float(), dim=-1)
+    lp = torch.log_softmax(logits, dim=-1)
     target = to_device(device, targets, torch.int64).unsqueeze(1)  # [R, 1]
     chosen = lp.gather(1, target)  # [R, 1]
     rank = (lp > chosen).sum(dim=1) + 1  # [R]

@@ -139,3 +139,21 @@ def test_prompt_logprobs_on_the_gpu_equal_transformers(demo: Path, hf: Any, cuda
     for ids, name, out in zip(prompts, [None, "attn", "mlp"], outs, strict=False):
         _check(out.prompt_logprobs, ids, _expected(hf, ids, name), atol=2e-3)
     assert outs[0].outputs[0].token_ids == outs[3].outputs[0].token_ids
+
+
+def test_prompt_logprobs_hold_a_slice_of_logits_at_a_time(
+    demo: Path, hf: Any, one_torch_thread: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logits are made from hidden states a slice of rows at a time, never for a whole 40-token chunk."""
+    import engine.prompt_logprobs as module
+
+    monkeypatch.setattr(module, "ROWS_PER_SLICE", 8)
+    llm = _llm(demo, max_num_batched_tokens=64)
+    runner = llm.engine.runner
+    sizes: list[int] = []
+    make_logits = runner.logits
+    monkeypatch.setattr(runner, "logits", lambda h: sizes.append(h.shape[0]) or make_logits(h))
+    ids = _prompt(3, 40, llm.engine.vocab_size)
+    out = llm.generate([ids], SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=K))[0]
+    _check(out.prompt_logprobs, ids, _expected(hf, ids, None))
+    assert sizes and max(sizes) <= 8 and sum(sizes) == 39 + 1  # 39 prompt rows in 8s, 1 row to sample
