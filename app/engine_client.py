@@ -144,11 +144,14 @@ class EngineClient:
     def vocab_size(self) -> int:
         return int(self.engine.vocab_size)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.engine.encode(text))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.engine.encode(text, add_special_tokens))
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         return list(self.engine.apply_chat_template(messages))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self.engine.decode(token_ids))
 
     def decode_token(self, token_id: int) -> str:
         return str(self.engine.decode([token_id]))
