@@ -117,7 +117,8 @@ class ModelRunner:
             if adapter_cache.slots.num_slots > 0:
                 masks += [all_groups_mask(), ATTENTION_ONLY]
             self.graphs.capture_all(masks)
-            # Eager steps' LoRA launch variants too (engine/kernel_warmup.py): none compiles mid-step.
+        if self.device.type == "cuda" and self.ops.name == "triton":
+            # Eager steps' LoRA launch variants (engine/kernel_warmup.py): none compiles mid-step.
             warm_lora_kernels(adapter_cache.slots, self.ops, self.device)
         if self.device.type == "cuda":
             self.log_memory()
