@@ -17,7 +17,7 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.model_loader import LoadedModel, load_config, load_tokenizer
 from engine.model_runner import ModelRunner
-from engine.models.llama import LlamaForCausalLM
+from engine.models.causal_lm import CausalLM
 
 LLAMA3_8B: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -85,7 +85,7 @@ def random_weights(cfg: Any, dtype: torch.dtype, device: torch.device, seed: int
 
 def random_model(folder: Path, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
     cfg = load_config(folder)
-    model = LlamaForCausalLM.from_weights(cfg, random_weights(cfg, dtype, device, seed), dtype, device)
+    model = CausalLM.from_weights(cfg, random_weights(cfg, dtype, device, seed), dtype, device)
     return LoadedModel(
         name=folder.name,
         path=str(folder),
