@@ -28,6 +28,7 @@ from torch import Tensor
 from engine.adapter_file import ReadBuffer, Sha256Thread, parse_safetensors, read_bounded
 from engine.adapter_format import (
     CONFIG_FILE,
+    FUSED_MODULES,
     MAX_CONFIG_BYTES,
     WEIGHTS_FILE,
     AdapterError,
@@ -88,11 +89,14 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         raise AdapterError(f"{CONFIG_FILE}: {exc}", exc.code, exc.field) from None
 
 
-def check_adapter_config(raw: dict[str, Any], max_rank: int, num_layers: int | None = None) -> LoraConfig:
+def check_adapter_config(
+    raw: dict[str, Any], max_rank: int, num_layers: int | None = None, model_type: str | None = None
+) -> LoraConfig:
     """The adapter-format contract (engine/adapter_format.py), the same checks upload validation runs:
-    every PEFT feature our LoRA path does not compute refused by name, every value in range."""
+    every PEFT feature our LoRA path does not compute refused by name, every value in range, the targets
+    those of `model_type` (None: any architecture's)."""
     try:
-        return check_lora_config(raw, max_rank, num_layers=num_layers)
+        return check_lora_config(raw, max_rank, model_type, num_layers)
     except AdapterError as exc:
         raise AdapterError(f"{CONFIG_FILE}: {exc}", exc.code, exc.field) from None
 
@@ -120,7 +124,7 @@ def load_adapter(
     buffer to stack into instead of a fresh one (a loader process's shared staging block)."""
     clock = clock or StageClock()
     path = Path(folder)
-    spec = check_adapter_config(read_adapter_config(path), max_rank, model_cfg.num_layers)
+    spec = check_adapter_config(read_adapter_config(path), max_rank, model_cfg.num_layers, model_cfg.model_type)
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         raise AdapterError(f"no {WEIGHTS_FILE} in adapter folder (other weight formats are refused)")
@@ -164,7 +168,9 @@ def _build(
 ) -> LoRAAdapter:
     tensors = parse_safetensors(data)
     found = _pair_tensors(tensors, spec, layers)
-    scaling, per_module = _check_and_scale(found, spec, shapes, max_rank)
+    fused_shapes = {m: (shapes[parts[0]][0], sum(shapes[p][1] for p in parts)) for m, parts in FUSED_MODULES.items()}
+    scaling, per_module = _check_and_scale(found, spec, {**shapes, **fused_shapes}, max_rank)
+    per_module = _split_fused(per_module, shapes)
     clock.lap("parse")
     nbytes = _layout(per_module, shapes, layers, dtype)[2]
     if out_buffer is not None:
@@ -231,6 +237,24 @@ def _check_and_scale(
             )
         per_module[(layer, module)] = (a, b, spec.scaling_of(layer, module) / spec.scaling)
     return spec.scaling, per_module
+
+
+def _split_fused(
+    per_module: dict[tuple[int, str], tuple[Tensor, Tensor, float]], shapes: dict[str, tuple[int, int]]
+) -> dict[tuple[int, str], tuple[Tensor, Tensor, float]]:
+    """A LoRA on a fused projection (Phi-3's qkv_proj, gate_up_proj) as one LoRA per part: the same A,
+    B cut by rows. x @ A.T @ B.T of the fused module is exactly the parts' outputs side by side, so the
+    slots, the kernels and the q/k/v and gate/up launches stay as they are; the price is the shrink
+    x @ A.T done once per part (3x for q/k/v) and A stored per part."""
+    out: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
+    for (layer, module), (a, b, ratio) in per_module.items():
+        parts = FUSED_MODULES.get(module)
+        if parts is None:
+            out[(layer, module)] = (a, b, ratio)
+            continue
+        for part, rows in zip(parts, b.split([shapes[p][1] for p in parts], dim=0), strict=True):
+            out[(layer, part)] = (a, rows, ratio)
+    return out
 
 
 def _layout(
