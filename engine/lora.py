@@ -124,7 +124,9 @@ def load_adapter(
     buffer to stack into instead of a fresh one (a loader process's shared staging block)."""
     clock = clock or StageClock()
     path = Path(folder)
-    spec = check_adapter_config(read_adapter_config(path), max_rank, model_cfg.num_layers, model_cfg.model_type)
+    spec = check_adapter_config(
+        read_adapter_config(path), max_rank, model_cfg.num_layers, model_cfg.model_type
+    )
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         raise AdapterError(f"no {WEIGHTS_FILE} in adapter folder (other weight formats are refused)")
@@ -168,7 +170,9 @@ def _build(
 ) -> LoRAAdapter:
     tensors = parse_safetensors(data)
     found = _pair_tensors(tensors, spec, layers)
-    fused_shapes = {m: (shapes[parts[0]][0], sum(shapes[p][1] for p in parts)) for m, parts in FUSED_MODULES.items()}
+    fused_shapes = {
+        m: (shapes[parts[0]][0], sum(shapes[p][1] for p in parts)) for m, parts in FUSED_MODULES.items()
+    }
     scaling, per_module = _check_and_scale(found, spec, {**shapes, **fused_shapes}, max_rank)
     per_module = _split_fused(per_module, shapes)
     clock.lap("parse")

@@ -15,8 +15,7 @@ import torch
 from safetensors import safe_open
 
 from engine.config import EngineConfig
-from engine.model_config import ModelConfig
-from engine.model_config import FULL, SLIDING
+from engine.model_config import FULL, SLIDING, ModelConfig
 from engine.models import MODEL_REGISTRY
 from engine.models.rope import ROPE_TYPES, inv_freq_and_scale, rope_type
 
@@ -107,7 +106,9 @@ def _layer_types(raw: dict[str, Any], arch: str, num_layers: int) -> tuple[str, 
     if value is None:
         return (SLIDING,) * num_layers
     if not isinstance(value, list) or len(value) != num_layers or not set(value) <= {FULL, SLIDING}:
-        raise ValueError(f"{arch}: layer_types must list {FULL!r} or {SLIDING!r} for each of {num_layers} layers")
+        raise ValueError(
+            f"{arch}: layer_types must list {FULL!r} or {SLIDING!r} for each of {num_layers} layers"
+        )
     return tuple(value)
 
 
@@ -122,6 +123,7 @@ def _ropes(
     if not isinstance(params, dict):
         raise ValueError(f"{arch}: rope_parameters must be an object")
     theta = raw.get("rope_theta") or 10000.0
+    local: dict[str, Any] | None
     if FULL in params or SLIDING in params:
         full = _rope(params.get(FULL) or {}, raw, theta, arch, head_dim, max_positions)
         local = _rope(params.get(SLIDING) or {}, raw, theta, arch, head_dim, max_positions)

@@ -144,7 +144,9 @@ def _fuse(
         if whole in hf:
             state[f"{ours}.{kind}"] = hf.pop(whole)
         else:
-            state[f"{ours}.{kind}"] = torch.cat([_take(hf, f"{prefix}.{p}_proj.{kind}") for p in parts], dim=0)
+            state[f"{ours}.{kind}"] = torch.cat(
+                [_take(hf, f"{prefix}.{p}_proj.{kind}") for p in parts], dim=0
+            )
 
 
 def _take(hf: dict[str, Tensor], name: str) -> Tensor:

@@ -52,7 +52,7 @@ class Attention(nn.Module):
         q = ops.rope_write_kv(
             qkv, cos, sin, k_cache, v_cache, attn.slot_mapping, self.num_heads, self.num_kv_heads
         )  # [T, Hq, D]
-        extra = {}
+        extra: dict[str, float] = {}
         if self.window:
             extra["window"] = self.window
         if self.softcap:

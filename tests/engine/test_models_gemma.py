@@ -21,7 +21,9 @@ GEMMA = {
 def _adapters(base, tmp_path):
     return {
         "a": make_peft_adapter(base, tmp_path / "a", r=8, target_modules=ALL_TARGETS, seed=1),
-        "b": make_peft_adapter(base, tmp_path / "b", r=2, target_modules=("q_proj", "v_proj", "down_proj"), seed=2),
+        "b": make_peft_adapter(
+            base, tmp_path / "b", r=2, target_modules=("q_proj", "v_proj", "down_proj"), seed=2
+        ),
     }
 
 

@@ -20,7 +20,9 @@ def test_phi3_with_fused_adapters_and_a_window(tmp_path, one_torch_thread):
     assert cfg.model_type == "phi3" and cfg.window_of(0) == 12
     adapters = {
         "a": make_peft_adapter(base, tmp_path / "a", r=8, target_modules=FUSED_ALL, seed=1),
-        "b": make_peft_adapter(base, tmp_path / "b", r=4, target_modules=("qkv_proj",), seed=2, rank_pattern={"qkv_proj": 2}),
+        "b": make_peft_adapter(
+            base, tmp_path / "b", r=4, target_modules=("qkv_proj",), seed=2, rank_pattern={"qkv_proj": 2}
+        ),
     }
     split = load_adapter(adapters["a"], cfg, max_rank=16)
     assert set(split.a) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -34,7 +36,9 @@ def test_adapters_that_do_not_fit_phi3_are_refused_by_name(tmp_path, one_torch_t
     base = make_family_model(tmp_path / "base", "phi3")
     llama = make_family_model(tmp_path / "llama", "llama")
     per_projection = make_peft_adapter(llama, tmp_path / "llama-a", r=4, target_modules=("q_proj", "up_proj"))
-    with pytest.raises(AdapterError, match=r"(q_proj|up_proj).*Phi-3 fuses it into (qkv_proj|gate_up_proj)") as err:
+    with pytest.raises(
+        AdapterError, match=r"(q_proj|up_proj).*Phi-3 fuses it into (qkv_proj|gate_up_proj)"
+    ) as err:
         load_adapter(per_projection, load_config(base), max_rank=16)
     assert err.value.code == "wrong_architecture"
     fused = make_peft_adapter(base, tmp_path / "phi-a", r=4, target_modules=("gate_up_proj",))

@@ -24,13 +24,19 @@ PHI3_32 = {"original_max_position_embeddings": 32}
 
 ROPES = {
     "llama-default": ("llama", {}),
-    "llama-linear": ("llama", {"rope_scaling": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
+    "llama-linear": (
+        "llama",
+        {"rope_scaling": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}},
+    ),
     "llama3-tied": ("llama", {"rope_scaling": LLAMA3_ROPE, "tie_word_embeddings": True}),
     "llama-yarn": ("llama", {"rope_scaling": YARN}),
     "qwen2-yarn-tied": ("qwen2", {"rope_scaling": YARN, "tie_word_embeddings": True}),
     "llama-yarn-mscale": ("llama", {"rope_scaling": {**YARN, "mscale": 2.0, "mscale_all_dim": 1.0}}),
     "phi3-longrope-long": ("phi3", {"rope_scaling": LONGROPE, "max_position_embeddings": 128, **PHI3_32}),
-    "phi3-su-short": ("phi3", {"rope_scaling": {**LONGROPE, "rope_type": "su"}, "max_position_embeddings": 32, **PHI3_32}),
+    "phi3-su-short": (
+        "phi3",
+        {"rope_scaling": {**LONGROPE, "rope_type": "su"}, "max_position_embeddings": 32, **PHI3_32},
+    ),
 }
 
 

@@ -15,7 +15,12 @@ from tests.helpers.hf_models import ALL_TARGETS, hf_logits, load_hf, make_peft_a
 
 def test_mistral_window_24_answers_a_105_token_prompt_like_transformers(tmp_path, one_torch_thread):
     base = make_family_model(
-        tmp_path / "base", "mistral", sliding_window=24, num_attention_heads=8, num_key_value_heads=2, head_dim=8
+        tmp_path / "base",
+        "mistral",
+        sliding_window=24,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
     )
     cfg = load_config(base)
     assert cfg.max_position_embeddings == 512 and cfg.window_of(0) == cfg.window_of(1) == 24

@@ -118,5 +118,7 @@ def prefill_logits(base: Path, ids: list[int]) -> torch.Tensor:
         query_start_loc=torch.tensor([0, n], dtype=torch.int32),
     )
     with torch.inference_mode():
-        hidden = loaded.model(torch.tensor(ids), torch.arange(n), kv, attn, None, get_ops("ref", loaded.device))
+        hidden = loaded.model(
+            torch.tensor(ids), torch.arange(n), kv, attn, None, get_ops("ref", loaded.device)
+        )
         return loaded.model.compute_logits(hidden)

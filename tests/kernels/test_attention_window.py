@@ -33,7 +33,9 @@ def test_window_kernel_matches_reference(case, window, device):
 
 @pytest.mark.parametrize("num_splits", [2, 3])
 def test_window_with_split_context(num_splits, device):
-    q, kc, vc, tables, seq_lens, starts = make_batch([1, 4, 1], [50, 37, 9], 4, 1, 16, 8, torch.float32, device)
+    q, kc, vc, tables, seq_lens, starts = make_batch(
+        [1, 4, 1], [50, 37, 9], 4, 1, 16, 8, torch.float32, device
+    )
     kw = {"window": 11}
     out = paged_attention(q, kc, vc, tables, seq_lens, starts, 0.3, num_splits=num_splits, block_n=16, **kw)
     want = paged_attention_ref(q, kc, vc, tables, seq_lens, starts, 0.3, **kw)
