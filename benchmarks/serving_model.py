@@ -43,18 +43,20 @@ LLAMA3_8B: dict[str, Any] = {
 
 # Each family's features on Llama-3-8B's shapes (`--arch`), so its decode speed compares with Llama's:
 # what each adds (q/k norms, four norms and GELU, soft-capping, windows, fused checkpoints) is what costs.
+# Heads stay untied (real Gemmas tie them) so every family reads the same weight bytes per step, which is
+# what the roofline of workload a counts.
 _WINDOW_LAYERS = ["sliding_attention", "full_attention"] * 16
 ARCH_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {},
     "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "rope_theta": 1000000.0},
     "gemma2": {
-        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh",
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_act": "gelu_pytorch_tanh",
         "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 128, "sliding_window": 4096,
         "layer_types": _WINDOW_LAYERS, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
         "rope_theta": 10000.0,
     },
     "gemma3": {
-        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh",
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_act": "gelu_pytorch_tanh",
         "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 128, "sliding_window": 1024,
         "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 5 + ["sliding_attention"] * 2,
         "rope_parameters": {

@@ -46,7 +46,9 @@ class CausalLM(nn.Module):
         """input_ids, positions [T] int64 -> final hidden states [T, H]."""
         x = self.embed_tokens(input_ids)  # [T, H]
         if self.config.scale_embeddings:
-            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+            # sqrt(hidden) rounded to the model's dtype first, as transformers does; a Python float, so a
+            # CUDA-graph capture bakes it in.
+            x = x * float(torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype))
         ropes = []
         for freqs_row, scale in zip(self.rope_freqs, self.rope_scales, strict=True):
             freqs = positions.float()[:, None] * freqs_row[None, :]  # [T, D/2] float32

@@ -53,3 +53,30 @@ def test_gemma3_text(tmp_path, one_torch_thread):
     ids = [0, *range(50, 80)]
     torch.testing.assert_close(prefill_logits(base, ids), hf_logits(load_hf(base), ids), atol=2e-4, rtol=0)
     check_family(base, _adapters(base, tmp_path), lengths=(13, 20, 27))
+
+
+def test_older_gemma_configs_without_layer_types_or_rope_parameters():
+    """Folders saved before transformers 5: the alternation from the pattern, Gemma 3's local base from
+    rope_local_base_freq, its global scaling from rope_scaling."""
+    from engine.model_loader import parse_config
+
+    common = {
+        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 7,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 512,
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 16,
+    }  # fmt: skip
+    g2 = parse_config(
+        common
+        | {"architectures": ["Gemma2ForCausalLM"], "hidden_act": "gelu_pytorch_tanh", "rope_theta": 10000.0}
+    )
+    assert [g2.window_of(i) for i in range(7)] == [512, None] * 3 + [512]
+    g3 = parse_config(
+        common | {
+            "architectures": ["Gemma3ForCausalLM"], "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "sliding_window_pattern": 6,
+        }
+    )  # fmt: skip
+    assert [g3.window_of(i) for i in range(7)] == [512] * 5 + [None, 512]
+    assert g3.rope_of(5) == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}
+    assert g3.rope_of(0) == {"rope_type": "default", "rope_theta": 10000.0}
+    assert g3.tie_word_embeddings and g3.norm_offset == 1.0 and g3.qk_norm and g3.attn_logit_softcap is None
