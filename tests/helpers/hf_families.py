@@ -76,23 +76,26 @@ def make_llm(base: Path, **overrides: Any) -> LLM:
     return LLM(str(base), **config)
 
 
-def check_family(base: Path, adapters: dict[str, Path], lengths: tuple[int, ...], seed: int = 0) -> None:
+def check_family(
+    base: Path, adapters: dict[str, Path], lengths: tuple[int, ...], seed: int = 0, **engine: Any
+) -> None:
     """Greedy tokens equal transformers + PEFT on a batch mixing both adapters with base rows, cut up by
     chunked prefill (a 16-token budget) and preempted (a KV cache too small for the batch), then again on
-    the same engine with the prompts' blocks in the prefix cache."""
+    the same engine with the prompts' blocks in the prefix cache. `engine`: EngineConfig overrides (the
+    GPU test runs it on CUDA with the Triton kernels)."""
     names: list[str | None] = [*adapters, None] * 2
     ps = prompts(len(names), seed, lengths)
     loras = [LoRARequest(n, str(adapters[n])) if n else None for n in names]
     expected = hf_greedy(base, adapters, ps, names, 8)
     longest = max(len(p) for p in ps) + 8
     blocks = -(-longest // 4) + 4  # the longest request fits; the batch does not
-    llm = make_llm(base, num_kv_blocks=blocks, max_num_batched_tokens=16)
+    llm = make_llm(base, num_kv_blocks=blocks, max_num_batched_tokens=16, **engine)
     outs = llm.generate(ps, GREEDY, lora_request=loras)
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert llm.engine.scheduler.num_preemptions > 0
     # The adapters change the output (else a dropped LoRA path could pass).
     assert expected != hf_greedy(base, {}, ps, [None] * len(ps), 8)
-    again = make_llm(base, max_num_batched_tokens=16)
+    again = make_llm(base, max_num_batched_tokens=16, **engine)
     first = again.generate(ps, GREEDY, lora_request=loras)
     hit = again.generate(ps, GREEDY, lora_request=loras)
     assert [o.outputs[0].token_ids for o in first] == expected
