@@ -51,6 +51,8 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this) instead of 1/sqrt(head_dim)
     attn_logit_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     final_logit_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    # Phi-4-mini rotates only the first `rotary_dim` dims of each head (None = all of them); see rope.py.
+    rotary_dim: int | None = None
 
     @property
     def q_size(self) -> int:

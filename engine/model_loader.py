@@ -62,7 +62,8 @@ def _parse_config(raw: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"{arch}: {heads} query heads are not a multiple of {kv_heads} KV heads")
     num_layers = int(raw["num_hidden_layers"])
     max_positions = int(raw.get("max_position_embeddings", 2048))
-    full_rope, local_rope = _ropes(raw, arch, head_dim, max_positions)
+    rotary = _rotary_dim(raw, arch, head_dim)
+    full_rope, local_rope = _ropes(raw, arch, rotary, max_positions)
     attention_bias = bool(raw.get("attention_bias", False))
     sliding = raw.get("sliding_window")
     fields: dict[str, Any] = {
@@ -87,6 +88,7 @@ def _parse_config(raw: dict[str, Any]) -> ModelConfig:
         "sliding_window": int(sliding) if sliding else None,
         "layer_types": _layer_types(raw, arch, num_layers),
         "hidden_act": act,
+        "rotary_dim": rotary if rotary != head_dim else None,
         "bos_token_id": raw.get("bos_token_id"),
         "eos_token_ids": _token_ids(raw.get("eos_token_id")),
     }
@@ -96,6 +98,17 @@ def _parse_config(raw: dict[str, Any]) -> ModelConfig:
     if fields["sliding_window"] is None or SLIDING not in fields["layer_types"]:
         fields["layer_types"] = ()  # every layer attends to its whole context
     return ModelConfig(**fields)
+
+
+def _rotary_dim(raw: dict[str, Any], arch: str, head_dim: int) -> int:
+    """How many dims of each head rotate: `partial_rotary_factor` of them (Phi-4-mini: 0.75)."""
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    factor = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+    factor = float(factor if factor is not None else raw.get("partial_rotary_factor", 1.0))
+    rotary = int(head_dim * factor)
+    if not 0 < factor <= 1 or rotary < 2 or rotary % 2:
+        raise ValueError(f"{arch}: partial_rotary_factor {factor} gives an odd or empty rotary dimension")
+    return rotary
 
 
 def _layer_types(raw: dict[str, Any], arch: str, num_layers: int) -> tuple[str, ...]:
@@ -113,7 +126,7 @@ def _layer_types(raw: dict[str, Any], arch: str, num_layers: int) -> tuple[str, 
 
 
 def _ropes(
-    raw: dict[str, Any], arch: str, head_dim: int, max_positions: int
+    raw: dict[str, Any], arch: str, rotary_dim: int, max_positions: int
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(rope of the full-attention layers, rope of the sliding ones where it differs, else None), each
     {"rope_type", "rope_theta", type-specific keys}. transformers 5 writes `rope_parameters` (rope_theta
@@ -125,19 +138,19 @@ def _ropes(
     theta = raw.get("rope_theta") or 10000.0
     local: dict[str, Any] | None
     if FULL in params or SLIDING in params:
-        full = _rope(params.get(FULL) or {}, raw, theta, arch, head_dim, max_positions)
-        local = _rope(params.get(SLIDING) or {}, raw, theta, arch, head_dim, max_positions)
+        full = _rope(params.get(FULL) or {}, raw, theta, arch, rotary_dim, max_positions)
+        local = _rope(params.get(SLIDING) or {}, raw, theta, arch, rotary_dim, max_positions)
     else:
-        full = _rope(params, raw, theta, arch, head_dim, max_positions)
+        full = _rope(params, raw, theta, arch, rotary_dim, max_positions)
         local_theta = raw.get("rope_local_base_freq")
         local = None if local_theta is None else {"rope_type": "default", "rope_theta": float(local_theta)}
     return full, (local if local != full else None)
 
 
 def _rope(
-    rope: dict[str, Any], raw: dict[str, Any], theta: Any, arch: str, head_dim: int, max_positions: int
+    rope: dict[str, Any], raw: dict[str, Any], theta: Any, arch: str, rotary_dim: int, max_positions: int
 ) -> dict[str, Any]:
-    out = {k: v for k, v in rope.items() if k != "type"}
+    out = {k: v for k, v in rope.items() if k not in ("type", "partial_rotary_factor")}
     out["rope_type"] = rope_type(rope)
     out["rope_theta"] = float(rope.get("rope_theta") or theta)
     if out["rope_type"] not in ROPE_TYPES:
@@ -147,7 +160,7 @@ def _rope(
     if "original_max_position_embeddings" not in out and raw.get("original_max_position_embeddings"):
         out["original_max_position_embeddings"] = int(raw["original_max_position_embeddings"])
     try:
-        inv_freq_and_scale(head_dim, out, max_positions)  # every key it needs, present and well-formed
+        inv_freq_and_scale(rotary_dim, out, max_positions)  # every key it needs, present and well-formed
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{arch}: bad {out['rope_type']} rope parameters: {exc!r}") from exc
     return out

@@ -15,12 +15,13 @@ from torch import Tensor, nn
 
 from engine.model_config import ModelConfig
 from engine.models.layers import DecoderLayer
-from engine.models.rope import inv_freq_and_scale
+from engine.models.rope import head_rows_perm, inv_freq_and_scale
 from engine.ops import AttentionBatch, LoRABatch, Ops
 
 
 class CausalLM(nn.Module):
     rope_freqs: Tensor  # [R, D/2] float32, one row per distinct rope of the layers (non-persistent)
+    rope_mults: Tensor  # [R, D] float32, the cos/sin multipliers of each (non-persistent)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -31,8 +32,9 @@ class CausalLM(nn.Module):
         self.lm_head = (
             None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
-        freqs, self.rope_scales, self.rope_index = _ropes(cfg)
+        freqs, mults, self.rope_scales, self.rope_index = _ropes(cfg)
         self.register_buffer("rope_freqs", freqs, persistent=False)
+        self.register_buffer("rope_mults", mults, persistent=False)
 
     def forward(
         self,
@@ -50,12 +52,12 @@ class CausalLM(nn.Module):
             # CUDA-graph capture bakes it in.
             x = x * float(torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype))
         ropes = []
-        for freqs_row, scale in zip(self.rope_freqs, self.rope_scales, strict=True):
+        for freqs_row, mult, scale in zip(self.rope_freqs, self.rope_mults, self.rope_scales, strict=True):
             freqs = positions.float()[:, None] * freqs_row[None, :]  # [T, D/2] float32
             emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
             cos, sin = emb.cos(), emb.sin()
-            if scale != 1.0:
-                cos, sin = cos * scale, sin * scale
+            if scale != 1.0:  # YaRN / LongRoPE attention factor, on the rotating dims only
+                cos, sin = cos * mult, sin * mult
             ropes.append((cos.to(x.dtype), sin.to(x.dtype)))
         residual: Tensor | None = None
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
@@ -95,6 +97,8 @@ class CausalLM(nn.Module):
         for i in range(cfg.num_layers):
             _fuse(hf, state, f"model.layers.{i}.self_attn", "qkv", ("q", "k", "v"), cfg.qkv_bias, i)
             _fuse(hf, state, f"model.layers.{i}.mlp", "gate_up", ("gate", "up"), cfg.mlp_bias, i)
+        if cfg.rotary_dim is not None and cfg.rotary_dim != cfg.head_dim:
+            _reorder_rotary_rows(state, cfg)
         leftover = sorted(k for k in hf if not k.endswith("rotary_emb.inv_freq"))
         if leftover:
             raise ValueError(f"{cfg.architecture}: unexpected weights in checkpoint: {leftover[:5]}")
@@ -107,14 +111,17 @@ class CausalLM(nn.Module):
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
             raise ValueError(f"{cfg.architecture}: checkpoint does not fit the config: {exc}") from exc
-        model.rope_freqs = _ropes(cfg)[0].to(device)
+        freqs, mults, _, _ = _ropes(cfg)
+        model.rope_freqs, model.rope_mults = freqs.to(device), mults.to(device)
         model.requires_grad_(False)  # serving only: no autograd graph even outside inference_mode
         return model.eval()
 
 
-def _ropes(cfg: ModelConfig) -> tuple[Tensor, list[float], list[int]]:
-    """The distinct ropes of the layers ([R, D/2] frequencies, R cos/sin scales) and each layer's row."""
+def _ropes(cfg: ModelConfig) -> tuple[Tensor, Tensor, list[float], list[int]]:
+    """The distinct ropes of the layers: [R, D/2] frequencies, [R, D] cos/sin multipliers (the rope's
+    attention factor on rotating dims, 1 on the others), the R factors, and each layer's row."""
     rows: list[Tensor] = []
+    mults: list[Tensor] = []
     scales: list[float] = []
     index: list[int] = []
     keys: list[str] = []
@@ -122,12 +129,29 @@ def _ropes(cfg: ModelConfig) -> tuple[Tensor, list[float], list[int]]:
         rope = cfg.rope_of(layer)
         key = repr(sorted(rope.items()))
         if key not in keys:
-            freqs, scale = inv_freq_and_scale(cfg.head_dim, rope, cfg.max_position_embeddings)
+            rotary = cfg.rotary_dim or cfg.head_dim
+            freqs, scale = inv_freq_and_scale(rotary, rope, cfg.max_position_embeddings)
+            # Partial rotary: the non-rotating dims (placed last in each half at load) get frequency 0.
+            rest = cfg.head_dim // 2 - freqs.numel()
+            freqs = torch.cat((freqs, torch.zeros(rest)))
+            half = torch.cat((torch.full((cfg.head_dim // 2 - rest,), scale), torch.ones(rest)))
             keys.append(key)
             rows.append(freqs)
+            mults.append(torch.cat((half, half)))
             scales.append(scale)
         index.append(keys.index(key))
-    return torch.stack(rows), scales, index
+    return torch.stack(rows), torch.stack(mults), scales, index
+
+
+def _reorder_rotary_rows(state: dict[str, Tensor], cfg: ModelConfig) -> None:
+    """q and k output rows of every qkv_proj in partial_rotary_perm's order (v stays)."""
+    assert cfg.rotary_dim is not None
+    q_rows = head_rows_perm(cfg.num_heads, cfg.head_dim, cfg.rotary_dim)
+    k_rows = head_rows_perm(cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim) + cfg.q_size
+    v_rows = torch.arange(cfg.q_size + cfg.kv_size, cfg.q_size + 2 * cfg.kv_size)
+    rows = torch.cat((q_rows, k_rows, v_rows))
+    for key in [k for k in state if ".qkv_proj." in k]:
+        state[key] = state[key][rows.to(state[key].device)].contiguous()
 
 
 def _fuse(

@@ -16,6 +16,25 @@ from torch import Tensor
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
+def partial_rotary_perm(head_dim: int, rotary_dim: int) -> Tensor:
+    """Partial rotary (only the first `rotary_dim` dims of a head rotate, pairs (i, i + rotary_dim/2)) as
+    full-width rotary: q/k dims reordered so those pairs sit at (j, j + head_dim/2), the dims that do not
+    rotate after them in each half, where a frequency of 0 leaves them as they are. q.k is unchanged by
+    reordering both, so attention is too, and the fused RoPE kernel needs no partial mode. Returns the
+    old dim of each new one ([head_dim] int64)."""
+    half, rot, rest = head_dim // 2, rotary_dim // 2, (head_dim - rotary_dim) // 2
+    order = [*range(rot), *range(rotary_dim, rotary_dim + rest)]
+    order += [*range(rot, rotary_dim), *range(rotary_dim + rest, head_dim)]
+    assert len(order) == head_dim and half == rot + rest
+    return torch.tensor(order, dtype=torch.int64)
+
+
+def head_rows_perm(num_heads: int, head_dim: int, rotary_dim: int) -> Tensor:
+    """partial_rotary_perm for every head of a [num_heads * head_dim] projection output."""
+    one = partial_rotary_perm(head_dim, rotary_dim)
+    return torch.cat([one + h * head_dim for h in range(num_heads)])
+
+
 def rope_type(rope: dict[str, Any]) -> str:
     name = str(rope.get("rope_type", rope.get("type", "default")))
     # Phi-3's older configs call LongRoPE "su" (and some "yarn" with long/short factors).

@@ -47,10 +47,31 @@ def test_adapters_that_do_not_fit_phi3_are_refused_by_name(tmp_path, one_torch_t
     assert err.value.code == "wrong_architecture"
 
 
-def test_partial_rotary_is_refused(tmp_path):
+def test_phi4_mini_partial_rotary_with_fused_adapters(tmp_path, one_torch_thread):
+    """Phi-4-mini rotates 3/4 of each head; here half (head_dim 16 -> 8 rotating dims), LongRoPE factors
+    for those only, past the original context."""
+    half = 4
+    rope = {
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [1.0 + 0.7 * i for i in range(half)],
+    }  # fmt: skip
+    base = make_family_model(
+        tmp_path / "base", "phi3", rope_parameters=rope, partial_rotary_factor=0.5,
+        original_max_position_embeddings=16, max_position_embeddings=128,
+    )  # fmt: skip
+    cfg = load_config(base)
+    assert cfg.rotary_dim == 8 and cfg.head_dim == 16
+    adapters = {
+        "a": make_peft_adapter(base, tmp_path / "a", r=8, target_modules=FUSED_ALL, seed=1),
+        "b": make_peft_adapter(base, tmp_path / "b", r=2, target_modules=("qkv_proj",), seed=2),
+    }
+    check_family(base, adapters, lengths=(18, 25))
+
+
+def test_bad_partial_rotary_is_refused():
     raw = {
         "architectures": ["Phi3ForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "partial_rotary_factor": 0.75,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "partial_rotary_factor": 0.1,
     }  # fmt: skip
     with pytest.raises(ValueError, match="partial_rotary_factor"):
-        parse_config(raw)
+        parse_config(raw)  # 16 * 0.1 = 1 rotating dim: odd
