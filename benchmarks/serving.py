@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.serving_adapters import ALL_SEVEN, QKVO, SeededAdapters
+from benchmarks.serving_adapters import ALL_SEVEN, FUSED_NAMES, QKVO, SeededAdapters
 from benchmarks.serving_e import workload_e
 from benchmarks.serving_hf import workload_c
-from benchmarks.serving_model import LLAMA3_8B, make_engine, random_model, write_model_folder
+from benchmarks.serving_model import make_engine, model_config, random_model, write_model_folder
 from benchmarks.serving_profile import workload_p
 from benchmarks.serving_traffic import workload_d, workload_f
 from benchmarks.serving_workloads import Bench, Sizes, workload_a, workload_b, workload_g
@@ -107,7 +107,7 @@ def build(args: argparse.Namespace, work: Path) -> Bench:
         loaded = load_model(config)
         sizes, rank, files = SMOKE, 8, (24, 8)
     else:
-        folder = write_model_folder(work / "llama-3-8b-shaped", LLAMA3_8B)
+        folder = write_model_folder(work / f"{args.arch}-llama-3-8b-shaped", model_config(args.arch))
         config = EngineConfig(
             model=str(folder), device="cuda", dtype="bfloat16", max_num_seqs=128, max_loras=128,
             max_cpu_loras=512, max_lora_rank=16, max_model_len=4096, gpu_memory_fraction=args.memory_fraction,
@@ -115,8 +115,10 @@ def build(args: argparse.Namespace, work: Path) -> Bench:
         )  # fmt: skip
         loaded = random_model(folder, torch.bfloat16, torch.device("cuda"), seed=0)
         sizes, rank, files = FULL, 16, (400, 70)
-    qkvo = SeededAdapters(work / "adapters", loaded.config, rank, QKVO, "qkvo", files[0], str(folder))
-    seven = SeededAdapters(work / "adapters", loaded.config, rank, ALL_SEVEN, "seven", files[1], str(folder))
+    fused = loaded.config.model_type == "phi3"
+    qkvo_t, seven_t = (FUSED_NAMES[QKVO], FUSED_NAMES[ALL_SEVEN]) if fused else (QKVO, ALL_SEVEN)
+    qkvo = SeededAdapters(work / "adapters", loaded.config, rank, qkvo_t, "qkvo", files[0], str(folder))
+    seven = SeededAdapters(work / "adapters", loaded.config, rank, seven_t, "seven", files[1], str(folder))
 
     def loader(lora: Any) -> str:
         return (seven if lora.lora_name.startswith("seven-") else qkvo).loader(lora)
@@ -138,6 +140,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--only", default="abcdefg", help="workloads to run, e.g. 'ab' ('g': decode with the unfused ops)"
     )
     parser.add_argument("--no-graphs", action="store_true", help="EngineConfig(cuda_graphs=False)")
+    parser.add_argument(
+        "--arch",
+        default="llama",
+        help="model family on Llama-3-8B shapes: llama, qwen3, gemma2, gemma3, phi3",
+    )
     parser.add_argument("--memory-fraction", type=float, default=0.85)
     parser.add_argument(
         "--load-processes", type=int, default=None,
@@ -170,7 +177,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cuda_graphs": bench.engine.runner.graphs is not None,
             "command": "PYTHONPATH=. python3 -m benchmarks.serving "
             + " ".join(sys.argv[1:] if argv is None else argv),
-            "model": "Llama-3-8B-shaped, random weights" if not args.smoke else "demo model (CPU)",
+            "model": f"{args.arch}, Llama-3-8B-shaped, random weights"
+            if not args.smoke
+            else "demo model (CPU)",
             "dtype": str(bench.engine.model.dtype),
             "adapter_load_processes": args.load_processes,
             **adapter_switches(args),

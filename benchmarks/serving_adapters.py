@@ -29,7 +29,18 @@ from engine.request import LoRARequest
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_SEVEN = (*QKVO, "gate_proj", "up_proj", "down_proj")
-_PARENT = {m: "self_attn" for m in QKVO} | {m: "mlp" for m in ("gate_proj", "up_proj", "down_proj")}
+_PARENT = {m: "self_attn" for m in (*QKVO, "qkv_proj")} | {
+    m: "mlp" for m in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+}
+# Phi-3 (fused checkpoints): the same projections under PEFT's fused names.
+FUSED_NAMES = {QKVO: ("qkv_proj", "o_proj"), ALL_SEVEN: ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
+
+
+def shapes_of(cfg: Any) -> dict[str, tuple[int, int]]:
+    """(in, out) of every projection an adapter of this benchmark may target, fused ones included."""
+    shapes = module_shapes(cfg)
+    q, kv, i = shapes["q_proj"][1], shapes["k_proj"][1], shapes["gate_proj"][1]
+    return shapes | {"qkv_proj": (cfg.hidden_size, q + 2 * kv), "gate_up_proj": (cfg.hidden_size, 2 * i)}
 
 
 # Values per bank: 4 Mi of bf16 (8 MB) per scale; a tensor is a slice at a seeded offset.
@@ -49,7 +60,7 @@ def adapter_tensors(
     from a generator seeded with `seed`: the same bytes every time, different ones for every seed."""
     gen = torch.Generator().manual_seed(seed)
     banks = {} if banks is None else banks
-    shapes = module_shapes(cfg)
+    shapes = shapes_of(cfg)
     out: dict[str, torch.Tensor] = {}
     for layer in range(cfg.num_layers):
         for module in targets:
@@ -92,7 +103,7 @@ class SeededAdapters:
         self.write_seconds = 0.0
 
     def _scales(self) -> set[float]:
-        shapes = module_shapes(self.cfg)
+        shapes = shapes_of(self.cfg)
         return {shapes[m][0] ** -0.5 for m in self.targets} | {0.02}
 
     def folder(self, i: int) -> Path:
@@ -158,6 +169,6 @@ class SeededAdapters:
 
     def nbytes(self) -> int:
         """Bytes of one adapter's A and B (every layer, every target module)."""
-        shapes = module_shapes(self.cfg)
+        shapes = shapes_of(self.cfg)
         per_layer = sum(self.rank * (shapes[m][0] + shapes[m][1]) for m in self.targets)
         return per_layer * self.cfg.num_layers * 2

@@ -17,7 +17,7 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.model_loader import LoadedModel, load_config, load_tokenizer
 from engine.model_runner import ModelRunner
-from engine.models.llama import LlamaForCausalLM
+from engine.models.causal_lm import CausalLM
 
 LLAMA3_8B: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -39,6 +39,40 @@ LLAMA3_8B: dict[str, Any] = {
     "bos_token_id": 128000,
     "eos_token_id": 128001,
 }
+
+
+# Each family's features on Llama-3-8B's shapes (`--arch`), so its decode speed compares with Llama's:
+# what each adds (q/k norms, four norms and GELU, soft-capping, windows, fused checkpoints) is what costs.
+# Heads stay untied (real Gemmas tie them) so every family reads the same weight bytes per step, which is
+# what the roofline of workload a counts.
+_WINDOW_LAYERS = ["sliding_attention", "full_attention"] * 16
+ARCH_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "rope_theta": 1000000.0},
+    "gemma2": {
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 128, "sliding_window": 4096,
+        "layer_types": _WINDOW_LAYERS, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+        "rope_theta": 10000.0,
+    },
+    "gemma3": {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 128, "sliding_window": 1024,
+        "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 5 + ["sliding_attention"] * 2,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+        },
+    },
+    "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "rope_theta": 10000.0},
+}  # fmt: skip
+
+
+def model_config(arch: str) -> dict[str, Any]:
+    """config.json of the Llama-3-8B-shaped model of family `arch` (ARCH_CONFIGS)."""
+    if arch not in ARCH_CONFIGS:
+        raise ValueError(f"unknown --arch {arch!r}; one of {', '.join(ARCH_CONFIGS)}")
+    return {**LLAMA3_8B, **ARCH_CONFIGS[arch]}
 
 
 def write_model_folder(folder: Path, raw: dict[str, Any]) -> Path:
@@ -66,26 +100,40 @@ def random_weights(cfg: Any, dtype: torch.dtype, device: torch.device, seed: int
     def ones(n: int) -> torch.Tensor:
         return torch.ones(n, device=device, dtype=dtype)
 
+    def norm(n: int) -> torch.Tensor:  # a scale of 1 either way: Gemma's (1 + w) norms store w = 0
+        return ones(n) * (1 - cfg.norm_offset)
+
     h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     yield "model.embed_tokens.weight", rand(v, h)
     for layer in range(cfg.num_layers):
         p = f"model.layers.{layer}"
-        yield f"{p}.self_attn.q_proj.weight", rand(cfg.q_size, h)
-        yield f"{p}.self_attn.k_proj.weight", rand(cfg.kv_size, h)
-        yield f"{p}.self_attn.v_proj.weight", rand(cfg.kv_size, h)
+        if cfg.model_type == "phi3":  # stored fused
+            yield f"{p}.self_attn.qkv_proj.weight", rand(cfg.q_size + 2 * cfg.kv_size, h)
+            yield f"{p}.mlp.gate_up_proj.weight", rand(2 * i, h)
+        else:
+            yield f"{p}.self_attn.q_proj.weight", rand(cfg.q_size, h)
+            yield f"{p}.self_attn.k_proj.weight", rand(cfg.kv_size, h)
+            yield f"{p}.self_attn.v_proj.weight", rand(cfg.kv_size, h)
+            yield f"{p}.mlp.gate_proj.weight", rand(i, h)
+            yield f"{p}.mlp.up_proj.weight", rand(i, h)
         yield f"{p}.self_attn.o_proj.weight", rand(h, cfg.q_size)
-        yield f"{p}.mlp.gate_proj.weight", rand(i, h)
-        yield f"{p}.mlp.up_proj.weight", rand(i, h)
         yield f"{p}.mlp.down_proj.weight", rand(h, i)
-        yield f"{p}.input_layernorm.weight", ones(h)
-        yield f"{p}.post_attention_layernorm.weight", ones(h)
-    yield "model.norm.weight", ones(h)
-    yield "lm_head.weight", rand(v, h)
+        yield f"{p}.input_layernorm.weight", norm(h)
+        yield f"{p}.post_attention_layernorm.weight", norm(h)
+        if cfg.sandwich_norm:
+            yield f"{p}.pre_feedforward_layernorm.weight", norm(h)
+            yield f"{p}.post_feedforward_layernorm.weight", norm(h)
+        if cfg.qk_norm:
+            yield f"{p}.self_attn.q_norm.weight", norm(cfg.head_dim)
+            yield f"{p}.self_attn.k_norm.weight", norm(cfg.head_dim)
+    yield "model.norm.weight", norm(h)
+    if not cfg.tie_word_embeddings:
+        yield "lm_head.weight", rand(v, h)
 
 
 def random_model(folder: Path, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
     cfg = load_config(folder)
-    model = LlamaForCausalLM.from_weights(cfg, random_weights(cfg, dtype, device, seed), dtype, device)
+    model = CausalLM.from_weights(cfg, random_weights(cfg, dtype, device, seed), dtype, device)
     return LoadedModel(
         name=folder.name,
         path=str(folder),

@@ -24,14 +24,27 @@ MAX_CONFIG_BYTES = 1 << 20
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LORA_MODULES = ATTENTION_MODULES + MLP_MODULES
+# Phi-3 stores q/k/v and gate/up fused, so PEFT trains one LoRA on each fused module; the engine splits
+# it per projection at load (the same A for each part, B cut by rows: engine/lora.py).
+FUSED_MODULES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+# Keyed by config.json `model_type` (engine/models/ registers each architecture with one).
 TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "llama": LORA_MODULES,
     "mistral": LORA_MODULES,
     "qwen2": LORA_MODULES,
+    "qwen3": LORA_MODULES,
+    "gemma2": LORA_MODULES,
+    "gemma3_text": LORA_MODULES,
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
 }
+_IN_ATTENTION = frozenset({*ATTENTION_MODULES, "qkv_proj"})
 # Other families' projection names: an adapter naming one was trained for another architecture.
 OTHER_ARCH_MODULES = frozenset(
     {"c_attn", "c_proj", "c_fc", "query_key_value", "dense_h_to_4h", "dense_4h_to_h", "Wqkv"}
+    | {m for targets in TARGET_MODULES.values() for m in targets}
 )
 
 # lora_alpha (and each alpha_pattern value), and the scale each module ends up with. Real adapters use
@@ -47,7 +60,8 @@ MAX_PATTERN_ENTRIES = 1024
 # PEFT's saved names for a causal LM: base_model.model.<HF module path>.lora_{A,B}.weight.
 _TENSOR_NAME = re.compile(
     r"base_model\.model\.model\.layers\.(0|[1-9][0-9]{0,5})\."
-    r"(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_(A|B)\.weight"
+    r"(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|qkv_proj|gate_up_proj)"
+    r"\.lora_(A|B)\.weight"
 )
 
 # Keys that change the forward pass in ways the engine does not compute: refused when set to anything
@@ -129,9 +143,25 @@ class LoraConfig:
         return self.layers is None or layer in self.layers
 
 
+def module_dims(module: str, hidden: int, q_width: int, kv_width: int, intermediate: int) -> tuple[int, int]:
+    """(in_features, out_features) of a LoRA-capable projection, fused ones included."""
+    dims = {
+        "q_proj": (hidden, q_width),
+        "k_proj": (hidden, kv_width),
+        "v_proj": (hidden, kv_width),
+        "o_proj": (q_width, hidden),
+        "gate_proj": (hidden, intermediate),
+        "up_proj": (hidden, intermediate),
+        "down_proj": (intermediate, hidden),
+        "qkv_proj": (hidden, q_width + 2 * kv_width),
+        "gate_up_proj": (hidden, 2 * intermediate),
+    }
+    return dims[module]
+
+
 def module_path(layer: int, module: str) -> str:
     """The module's path in the Hugging Face model, which rank_pattern / alpha_pattern keys match."""
-    return f"model.layers.{layer}.{'self_attn' if module in ATTENTION_MODULES else 'mlp'}.{module}"
+    return f"model.layers.{layer}.{'self_attn' if module in _IN_ATTENTION else 'mlp'}.{module}"
 
 
 def tensor_name(layer: int, module: str, side: str) -> str:
@@ -147,11 +177,12 @@ def parse_tensor_name(name: str, num_layers: int) -> tuple[int, str, str]:
                 f"tensor '{name[:200]}' is a DoRA magnitude; DoRA is not supported", "use_dora_refused"
             )
         raise AdapterError(
-            f"tensor '{name[:200]}' is not a LoRA A/B of a supported projection ({', '.join(LORA_MODULES)})",
+            f"tensor '{name[:200]}' is not a LoRA A/B of a supported projection "
+            f"({', '.join(LORA_MODULES + tuple(FUSED_MODULES))})",
             "unexpected_tensor",
         )
     layer, parent, module, side = int(match[1]), match[2], match[3], match[4]
-    if (parent == "self_attn") != (module in ATTENTION_MODULES):
+    if (parent == "self_attn") != (module in _IN_ATTENTION):
         raise AdapterError(f"tensor '{name[:200]}' puts {module} under {parent}", "unexpected_tensor")
     if layer >= num_layers:
         raise AdapterError(
@@ -309,9 +340,15 @@ def _targets(value: Any, model_type: str | None) -> tuple[str, ...]:
             raise config_error("unsupported_target_module", "target_modules must hold module names (strings)")
         if entry not in allowed:
             code = "wrong_architecture" if entry in OTHER_ARCH_MODULES else "unsupported_target_module"
+            hint = ""
+            if entry in FUSED_MODULES and model_type != "phi3":
+                hint = f" (a fused {entry} is Phi-3's; this model's are {', '.join(FUSED_MODULES[entry])})"
+            elif model_type == "phi3" and entry in LORA_MODULES:
+                fused = next((f for f, parts in FUSED_MODULES.items() if entry in parts), None)
+                hint = f" (Phi-3 fuses it into {fused})" if fused else ""
             raise config_error(
                 code,
-                f"target module '{entry[:100]}' is not a projection of this {model_type or 'model'}; "
+                f"target module '{entry[:100]}' is not a projection of this {model_type or 'model'}{hint}; "
                 f"supported: {', '.join(allowed)}",
             )
         chosen.add(entry)

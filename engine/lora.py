@@ -28,6 +28,7 @@ from torch import Tensor
 from engine.adapter_file import ReadBuffer, Sha256Thread, parse_safetensors, read_bounded
 from engine.adapter_format import (
     CONFIG_FILE,
+    FUSED_MODULES,
     MAX_CONFIG_BYTES,
     WEIGHTS_FILE,
     AdapterError,
@@ -38,6 +39,7 @@ from engine.adapter_format import (
 )
 from engine.load_stages import StageClock
 from engine.model_loader import ModelConfig
+from engine.models.rope import head_rows_perm
 from engine.ops import LORA_MODULES, MODULE_GROUPS
 
 # ATen runs an element-wise op on the calling thread alone up to this many elements (its grain size).
@@ -88,11 +90,14 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         raise AdapterError(f"{CONFIG_FILE}: {exc}", exc.code, exc.field) from None
 
 
-def check_adapter_config(raw: dict[str, Any], max_rank: int, num_layers: int | None = None) -> LoraConfig:
+def check_adapter_config(
+    raw: dict[str, Any], max_rank: int, num_layers: int | None = None, model_type: str | None = None
+) -> LoraConfig:
     """The adapter-format contract (engine/adapter_format.py), the same checks upload validation runs:
-    every PEFT feature our LoRA path does not compute refused by name, every value in range."""
+    every PEFT feature our LoRA path does not compute refused by name, every value in range, the targets
+    those of `model_type` (None: any architecture's)."""
     try:
-        return check_lora_config(raw, max_rank, num_layers=num_layers)
+        return check_lora_config(raw, max_rank, model_type, num_layers)
     except AdapterError as exc:
         raise AdapterError(f"{CONFIG_FILE}: {exc}", exc.code, exc.field) from None
 
@@ -120,7 +125,9 @@ def load_adapter(
     buffer to stack into instead of a fresh one (a loader process's shared staging block)."""
     clock = clock or StageClock()
     path = Path(folder)
-    spec = check_adapter_config(read_adapter_config(path), max_rank, model_cfg.num_layers)
+    spec = check_adapter_config(
+        read_adapter_config(path), max_rank, model_cfg.num_layers, model_cfg.model_type
+    )
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         raise AdapterError(f"no {WEIGHTS_FILE} in adapter folder (other weight formats are refused)")
@@ -138,7 +145,16 @@ def load_adapter(
         clock.lap("read")
         try:
             adapter = _build(
-                data, spec, shapes, model_cfg.num_layers, max_rank, dtype, pin, clock, out_buffer
+                data,
+                spec,
+                shapes,
+                model_cfg.num_layers,
+                max_rank,
+                dtype,
+                pin,
+                clock,
+                out_buffer,
+                rotary_rows(model_cfg),
             )
         except AdapterError as exc:
             _check_hash(digest.hexdigest(), expected_hash, cause=exc)  # a forged file is named as such first
@@ -161,10 +177,15 @@ def _build(
     pin: bool,
     clock: StageClock,
     out_buffer: Callable[[int], Tensor] | None,
+    rows: dict[str, Tensor],
 ) -> LoRAAdapter:
     tensors = parse_safetensors(data)
     found = _pair_tensors(tensors, spec, layers)
-    scaling, per_module = _check_and_scale(found, spec, shapes, max_rank)
+    fused_shapes = {
+        m: (shapes[parts[0]][0], sum(shapes[p][1] for p in parts)) for m, parts in FUSED_MODULES.items()
+    }
+    scaling, per_module = _check_and_scale(found, spec, {**shapes, **fused_shapes}, max_rank)
+    per_module = _split_fused(per_module, shapes, rows)
     clock.lap("parse")
     nbytes = _layout(per_module, shapes, layers, dtype)[2]
     if out_buffer is not None:
@@ -231,6 +252,41 @@ def _check_and_scale(
             )
         per_module[(layer, module)] = (a, b, spec.scaling_of(layer, module) / spec.scaling)
     return spec.scaling, per_module
+
+
+def rotary_rows(cfg: ModelConfig) -> dict[str, Tensor]:
+    """Partial-rotary models (Phi-4-mini): the row order of q_proj and k_proj outputs the model was
+    loaded with (engine/models/rope.py), which every LoRA B of q and k must follow; {} otherwise."""
+    if cfg.rotary_dim is None or cfg.rotary_dim == cfg.head_dim:
+        return {}
+    return {
+        "q_proj": head_rows_perm(cfg.num_heads, cfg.head_dim, cfg.rotary_dim),
+        "k_proj": head_rows_perm(cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim),
+    }
+
+
+def _split_fused(
+    per_module: dict[tuple[int, str], tuple[Tensor, Tensor, float]],
+    shapes: dict[str, tuple[int, int]],
+    rows: dict[str, Tensor],
+) -> dict[tuple[int, str], tuple[Tensor, Tensor, float]]:
+    """A LoRA on a fused projection (Phi-3's qkv_proj, gate_up_proj) as one LoRA per part: the same A,
+    B cut by rows. x @ A.T @ B.T of the fused module is exactly the parts' outputs side by side, so the
+    slots, the kernels and the q/k/v and gate/up launches stay as they are; the price is the shrink
+    x @ A.T done once per part (3x for q/k/v) and A stored per part. `rows`: q/k B rows reordered as the
+    model's (rotary_rows)."""
+    if rows:
+        split = _split_fused(per_module, shapes, {})
+        return {key: (a, b[rows[key[1]]] if key[1] in rows else b, r) for key, (a, b, r) in split.items()}
+    out: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
+    for (layer, module), (a, b, ratio) in per_module.items():
+        parts = FUSED_MODULES.get(module)
+        if parts is None:
+            out[(layer, module)] = (a, b, ratio)
+            continue
+        for part, b_part in zip(parts, b.split([shapes[p][1] for p in parts], dim=0), strict=True):
+            out[(layer, part)] = (a, b_part, ratio)
+    return out
 
 
 def _layout(

@@ -15,11 +15,12 @@ import torch
 from safetensors import safe_open
 
 from engine.config import EngineConfig
-from engine.model_config import ModelConfig
+from engine.model_config import FULL, SLIDING, ModelConfig
 from engine.models import MODEL_REGISTRY
+from engine.models.rope import ROPE_TYPES, inv_freq_and_scale, rope_type
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ROPE_TYPES = ("default", "llama3", "linear")
+_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 _INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -48,52 +49,121 @@ def _parse_config(raw: dict[str, Any]) -> ModelConfig:
         raise ValueError(
             f"unsupported model architecture {arch!r}; supported: {', '.join(sorted(MODEL_REGISTRY))}"
         )
-    act = raw.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"{arch}: unsupported hidden_act {act!r} (only silu)")
-    # transformers 5 writes `rope_parameters` (with rope_theta inside); older folders `rope_scaling`.
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in _ROPE_TYPES:
-        raise ValueError(f"{arch}: unsupported rope scaling type {rope_type!r} (supported: {_ROPE_TYPES})")
-    rope_theta = float(rope.get("rope_theta") or raw.get("rope_theta") or 10000.0)
+    family = MODEL_REGISTRY[arch]
+    # Gemma names it hidden_activation (older Gemma 2 folders carry both names).
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"{arch}: unsupported hidden activation {act!r} (supported: {_ACTIVATIONS})")
     heads = int(raw["num_attention_heads"])
     hidden = int(raw["hidden_size"])
-    head_dim = raw.get("head_dim") or hidden // heads
+    head_dim = int(raw.get("head_dim") or hidden // heads)
     kv_heads = int(raw.get("num_key_value_heads") or heads)
     if heads % kv_heads:
         raise ValueError(f"{arch}: {heads} query heads are not a multiple of {kv_heads} KV heads")
-    is_qwen2 = arch == "Qwen2ForCausalLM"
+    num_layers = int(raw["num_hidden_layers"])
+    max_positions = int(raw.get("max_position_embeddings", 2048))
+    rotary = _rotary_dim(raw, arch, head_dim)
+    full_rope, local_rope = _ropes(raw, arch, rotary, max_positions)
     attention_bias = bool(raw.get("attention_bias", False))
     sliding = raw.get("sliding_window")
-    if is_qwen2 and not raw.get("use_sliding_window", False):
-        sliding = None
-    max_positions = int(raw.get("max_position_embeddings", 2048))
-    if sliding:
-        # Our attention is full; it equals sliding-window attention only up to the window, so the usable
-        # context stops there rather than silently diverging from the model beyond it.
-        max_positions = min(max_positions, int(sliding))
-    return ModelConfig(
-        architecture=arch,
-        vocab_size=int(raw["vocab_size"]),
-        hidden_size=hidden,
-        intermediate_size=int(raw["intermediate_size"]),
-        num_layers=int(raw["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=int(head_dim),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        qkv_bias=is_qwen2 or attention_bias,
-        o_bias=attention_bias and not is_qwen2,
-        mlp_bias=bool(raw.get("mlp_bias", False)),
-        rope_scaling=dict(rope) if rope_type != "default" else None,
-        sliding_window=int(sliding) if sliding else None,
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=_token_ids(raw.get("eos_token_id")),
-    )
+    fields: dict[str, Any] = {
+        "architecture": arch,
+        "model_type": family.model_type,
+        "vocab_size": int(raw["vocab_size"]),
+        "hidden_size": hidden,
+        "intermediate_size": int(raw["intermediate_size"]),
+        "num_layers": num_layers,
+        "num_heads": heads,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": float(raw.get("rms_norm_eps", 1e-6)),
+        "rope_theta": float(full_rope["rope_theta"]),
+        "max_position_embeddings": max_positions,
+        "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False)),
+        "qkv_bias": attention_bias,
+        "o_bias": attention_bias,
+        "mlp_bias": bool(raw.get("mlp_bias", False)),
+        "rope_scaling": full_rope if full_rope["rope_type"] != "default" else None,
+        "local_rope": local_rope,
+        "sliding_window": int(sliding) if sliding else None,
+        "layer_types": _layer_types(raw, arch, num_layers),
+        "hidden_act": act,
+        "rotary_dim": rotary if rotary != head_dim else None,
+        "bos_token_id": raw.get("bos_token_id"),
+        "eos_token_ids": _token_ids(raw.get("eos_token_id")),
+    }
+    fields.update(family.config(raw))
+    if fields["sliding_window"] is not None and fields["sliding_window"] < 1:
+        raise ValueError(f"{arch}: sliding_window must be a positive number of tokens")
+    if fields["sliding_window"] is None or SLIDING not in fields["layer_types"]:
+        fields["layer_types"] = ()  # every layer attends to its whole context
+    return ModelConfig(**fields)
+
+
+def _rotary_dim(raw: dict[str, Any], arch: str, head_dim: int) -> int:
+    """How many dims of each head rotate: `partial_rotary_factor` of them (Phi-4-mini: 0.75)."""
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    factor = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+    factor = float(factor if factor is not None else raw.get("partial_rotary_factor", 1.0))
+    rotary = int(head_dim * factor)
+    if not 0 < factor <= 1 or rotary < 2 or rotary % 2:
+        raise ValueError(f"{arch}: partial_rotary_factor {factor} gives an odd or empty rotary dimension")
+    return rotary
+
+
+def _layer_types(raw: dict[str, Any], arch: str, num_layers: int) -> tuple[str, ...]:
+    """config.json `layer_types` (transformers 5 writes it for the families that mix window and full
+    layers); without it a `sliding_window` applies to every layer (Mistral, Phi-3) unless the family
+    says otherwise (engine/models/)."""
+    value = raw.get("layer_types")
+    if value is None:
+        return (SLIDING,) * num_layers
+    if not isinstance(value, list) or len(value) != num_layers or not set(value) <= {FULL, SLIDING}:
+        raise ValueError(
+            f"{arch}: layer_types must list {FULL!r} or {SLIDING!r} for each of {num_layers} layers"
+        )
+    return tuple(value)
+
+
+def _ropes(
+    raw: dict[str, Any], arch: str, rotary_dim: int, max_positions: int
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(rope of the full-attention layers, rope of the sliding ones where it differs, else None), each
+    {"rope_type", "rope_theta", type-specific keys}. transformers 5 writes `rope_parameters` (rope_theta
+    inside, or one dict per layer type); older folders `rope_scaling` + `rope_theta` (+ Gemma 3's
+    `rope_local_base_freq`)."""
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{arch}: rope_parameters must be an object")
+    theta = raw.get("rope_theta") or 10000.0
+    local: dict[str, Any] | None
+    if FULL in params or SLIDING in params:
+        full = _rope(params.get(FULL) or {}, raw, theta, arch, rotary_dim, max_positions)
+        local = _rope(params.get(SLIDING) or {}, raw, theta, arch, rotary_dim, max_positions)
+    else:
+        full = _rope(params, raw, theta, arch, rotary_dim, max_positions)
+        local_theta = raw.get("rope_local_base_freq")
+        local = None if local_theta is None else {"rope_type": "default", "rope_theta": float(local_theta)}
+    return full, (local if local != full else None)
+
+
+def _rope(
+    rope: dict[str, Any], raw: dict[str, Any], theta: Any, arch: str, rotary_dim: int, max_positions: int
+) -> dict[str, Any]:
+    out = {k: v for k, v in rope.items() if k not in ("type", "partial_rotary_factor")}
+    out["rope_type"] = rope_type(rope)
+    out["rope_theta"] = float(rope.get("rope_theta") or theta)
+    if out["rope_type"] not in ROPE_TYPES:
+        raise ValueError(f"{arch}: unsupported rope type {out['rope_type']!r} (supported: {ROPE_TYPES})")
+    if out["rope_type"] == "default":
+        return {"rope_type": "default", "rope_theta": out["rope_theta"]}
+    if "original_max_position_embeddings" not in out and raw.get("original_max_position_embeddings"):
+        out["original_max_position_embeddings"] = int(raw["original_max_position_embeddings"])
+    try:
+        inv_freq_and_scale(rotary_dim, out, max_positions)  # every key it needs, present and well-formed
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{arch}: bad {out['rope_type']} rope parameters: {exc!r}") from exc
+    return out
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -201,7 +271,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model_config = load_config(config.model)
-    model_cls = MODEL_REGISTRY[model_config.architecture]
+    model_cls = MODEL_REGISTRY[model_config.architecture].model
     model = model_cls.from_weights(model_config, iter_weights(config.model), dtype=dtype, device=device)
     return LoadedModel(
         name=Path(config.model).resolve().name,

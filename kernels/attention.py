@@ -36,6 +36,9 @@ def paged_attention_ref(
     seq_lens: Tensor,
     query_start_loc: Tensor,
     scale: float,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> Tensor:
     """Causal attention of each sequence's new tokens over its paged context. See paged_attention."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
@@ -54,8 +57,12 @@ def paged_attention_ref(
         values = v_cache[blocks, pos % block_size].float().repeat_interleave(group, dim=1)
         qs = q[q_begin:q_end].float()  # [n_new, Hq, D]
         scores = torch.einsum("qhd,khd->hqk", qs, keys) * scale  # [Hq, n_new, ctx]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         q_pos = torch.arange(ctx - n_new, ctx, device=q.device)
         causal = pos[None, :] <= q_pos[:, None]  # [n_new, ctx]
+        if window:
+            causal &= pos[None, :] > q_pos[:, None] - window  # the last `window` positions, own included
         scores = scores.masked_fill(~causal, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[q_begin:q_end] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
@@ -121,12 +128,14 @@ def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
 def _attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    scale_log2, num_seqs, head_dim, num_blocks,
+    scale_log2, num_seqs, head_dim, num_blocks, window, softcap,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):  # fmt: skip
+    # WINDOW / SOFTCAP are compile-time switches: off, the code is the plain causal kernel, no extra work.
     # Program (i, kv head, split): the i-th query tile counted as `query_start_loc[b] // BLOCK_T + b`
     # for the tiles of sequence b, an upper bound on tiles before b that needs no host sync.
     pid, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -156,11 +165,15 @@ def _attention_kernel(
     )  # fmt: skip
     q_pos = ctx - q_len + tok  # [rows] absolute position: query i attends keys 0..q_pos
     kv_end = ctx - q_len + tl.minimum(t0 + BLOCK_T, q_len)
+    kv_begin = kv_end * 0
+    if WINDOW:
+        # The tile's first query sees keys from q_pos - window + 1 on; nothing before that is read.
+        kv_begin = tl.maximum(ctx - q_len + t0 - window + 1, 0)
     # Each split takes an equal share of *this tile's* keys (whole BLOCK_N tiles), not of the longest
     # context the block table could hold: a short sequence in a wide (CUDA-graph) table still spreads
     # over every split instead of leaving them empty while one program walks all its keys.
-    keys_per_split = tl.cdiv(tl.cdiv(kv_end, tl.num_programs(2)), BLOCK_N) * BLOCK_N
-    kv_lo = split * keys_per_split
+    keys_per_split = tl.cdiv(tl.cdiv(kv_end - kv_begin, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    kv_lo = kv_begin + split * keys_per_split
     kv_hi = tl.minimum(kv_end, kv_lo + keys_per_split)
     m_i = tl.full((BLOCK_T * GROUP_PAD,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_T * GROUP_PAD,), dtype=tl.float32)
@@ -178,7 +191,13 @@ def _attention_kernel(
         v_off = page * stride_vb + (offs_n % BLOCK_SIZE) * stride_vs + kvh * stride_vh
         v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [rows, N], log2 units
-        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
+        if SOFTCAP:
+            # cap * tanh(score / cap) in natural units, then back to log2 ones; tanh(x) = 1 - 2/(e^2x + 1).
+            s = softcap * 1.4426950408889634 * (1.0 - 2.0 / (tl.exp2(2.0 * s / softcap) + 1.0))
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        if WINDOW:
+            visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -240,6 +259,8 @@ def paged_attention(
     query_start_loc: Tensor,
     scale: float,
     *,
+    window: int = 0,
+    softcap: float = 0.0,
     num_splits: int | None = None,
     block_n: int = 64,
     num_warps: int = 4,
@@ -255,6 +276,9 @@ def paged_attention(
     Returns [T, Hq, D] in q's dtype. Block ids outside [0, num_blocks) are read as absent keys (a caller
     bug, but never a read outside the cache). The launch grid depends only on shapes (CUDA-graph safe);
     num_splits (None: picked from shapes) splits long contexts across programs, merged afterwards.
+    window > 0: sliding-window attention, query at position p sees keys p - window + 1 .. p only (and
+    reads nothing older); softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2). Both are
+    compile-time switches of the kernel, so layers without them run the plain causal code.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -284,13 +308,14 @@ def paged_attention(
         part, lse = out[None], out  # lse unused without splits
     _attention_kernel[(tiles, num_kv_heads, splits)](
         q, k_cache, v_cache, part, lse, block_tables, seq_lens, query_start_loc,
-        scale * math.log2(math.e), num_seqs, head_dim, k_cache.shape[0],
+        scale * math.log2(math.e), num_seqs, head_dim, k_cache.shape[0], window, float(softcap),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0) if splits > 1 else 0, lse.stride(1) if splits > 1 else 0,
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), SPLIT=splits > 1,  # dots need K >= 16
+        WINDOW=window > 0, SOFTCAP=softcap > 0,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

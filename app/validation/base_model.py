@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.adapter_format import TARGET_MODULES
+from engine.adapter_format import TARGET_MODULES, module_dims
 
 # The architectures the engine runs (the adapter-format contract says which projections each allows).
 SUPPORTED_MODEL_TYPES = tuple(TARGET_MODULES)
@@ -28,19 +28,14 @@ class BaseModelSpec:
     head_dim: int
 
     def module_dims(self, module: str) -> tuple[int, int]:
-        """(in_features, out_features) of one projection; k/v are narrower under GQA."""
-        q_width = self.num_heads * self.head_dim
-        kv_width = self.num_kv_heads * self.head_dim
-        dims = {
-            "q_proj": (self.hidden_size, q_width),
-            "k_proj": (self.hidden_size, kv_width),
-            "v_proj": (self.hidden_size, kv_width),
-            "o_proj": (q_width, self.hidden_size),
-            "gate_proj": (self.hidden_size, self.intermediate_size),
-            "up_proj": (self.hidden_size, self.intermediate_size),
-            "down_proj": (self.intermediate_size, self.hidden_size),
-        }
-        return dims[module]
+        """(in_features, out_features) of one projection (k/v narrower under GQA; Phi-3's fused ones too)."""
+        return module_dims(
+            module,
+            self.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.intermediate_size,
+        )
 
 
 def _positive_int(config: dict[str, Any], key: str) -> int:

@@ -82,7 +82,9 @@ def test_unsupported_architecture_is_refused_by_name(models: dict[str, Path]) ->
     raw = _raw(models) | {"architectures": ["GPT2LMHeadModel"]}
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         parse_config(raw)
-    with pytest.raises(ValueError, match="yarn"):
+    with pytest.raises(ValueError, match="dynamic"):
+        parse_config(_raw(models) | {"rope_parameters": {"rope_type": "dynamic", "factor": 4.0}})
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):  # yarn needs it
         parse_config(_raw(models) | {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(ValueError, match="gelu"):
         parse_config(_raw(models) | {"hidden_act": "gelu"})
@@ -95,7 +97,8 @@ def test_older_rope_scaling_key_is_read(models: dict[str, Path]) -> None:
     raw.pop("rope_parameters", None)
     raw |= {"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}
     cfg = parse_config(raw)
-    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling == {"type": "linear", "factor": 2.0}
+    assert cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}
 
 
 def test_pickle_weights_are_refused_and_never_unpickled(models: dict[str, Path], tmp_path: Path) -> None:
@@ -204,15 +207,23 @@ def test_linear_rope_scaling_matches_hf(tmp_path: Path) -> None:
     )
 
 
-def test_sliding_window_caps_the_context(models: dict[str, Path]) -> None:
+def test_sliding_window_is_per_layer_and_keeps_the_whole_context(models: dict[str, Path]) -> None:
     raw = _raw(models) | {"architectures": ["MistralForCausalLM"], "max_position_embeddings": 32768}
     cfg = parse_config(raw | {"sliding_window": 4096})
-    assert cfg.sliding_window == 4096 and cfg.max_position_embeddings == 4096
-    assert parse_config(raw | {"sliding_window": None}).max_position_embeddings == 32768
-    # Qwen2 declares a window but only uses it with use_sliding_window.
+    assert cfg.sliding_window == 4096 and cfg.max_position_embeddings == 32768
+    assert [cfg.window_of(i) for i in range(2)] == [4096, 4096]
+    assert parse_config(raw | {"sliding_window": None}).window_of(0) is None
+    # Qwen2 declares a window but only uses it with use_sliding_window, from max_window_layers on.
     qwen = raw | {"architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096}
-    assert parse_config(qwen).max_position_embeddings == 32768
-    assert parse_config(qwen | {"use_sliding_window": True}).max_position_embeddings == 4096
+    assert parse_config(qwen).window_of(1) is None
+    on = parse_config(qwen | {"use_sliding_window": True, "max_window_layers": 1})
+    assert [on.window_of(i) for i in range(2)] == [None, 4096] and on.max_position_embeddings == 32768
+    mixed = parse_config(raw | {"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]})
+    assert [mixed.window_of(i) for i in range(2)] == [None, 8]
+    with pytest.raises(ValueError, match="layer_types"):
+        parse_config(raw | {"sliding_window": 8, "layer_types": ["full_attention"]})
+    with pytest.raises(ValueError, match="positive"):
+        parse_config(raw | {"sliding_window": -3})
 
 
 def test_malformed_model_folders_raise_value_errors(models: dict[str, Path], tmp_path: Path) -> None:
