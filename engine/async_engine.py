@@ -22,7 +22,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.engine import EngineStats, LLMEngine
 from engine.request import LoRARequest, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredSpec
 from engine.step_guard import StepGuard
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,8 @@ class AsyncLLMEngine:
         """Outputs of one request as it runs (deltas in each CompletionOutput), the last with finished=True.
         Bad input raises ValueError before anything runs; leaving the loop early aborts the request."""
         self._check_alive()
+        if isinstance(params, SamplingParams) and params.structured is not None:
+            await self.compile_grammar(params.structured)  # off the loop; add_request then hits the cache
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         added: asyncio.Future[None] = stream.loop.create_future()
 
@@ -147,6 +149,11 @@ class AsyncLLMEngine:
         finally:
             if not finished:
                 self._abort_own(request_id, stream)
+
+    async def compile_grammar(self, spec: StructuredSpec) -> None:
+        """Compile a structured-output spec on the compiler's threads (cached); GrammarError (a ValueError)
+        when it cannot compile or takes longer than the compiler's time limit."""
+        await asyncio.to_thread(self.engine.grammars.compile, spec)
 
     def abort(self, request_id: str) -> None:
         """Stop a request (e.g. the client went away); its stream ends with finish_reason "abort"."""

@@ -108,9 +108,12 @@ class Request:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     # Sampler state (a torch.Generator for seeded requests); opaque here so this module stays torch-free.
     generator: Any = None
+    # Constrained decoding: this sequence's grammar matcher (engine/structured.py's GrammarState), or None.
+    grammar: Any = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
     # Read for every row of every step, so worked out once from params (which never change once a
-    # request exists). plain_greedy: argmax is all the sampler has to do (no penalties, min_tokens, logprobs).
+    # request exists). plain_greedy: argmax is all the sampler has to do (no penalties, min_tokens, logprobs,
+    # logit_bias or grammar).
     greedy: bool = field(init=False, default=False)
     has_penalties: bool = field(init=False, default=False)
     plain_greedy: bool = field(init=False, default=False)
@@ -124,7 +127,12 @@ class Request:
         self.greedy = params.greedy
         self.has_penalties = params.has_penalties
         self.plain_greedy = (
-            self.greedy and not self.has_penalties and not params.min_tokens and params.logprobs is None
+            self.greedy
+            and not self.has_penalties
+            and not params.min_tokens
+            and params.logprobs is None
+            and not params.logit_bias
+            and params.structured is None
         )
 
     @property
