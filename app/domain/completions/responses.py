@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from app.domain.completions import render
+from app.domain.completions import render, tool_parsers, tools
 from app.domain.completions.run import CompletionRun, RunDriver
 from app.domain.completions.schemas import (
     AssistantMessage,
@@ -19,10 +19,14 @@ from app.domain.completions.schemas import (
     ChatDelta,
     CompletionChoice,
     CompletionResponse,
+    FunctionCall,
+    FunctionCallDelta,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from app.engine_client import EngineUnavailable
-from engine.request import RequestOutput
+from engine.request import CompletionOutput, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +63,14 @@ def _body(run: CompletionRun, chat: bool, decode: Any) -> CompletionResponse | C
             choices=[
                 ChatChoice(
                     index=o.index,
-                    message=AssistantMessage(content=o.text),
+                    message=message,
                     logprobs=render.chat_logprobs(o.token_ids, o.logprobs or [], top_n, decode)
                     if top_n is not None
                     else None,
-                    finish_reason=render.finish_reason(o.finish_reason),
+                    finish_reason=reason,
                 )
                 for o in outputs
+                for message, reason in [_chat_message(run, o)]
             ],
             usage=run_usage(run),
         )
@@ -88,6 +93,23 @@ def _body(run: CompletionRun, chat: bool, decode: Any) -> CompletionResponse | C
     )
 
 
+def _chat_message(run: CompletionRun, o: CompletionOutput) -> tuple[AssistantMessage, str | None]:
+    """The assistant message and finish reason of a complete choice: tool calls when the request offered
+    tools and the answer holds calls (finish_reason "tool_calls"), else its text."""
+    reason = render.finish_reason(o.finish_reason)
+    plan = run.spec.tools
+    if plan is None or reason != "stop":
+        return AssistantMessage(content=o.text), reason
+    content, calls = tools.calls_of(plan, o.text)
+    if not calls:
+        return AssistantMessage(content=o.text), reason
+    tool_calls = [
+        ToolCall(id=tool_parsers.call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+        for c in calls
+    ]
+    return AssistantMessage(content=content, tool_calls=tool_calls), "tool_calls"
+
+
 class StreamState:
     """Per-choice progress, so each chunk carries only what is new (text, and logprobs of new tokens)."""
 
@@ -96,6 +118,7 @@ class StreamState:
         self.text_sent = [0] * n
         self.role_sent = [False] * n
         self.finished = [False] * n
+        self.call_ids: list[str | None] = [None] * n  # a named function's call, streamed as it is written
 
 
 def _chunk(
@@ -107,6 +130,9 @@ def _chunk(
     for o in sorted(out.outputs, key=lambda o: o.index):
         i = o.index
         if state.finished[i]:
+            continue
+        if chat and run.spec.tools is not None:
+            frames += _tool_chunks(run, o, state)
             continue
         new_ids = o.token_ids[state.tokens_sent[i] :]
         new_lps = (o.logprobs or [])[state.tokens_sent[i] :]
@@ -144,6 +170,71 @@ def _chunk(
                 choices=[CompletionChoice(index=i, text=new_text, logprobs=lp, finish_reason=reason)],
             )
         frames.append((render.sse_frame(body), carried))
+    return frames
+
+
+def _tool_chunks(run: CompletionRun, o: CompletionOutput, state: StreamState) -> list[tuple[bytes, int]]:
+    """A chat choice that may call tools. A named function's arguments stream as they are written (one
+    call, its deltas concatenate to the arguments); for required and auto the answer is read whole first
+    (it may be calls or text), then sent as one delta per call, or as content."""
+    assert run.spec.tools is not None
+    i, plan = o.index, run.spec.tools
+    reason = render.finish_reason(o.finish_reason)
+    deltas: list[ChatDelta] = []
+    if not state.role_sent[i]:
+        state.role_sent[i] = True
+        deltas.append(ChatDelta(role="assistant"))
+    if plan.mode == "named":
+        if state.call_ids[i] is None:
+            state.call_ids[i] = tool_parsers.call_id()
+            first = ToolCallDelta(
+                index=0,
+                id=state.call_ids[i],
+                type="function",
+                function=FunctionCallDelta(name=plan.named, arguments=""),
+            )
+            deltas.append(ChatDelta(tool_calls=[first]))
+        new_text = o.text[state.text_sent[i] :]
+        if new_text:
+            deltas.append(
+                ChatDelta(tool_calls=[ToolCallDelta(index=0, function=FunctionCallDelta(arguments=new_text))])
+            )
+        if reason == "stop":
+            reason = "tool_calls"
+    elif reason is not None:
+        message, reason = _chat_message(run, o)
+        if isinstance(message.tool_calls, list):
+            calls = [
+                ToolCallDelta(
+                    index=k,
+                    id=c.id,
+                    type="function",
+                    function=FunctionCallDelta(name=c.function.name, arguments=c.function.arguments),
+                )
+                for k, c in enumerate(message.tool_calls)
+            ]
+            deltas.append(ChatDelta(content=message.content, tool_calls=calls))
+        elif o.text:
+            deltas.append(ChatDelta(content=o.text))
+    if reason is None and not deltas:
+        return []
+    if not deltas:
+        deltas.append(ChatDelta())
+    carried = 0
+    if reason is not None or plan.mode == "named":
+        carried = len(o.token_ids) - state.tokens_sent[i]
+        state.tokens_sent[i], state.text_sent[i] = len(o.token_ids), len(o.text)
+    state.finished[i] = reason is not None
+    frames = []
+    for k, delta in enumerate(deltas):
+        last = k == len(deltas) - 1
+        body = ChatCompletionChunk(
+            id=run.request_id,
+            created=run.created,
+            model=run.target.model,
+            choices=[ChatChunkChoice(index=i, delta=delta, finish_reason=reason if last else None)],
+        )
+        frames.append((render.sse_frame(body), carried if last else 0))
     return frames
 
 

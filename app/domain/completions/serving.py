@@ -34,6 +34,7 @@ class Serving:
         self.files: AdapterFiles | None = None
         self.driver = RunDriver(self.engine, {})  # rebound to the app's state when the app starts
         self.service = CompletionService(self.engine, None, settings.secret, self._resolve)
+        self.service.tool_call_parser = settings.tool_call_parser
         self._app: Litestar | None = None
         self._session_maker: Any = None
         self._last_reason: str | None = None
