@@ -8,7 +8,7 @@ import json
 import msgspec
 import pytest
 
-from app.domain.completions import params, tool_parsers, tools
+from app.domain.completions import params, tools
 from app.domain.completions.schemas import ChatCompletionRequest
 from app.domain.completions.tool_parsers import ParsedCall, parse, parse_constrained, parser_for
 
