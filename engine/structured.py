@@ -117,7 +117,8 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self.timeout_s = timeout_s
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="grammar")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache's; never held while compiling
+        self._tokenizer_lock = threading.Lock()
         self._cache: OrderedDict[str, Future[Any]] = OrderedDict()
         self._ll_tokenizer: Any = None
         self._tokenizer_id = ""
@@ -168,7 +169,7 @@ class GrammarCompiler:
 
     # ---- on the worker threads ----
     def ll_tokenizer(self) -> Any:
-        with self._lock:
+        with self._tokenizer_lock:
             if self._ll_tokenizer is None:
                 import llguidance.hf
 
