@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--smoke", action="store_true", help="every workload on the CPU demo model, seconds")
     parser.add_argument("--out", default="benchmarks/results", help="folder for serving.json and serving.png")
     parser.add_argument(
-        "--only", default="abcdefg", help="workloads to run, e.g. 'ab' ('g': decode with the unfused ops, 's': structured outputs)"
+        "--only",
+        default="abcdefg",
+        help="workloads to run, e.g. 'ab' ('g': decode with the unfused ops, 's': structured outputs)",
     )
     parser.add_argument("--no-graphs", action="store_true", help="EngineConfig(cuda_graphs=False)")
     parser.add_argument("--memory-fraction", type=float, default=0.85)
