@@ -131,6 +131,19 @@ def test_every_structured_field_form(client: Any) -> None:
     assert reason == "stop" and text.startswith("id-") and text[3:].isdigit() and len(text) == 5
 
 
+def test_a_grammar_that_never_ends_stops_at_max_tokens(client: Any) -> None:
+    out = client.completions.create(
+        model="demo-model",
+        prompt="x",
+        max_tokens=6,
+        temperature=0.0,
+        extra_body={"guided_regex": "(ab){500}"},  # far longer than max_tokens allows
+    )
+    choice = out.choices[0]
+    assert choice.finish_reason == "length" and out.usage.completion_tokens == 6
+    assert choice.text.startswith("ab") and set(choice.text) <= {"a", "b"}
+
+
 def test_completions_take_response_format_and_guided_fields(client: Any) -> None:
     schema = SCHEMAS[5]
     for extra in (

@@ -34,8 +34,6 @@ def structured_of(req: _SamplingFields) -> tuple[StructuredSpec | None, str]:
         if value is not None:
             sources.append((name, value))
     if not sources:
-        if response_format is not None and response_format.get("type", "text") != "text":
-            raise invalid("response_format", "response_format type must be text, json_object or json_schema")
         return None, ""
     if len(sources) > 1:
         names = ", ".join(name for name, _ in sources)
