@@ -138,7 +138,7 @@ class LLMEngine:
                 )
             )
         if params.structured is not None:
-            # Compiled already when the caller awaited grammars.submit (AsyncLLMEngine does): a cache hit.
+            # Compiled already when the caller awaited grammars.compile (AsyncLLMEngine does): a cache hit.
             for child in children:
                 child.grammar = self.grammars.matcher(params.structured)
         detoks = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, c.params) for c in children]

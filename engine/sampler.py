@@ -1,9 +1,10 @@
 """Logits -> next tokens (+ top-n logprobs), on the logits' device.
 
-Order: the grammar mask of constrained rows (its bitmask filled on the host first, while the device may
-still run the forward), logit_bias, penalties, min_tokens masking, temperature, top-k / top-p / min-p, then
-argmax (greedy) or an exponential race (random). Seeded requests draw from their own torch.Generator, so a seed gives the same
-text whatever else shares the batch; unseeded ones share the engine's generator.
+Order: the grammar mask of constrained rows (structured outputs: the bitmask filled on the host first,
+while the device may still run the forward), logit_bias, penalties, min_tokens masking, temperature,
+top-k / top-p / min-p, then argmax (greedy) or an exponential race (random). Seeded requests draw from
+their own torch.Generator, so a seed gives the same text whatever else shares the batch; unseeded ones
+share the engine's generator.
 """
 
 from __future__ import annotations
@@ -62,13 +63,12 @@ def to_device(device: torch.device, values: list[Any], dtype: torch.dtype | None
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0, grammar_executor: Any = None) -> None:
-        """grammar_executor: what fills constrained rows' bitmasks (GrammarCompiler.executor); None until
-        the first constrained request needs it."""
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
-        self.grammar_executor = grammar_executor
+        # llguidance's thread pool that fills constrained rows' bitmasks; made for the first such row.
+        self.grammar_executor: Any = None
 
     @torch.inference_mode()
     def __call__(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
