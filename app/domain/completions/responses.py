@@ -175,8 +175,9 @@ def _chunk(
 
 def _tool_chunks(run: CompletionRun, o: CompletionOutput, state: StreamState) -> list[tuple[bytes, int]]:
     """A chat choice that may call tools. A named function's arguments stream as they are written (one
-    call, its deltas concatenate to the arguments); for required and auto the answer is read whole first
-    (it may be calls or text), then sent as one delta per call, or as content."""
+    call, its deltas concatenate to the arguments). For auto, content streams up to where a tool call
+    starts or might start (tool_parsers.content_end); the rest, and all of a required answer, is read
+    whole first, then sent as one delta per call (or as the rest of the content)."""
     assert run.spec.tools is not None
     i, plan = o.index, run.spec.tools
     reason = render.finish_reason(o.finish_reason)
@@ -201,7 +202,15 @@ def _tool_chunks(run: CompletionRun, o: CompletionOutput, state: StreamState) ->
             )
         if reason == "stop":
             reason = "tool_calls"
-    elif reason is not None:
+    elif reason is None:
+        # auto: the content before any (possible) tool call streams now; required waits for the end.
+        end = tool_parsers.content_end(plan.parser, o.text) if plan.mode == "auto" else 0
+        if end > state.text_sent[i]:
+            deltas.append(ChatDelta(content=o.text[state.text_sent[i] : end]))
+            state.text_sent[i] = end
+        if end < len(o.text) or not deltas:
+            return _frames(run, i, deltas, None, 0)  # held-back text: its tokens are billed when sent
+    else:
         message, reason = _chat_message(run, o)
         if isinstance(message.tool_calls, list):
             calls = [
@@ -213,18 +222,24 @@ def _tool_chunks(run: CompletionRun, o: CompletionOutput, state: StreamState) ->
                 )
                 for k, c in enumerate(message.tool_calls)
             ]
-            deltas.append(ChatDelta(content=message.content, tool_calls=calls))
-        elif o.text:
-            deltas.append(ChatDelta(content=o.text))
+            # auto: what of the content before the calls has not streamed yet goes with them.
+            end = tool_parsers.content_end(plan.parser, o.text) if plan.mode == "auto" else 0
+            content = message.content if state.text_sent[i] == 0 else o.text[state.text_sent[i] : end] or None
+            deltas.append(ChatDelta(content=content, tool_calls=calls))
+        elif o.text[state.text_sent[i] :]:
+            deltas.append(ChatDelta(content=o.text[state.text_sent[i] :]))
     if reason is None and not deltas:
         return []
-    if not deltas:
-        deltas.append(ChatDelta())
-    carried = 0
-    if reason is not None or plan.mode == "named":
-        carried = len(o.token_ids) - state.tokens_sent[i]
-        state.tokens_sent[i], state.text_sent[i] = len(o.token_ids), len(o.text)
+    carried = len(o.token_ids) - state.tokens_sent[i]
+    state.tokens_sent[i], state.text_sent[i] = len(o.token_ids), len(o.text)
     state.finished[i] = reason is not None
+    return _frames(run, i, deltas or [ChatDelta()], reason, carried)
+
+
+def _frames(
+    run: CompletionRun, i: int, deltas: list[ChatDelta], reason: str | None, carried: int
+) -> list[tuple[bytes, int]]:
+    """One chunk per delta; the last carries the finish reason and the tokens."""
     frames = []
     for k, delta in enumerate(deltas):
         last = k == len(deltas) - 1

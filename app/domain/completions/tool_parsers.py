@@ -22,6 +22,7 @@ from typing import Any
 PARSERS = ("hermes", "llama3_json")
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _PYTHON_TAG = "<|python_tag|>"
+_HERMES_OPEN = "<tool_call>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +58,25 @@ def parse(parser: str, text: str, names: set[str]) -> tuple[str | None, list[Par
     return calls
 
 
+def content_end(parser: str, text: str) -> int:
+    """How much of an `auto` answer so far is content for sure (streamable at once): everything before
+    where a tool call starts or might start. The rest waits for the answer to end."""
+    if parser == "hermes":
+        start = text.find(_HERMES_OPEN)
+        if start >= 0:
+            return start
+        for k in range(min(len(_HERMES_OPEN) - 1, len(text)), 0, -1):
+            if text.endswith(_HERMES_OPEN[:k]):  # "<tool_c" may be the start of one
+                return len(text) - k
+        return len(text)
+    body = text.lstrip()
+    if not body or body.startswith("{") or body.startswith(_PYTHON_TAG) or _PYTHON_TAG.startswith(body):
+        return 0  # llama3_json: the whole answer is the call, or it is content from its first character
+    return len(text)
+
+
 def _hermes(text: str) -> tuple[str | None, list[ParsedCall]] | None:
-    start = text.find("<tool_call>")
+    start = text.find(_HERMES_OPEN)
     if start < 0:
         return None
     calls = []
