@@ -250,3 +250,31 @@ def test_logit_bias_is_checked_at_the_door(llm: LLM) -> None:
         assert err.value.param == "logit_bias"
     with pytest.raises(ValueError, match="logit_bias"):
         llm.engine.add_request("oob", [0, 5], SamplingParams(logit_bias={10_000: 1.0}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_on_the_gpu_masks_and_bias_apply_after_the_graphed_forward(
+    demo: Path, loras: list[LoRARequest], cuda_graphs: bool
+) -> None:
+    """CUDA: the bitmask travels through pinned memory and masks the logits on the device, after the
+    (graphed) forward; free rows beside constrained ones keep their tokens; async scheduling stays on."""
+    gpu = LLM(
+        str(demo), device="cuda", dtype="float32", max_loras=2, num_kv_blocks=256, cuda_graphs=cuda_graphs
+    )
+    free_loras = [None, loras[0], loras[1]]
+    alone = gpu.generate(FREE_PROMPTS, free_params(), lora_request=free_loras)
+    schemas = SCHEMAS[::2]
+    params = [SamplingParams(max_tokens=96, temperature=0.0, structured=schema_spec(s)) for s in schemas]
+    biased = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logit_bias={300: 100})
+    outs = gpu.generate(
+        [[0, 5, 6]] * len(schemas) + FREE_PROMPTS + [[0, 5]],
+        params + [free_params()] * 3 + [biased],
+        lora_request=[None] * len(schemas) + free_loras + [None],
+    )
+    for schema, out in zip(schemas, outs, strict=False):
+        assert out.outputs[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(out.outputs[0].text), schema)
+    free = outs[len(schemas) : len(schemas) + 3]
+    assert [o.outputs[0].token_ids for o in free] == [o.outputs[0].token_ids for o in alone]
+    assert outs[-1].outputs[0].token_ids == [300] * 4
