@@ -144,8 +144,8 @@ class EngineClient:
     def vocab_size(self) -> int:
         return int(self.engine.vocab_size)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.engine.encode(text))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.engine.encode(text, add_special_tokens))
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
@@ -160,6 +160,9 @@ class EngineClient:
         """Compile a structured-output spec off the event loop (cached by the engine); GrammarError
         (a ValueError naming `structured`) when it cannot compile in time."""
         await self.engine.compile_grammar(spec)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self.engine.decode(token_ids))
 
     def decode_token(self, token_id: int) -> str:
         return str(self.engine.decode([token_id]))

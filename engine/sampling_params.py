@@ -147,6 +147,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's: top-k logprobs of every prompt token (the prompt token always included; the first has none).
+    prompt_logprobs: int | None = None
     # Added to the logits of these token ids before sampling (OpenAI's logit_bias, ids as integers).
     logit_bias: dict[int, float] | None = None
     # The output must match this (JSON schema, regex, choice, grammar); None: free text.
@@ -222,6 +224,11 @@ class SamplingParams:
             self.logprobs is None or _int_in(self.logprobs, 0, MAX_LOGPROBS),
             "logprobs",
             f"must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}",
+        )
+        _require(
+            self.prompt_logprobs is None or _int_in(self.prompt_logprobs, 0, MAX_LOGPROBS),
+            "prompt_logprobs",
+            f"must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.prompt_logprobs!r}",
         )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.adapter_cache import AdapterCache, AdapterLoadError
+from engine.adapter_setup import POOL_MAX_AUTO_MB, auto_pool_mb
 from engine.demo import demo_config, write_adapter
 from engine.lora import LoRAAdapter, load_adapter, module_shapes
 from engine.lora_slots import LoRASlots
@@ -23,6 +24,8 @@ from engine.request import LoRARequest
 CFG = demo_config(512)
 MODEL = parse_config(CFG)
 BLOCK = 4096
+# The CPU tier is page-locked on a CUDA host (pin_adapter copies anything else out of the pool).
+CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +122,7 @@ def loaded(cache: AdapterCache, req: LoRARequest) -> int | None:
 
 
 def test_cpu_tier_lives_in_the_pool_and_gives_runs_back(dirs: dict[str, Path]) -> None:
-    pool = PinnedPool(64 << 20, 1 << 20, pin=False)
+    pool = PinnedPool(64 << 20, 1 << 20, pin=CUDA)
     cache = pooled_cache(pool, max_loras=1, max_cpu=2)
     try:
         total = pool.free_blocks
@@ -149,7 +152,7 @@ def test_cpu_tier_lives_in_the_pool_and_gives_runs_back(dirs: dict[str, Path]) -
 
 
 def test_a_bad_adapter_gives_its_run_back(dirs: dict[str, Path]) -> None:
-    pool = PinnedPool(64 << 20, 1 << 20, pin=False)
+    pool = PinnedPool(64 << 20, 1 << 20, pin=CUDA)
     cache = pooled_cache(pool)
     try:
         total = pool.free_blocks
@@ -171,7 +174,7 @@ def test_a_bad_adapter_gives_its_run_back(dirs: dict[str, Path]) -> None:
 
 def test_prefetched_load_takes_an_unpinned_slot_never_a_pinned_one(dirs: dict[str, Path]) -> None:
     for eager in (False, True):
-        cache = pooled_cache(PinnedPool(64 << 20, 1 << 20, pin=False), max_loras=2, max_cpu=4, eager=eager)
+        cache = pooled_cache(PinnedPool(64 << 20, 1 << 20, pin=CUDA), max_loras=2, max_cpu=4, eager=eager)
         try:
             a, b, c = lora(dirs, "a"), lora(dirs, "b"), lora(dirs, "c")
             assert loaded(cache, a) is not None and loaded(cache, b) is not None
@@ -270,3 +273,13 @@ def test_cuda_pool_is_pinned_and_batched_copies_match(dirs: dict[str, Path]) -> 
         assert cache.stats()["pool_misses"] == 0
     finally:
         cache.close()
+
+
+def test_the_automatic_pool_holds_the_cpu_tier_within_its_caps() -> None:
+    mib, gib = 1 << 20, 1 << 30
+    # 8 adapters of 84 MB (rank 16, all seven modules of a Llama-3-8B): 672 MiB, rounded up to 1 GiB
+    assert auto_pool_mb(8, 84 * mib, 128 * gib) == 1024
+    assert auto_pool_mb(1, 1, 128 * gib) == 1  # never 0: a pool of one MiB
+    # 512 of them would be 42 GiB: capped at 16 GiB, and at a quarter of a small host's memory
+    assert auto_pool_mb(512, 84 * mib, 512 * gib) == POOL_MAX_AUTO_MB
+    assert auto_pool_mb(512, 84 * mib, 24 * gib) == 4096  # a quarter of 24 GiB is 6 GiB: 4 GiB
