@@ -21,10 +21,14 @@ def run_with(plan: ToolPlan) -> CompletionRun:
     return CompletionRun("chatcmpl-1", Caller(None, "t", None), Target(model="m"), [1], spec, "salt")
 
 
-def stream(plan: ToolPlan, texts: list[str], reason: str = "stop") -> tuple[list[dict[str, Any]], int]:
+def stream(
+    plan: ToolPlan, texts: list[str], reason: str = "stop", continuous: bool = False
+) -> tuple[list[dict[str, Any]], int]:
     """The chunks for outputs growing through `texts` (one token each), the last finished; and the tokens
     the frames carried."""
     run, state = run_with(plan), responses.StreamState(1)
+    run.spec.continuous_usage = continuous
+    run.streamed_tokens = 0  # as responses.stream counts them: after each frame is sent
     chunks, carried = [], 0
     for k, text in enumerate(texts):
         last = k == len(texts) - 1
@@ -32,6 +36,7 @@ def stream(plan: ToolPlan, texts: list[str], reason: str = "stop") -> tuple[list
         for frame, tokens in responses._chunk(run, RequestOutput("r", [1], [out], last), state, True, str):
             chunks.append(json.loads(frame[len(b"data: ") :]))
             carried += tokens
+            run.streamed_tokens += tokens
     return chunks, carried
 
 
@@ -101,3 +106,11 @@ def test_required_waits_for_the_whole_answer() -> None:
     assert joined(chunks)[1][0]["name"] == "get_time" and joined(chunks)[2] == "tool_calls"
     cut, _ = stream(plan, texts[:1], reason="length")  # cut by max_tokens: its text, as content
     assert joined(cut) == ('[{"name": "get_time", ', [], "length")
+
+
+def test_continuous_usage_counts_the_tokens_each_chunk_carried() -> None:
+    plan = ToolPlan("auto", TOOLS, {"get_time": {}}, parser="hermes")
+    texts = ["Hi", "Hi <tool", 'Hi <tool_call>{"name": "get_time", "arguments": {}}</tool_call>']
+    chunks, carried = stream(plan, texts, continuous=True)
+    used = [c["usage"]["completion_tokens"] for c in chunks]
+    assert used == sorted(used) and used[-1] == carried == 3

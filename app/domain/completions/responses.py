@@ -154,8 +154,14 @@ def _chunk(
         i = o.index
         if state.finished[i]:
             continue
-        if chat and run.spec.tools is not None:
-            frames += _tool_chunks(run, o, state)
+        if chat and spec.tools is not None:
+            for chunk, billed in _tool_chunks(run, o, state):
+                pending += billed
+                if spec.continuous_usage:
+                    chunk.usage = render.usage(
+                        run.prompt_tokens, (run.streamed_tokens or 0) + pending, run.cached_tokens
+                    )
+                frames.append((render.sse_frame(chunk), billed))
             continue
         if spec.prompt_only:  # the engine's one token is never shown
             o = CompletionOutput(
@@ -222,7 +228,9 @@ def _chunk(
     return frames
 
 
-def _tool_chunks(run: CompletionRun, o: CompletionOutput, state: StreamState) -> list[tuple[bytes, int]]:
+def _tool_chunks(
+    run: CompletionRun, o: CompletionOutput, state: StreamState
+) -> list[tuple[ChatCompletionChunk, int]]:
     """A chat choice that may call tools. A named function's arguments stream as they are written (one
     call, its deltas concatenate to the arguments). For auto, content streams up to where a tool call
     starts or might start (tool_parsers.content_end); the rest, and all of a required answer, is read
@@ -287,9 +295,9 @@ def _tool_chunks(run: CompletionRun, o: CompletionOutput, state: StreamState) ->
 
 def _tool_frames(
     run: CompletionRun, i: int, deltas: list[ChatDelta], reason: str | None, carried: int
-) -> list[tuple[bytes, int]]:
+) -> list[tuple[ChatCompletionChunk, int]]:
     """One chunk per delta; the last carries the finish reason and the tokens."""
-    frames = []
+    frames: list[tuple[ChatCompletionChunk, int]] = []
     for k, delta in enumerate(deltas):
         last = k == len(deltas) - 1
         body = ChatCompletionChunk(
@@ -298,7 +306,7 @@ def _tool_frames(
             model=run.target.model,
             choices=[ChatChunkChoice(index=i, delta=delta, finish_reason=reason if last else None)],
         )
-        frames.append((render.sse_frame(body), carried if last else 0))
+        frames.append((body, carried if last else 0))
     return frames
 
 
