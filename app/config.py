@@ -106,6 +106,10 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "INFO"
 
+    # Tool calling with tool_choice auto (docs/serving.md): the model family's tool-call format, hermes
+    # or llama3_json; None = guessed from the tokenizer's chat template.
+    tool_call_parser: str | None = None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Settings from `LORAPLEX_*` variables; raises SettingsError naming the first bad variable."""
@@ -229,6 +233,11 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
             "expected a positive number",
         ),
         ("redis_key_prefix", s.redis_key_prefix.isidentifier(), "expected letters, digits or underscores"),
+        (
+            "tool_call_parser",
+            s.tool_call_parser in (None, "hermes", "llama3_json"),
+            "expected hermes or llama3_json",
+        ),
         ("redis_timeout_seconds", 0.0 < s.redis_timeout_seconds <= 30.0, "expected 0..30 seconds"),
         ("usage_sweep_after_seconds", s.usage_sweep_after_seconds >= 60.0, "expected at least 60 seconds"),
         ("usage_sweep_interval_seconds", s.usage_sweep_interval_seconds > 0.0, "expected a positive number"),

@@ -13,10 +13,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.request import LoRARequest, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredSpec
 
 if TYPE_CHECKING:  # the engine proper needs torch: imported only when it starts (see _build)
     from engine.async_engine import AsyncLLMEngine
@@ -147,8 +147,19 @@ class EngineClient:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.engine.encode(text, add_special_tokens))
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        return list(self.engine.apply_chat_template(messages))
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        return list(self.engine.apply_chat_template(messages, tools))
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.engine.chat_template
+
+    async def compile_grammar(self, spec: StructuredSpec) -> None:
+        """Compile a structured-output spec off the event loop (cached by the engine); GrammarError
+        (a ValueError naming `structured`) when it cannot compile in time."""
+        await self.engine.compile_grammar(spec)
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self.engine.decode(token_ids))

@@ -8,7 +8,8 @@ the memory roofline, transformers + PEFT, the base model and a cold prefix cache
 
 Workloads: a decode step vs roofline at B=1..128; b 64 distinct adapters (q/k/v/o, then all seven) vs no
 LoRA; c transformers + PEFT on the same mixed batch; d prefix-cache TTFT warm vs cold; e 1,000 adapters,
-Zipf popularity, Poisson arrivals vs the base model; f adapter load times. Writes serving.json and
+Zipf popularity, Poisson arrivals vs the base model; f adapter load times; s (not in the default set)
+B=64 requests constrained by a 20-field JSON schema vs unconstrained, and the schemas' compile times. Writes serving.json and
 serving.png under --out and prints a table.
 """
 
@@ -34,6 +35,7 @@ from benchmarks.serving_e import workload_e
 from benchmarks.serving_hf import workload_c
 from benchmarks.serving_model import make_engine, model_config, random_model, write_model_folder
 from benchmarks.serving_profile import workload_p
+from benchmarks.serving_structured import workload_s
 from benchmarks.serving_traffic import workload_d, workload_f
 from benchmarks.serving_workloads import Bench, Sizes, workload_a, workload_b, workload_g
 from engine.config import EngineConfig
@@ -57,6 +59,7 @@ WORKLOADS = {
     "f": workload_f,
     "g": workload_g,  # baseline: the elementwise ops unfused, in plain torch (GPU only)
     "p": workload_p,  # not in the default set: per-kernel GPU time of a decode step
+    "s": workload_s,  # not in the default set: structured outputs (constrained decoding) vs free
 }
 
 
@@ -137,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--smoke", action="store_true", help="every workload on the CPU demo model, seconds")
     parser.add_argument("--out", default="benchmarks/results", help="folder for serving.json and serving.png")
     parser.add_argument(
-        "--only", default="abcdefg", help="workloads to run, e.g. 'ab' ('g': decode with the unfused ops)"
+        "--only",
+        default="abcdefg",
+        help="workloads to run, e.g. 'ab' ('g': decode with the unfused ops, 's': structured outputs)",
     )
     parser.add_argument("--no-graphs", action="store_true", help="EngineConfig(cuda_graphs=False)")
     parser.add_argument(

@@ -22,7 +22,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.engine import EngineStats, LLMEngine
 from engine.request import LoRARequest, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredSpec
 from engine.step_guard import StepGuard
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,21 @@ class AsyncLLMEngine:
     def decode(self, token_ids: list[int]) -> str:
         return str(self.engine.tokenizer.decode(token_ids, skip_special_tokens=False))
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.engine.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The prompt of a chat; `tools` (OpenAI's form) are rendered by the template, if it knows how."""
+        ids = self.engine.tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=True, add_generation_prompt=True
+        )
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return [int(t) for t in ids]
+
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self.engine.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
 
     # ---- requests ----
     async def generate(
@@ -106,6 +116,8 @@ class AsyncLLMEngine:
         """Outputs of one request as it runs (deltas in each CompletionOutput), the last with finished=True.
         Bad input raises ValueError before anything runs; leaving the loop early aborts the request."""
         self._check_alive()
+        if isinstance(params, SamplingParams) and params.structured is not None:
+            await self.compile_grammar(params.structured)  # off the loop; add_request then hits the cache
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         added: asyncio.Future[None] = stream.loop.create_future()
 
@@ -147,6 +159,11 @@ class AsyncLLMEngine:
         finally:
             if not finished:
                 self._abort_own(request_id, stream)
+
+    async def compile_grammar(self, spec: StructuredSpec) -> None:
+        """Compile a structured-output spec on the compiler's threads (cached); GrammarError (a ValueError)
+        when it cannot compile or takes longer than the compiler's time limit."""
+        await asyncio.to_thread(self.engine.grammars.compile, spec)
 
     def abort(self, request_id: str) -> None:
         """Stop a request (e.g. the client went away); its stream ends with finish_reason "abort"."""

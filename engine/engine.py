@@ -21,6 +21,7 @@ from engine.request import LoRARequest, Request, RequestOutput, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.structured import GrammarCompiler
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,8 @@ class LLMEngine:
             self.block_manager, adapter_cache, config.max_num_seqs, config.max_num_batched_tokens
         )
         self.groups: dict[str, Group] = {}
+        # Structured outputs' compiler and cache (engine/structured.py); threads start on first use.
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
         self.ahead = AsyncScheduling(
             config.async_scheduling,
             self.scheduler,
@@ -135,6 +138,10 @@ class LLMEngine:
                     index=i,
                 )
             )
+        if params.structured is not None:
+            # Compiled already when the caller awaited grammars.compile (AsyncLLMEngine does): a cache hit.
+            for child in children:
+                child.grammar = self.grammars.matcher(params.structured)
         detoks = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, c.params) for c in children]
         added: list[Request] = []
         try:
@@ -256,6 +263,8 @@ class LLMEngine:
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = time.monotonic()
             status = self._stop_status(request, token)
+            if request.grammar is not None:
+                status = self._grammar_status(request, token, status)
             if status is not None:
                 self.scheduler.finish(request, status)
 
@@ -278,6 +287,19 @@ class LLMEngine:
         if num_output >= (params.max_tokens or 0) or num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+    @staticmethod
+    def _grammar_status(request: Request, token: int, status: RequestStatus | None) -> RequestStatus | None:
+        """Advance the sequence's grammar by its new token: complete -> stopped; a token it refuses (only
+        possible if the mask was not applied) fails this request alone."""
+        if not request.grammar.accept(token):
+            if status is RequestStatus.FINISHED_STOPPED:
+                return status  # e.g. a stop string ended it mid-grammar: its text stands
+            request.error = f"structured output: the grammar refused a token ({request.grammar.error})"
+            return RequestStatus.FINISHED_ERROR
+        if status is None and request.grammar.done:
+            return RequestStatus.FINISHED_STOPPED
+        return status
 
     def _collect(self, touched: list[Request]) -> list[RequestOutput]:
         by_group: dict[str, list[Request]] = {}
@@ -322,5 +344,6 @@ class LLMEngine:
         )
 
     def close(self) -> None:
+        self.grammars.close()
         if self.adapter_cache is not None:
             self.adapter_cache.close()

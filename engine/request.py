@@ -112,9 +112,12 @@ class Request:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     # Sampler state (a torch.Generator for seeded requests); opaque here so this module stays torch-free.
     generator: Any = None
+    # Constrained decoding: this sequence's grammar matcher (engine/structured.py's GrammarState), or None.
+    grammar: Any = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
     # Read for every row of every step, so worked out once from params (which never change once a
-    # request exists). plain_greedy: argmax is all the sampler has to do (no penalties, min_tokens, logprobs).
+    # request exists). plain_greedy: argmax is all the sampler has to do (no penalties, min_tokens, logprobs,
+    # logit_bias or grammar).
     greedy: bool = field(init=False, default=False)
     has_penalties: bool = field(init=False, default=False)
     plain_greedy: bool = field(init=False, default=False)
@@ -128,7 +131,12 @@ class Request:
         self.greedy = params.greedy
         self.has_penalties = params.has_penalties
         self.plain_greedy = (
-            self.greedy and not self.has_penalties and not params.min_tokens and params.logprobs is None
+            self.greedy
+            and not self.has_penalties
+            and not params.min_tokens
+            and params.logprobs is None
+            and not params.logit_bias
+            and params.structured is None
         )
         if params.prompt_logprobs is not None and self.index == 0 and self.prompt_logprobs is None:
             self.prompt_logprobs = [None]

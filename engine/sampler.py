@@ -1,8 +1,10 @@
 """Logits -> next tokens (+ top-n logprobs), on the logits' device.
 
-Order: penalties, min_tokens masking, temperature, top-k / top-p / min-p, then argmax (greedy) or an
-exponential race (random). Seeded requests draw from their own torch.Generator, so a seed gives the same
-text whatever else shares the batch; unseeded ones share the engine's generator.
+Order: the grammar mask of constrained rows (structured outputs: the bitmask filled on the host first,
+while the device may still run the forward), logit_bias, penalties, min_tokens masking, temperature,
+top-k / top-p / min-p, then argmax (greedy) or an exponential race (random). Seeded requests draw from
+their own torch.Generator, so a seed gives the same text whatever else shares the batch; unseeded ones
+share the engine's generator.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor
 
 from engine.request import Request
+from engine.structured import apply_bitmask, fill_bitmask
 
 _PLAIN_GREEDY = attrgetter("plain_greedy")
 
@@ -37,9 +40,15 @@ def greedy_tokens(logits: Tensor) -> Tensor:
 
 def can_sample_ahead(requests: list[Request]) -> bool:
     """Whether Sampler.sample_tensor covers these rows: nothing in them depends on the tokens sampled so
-    far (penalties, min_tokens do) and nothing is read back (logprobs)."""
+    far (penalties, min_tokens and a grammar do) and nothing is read back (logprobs)."""
     return all(
-        r.plain_greedy or (not r.has_penalties and not r.params.min_tokens and r.params.logprobs is None)
+        r.plain_greedy
+        or (
+            not r.has_penalties
+            and not r.params.min_tokens
+            and r.params.logprobs is None
+            and r.grammar is None
+        )
         for r in requests
     )
 
@@ -58,6 +67,8 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        # llguidance's thread pool that fills constrained rows' bitmasks; made for the first such row.
+        self.grammar_executor: Any = None
 
     @torch.inference_mode()
     def __call__(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
@@ -66,7 +77,11 @@ class Sampler:
         if all_plain_greedy(requests):
             # The common batch: argmax is all there is to do, so no copy and no per-row Python work.
             return SamplerOutput(greedy_tokens(logits).tolist(), [None] * len(requests))
+        masks = self._grammar_masks(requests, logits.shape[1])  # host work first: the device may still run
         logits = logits.to(torch.float32, copy=True)
+        if masks is not None:
+            apply_bitmask(logits, *masks)
+        _apply_logit_bias(logits, requests)
         self._apply_penalties(logits, requests)
         self._apply_min_tokens(logits, requests)
         token_ids = self._choose(logits, requests).tolist()
@@ -79,7 +94,20 @@ class Sampler:
         if all_plain_greedy(requests):
             return greedy_tokens(logits)
         assert can_sample_ahead(requests)
-        return self._choose(logits.to(torch.float32, copy=True), requests)
+        logits = logits.to(torch.float32, copy=True)
+        _apply_logit_bias(logits, requests)
+        return self._choose(logits, requests)
+
+    def _grammar_masks(self, requests: list[Request], vocab: int) -> tuple[list[int], Tensor] | None:
+        """The constrained rows and their bitmasks (host), or None when no row has a grammar."""
+        rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        if not rows:
+            return None
+        if self.grammar_executor is None:
+            import llguidance
+
+            self.grammar_executor = llguidance.LLExecutor()
+        return rows, fill_bitmask([requests[i].grammar for i in rows], vocab, self.grammar_executor)
 
     def _choose(self, logits: Tensor, requests: list[Request]) -> Tensor:
         """Temperature, top-k / top-p / min-p, then argmax or a draw per row: tokens [B] on the device.
@@ -128,6 +156,8 @@ class Sampler:
         for row, request in enumerate(requests):
             if not request.params.min_tokens or request.num_output_tokens >= request.params.min_tokens:
                 continue
+            if request.grammar is not None:
+                continue  # the end of the grammar wins: banning EOS there would leave no token at all
             banned = set(request.params.stop_token_ids)
             if not request.params.ignore_eos:
                 banned.update(request.eos_token_ids)
@@ -180,6 +210,23 @@ class Sampler:
                     entry.setdefault(tid, val)
             out[row] = entry
         return out
+
+
+def _apply_logit_bias(logits: Tensor, requests: list[Request]) -> None:
+    """Add each row's logit_bias to its logits, in place: one scatter for the whole batch."""
+    rows: list[int] = []
+    ids: list[int] = []
+    values: list[float] = []
+    for row, request in enumerate(requests):
+        for token_id, bias in (request.params.logit_bias or {}).items():
+            rows.append(row)
+            ids.append(token_id)
+            values.append(float(bias))
+    if not rows:
+        return
+    device = logits.device
+    flat = to_device(device, [r * logits.shape[1] + t for r, t in zip(rows, ids, strict=True)], torch.int64)
+    logits.view(-1).index_add_(0, flat, to_device(device, values, torch.float32))
 
 
 def _apply_top_k_top_p_min_p(logits: Tensor, sampled: list[Request], greedy: list[bool]) -> None:

@@ -8,6 +8,7 @@ reaches a step. No torch here: the API imports this module.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -24,6 +25,15 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+# OpenAI's logit_bias: at most 300 token ids, each biased by a number in [-100, 100].
+MAX_LOGIT_BIAS = 300
+MAX_BIAS = 100.0
+# Structured outputs: what a client may ask the grammar compiler to build (engine/structured.py).
+STRUCTURED_KINDS = ("json", "json_schema", "regex", "choice", "grammar")
+MAX_STRUCTURED_CHARS = 64 * 1024  # a schema, regex or grammar, as text
+MAX_SCHEMA_DEPTH = 32  # nesting of a JSON schema's objects and arrays
+MAX_CHOICES = 256
+MAX_CHOICE_CHARS = 1024
 
 
 class SamplingParamsError(ValueError):
@@ -55,6 +65,69 @@ def _float_in(x: object, low: float, high: float) -> bool:
     return _finite(x) and low <= x <= high  # type: ignore[operator]
 
 
+def _depth(value: object) -> int:
+    """Nesting depth of decoded JSON, without recursion (a deep value must not overflow the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level)
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredSpec:
+    """What the output must match (constrained decoding), as plain text the grammar compiler reads.
+
+    kind: "json" (any JSON object), "json_schema" (value: the schema as JSON text), "regex" (value: the
+    pattern), "choice" (value: a tuple of strings, the output is exactly one of them) or "grammar"
+    (value: a Lark-style grammar, llguidance's dialect, which also reads most GBNF-like rules).
+    """
+
+    kind: str
+    value: str | tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        name = "structured"
+        _require(self.kind in STRUCTURED_KINDS, name, f"kind must be one of {', '.join(STRUCTURED_KINDS)}")
+        if self.kind == "json":
+            _require(self.value is None, name, "kind 'json' takes no value")
+            return
+        if self.kind == "choice":
+            choices = self.value
+            _require(
+                isinstance(choices, tuple)
+                and 0 < len(choices) <= MAX_CHOICES
+                and all(isinstance(c, str) and 0 < len(c) <= MAX_CHOICE_CHARS for c in choices),
+                name,
+                f"choice must list 1 to {MAX_CHOICES} strings of 1 to {MAX_CHOICE_CHARS} characters",
+            )
+            return
+        _require(
+            isinstance(self.value, str) and 0 < len(self.value) <= MAX_STRUCTURED_CHARS,
+            name,
+            f"{self.kind} must be a non-empty string of at most {MAX_STRUCTURED_CHARS} characters",
+        )
+        if self.kind == "json_schema":
+            assert isinstance(self.value, str)
+            try:
+                schema = json.loads(self.value)
+            except (ValueError, RecursionError) as exc:
+                raise SamplingParamsError(name, f"json_schema is not valid JSON: {exc}") from None
+            _require(isinstance(schema, dict | bool), name, "json_schema must be a JSON object")
+            _require(
+                _depth(schema) <= MAX_SCHEMA_DEPTH,
+                name,
+                f"json_schema is nested deeper than {MAX_SCHEMA_DEPTH} levels",
+            )
+
+    def key(self) -> str:
+        """The text the compiled grammar is cached under (with the tokenizer's identity)."""
+        return json.dumps([self.kind, self.value], separators=(",", ":"))
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -76,6 +149,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # vLLM's: top-k logprobs of every prompt token (the prompt token always included; the first has none).
     prompt_logprobs: int | None = None
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias, ids as integers).
+    logit_bias: dict[int, float] | None = None
+    # The output must match this (JSON schema, regex, choice, grammar); None: free text.
+    structured: StructuredSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -163,6 +240,26 @@ class SamplingParams:
         )
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             _require(isinstance(getattr(self, name), bool), name, "must be true or false")
+        bias = self.logit_bias
+        _require(
+            bias is None
+            or (
+                isinstance(bias, dict)
+                and len(bias) <= MAX_LOGIT_BIAS
+                and all(
+                    _int_in(t, 0, INT64_MAX) and _float_in(b, -MAX_BIAS, MAX_BIAS) for t, b in bias.items()
+                )
+            ),
+            "logit_bias",
+            f"must map at most {MAX_LOGIT_BIAS} token ids to numbers in [-{MAX_BIAS:g}, {MAX_BIAS:g}]",
+        )
+        _require(
+            self.structured is None or isinstance(self.structured, StructuredSpec),
+            "structured",
+            "must be a StructuredSpec or None",
+        )
+        if self.structured is not None:
+            self.structured.validate()
 
     def check_vocab(self, vocab_size: int) -> None:
         """The checks that need the model: token ids the sampler indexes with must be in its vocabulary."""
@@ -176,6 +273,12 @@ class SamplingParams:
             bad is None,
             "stop_token_ids",
             f"must be below the vocabulary size ({vocab_size}), got {bad}",
+        )
+        bad = next((t for t in self.logit_bias or () if t >= vocab_size), None)
+        _require(
+            bad is None,
+            "logit_bias",
+            f"token ids must be below the vocabulary size ({vocab_size}), got {bad}",
         )
 
     @property

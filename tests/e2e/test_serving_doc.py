@@ -70,7 +70,7 @@ def test_the_walkthrough_runs_as_written(tmp_path: Path) -> None:
             outputs.append(done.stdout)
         text = "\n".join(outputs)
         assert "support-bot@1" in text and "CompletionUsage(" in text and '"status":"ready"' in text
-        # The bill printed by step 6 holds every completion the walkthrough made (two in step 4, one streamed).
+        # Every completion the walkthrough made is billed: two in step 4, one streamed, three in step 7.
         env = shell_env(state)
         report = json.loads(
             subprocess.run(
@@ -86,7 +86,7 @@ def test_the_walkthrough_runs_as_written(tmp_path: Path) -> None:
                 check=True,
             ).stdout
         )
-        assert report["totals"]["requests"] == 3, report
+        assert report["totals"]["requests"] == 6, report
     finally:
         if server is not None:
             os.killpg(server.pid, signal.SIGINT)

@@ -57,7 +57,8 @@ def test_unknown_fields_are_ignored_like_openai_servers_do() -> None:
         ({"max_tokens": 0}, "max_tokens"),
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 3}, "best_of"),
-        ({"logit_bias": {"1": 5.0}}, "logit_bias"),
+        ({"logit_bias": {"x1": 5.0}}, "logit_bias"),
+        ({"logit_bias": {"1": 101.0}}, "logit_bias"),
     ],
 )
 def test_cross_field_rules_name_the_parameter(body: dict[str, object], param: str) -> None:
@@ -73,9 +74,9 @@ def test_chat_rules() -> None:
     assert err.value.param == "top_logprobs"
     with pytest.raises(params.RequestError) as err:
         params.chat_spec(chat(tools=[{"type": "function"}]))
-    assert err.value.param == "tools"
+    assert err.value.param == "tools[0]"
     for body, param in (
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
         ({"functions": [{"name": "f"}]}, "functions"),
     ):
         with pytest.raises(params.RequestError) as err:

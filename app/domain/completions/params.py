@@ -11,10 +11,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
 
 from app.domain.completions.schemas import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from engine.sampling_params import SamplingParams, SamplingParamsError
+
+if TYPE_CHECKING:
+    from app.domain.completions.tools import ToolPlan
 
 T = TypeVar("T")
 
@@ -84,6 +89,7 @@ class SamplingSpec:
     logprobs: int | None = None  # top-n logprobs to render, None when not asked for
     # The request's name for a SamplingParams field where they differ (chat's top_logprobs, ...).
     names: dict[str, str] = field(default_factory=dict)
+    tools: ToolPlan | None = None  # chat: how the answer may call the request's tools (tools.py)
     echo: bool = False  # completions: the prompt's text (and logprobs) before each choice's
     prompt_logprobs: int | None = None  # completions: top-k to render per prompt token
     # max_tokens 0: the answer is the prompt alone. The engine still runs the prompt (its logprobs, the
@@ -144,8 +150,6 @@ def _common(
 ) -> SamplingSpec:
     if req.cache_salt is not None:
         raise invalid("cache_salt", "cache_salt is set by the server from your tenant; do not send it")
-    if req.logit_bias:
-        raise invalid("logit_bias", "logit_bias is not supported", code="unsupported_parameter")
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options", "stream_options is only allowed when stream is true")
     kwargs: dict[str, Any] = {
@@ -156,7 +160,15 @@ def _common(
         "stop": _stop_list(req.stop),
         "stop_token_ids": req.stop_token_ids or [],
         "logprobs": logprobs,
+        "logit_bias": _logit_bias(req.logit_bias),
     }
+    # Imported here: structured.py builds its 400s with this module's `invalid`.
+    from app.domain.completions.structured import structured_of
+
+    structured, source = structured_of(req)
+    if structured is not None:
+        kwargs["structured"] = structured
+        names["structured"] = source
     optional = {
         "temperature": req.temperature,
         "top_p": req.top_p,
@@ -178,6 +190,18 @@ def _common(
     return spec
 
 
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias keys are token ids written as strings; SamplingParams checks the rest."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not key.isascii() or not key.isdigit() or len(key) > 19:
+            raise invalid("logit_bias", f"logit_bias keys must be token ids, got {key[:32]!r}")
+        out[int(key)] = value
+    return out
+
+
 def completion_spec(req: CompletionRequest) -> SamplingSpec:
     if req.max_tokens == 0 and not (req.echo or req.prompt_logprobs is not None):
         raise invalid(
@@ -195,15 +219,11 @@ def completion_spec(req: CompletionRequest) -> SamplingSpec:
 
 
 def chat_spec(req: ChatCompletionRequest) -> SamplingSpec:
-    if req.tools:
-        raise invalid("tools", "tools are not supported", code="unsupported_parameter")
+    from app.domain.completions.tools import tool_plan
+
     if req.functions:
-        raise invalid("functions", "functions are not supported", code="unsupported_parameter")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        # Silently answering free text to a client that asked for JSON would be worse than refusing.
-        raise invalid(
-            "response_format", "only response_format type 'text' is supported", code="unsupported_parameter"
-        )
+        raise invalid("functions", "functions are deprecated; send tools", code="unsupported_parameter")
+    plan = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)
     both = req.max_tokens is not None and req.max_completion_tokens is not None
     if both and req.max_tokens != req.max_completion_tokens:
         raise invalid("max_completion_tokens", "max_tokens and max_completion_tokens disagree")
@@ -213,7 +233,19 @@ def chat_spec(req: ChatCompletionRequest) -> SamplingSpec:
     names = {"logprobs": "top_logprobs"}
     if req.max_completion_tokens is not None:
         names["max_tokens"] = "max_completion_tokens"
-    return _common(req, req.max_completion_tokens or req.max_tokens, logprobs, names)
+    spec = _common(req, req.max_completion_tokens or req.max_tokens, logprobs, names)
+    spec.tools = plan
+    tool_grammar = plan.spec() if plan is not None else None
+    if tool_grammar is not None:
+        if spec.params.structured is not None:
+            raise invalid(
+                names["structured"],
+                "tool_choice required or a named function constrains the output already",
+                code="conflicting_parameters",
+            )
+        names["structured"] = "tools"
+        spec.params = _engine_params(lambda: dataclasses.replace(spec.params, structured=tool_grammar), names)
+    return spec
 
 
 def normalize_prompts(
@@ -248,9 +280,10 @@ def _text(text: str) -> TextPrompt:
     return TextPrompt(text)
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    """Messages as the chat template wants them: role + plain text content."""
-    out: list[dict[str, str]] = []
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """Messages as the chat template wants them: role + plain text content (+ a tool turn's call id, an
+    assistant turn's tool calls)."""
+    out: list[dict[str, Any]] = []
     total = 0
     for i, m in enumerate(req.messages):
         if m.content is None:
@@ -267,7 +300,17 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
         total += len(text)
         # Chat templates predate the "developer" role; it carries the same meaning as "system".
         role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": text})
+        message: dict[str, Any] = {"role": role, "content": text}
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise invalid(f"messages[{i}].tool_call_id", "a tool message needs tool_call_id")
+            message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise invalid(f"messages[{i}].tool_calls", "only assistant messages carry tool_calls")
+            message["tool_calls"] = m.tool_calls
+            total += len(msgspec.json.encode(m.tool_calls))
+        out.append(message)
     if total > MAX_PROMPT_CHARS:
         raise invalid("messages", f"messages are longer than {MAX_PROMPT_CHARS} characters")
     return out

@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from app.domain.completions import echo, render
+from app.domain.completions import echo, render, tool_parsers, tools
 from app.domain.completions.run import CompletionRun, RunDriver
 from app.domain.completions.schemas import (
     AssistantMessage,
@@ -20,6 +20,10 @@ from app.domain.completions.schemas import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    FunctionCall,
+    FunctionCallDelta,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from app.engine_client import EngineUnavailable
@@ -60,13 +64,14 @@ def _body(run: CompletionRun, chat: bool, decode: Any) -> CompletionResponse | C
             choices=[
                 ChatChoice(
                     index=o.index,
-                    message=AssistantMessage(content=o.text),
+                    message=message,
                     logprobs=render.chat_logprobs(o.token_ids, o.logprobs or [], top_n, decode)
                     if top_n is not None
                     else None,
-                    finish_reason=render.finish_reason(o.finish_reason),
+                    finish_reason=reason,
                 )
                 for o in outputs
+                for message, reason in [_chat_message(run, o)]
             ],
             usage=run_usage(run),
         )
@@ -77,6 +82,23 @@ def _body(run: CompletionRun, chat: bool, decode: Any) -> CompletionResponse | C
         choices=[_completion_choice(run, o, decode) for o in outputs],
         usage=run_usage(run),
     )
+
+
+def _chat_message(run: CompletionRun, o: CompletionOutput) -> tuple[AssistantMessage, str | None]:
+    """The assistant message and finish reason of a complete choice: tool calls when the request offered
+    tools and the answer holds calls (finish_reason "tool_calls"), else its text."""
+    reason = render.finish_reason(o.finish_reason)
+    plan = run.spec.tools
+    if plan is None or reason != "stop":
+        return AssistantMessage(content=o.text), reason
+    content, calls = tools.calls_of(plan, o.text)
+    if not calls:
+        return AssistantMessage(content=o.text), reason
+    tool_calls = [
+        ToolCall(id=tool_parsers.call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+        for c in calls
+    ]
+    return AssistantMessage(content=content, tool_calls=tool_calls), "tool_calls"
 
 
 def _completion_choice(run: CompletionRun, o: CompletionOutput, decode: Any) -> CompletionChoice:
@@ -116,6 +138,7 @@ class StreamState:
         self.text_sent = [0] * n
         self.role_sent = [False] * n
         self.finished = [False] * n
+        self.call_ids: list[str | None] = [None] * n  # a named function's call, streamed as it is written
         self.head_sent = [False] * n  # echo: the prompt's part went out with the choice's first frame
 
 
@@ -130,6 +153,15 @@ def _chunk(
     for o in sorted(out.outputs, key=lambda o: o.index):
         i = o.index
         if state.finished[i]:
+            continue
+        if chat and spec.tools is not None:
+            for chunk, billed in _tool_chunks(run, o, state):
+                pending += billed
+                if spec.continuous_usage:
+                    chunk.usage = render.usage(
+                        run.prompt_tokens, (run.streamed_tokens or 0) + pending, run.cached_tokens
+                    )
+                frames.append((render.sse_frame(chunk), billed))
             continue
         if spec.prompt_only:  # the engine's one token is never shown
             o = CompletionOutput(
@@ -193,6 +225,88 @@ def _chunk(
                 run.prompt_tokens, (run.streamed_tokens or 0) + pending, run.cached_tokens
             )
         frames.append((render.sse_frame(body), billed))
+    return frames
+
+
+def _tool_chunks(
+    run: CompletionRun, o: CompletionOutput, state: StreamState
+) -> list[tuple[ChatCompletionChunk, int]]:
+    """A chat choice that may call tools. A named function's arguments stream as they are written (one
+    call, its deltas concatenate to the arguments). For auto, content streams up to where a tool call
+    starts or might start (tool_parsers.content_end); the rest, and all of a required answer, is read
+    whole first, then sent as one delta per call (or as the rest of the content)."""
+    assert run.spec.tools is not None
+    i, plan = o.index, run.spec.tools
+    reason = render.finish_reason(o.finish_reason)
+    deltas: list[ChatDelta] = []
+    if not state.role_sent[i]:
+        state.role_sent[i] = True
+        deltas.append(ChatDelta(role="assistant"))
+    if plan.mode == "named":
+        if state.call_ids[i] is None:
+            state.call_ids[i] = tool_parsers.call_id()
+            first = ToolCallDelta(
+                index=0,
+                id=state.call_ids[i],
+                type="function",
+                function=FunctionCallDelta(name=plan.named, arguments=""),
+            )
+            deltas.append(ChatDelta(tool_calls=[first]))
+        new_text = o.text[state.text_sent[i] :]
+        if new_text:
+            deltas.append(
+                ChatDelta(tool_calls=[ToolCallDelta(index=0, function=FunctionCallDelta(arguments=new_text))])
+            )
+        if reason == "stop":
+            reason = "tool_calls"
+    elif reason is None:
+        # auto: the content before any (possible) tool call streams now; required waits for the end.
+        end = tool_parsers.content_end(plan.parser, o.text) if plan.mode == "auto" else 0
+        if end > state.text_sent[i]:
+            deltas.append(ChatDelta(content=o.text[state.text_sent[i] : end]))
+            state.text_sent[i] = end
+        if end < len(o.text) or not deltas:
+            return _tool_frames(run, i, deltas, None, 0)  # held-back text: its tokens are billed when sent
+    else:
+        message, reason = _chat_message(run, o)
+        if isinstance(message.tool_calls, list):
+            calls = [
+                ToolCallDelta(
+                    index=k,
+                    id=c.id,
+                    type="function",
+                    function=FunctionCallDelta(name=c.function.name, arguments=c.function.arguments),
+                )
+                for k, c in enumerate(message.tool_calls)
+            ]
+            # auto: what of the content before the calls has not streamed yet goes with them.
+            end = tool_parsers.content_end(plan.parser, o.text) if plan.mode == "auto" else 0
+            content = message.content if state.text_sent[i] == 0 else o.text[state.text_sent[i] : end] or None
+            deltas.append(ChatDelta(content=content, tool_calls=calls))
+        elif o.text[state.text_sent[i] :]:
+            deltas.append(ChatDelta(content=o.text[state.text_sent[i] :]))
+    if reason is None and not deltas:
+        return []
+    carried = len(o.token_ids) - state.tokens_sent[i]
+    state.tokens_sent[i], state.text_sent[i] = len(o.token_ids), len(o.text)
+    state.finished[i] = reason is not None
+    return _tool_frames(run, i, deltas or [ChatDelta()], reason, carried)
+
+
+def _tool_frames(
+    run: CompletionRun, i: int, deltas: list[ChatDelta], reason: str | None, carried: int
+) -> list[tuple[ChatCompletionChunk, int]]:
+    """One chunk per delta; the last carries the finish reason and the tokens."""
+    frames: list[tuple[ChatCompletionChunk, int]] = []
+    for k, delta in enumerate(deltas):
+        last = k == len(deltas) - 1
+        body = ChatCompletionChunk(
+            id=run.request_id,
+            created=run.created,
+            model=run.target.model,
+            choices=[ChatChunkChoice(index=i, delta=delta, finish_reason=reason if last else None)],
+        )
+        frames.append((body, carried if last else 0))
     return frames
 
 

@@ -58,8 +58,14 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     # Refused when set: the prefix-cache salt is always the server's HMAC of the tenant id.
     cache_salt: str | None = None
-    # Accepted for compatibility but refused when set to anything that changes behaviour.
+    # OpenAI's: token id (as a string) -> a bias in [-100, 100] added to its logit; at most 300 entries.
     logit_bias: dict[str, float] | None = None
+    # Structured outputs (docs/serving.md): vLLM's guided_* fields and their newer structured_outputs form.
+    guided_json: dict[str, object] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, object] | None = None
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
@@ -72,6 +78,7 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     prompt_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     best_of: int | None = None
     suffix: str | None = None
+    response_format: dict[str, object] | None = None
 
 
 class TextPart(msgspec.Struct, kw_only=True):
@@ -80,9 +87,11 @@ class TextPart(msgspec.Struct, kw_only=True):
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, object]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
@@ -92,6 +101,8 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     tools: list[dict[str, object]] | None = None
+    tool_choice: str | dict[str, object] | None = None
+    parallel_tool_calls: bool = True
     functions: list[dict[str, object]] | None = None
     response_format: dict[str, object] | None = None
 
@@ -156,9 +167,21 @@ class ChatLogprobs(msgspec.Struct, kw_only=True):
     content: list[TokenLogprob] | None
 
 
+class FunctionCall(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class AssistantMessage(msgspec.Struct, kw_only=True):
-    content: str
+    content: str | None
     role: str = "assistant"
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET  # only when the model called tools
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
@@ -177,9 +200,22 @@ class ChatCompletionResponse(msgspec.Struct, kw_only=True):
     object: str = "chat.completion"
 
 
+class FunctionCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCallDelta | None = None
+
+
 class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct, kw_only=True):

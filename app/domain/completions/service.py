@@ -13,12 +13,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from app.domain.completions import params
+from app.domain.completions import params, tool_parsers, tools
 from app.domain.completions.adapter_files import AdapterFiles
 from app.domain.completions.run import Caller, CompletionRun, Target
 from app.domain.completions.schemas import ChatCompletionRequest, CompletionRequest
 from app.domain.completions.tokenize import Tokenizer
 from app.engine_client import EngineClient
+from engine.sampling_params import SamplingParamsError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class CompletionService:
         self.secret = secret
         self.resolve = resolve
         self.tokenizer = Tokenizer(engine)  # in worker threads: a long prompt never blocks the event loop
+        self.tool_call_parser: str | None = None  # LORAPLEX_TOOL_CALL_PARSER; None: from the chat template
 
     async def target(self, caller: Caller, model: str) -> Target:
         if model == self.engine.model_name:
@@ -72,6 +74,7 @@ class CompletionService:
 
     async def prepare_completion(self, caller: Caller, req: CompletionRequest) -> CompletionRun:
         spec = params.completion_spec(req)
+        await self._compile(spec)
         prompts = params.normalize_prompts(req.prompt, self.max_prompts)
         target = await self.target(caller, req.model)
         all_ids: list[list[int]] = []
@@ -99,9 +102,28 @@ class CompletionService:
     async def prepare_chat(self, caller: Caller, req: ChatCompletionRequest) -> CompletionRun:
         spec = params.chat_spec(req)
         messages = params.chat_messages(req)
+        await self._compile(spec)
         target = await self.target(caller, req.model)
-        ids = await self.tokenizer.apply_chat_template(messages)
+        plan = spec.tools
+        if plan is not None and plan.mode == "auto":
+            plan.parser = tool_parsers.parser_for(self.engine.chat_template, self.tool_call_parser)
+        ids = await self.tokenizer.apply_chat_template(
+            tools.template_messages(messages), plan.tools if plan is not None else None
+        )
         return self._run("chatcmpl", caller, target, ids, spec, "messages")
+
+    async def _compile(self, spec: params.SamplingSpec) -> None:
+        """A structured-output spec that cannot compile (or not in time) is the client's 400, decided
+        before any limit or usage row is touched; compiling runs on the engine's worker threads."""
+        structured = spec.params.structured
+        if structured is None:
+            return
+        try:
+            await self.engine.compile_grammar(structured)
+        except SamplingParamsError as exc:
+            name = spec.names.get("structured", "response_format")
+            detail = str(exc).removeprefix(f"{exc.param} ")
+            raise params.invalid(name, f"Invalid {name}: {detail}", code="invalid_schema") from exc
 
     def _run(
         self,

@@ -36,6 +36,7 @@ class Serving:
         self.service = CompletionService(
             self.engine, None, settings.secret, self._resolve, settings.max_prompts_per_request
         )
+        self.service.tool_call_parser = settings.tool_call_parser
         self._app: Litestar | None = None
         self._session_maker: Any = None
         self._last_reason: str | None = None

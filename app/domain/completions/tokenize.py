@@ -50,10 +50,14 @@ class Tokenizer:
     async def decode(self, token_ids: list[int]) -> str:
         return await self._run(self.engine.decode, token_ids)
 
-    async def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+    async def apply_chat_template(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         # The template only adds tokens around the contents, so the contents alone are a lower bound.
         await self._refuse_far_too_long("\n".join(m["content"] for m in messages), "messages")
-        return await self._run(self.engine.apply_chat_template, messages)
+        if tools is None:
+            return await self._run(self.engine.apply_chat_template, messages)
+        return await self._run(lambda m: self.engine.apply_chat_template(m, tools), messages)
 
     async def _refuse_far_too_long(self, text: str, param: str) -> None:
         context = self.engine.max_model_len

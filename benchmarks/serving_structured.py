@@ -1,0 +1,143 @@
+"""Workload s (issue 17): constrained decoding's cost. B requests (64 on the GPU), every one constrained
+by a 20-field JSON schema, against the same B unconstrained, in tokens/s (target >= 0.95x); and the
+schemas' compile time, cold and cached.
+
+The benchmark model's word-level tokenizer ("t17") cannot spell JSON, so this workload swaps in a
+byte-level BPE of the model's full vocabulary (128,256 ids on the GPU), built here in seconds from
+deterministic merges of common characters: a mask step then walks a realistic 128k-token trie.
+Steps with a constrained row do not run ahead (async scheduling); `steps_ahead` shows it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Any
+
+from benchmarks.serving_workloads import Bench
+from engine.sampling_params import SamplingParams, StructuredSpec
+from engine.structured import GrammarCompiler
+
+NEW_TOKENS = 64  # fewer than any answer to the 20-field schema needs: no constrained row ends early
+PROMPT = 128
+_KINDS: list[dict[str, Any]] = [
+    {"type": "integer", "minimum": 0, "maximum": 999},
+    {"type": "string", "maxLength": 8},
+    {"type": "boolean"},
+    {"enum": ["alpha", "beta", "gamma"]},
+    {"type": "number", "minimum": 0, "maximum": 100},
+]
+
+
+def twenty_field_schema(variant: int = 0) -> dict[str, Any]:
+    """Twenty required fields of mixed, bounded types; `variant` renames them (a distinct schema each)."""
+    props = {f"f{variant}_{i}": _KINDS[(i + variant) % len(_KINDS)] for i in range(20)}
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
+def byte_bpe(vocab_size: int, eos_id: int, seed: int = 0) -> Any:
+    """A byte-level BPE tokenizer with exactly `vocab_size` ids (`eos_id` its EOS): the 256 byte symbols,
+    then merges of an existing token with a common character until the vocabulary is full."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    common = [c for c in alphabet if c.isalnum()] + list('Ġ"{}[]:,.-_') * 4
+    rng = random.Random(seed)
+    tokens, merges, seen = list(alphabet), [], set(alphabet)
+    while len(tokens) < vocab_size - 1:
+        left = tokens[min(int(rng.expovariate(1 / 4000)), len(tokens) - 1)]
+        right = rng.choice(common)
+        if left + right in seen or len(left) > 12:
+            continue
+        seen.add(left + right)
+        tokens.append(left + right)
+        merges.append((left, right))
+    eos = "<|eot_id|>"
+    tokens.insert(eos_id, eos)
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(eos, special=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos)
+
+
+def _run(bench: Bench, params: list[SamplingParams]) -> dict[str, Any]:
+    engine = bench.engine
+    tag = bench.tag("s")
+    ahead = engine.num_steps_ahead
+    start = time.perf_counter()
+    for i, p in enumerate(params):
+        engine.add_request(f"{tag}-{i}", bench.prompt(PROMPT), p)
+    outputs: dict[str, Any] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs.values())
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "steps_ahead": engine.num_steps_ahead - ahead,
+        "texts": [outputs[f"{tag}-{i}"].outputs[0].text for i in range(len(params))],
+    }
+
+
+def workload_s(bench: Bench) -> dict[str, Any]:
+    engine = bench.engine
+    batch = bench.sizes.b_batch
+    new_tokens = NEW_TOKENS if bench.cuda else 8
+    saved = engine.tokenizer, engine.grammars
+    start = time.perf_counter()
+    tokenizer = byte_bpe(engine.vocab_size, engine.eos_token_ids[0])
+    tokenizer_build_s = time.perf_counter() - start
+    engine.tokenizer, engine.grammars = tokenizer, GrammarCompiler(tokenizer, engine.vocab_size)
+    try:
+        start = time.perf_counter()
+        engine.grammars.compile(StructuredSpec("json"), timeout_s=120)  # builds llguidance's tokenizer
+        ll_tokenizer_s = time.perf_counter() - start
+        specs = [StructuredSpec("json_schema", json.dumps(twenty_field_schema(v))) for v in range(20)]
+        start = time.perf_counter()
+        for spec in specs:
+            engine.grammars.compile(spec)
+        cold_ms = (time.perf_counter() - start) * 1e3 / len(specs)
+        start = time.perf_counter()
+        for spec in specs:
+            engine.grammars.matcher(spec)  # what each request pays: a cache hit and a copy
+        cached_ms = (time.perf_counter() - start) * 1e3 / len(specs)
+
+        def params(constrained: bool) -> list[SamplingParams]:
+            return [
+                SamplingParams(
+                    max_tokens=new_tokens,
+                    temperature=0.0,
+                    ignore_eos=True,
+                    structured=specs[i % len(specs)] if constrained else None,
+                )
+                for i in range(batch)
+            ]
+
+        _run(bench, params(False)[:4])  # warm-up: both paths, prefill shapes, graphs
+        _run(bench, params(True)[:4])
+        free = _run(bench, params(False))
+        constrained = _run(bench, params(True))
+    finally:
+        engine.tokenizer, engine.grammars = saved
+    prefixes_ok = all(t.startswith('{"f') for t in constrained.pop("texts"))
+    free.pop("texts")
+    return {
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "vocab_size": engine.vocab_size,
+        "bpe_build_s": tokenizer_build_s,
+        "llguidance_tokenizer_s": ll_tokenizer_s,
+        "compile_cold_ms": cold_ms,
+        "compile_cached_ms": cached_ms,
+        "unconstrained": free,
+        "constrained": constrained,
+        "constrained_over_unconstrained": constrained["tokens_per_s"] / free["tokens_per_s"],
+        "constrained_outputs_are_json_prefixes": prefixes_ok,
+    }

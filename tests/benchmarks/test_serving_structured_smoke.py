@@ -1,0 +1,27 @@
+"""benchmarks/serving.py --only s on the CPU demo model: workload s runs and reports sane numbers (the GPU
+run is the measurement; this keeps the code from rotting between device runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_structured_workload_runs(tmp_path: pytest.TempPathFactory) -> None:
+    import torch
+
+    from benchmarks.serving import main
+
+    threads = torch.get_num_threads()
+    try:
+        main(["--smoke", "--only", "s", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    finally:
+        torch.set_num_threads(threads)
+    s = json.loads((tmp_path / "serving.json").read_text())["s"]
+    assert "error" not in s, s
+    assert s["constrained"]["tokens"] == s["unconstrained"]["tokens"] == s["batch"] * s["new_tokens"]
+    assert s["constrained"]["steps_ahead"] == 0 < s["unconstrained"]["steps_ahead"]
+    assert s["constrained_outputs_are_json_prefixes"]
+    assert 0 < s["compile_cached_ms"] < s["compile_cold_ms"]
+    assert s["constrained_over_unconstrained"] > 0
