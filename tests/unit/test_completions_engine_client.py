@@ -7,12 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from app.engine_client import LocalEngineClient, EngineUnavailable
+from app.engine_client import EngineUnavailable, LocalEngineClient
 from engine.config import EngineConfig
 
 
 def client(model: str | None = "m", stall_seconds: float = 30.0) -> LocalEngineClient:
-    return LocalEngineClient(None if model is None else EngineConfig(model=model), stall_seconds=stall_seconds)
+    return LocalEngineClient(
+        None if model is None else EngineConfig(model=model), stall_seconds=stall_seconds
+    )
 
 
 def loaded(c: LocalEngineClient, **state: object) -> LocalEngineClient:
