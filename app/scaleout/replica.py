@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -66,6 +67,7 @@ class EngineReplica:
         self.max_loras = config.max_loras
         self._incoming: dict[str, Any] = {}  # content hash -> ObjectRef of its files, for _adapter
         self._inflight: Counter[str] = Counter()  # content hash -> running requests on this replica
+        self._running: set[str] = set()  # request ids
         self.metrics = ReplicaMetrics()
 
         async def load(content_hash: str) -> _Resident:
@@ -93,6 +95,8 @@ class EngineReplica:
                 raise ValueError("model the adapter id and the multiplexed model id differ")
             self._incoming[content_hash] = call.adapter.files
             self._inflight[content_hash] += 1
+            self.metrics.adapter_requests += 1
+        self._running.add(call.request_id)
         try:
             if content_hash is not None:
                 await self._adapter(content_hash)
@@ -107,19 +111,24 @@ class EngineReplica:
             ):
                 yield out
         finally:
+            self._running.discard(call.request_id)
             if content_hash is not None:
                 self._inflight[content_hash] -= 1
                 if self._inflight[content_hash] <= 0:
                     del self._inflight[content_hash]
                 self._reconcile()
 
-    def resident(self) -> dict[str, list[str]]:
-        """This replica's adapters as Serve and as the engine see them (tests, debugging)."""
+    def introspect(self) -> dict[str, Any]:
+        """This replica as tests and operators see it: its adapters as Serve and the engine hold them,
+        loads per adapter, adapter requests served, and the requests running now."""
         return {
-            "replica": [self.replica_id],
+            "replica": self.replica_id,
+            "pid": os.getpid(),
             "serve": list(self._multiplexed().keys()),
             "engine_gpu": self.engine.engine.adapter_cache.gpu_order(),
-            "loads": [str(self.metrics.loads)],
+            "loads": dict(self.metrics.loads_by_adapter),
+            "adapter_requests": self.metrics.adapter_requests,
+            "running": sorted(self._running),
         }
 
     def check_health(self) -> None:
@@ -144,7 +153,7 @@ class EngineReplica:
                 raise ValueError(f"adapter {content_hash[:12]}: no files sent")
             files = await ref
             await asyncio.to_thread(self.store.write, content_hash, files)
-        self.metrics.loads += 1
+        self.metrics.loads_by_adapter[content_hash] += 1
         return _Resident(self, content_hash)
 
     def _multiplexed(self) -> Any:

@@ -8,6 +8,7 @@ replica, never an adapter or tenant label (cardinality; DESIGN.md's metrics inva
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from ray.serve import metrics
@@ -15,7 +16,8 @@ from ray.serve import metrics
 
 class ReplicaMetrics:
     def __init__(self) -> None:
-        self.loads = 0  # adapters this replica's Serve loader brought in (cold loads)
+        self.loads_by_adapter: Counter[str] = Counter()  # Serve loader calls (cold loads) per content hash
+        self.adapter_requests = 0
         self.running = metrics.Gauge("loraplex_engine_requests_running", "Requests in the running batch.")
         self.waiting = metrics.Gauge("loraplex_engine_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_usage = metrics.Gauge("loraplex_engine_kv_cache_usage", "KV-cache usage; 1 = full.")
@@ -37,4 +39,4 @@ class ReplicaMetrics:
         self.resident.set(len(cache.gpu_order()), tags={"tier": "gpu"})
         self.resident.set(len(cache.cpu_order()), tags={"tier": "cpu"})
         self.resident.set(serve_resident, tags={"tier": "serve"})
-        self.adapter_loads.set(self.loads)
+        self.adapter_loads.set(sum(self.loads_by_adapter.values()))

@@ -1,0 +1,95 @@
+"""One local Ray cluster for all of tests/ray (on loopback, stopped after them) and the engine tier on it:
+2 CPU replicas of the demo model. Starting them costs ~45 s on 2 cores, so it happens once per session;
+each module's API server (start_server with ray=True) joins the same engine tier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import demo_model, module_database, module_s3, start_server  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[2]
+REPLICAS = 2
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    # Replica processes must import this checkout's packages (the venv's editable install may be another).
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        num_cpus=REPLICAS + 1,
+        include_dashboard=False,
+        namespace="loraplex",
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def ray_settings(s3: dict[str, str]) -> dict[str, Any]:
+    return {
+        "ray": True,
+        "engine_replicas": REPLICAS,
+        "engine_replica_cpus": 1.0,
+        "s3_endpoint_url": s3["endpoint_url"],
+        "s3_bucket": s3["bucket"],
+        "s3_region": s3["region"],
+        "s3_access_key_id": "testing",
+        "s3_secret_access_key": "testing",
+    }
+
+
+@pytest.fixture(scope="module")
+def ray_server(
+    ray_cluster: None,
+    demo_model: Path,  # noqa: F811
+    module_database: str,  # noqa: F811
+    module_s3: dict[str, str],  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Any]:
+    server = start_server(
+        demo_model, tmp_path_factory.mktemp("ray-data"), module_database, **ray_settings(module_s3)
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def replicas_view(timeout_calls: int = 200) -> dict[str, dict[str, Any]]:
+    """Every live replica's introspect() (the handle picks replicas itself: ask until each answered)."""
+    from ray import serve
+
+    from app.scaleout.cluster import live_replicas
+    from app.scaleout.replica import APP_NAME, DEPLOYMENT_NAME
+
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
+    want = live_replicas()
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(timeout_calls):
+        info = handle.introspect.remote().result(timeout_s=30)
+        seen[info["replica"]] = info
+        if len(seen) >= want:
+            break
+    return seen
+
+
+def sse_events(lines: Iterator[str]) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
