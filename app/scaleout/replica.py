@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -62,6 +63,10 @@ class EngineReplica:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.store = ReplicaAdapterStore(Path(adapter_root) / self.replica_id)
+        # introspect() written here every tick: a node-local view of each replica (the handle cannot pick
+        # a replica, so tests and operators read these files to see every one).
+        self.state_file = Path(adapter_root) / "replicas" / f"{self.replica_id}.json"
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
         self.engine: AsyncLLMEngine = AsyncLLMEngine.from_config(config, adapter_loader=self.store.loader)
         self.engine.start()
         self.max_loras = config.max_loras
@@ -182,6 +187,9 @@ class EngineReplica:
             with contextlib.suppress(Exception):
                 self._reconcile()
                 self.metrics.observe(self.engine, len(self._multiplexed()))
+                tmp = self.state_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.introspect()))
+                os.replace(tmp, self.state_file)
 
 
 def engine_application(

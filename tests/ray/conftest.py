@@ -5,8 +5,10 @@ each module's API server (start_server with ray=True) joins the same engine tier
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
+def ray_cluster(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:  # noqa: F811
+    """The cluster with the engine tier deployed; yields the tier's data folder (replicas' files)."""
     ray = pytest.importorskip("ray")
     from ray import serve
+
+    from app.config import Settings
+    from app.scaleout.cluster import deploy_engine
 
     # Replica processes must import this checkout's packages (the venv's editable install may be another).
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -36,8 +42,19 @@ def ray_cluster() -> Iterator[None]:
         _node_ip_address="127.0.0.1",
         log_to_driver=False,
     )
+    engine_dir = tmp_path_factory.mktemp("engine-tier")
+    settings = Settings(
+        data_dir=engine_dir,
+        model=str(demo_model),
+        device="cpu",
+        max_model_len=512,
+        kv_cache_bytes=8 << 20,
+        engine_replicas=REPLICAS,
+        engine_replica_cpus=1.0,
+    )
     try:
-        yield
+        deploy_engine(settings)
+        yield engine_dir
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -58,7 +75,7 @@ def ray_settings(s3: dict[str, str]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def ray_server(
-    ray_cluster: None,
+    ray_cluster: Path,
     demo_model: Path,  # noqa: F811
     module_database: str,  # noqa: F811
     module_s3: dict[str, str],  # noqa: F811
@@ -73,22 +90,25 @@ def ray_server(
         server.stop()
 
 
-def replicas_view(timeout_calls: int = 200) -> dict[str, dict[str, Any]]:
-    """Every live replica's introspect() (the handle picks replicas itself: ask until each answered)."""
-    from ray import serve
-
+def replicas_view(data_dir: Path, fresh_s: float = 2.5) -> dict[str, dict[str, Any]]:
+    """Every live replica's introspect(), from the files replicas refresh each second (the handle picks
+    replicas itself, so it cannot ask each one)."""
     from app.scaleout.cluster import live_replicas
-    from app.scaleout.replica import APP_NAME, DEPLOYMENT_NAME
 
-    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
     want = live_replicas()
-    seen: dict[str, dict[str, Any]] = {}
-    for _ in range(timeout_calls):
-        info = handle.introspect.remote().result(timeout_s=30)
-        seen[info["replica"]] = info
-        if len(seen) >= want:
-            break
-    return seen
+    folder = (data_dir / "replica-adapters" / "replicas").resolve()
+    deadline = time.monotonic() + 10
+    while True:
+        now = time.time()
+        seen = {}
+        for path in folder.glob("*.json"):
+            with contextlib.suppress(ValueError, OSError):
+                if now - path.stat().st_mtime < fresh_s:
+                    info = json.loads(path.read_text())
+                    seen[info["replica"]] = info
+        if len(seen) >= want or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.2)
 
 
 def sse_events(lines: Iterator[str]) -> list[dict[str, Any]]:

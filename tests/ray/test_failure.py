@@ -1,0 +1,115 @@
+"""A replica killed mid-stream: its streams end with a clean error event, the others finish, usage rows
+match what each client was sent, and Serve brings the replica back (counted again by /ready)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.ray.conftest import REPLICAS, replicas_view, sse_events
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+STREAMS = 6
+
+
+def stream(url: str, key: str, model: str, out: dict[str, Any]) -> None:
+    body = {
+        "model": model,
+        "prompt": "hello world",
+        "max_tokens": 400,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "logprobs": 0,  # each frame lists its tokens: what the client was told, token by token
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    lines: list[str] = []
+    out["lines"] = lines
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                lines.append(line)
+
+
+def test_killed_replica_fails_only_its_streams_and_comes_back(ray_server: Any, ray_cluster: Path) -> None:
+    tenant = ray_server.tenant()
+    key = ray_server.key(tenant["id"])
+    models = httpx.get(ray_server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    base = models.json()["data"][0]["id"]
+    results: list[dict[str, Any]] = [{} for _ in range(STREAMS)]
+    threads = [
+        threading.Thread(target=stream, args=(ray_server.url, key, base, results[i])) for i in range(STREAMS)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while not all(len(r.get("lines", ())) >= 3 for r in results):  # every stream has its first tokens
+        assert time.monotonic() < deadline, "streams did not start"
+        time.sleep(0.05)
+    time.sleep(1.5)  # the replicas' state files are a second old at most
+    view = replicas_view(ray_cluster)
+    busy = [v for v in view.values() if v["running"]]
+    assert len(view) == REPLICAS and busy
+    victim = busy[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=120)
+
+    failed, finished = set(), set()
+    for r in results:
+        assert r["status"] == 200
+        events = sse_events(iter(r["lines"]))
+        rid = events[0]["id"]
+        errors = [e for e in events if "error" in e]
+        if errors:
+            assert errors[0]["error"]["code"] == "engine_unavailable", errors
+            failed.add(rid)
+            r["told"] = sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events if e.get("choices"))
+        else:
+            usage = next(e["usage"] for e in events if e.get("usage"))
+            assert usage["completion_tokens"] == 400
+            finished.add(rid)
+            r["told"] = usage["completion_tokens"]
+        r["id"] = rid
+    # Exactly the streams the killed replica held failed; every other one finished.
+    assert failed == set(victim["running"]) & (failed | finished)
+    assert failed and finished
+
+    # Usage: one row per request, billed what its client was sent (nothing twice, nothing undelivered).
+    deadline = time.monotonic() + 30
+    while True:
+        rows = {row["request_id"]: row for row in ray_server.usage_rows()}
+        if all(r["id"] in rows and rows[r["id"]]["status"] != "reserved" for r in results):
+            break
+        assert time.monotonic() < deadline, "usage rows not settled"
+        time.sleep(0.2)
+    for r in results:
+        row = rows[r["id"]]
+        assert row["completion_tokens"] == r["told"], (row, r["told"])
+        assert row["status"] == ("error" if r["id"] in failed else "ok")
+
+    # Serve replaces the dead replica; /ready counts it again and requests succeed.
+    deadline = time.monotonic() + 120
+    while True:
+        ready = ray_server.admin.get("/ready")
+        if ready.status_code == 200 and ready.json().get("engine_replicas") == REPLICAS:
+            break
+        assert time.monotonic() < deadline, ready.text
+        time.sleep(0.5)
+    assert victim["replica"] not in replicas_view(ray_cluster)
+    done = httpx.post(
+        ray_server.url + "/v1/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": base, "prompt": "hi", "max_tokens": 4},
+        timeout=60,
+    )
+    assert done.status_code == 200, done.text
