@@ -90,20 +90,20 @@ def ray_server(
         server.stop()
 
 
-def replicas_view(data_dir: Path, fresh_s: float = 2.5) -> dict[str, dict[str, Any]]:
-    """Every live replica's introspect(), from the files replicas refresh each second (the handle picks
-    replicas itself, so it cannot ask each one)."""
+def replicas_view(data_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every live replica's introspect(), as written after this call (replicas refresh a file each
+    second; the handle picks replicas itself, so it cannot ask each one)."""
     from app.scaleout.cluster import live_replicas
 
+    since = time.time()
     want = live_replicas()
     folder = (data_dir / "replica-adapters" / "replicas").resolve()
     deadline = time.monotonic() + 10
     while True:
-        now = time.time()
         seen = {}
         for path in folder.glob("*.json"):
             with contextlib.suppress(ValueError, OSError):
-                if now - path.stat().st_mtime < fresh_s:
+                if path.stat().st_mtime > since:
                     info = json.loads(path.read_text())
                     seen[info["replica"]] = info
         if len(seen) >= want or time.monotonic() > deadline:

@@ -27,9 +27,7 @@ def write_adapters(demo_model: Path, out: Path) -> list[Path]:
 
     cfg = json.loads((demo_model / "config.json").read_text())
     specs = list(DEMO_ADAPTERS.values())
-    return [
-        write_adapter(out / f"a{i}", cfg, seed=100 + i, **specs[i % len(specs)]) for i in range(ADAPTERS)
-    ]
+    return [write_adapter(out / f"a{i}", cfg, seed=100 + i, **specs[i % len(specs)]) for i in range(ADAPTERS)]
 
 
 async def run(url: str, key: str, models: list[str]) -> list[int]:

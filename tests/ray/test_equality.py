@@ -71,9 +71,10 @@ def test_ray_tier_equals_the_in_process_server(ray_server: Any, local_server: An
                 compared += 1
     assert compared == 8
     # The adapter changes the output (so the equality above covers the adapter path for real).
-    assert complete(ray_server.url, key, base, PROMPTS[0], False)["text"] != complete(
-        ray_server.url, key, "attn", PROMPTS[0], False
-    )["text"]
+    assert (
+        complete(ray_server.url, key, base, PROMPTS[0], False)["text"]
+        != complete(ray_server.url, key, "attn", PROMPTS[0], False)["text"]
+    )
 
 
 def test_ready_reports_live_engine_replicas(ray_server: Any, local_server: Any) -> None:
