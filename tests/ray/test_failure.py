@@ -33,11 +33,14 @@ def stream(url: str, key: str, model: str, out: dict[str, Any]) -> None:
     }
     lines: list[str] = []
     out["lines"] = lines
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
-        with client.stream("POST", "/v1/completions", json=body) as r:
-            out["status"] = r.status_code
-            for line in r.iter_lines():
-                lines.append(line)
+    headers = {"Authorization": f"Bearer {key}"}
+    with (
+        httpx.Client(base_url=url, headers=headers, timeout=120) as client,
+        client.stream("POST", "/v1/completions", json=body) as r,
+    ):
+        out["status"] = r.status_code
+        for line in r.iter_lines():
+            lines.append(line)
 
 
 def test_killed_replica_fails_only_its_streams_and_comes_back(ray_server: Any, ray_cluster: Path) -> None:
