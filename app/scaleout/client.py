@@ -21,6 +21,7 @@ from app.engine_client import AdapterSource, EngineUnavailable
 from app.scaleout.adapter_store import read_adapter_files
 from app.scaleout.calls import AdapterFilesRef, EngineCall, EngineInfo
 from app.scaleout.tokenizer import ApiTokenizer
+from app.scaleout.wire import Rebuild
 from engine.config import EngineConfig
 from engine.request import LoRARequest, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -174,12 +175,15 @@ class RayEngineClient:
         while True:
             stream = method.remote(call)
             self._calls[request_id] = stream
+            rebuild = Rebuild(request_id, prompt_token_ids)
             received = finished = False
             try:
-                async for out in stream:
+                async for deltas in stream:
                     received = True
-                    finished = out.finished
-                    yield out
+                    for delta in deltas:
+                        out = rebuild(delta)
+                        finished = out.finished
+                        yield out
                 return
             except RayTaskError as exc:
                 # Raised inside the replica: a refused request stays a ValueError (400), without Ray's

@@ -26,6 +26,7 @@ from ray import serve
 from app.scaleout.adapter_store import ReplicaAdapterStore
 from app.scaleout.calls import EngineCall, EngineInfo
 from app.scaleout.replica_metrics import ReplicaMetrics
+from app.scaleout.wire import Delta, Encode
 from engine.config import EngineConfig
 from engine.request import LoRARequest, RequestOutput
 
@@ -89,33 +90,55 @@ class EngineReplica:
             self.engine.model_name, self.engine.max_model_len, self.engine.vocab_size, self.max_loras
         )
 
-    async def generate(self, call: EngineCall) -> AsyncIterator[RequestOutput]:
-        """A streaming method: one RequestOutput per engine step. A cancelled call (the client went away
-        or the API tier aborted it) ends the engine generator, whose `finally` aborts the request."""
+    async def generate(self, call: EngineCall) -> AsyncIterator[list[Delta]]:
+        """A streaming method: the request's outputs as deltas (app/scaleout/wire.py), each message holding
+        every step that finished since the last one. A cancelled call (the client went away, or the API
+        tier aborted it) cancels the pump, whose engine generator then aborts the request."""
         lora: LoRARequest | None = None
         content_hash: str | None = None
         if call.adapter is not None:
             content_hash = call.adapter.content_hash
             if serve.get_multiplexed_model_id() != content_hash:
-                raise ValueError("model the adapter id and the multiplexed model id differ")
+                raise ValueError("model: the adapter and the multiplexed model id differ")
             self._incoming[content_hash] = call.adapter.files
             self._inflight[content_hash] += 1
             self.metrics.adapter_requests += 1
         self._running.add(call.request_id)
+        queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
+        pump: asyncio.Task[None] | None = None
         try:
             if content_hash is not None:
                 await self._adapter(content_hash)
                 lora = LoRARequest(lora_name=content_hash[:12], content_hash=content_hash)
-            async for out in self.engine.generate(
+            outputs = self.engine.generate(
                 call.request_id,
                 call.prompt_token_ids,
                 call.params,
                 lora=lora,
                 cache_salt=call.cache_salt,
                 fairness_key=call.fairness_key,
-            ):
-                yield out
+            )
+            pump = asyncio.get_running_loop().create_task(_pump(outputs, queue))
+            done = False
+            while not done:
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                deltas: list[Delta] = []
+                for item in batch:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is None:
+                        done = True
+                    else:
+                        deltas.append(item)
+                if deltas:
+                    yield deltas
         finally:
+            if pump is not None and not pump.done():
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pump
             self._running.discard(call.request_id)
             if content_hash is not None:
                 self._inflight[content_hash] -= 1
@@ -190,6 +213,21 @@ class EngineReplica:
                 tmp = self.state_file.with_suffix(".tmp")
                 tmp.write_text(json.dumps(self.introspect()))
                 os.replace(tmp, self.state_file)
+
+
+async def _pump(
+    outputs: AsyncIterator[RequestOutput], queue: asyncio.Queue[Delta | BaseException | None]
+) -> None:
+    """Engine outputs -> deltas on the queue, then None (or the exception that ended them)."""
+    encode = Encode()
+    try:
+        # Cancelled, the engine generator is cancelled inside it too, and its `finally` aborts the request.
+        async for out in outputs:
+            queue.put_nowait(encode(out))
+    except Exception as exc:
+        queue.put_nowait(exc)
+        return
+    queue.put_nowait(None)
 
 
 def engine_application(
