@@ -48,7 +48,9 @@ class Encode:
                 logprobs = o.logprobs[sent:]
                 self._logprobs_sent[o.index] = len(o.logprobs)
             choices.append(
-                ChoiceDelta(o.index, o.delta_text, o.delta_token_ids, logprobs, o.finish_reason, o.stop_reason)
+                ChoiceDelta(
+                    o.index, o.delta_text, o.delta_token_ids, logprobs, o.finish_reason, o.stop_reason
+                )
             )
         return Delta(choices, out.finished, out.num_cached_tokens, out.metrics, out.error)
 
