@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import demo_model, module_database, module_s3, start_server  # noqa: F401
+from tests.integration.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 REPLICAS = 2
+METRICS_PORT = free_port()  # the node's Prometheus export (Ray's metrics agent)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -40,6 +42,7 @@ def ray_cluster(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         include_dashboard=False,
         namespace="loraplex",
         _node_ip_address="127.0.0.1",
+        _metrics_export_port=METRICS_PORT,
         log_to_driver=False,
     )
     engine_dir = tmp_path_factory.mktemp("engine-tier")

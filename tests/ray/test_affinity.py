@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.ray.conftest import REPLICAS, replicas_view
+from tests.ray.conftest import METRICS_PORT, REPLICAS, replicas_view
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -76,3 +77,27 @@ def test_requests_find_the_replica_holding_their_adapter(
     # One truth for residency: what Serve routes by is what the engine holds in its GPU slots.
     for info in after.values():
         assert set(info["serve"]) == set(info["engine_gpu"]), info
+
+    # Each replica's residency reaches Prometheus through Ray's metrics export, labelled by replica.
+    resident = scrape_resident(len(after))
+    for replica, info in after.items():
+        assert resident[(replica, "gpu")] == len(info["engine_gpu"]) > 0, resident
+
+
+def scrape_resident(replicas: int, timeout_s: float = 30.0) -> dict[tuple[str, str], float]:
+    """ray_loraplex_engine_adapters_resident samples by (replica, tier), once every replica reported."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        found = {
+            (sample.labels.get("replica", ""), sample.labels.get("tier", "")): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "ray_loraplex_engine_adapters_resident"
+        }
+        if len({r for r, _ in found}) >= replicas and all(v > 0 for (_, t), v in found.items() if t == "gpu"):
+            return found
+        assert time.monotonic() < deadline, sorted(found.items())
+        time.sleep(1.0)
