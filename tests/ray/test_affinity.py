@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.config import Settings
 from tests.ray.conftest import METRICS_PORT, REPLICAS, replicas_view
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -21,9 +22,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ADAPTERS = 8
 REQUESTS = 200
 CONCURRENCY = 8
+SLOTS = Settings().max_loras  # GPU adapter slots per replica = Serve's max_num_models_per_replica
 
 
-def write_adapters(demo_model: Path, out: Path) -> list[Path]:
+def write_adapters(demo_model: Path, out: Path, first: int = 0) -> list[Path]:
     from engine.demo import DEMO_ADAPTERS, write_adapter
 
     cfg = json.loads((demo_model / "config.json").read_text())
@@ -78,9 +80,18 @@ def test_requests_find_the_replica_holding_their_adapter(
     for info in after.values():
         assert set(info["serve"]) == set(info["engine_gpu"]), info
 
+    # Past the slots: 4 more adapters make Serve evict; each eviction leaves the engine's slots too.
+    for i, folder in enumerate(write_adapters(ray_server.demo_model, tmp_path / "more", first=ADAPTERS)):
+        ray_server.upload(tenant["id"], f"more{i}", folder)
+        assert asyncio.run(run(ray_server.url, key, [f"more{i}"])) == [200]
+    evicted = replicas_view(ray_cluster)
+    assert sum(len(set(hashes) - set(info["serve"])) for info in evicted.values()) > 0
+    for info in evicted.values():
+        assert len(info["serve"]) <= SLOTS and set(info["serve"]) == set(info["engine_gpu"]), info
+
     # Each replica's residency reaches Prometheus through Ray's metrics export, labelled by replica.
-    resident = scrape_resident(len(after))
-    for replica, info in after.items():
+    resident = scrape_resident(len(evicted))
+    for replica, info in evicted.items():
         assert resident[(replica, "gpu")] == len(info["engine_gpu"]) > 0, resident
 
 
