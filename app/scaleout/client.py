@@ -49,6 +49,7 @@ class RayEngineClient:
         self._live = 0
         self._calls: dict[str, Any] = {}  # request id -> its DeploymentResponseGenerator
         self._file_refs: OrderedDict[str, Any] = OrderedDict()
+        self.retried = 0  # requests sent again after their replica was lost before any output
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def attach_adapters(self, adapters: AdapterSource) -> None:
@@ -199,6 +200,7 @@ class RayEngineClient:
                 if received or attempt >= self.retries:
                     raise EngineUnavailable(f"engine replica lost: {type(exc).__name__}") from exc
                 attempt += 1
+                self.retried += 1
                 log.warning("replica lost before %s's first output; retrying (%s)", request_id, exc)
             finally:
                 if self._calls.get(request_id) is stream:

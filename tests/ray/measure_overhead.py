@@ -59,6 +59,8 @@ async def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--tokens", type=int, default=64)
+    # Both engines live on one GPU in turn and the first one's process stays: each takes this share.
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.4)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lpx-overhead-"))
     model = args.model
@@ -75,6 +77,7 @@ async def main() -> None:
         max_num_seqs=max(args.streams, 8),
         engine_replicas=1,
         engine_replica_cpus=float(os.cpu_count() or 1),
+        gpu_memory_fraction=args.gpu_memory_fraction,
     )
     from app.engine_client import LocalEngineClient
 
@@ -109,7 +112,15 @@ async def main() -> None:
     )
 
 
-_FIELDS = ("data_dir", "model", "device", "max_num_seqs", "engine_replicas", "engine_replica_cpus")
+_FIELDS = (
+    "data_dir",
+    "model",
+    "device",
+    "max_num_seqs",
+    "engine_replicas",
+    "engine_replica_cpus",
+    "gpu_memory_fraction",
+)
 
 if __name__ == "__main__":
     asyncio.run(main())
