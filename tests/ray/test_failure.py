@@ -131,3 +131,30 @@ def test_killed_replica_fails_only_its_streams_and_comes_back(ray_server: Any, r
         timeout=60,
     )
     assert done.status_code == 200, done.text
+
+
+def test_client_disconnect_aborts_the_request_on_its_replica(ray_server: Any, ray_cluster: Path) -> None:
+    tenant = ray_server.tenant()
+    key = ray_server.key(tenant["id"])
+    headers = {"Authorization": f"Bearer {key}"}
+    base = httpx.get(ray_server.url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    body = {"model": base, "prompt": "hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with (
+        httpx.Client(base_url=ray_server.url, headers=headers, timeout=60) as client,
+        client.stream("POST", "/v1/completions", json=body) as r,
+    ):
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        rid = sse_events(iter([first]))[0]["id"]
+        assert any(rid in v["running"] for v in replicas_view(ray_cluster).values())
+    # The connection is gone: the replica's engine drops the request long before its 400 tokens.
+    deadline = time.monotonic() + 20
+    while any(rid in v["running"] for v in replicas_view(ray_cluster).values()):
+        assert time.monotonic() < deadline, "request still running on its replica"
+    while True:
+        row = next((x for x in ray_server.usage_rows() if x["request_id"] == rid), None)
+        if row is not None and row["status"] != "reserved":
+            break
+        assert time.monotonic() < deadline, row
+        time.sleep(0.2)
+    assert row["status"] == "aborted" and row["completion_tokens"] < 400
