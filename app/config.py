@@ -86,6 +86,8 @@ class Settings:
     # Requests a process queues beyond the engine's max_num_seqs; past that, 503 server_overloaded at
     # once (docs/reliability.md), not an unbounded queue.
     max_queued_requests: int = 1024
+    # Prompts in one /v1/completions request (a list of prompts): each is an engine request of its own.
+    max_prompts_per_request: int = 64
 
     # Limits and metering (docs/metering.md). A reservation older than usage_sweep_after_seconds
     # belongs to a dead process: the sweeper expires it and its concurrency slot is freed.
@@ -227,6 +229,7 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
         ("max_request_bytes", s.max_request_bytes >= 1024, "expected an integer >= 1024"),
         ("shutdown_timeout", 0.0 <= s.shutdown_timeout <= 3600.0, "expected 0..3600 seconds"),
         ("max_queued_requests", s.max_queued_requests >= 0, "expected an integer >= 0"),
+        ("max_prompts_per_request", 1 <= s.max_prompts_per_request <= 1024, "expected 1..1024"),
         ("max_upload_bytes", s.max_upload_bytes >= 1024, "expected an integer >= 1024"),
         (
             "adapter_sweep_interval_seconds",

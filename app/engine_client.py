@@ -64,8 +64,9 @@ class EngineClient(Protocol):
     def max_model_len(self) -> int: ...
     @property
     def vocab_size(self) -> int: ...
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...
+    def decode(self, token_ids: list[int]) -> str: ...
     def decode_token(self, token_id: int) -> str: ...
     def lora_request(self, name: str, folder: Path, content_hash: str) -> LoRARequest: ...
     def generate(
@@ -204,11 +205,14 @@ class LocalEngineClient:
     def vocab_size(self) -> int:
         return int(self.engine.vocab_size)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.engine.encode(text))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.engine.encode(text, add_special_tokens))
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         return list(self.engine.apply_chat_template(messages))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self.engine.decode(token_ids))
 
     def decode_token(self, token_id: int) -> str:
         return str(self.engine.decode([token_id]))

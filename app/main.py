@@ -32,6 +32,7 @@ from app.domain.completions.serving import SERVING_STATE_KEY, Serving
 from app.domain.health.controller import READY_CHECKS_STATE_KEY, ReadyCheck, database_check, health, ready
 from app.domain.keys.controller import ApiKeyController
 from app.domain.tenants.controller import TenantController
+from app.domain.tokenizer_api.controller import TokenizerController
 from app.domain.usage.controller import admin_usage, metrics_endpoint, own_usage
 from app.domain.usage.lifespan import METRICS_STATE_KEY, usage_services
 from app.domain.usage.unavailable import database_unavailable_handlers
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         own_usage,
         metrics_endpoint,
         CompletionsController,
+        TokenizerController,
     ]
     # Async context managers taking the app; entered in order at start, left in reverse at stop.
     lifespans: list[Lifespan] = [

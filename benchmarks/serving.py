@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="EngineConfig.adapter_load_processes (default: 8 on CUDA, 0 on CPU; 0 = loader threads only)",
     )  # fmt: skip
     parser.add_argument(
-        "--pinned-pool-mb", type=int, default=0,
-        help="EngineConfig.adapter_pinned_pool_mb (MiB, default 0 = off)",
+        "--pinned-pool-mb", type=int, default=None,
+        help="EngineConfig.adapter_pinned_pool_mb (MiB; default: the engine's automatic size; 0 = off)",
     )  # fmt: skip
     parser.add_argument("--no-batched-copy", action="store_true", help="per-tensor slot copies")
     parser.add_argument("--no-eager-slots", action="store_true", help="loads wait for a free slot")

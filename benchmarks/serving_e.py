@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.serving_workloads import Bench
+from benchmarks.triton_compiles import CompileLog
 from engine.sampling_params import SamplingParams
 
 Trace = list[tuple[float, list[int], int | None]]
@@ -112,7 +113,9 @@ def _serve(bench: Bench, trace: Trace, tag: str, with_adapters: bool) -> dict[st
     first: dict[str, float] = {}
     tokens, failed, nxt = 0, 0, 0
     trace_steps: list[tuple[float, int, int, bool]] = []  # (wall s, running, waiting, loads in flight)
+    step_spans: list[tuple[float, float]] = []  # (start, end) monotonic s of each step
     replays_before = graphs.replays if graphs is not None else 0
+    compiles = CompileLog().__enter__()
     start = time.monotonic()
     last_finish = start
     while nxt < len(trace) or engine.has_unfinished():
@@ -133,6 +136,7 @@ def _serve(bench: Bench, trace: Trace, tag: str, with_adapters: bool) -> dict[st
         now = time.monotonic()
         loading = cache is not None and cache.has_pending_loads
         trace_steps.append((now - t0, len(engine.scheduler.running), engine.scheduler.num_waiting, loading))
+        step_spans.append((t0, now))
         for o in outs:
             if o.request_id not in first and o.outputs and o.outputs[0].token_ids:
                 first[o.request_id] = now
@@ -140,6 +144,8 @@ def _serve(bench: Bench, trace: Trace, tag: str, with_adapters: bool) -> dict[st
                 failed += o.error is not None
                 tokens += len(o.outputs[0].token_ids)
                 last_finish = now
+    compiles.__exit__()
+    slowest = sorted(range(len(trace_steps)), key=lambda i: -trace_steps[i][0])[:5]
     records = [r for r in cache.load_records() if r.submitted >= start] if cache is not None else []
     by_key: dict[str, list[Any]] = {}
     for record in records:
@@ -179,6 +185,17 @@ def _serve(bench: Bench, trace: Trace, tag: str, with_adapters: bool) -> dict[st
         "waiting_mean": sum(w for _, _, w, _ in trace_steps) / n,
         "steps_with_loads_in_flight": sum(1 for *_, lo in trace_steps if lo),
         "load_stages": stage_table(records),
+        "triton_compiles": compiles.summary(),
+        "slowest_steps": [
+            {
+                "at_s": step_spans[i][0] - start,
+                "ms": 1e3 * trace_steps[i][0],
+                "running": trace_steps[i][1],
+                "waiting": trace_steps[i][2],
+                "compiles": [name for *_, name in compiles.between(*step_spans[i])],
+            }
+            for i in slowest
+        ],
     }
 
 

@@ -87,6 +87,12 @@ def table(r: dict[str, Any]) -> str:
                 f"waiting {x['waiting_mean']:.0f}"
             )
             lines.append(f"e)   TTFT split p50/p99 ms: {split}")
+            tc = x["triton_compiles"]
+            slow = "  ".join(
+                f"{st['ms']:.0f} ms at {st['at_s']:.1f} s ({len(st['compiles'])} compiles)"
+                for st in x["slowest_steps"]
+            )
+            lines.append(f"e)   Triton compiles {tc['count']} ({tc['seconds']:.2f} s); slowest steps: {slow}")
         for name, table_ in (("idle", e["idle_load_stages"]), ("cold", e["lora"]["load_stages"]),
                              ("sat", e["sat"]["lora"]["load_stages"])):  # fmt: skip
             cells = "  ".join(

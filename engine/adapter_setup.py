@@ -24,6 +24,25 @@ log = logging.getLogger(__name__)
 # Blocks of the pinned pool: an adapter takes a run of them, so a small adapter does not hold a block
 # sized for the largest one (rank 16 over q/k/v/o of a Llama-3-8B is 27 MB, over all seven 84 MB).
 POOL_BLOCK_BYTES = 2 << 20
+# The automatic pool's ceiling: the H200 runs of 2026-12-03 used 16 GiB (~580 rank-16 q/k/v/o adapters of
+# a Llama-3-8B); a CPU tier bigger than this falls back to fresh pinned buffers for what does not fit.
+POOL_MAX_AUTO_MB = 16 << 10
+
+
+def auto_pool_mb(max_cpu_loras: int, largest_bytes: int, host_bytes: int) -> int:
+    """The pool for `adapter_pinned_pool_mb=None` on CUDA: room for the whole CPU tier of the largest
+    adapter, rounded up to a power of two MiB (torch's pinned allocator pins a power of two anyway), at most
+    POOL_MAX_AUTO_MB and a quarter of the host's memory (both rounded down to a power of two)."""
+    need = max(1, -(-max_cpu_loras * largest_bytes // (1 << 20)))
+    cap = min(POOL_MAX_AUTO_MB, max(1, host_bytes // 4 >> 20))
+    return min(1 << (need - 1).bit_length(), 1 << (cap.bit_length() - 1))
+
+
+def host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
 
 
 def default_load_processes(cuda: bool) -> int:
@@ -62,12 +81,16 @@ def cache_for_model(config: EngineConfig, loaded: Any, loader: AdapterLoader | N
     workers = processes or 4
     pool = None
     mb = config.adapter_pinned_pool_mb
-    if config.max_loras and mb:
+    if config.max_loras and (mb or (mb is None and cuda)):
         from engine.adapter_process import max_adapter_bytes
 
         largest = max_adapter_bytes(loaded.config, config.max_lora_rank, loaded.dtype)
+        if mb is None:
+            mb = auto_pool_mb(config.max_cpu_loras, largest, host_memory_bytes())
         block = min(POOL_BLOCK_BYTES, -(-largest // 4096) * 4096)
         pool = PinnedPool(mb << 20, block, pin) if mb << 20 >= block else None
+        if pool is not None:
+            log.info("adapter CPU tier: a pinned pool of %d MiB in %d blocks", mb, pool.blocks)
     eager = config.adapter_eager_slots
     common: dict[str, Any] = {"load_workers": workers, "pool": pool, "eager_slots": eager}
     if not processes or config.max_loras == 0:

@@ -81,8 +81,8 @@ class AsyncLLMEngine:
         self.engine.close()
 
     # ---- tokenizer-facing ----
-    def encode(self, text: str) -> list[int]:
-        return list(self.engine.tokenizer.encode(text))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self.engine.tokenizer.decode(token_ids, skip_special_tokens=False))

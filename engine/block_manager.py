@@ -118,7 +118,7 @@ class BlockManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Cached blocks that can stand in for the start of this request, and how many tokens they cover.
         At least one token is always left to compute: the step needs its logits."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.skips_prefix_cache:
             return [], 0
         self.update_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size

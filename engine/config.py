@@ -39,9 +39,10 @@ class EngineConfig:
     # Processes that read, hash, parse and stack adapters, so loads never compete with the step loop for
     # the GIL (engine/adapter_process.py). None = 8 on CUDA (at most half the cores), 0 (threads) on CPU.
     adapter_load_processes: int | None = None
-    # MiB of pinned memory for the CPU tier, allocated once at start (engine/pinned_pool.py; a power of
-    # two, which torch's pinned allocator pins anyway); 0 (the default until it is measured on a GPU) = a fresh pinned buffer per load.
-    adapter_pinned_pool_mb: int = 0
+    # MiB of pinned memory for the CPU tier, allocated once at start (engine/pinned_pool.py). None = on
+    # CUDA room for max_cpu_loras of the largest adapter, a power of two, at most 16 GiB and a quarter of
+    # the host's memory (engine/adapter_setup.py); off on CPU. 0 = off: a fresh pinned buffer per load.
+    adapter_pinned_pool_mb: int | None = None
     # Slot writes as one host -> device copy per adapter plus device-side copies (engine/lora_slots.py).
     adapter_batched_copy: bool = True
     # A finished prefetched load takes the least recently used unpinned slot when no slot is free.
@@ -82,7 +83,7 @@ class EngineConfig:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         if self.adapter_load_processes is not None and self.adapter_load_processes < 0:
             raise ValueError(f"adapter_load_processes must be >= 0, got {self.adapter_load_processes}")
-        if self.adapter_pinned_pool_mb < 0:
+        if self.adapter_pinned_pool_mb is not None and self.adapter_pinned_pool_mb < 0:
             raise ValueError(f"adapter_pinned_pool_mb must be >= 0, got {self.adapter_pinned_pool_mb}")
         if self.max_lora_rank <= 0:
             raise ValueError(f"max_lora_rank must be positive, got {self.max_lora_rank}")

@@ -16,6 +16,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import Group, build_output
+from engine.prompt_logprobs import collect_prompt_logprobs, wants_prompt_logprobs
 from engine.request import LoRARequest, Request, RequestOutput, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -215,7 +216,7 @@ class LLMEngine:
             return self._advance_in_flight([])
         batch = self.scheduler.schedule()
         scheduled = batch.scheduled
-        logits = self.runner.execute(scheduled) if scheduled else None
+        logits = self._forward(scheduled) if scheduled else None
         self.scheduler.advance(batch)
         ready = [r for r, _ in scheduled if r.num_computed_tokens == len(r.all_token_ids)]
         if ready and self.ahead.start(ready, len(scheduled), logits):
@@ -225,6 +226,13 @@ class LLMEngine:
         elif not scheduled and not batch.failed:
             self._wait_idle()
         return self._collect([*ready, *batch.failed])
+
+    def _forward(self, scheduled: list[tuple[Request, int]]) -> Any:
+        """The step's logits [B, V], one row per request. A step that computes prompt tokens of a request
+        asking for prompt logprobs runs eagerly and records those first (engine/prompt_logprobs.py)."""
+        if wants_prompt_logprobs(scheduled):
+            return collect_prompt_logprobs(self.runner, scheduled)
+        return self.runner.execute(scheduled)
 
     def _advance_in_flight(self, failed: list[Request]) -> list[RequestOutput]:
         live, sampled = self.ahead.advance()  # launches the next step, then reads the in-flight tokens

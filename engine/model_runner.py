@@ -23,6 +23,7 @@ from engine.cuda_graphs import (
     GroupMask,
     all_groups_mask,
 )
+from engine.kernel_warmup import warm_lora_kernels
 from engine.model_config import ModelConfig
 from engine.model_loader import LoadedModel
 from engine.ops import LoRABatch, get_ops
@@ -116,6 +117,8 @@ class ModelRunner:
             if adapter_cache.slots.num_slots > 0:
                 masks += [all_groups_mask(), ATTENTION_ONLY]
             self.graphs.capture_all(masks)
+            # Eager steps' LoRA launch variants too (engine/kernel_warmup.py): none compiles mid-step.
+            warm_lora_kernels(adapter_cache.slots, self.ops, self.device)
         if self.device.type == "cuda":
             self.log_memory()
 
@@ -183,6 +186,24 @@ class ModelRunner:
         used = sorted({r.lora_slot for r, _ in batch if r.lora_slot >= 0})
         return self._forward(layout, self.adapter_cache.slots.active_groups(used) if used else None)
 
+    @torch.inference_mode()
+    def execute_hidden(self, batch: Batch) -> Tensor:
+        """execute(), eager, returning the final hidden states [sum n, H] of every computed token (batch
+        order) instead of logits: prompt logprobs turn the rows they need into logits a slice at a time
+        (`logits`), so a long prefill chunk never holds [sum n, V] float32 logits on the device."""
+        if not batch:
+            raise ValueError("empty batch")
+        layout = self.input.fill(batch, None, all_logits=True)
+        used = sorted({r.lora_slot for r, _ in batch if r.lora_slot >= 0})
+        active = self.adapter_cache.slots.active_groups(used) if used else None
+        return self._forward(layout, active, hidden_only=True)
+
+    @torch.inference_mode()
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden [R, H] (from execute_hidden) -> float32 logits [R, V], as execute() makes them."""
+        model: Any = self.model.model
+        return model.compute_logits(hidden)  # type: ignore[no-any-return]
+
     def _replay(self, batch: Batch, input_ids: Tensor | None, all_logits: bool) -> Tensor | None:
         """The step from a graph bucket, or None (it fits none, or a capture failed: run eager)."""
         assert self.graphs is not None
@@ -232,9 +253,10 @@ class ModelRunner:
         active = None if mask is None else [list(mask)] * self.model.config.num_layers
         return self._forward(layout, active)
 
-    def _forward(self, layout: Layout, active: list[list[bool]] | None) -> Tensor:
-        """The model over the step input's views: float32 logits [layout.num_logits, V]. active: [L][G]
-        module groups that need LoRA launches; None: no adapter in the step."""
+    def _forward(self, layout: Layout, active: list[list[bool]] | None, hidden_only: bool = False) -> Tensor:
+        """The model over the step input's views: float32 logits [layout.num_logits, V] (hidden_only: the
+        final hidden states [layout.tokens, H]). active: [L][G] module groups that need LoRA launches; None:
+        no adapter in the step."""
         step = self.input
         lora = None
         if active is not None:
@@ -247,6 +269,8 @@ class ModelRunner:
         positions = step.device_buffer("pos")[: layout.tokens]
         model: Any = self.model.model  # LlamaForCausalLM (an nn.Module to the type checker)
         hidden = model(ids, positions, self.kv_caches, step.attention(layout), lora, self.ops)  # [T, H]
+        if hidden_only:
+            return hidden  # type: ignore[no-any-return]
         rows = step.logit_rows(layout)
         if rows is not None:
             hidden = hidden.index_select(0, rows)  # [num_logits, H]

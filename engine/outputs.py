@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.request import CompletionOutput, Request, RequestOutput
+from engine.request import CompletionOutput, Logprob, Request, RequestOutput
 
 
 @dataclass(slots=True)
@@ -18,6 +18,7 @@ class Group:
     children: list[Request]
     detoks: list[IncrementalDetokenizer]
     sent_tokens: list[int] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
         self.sent_tokens = [0] * len(self.children)
@@ -61,8 +62,22 @@ def _request_output(
         num_cached_tokens=max(first.num_cached_tokens, 0),
         metrics=first.metrics.snapshot(),  # a snapshot: other threads read outputs
         prompt=group.prompt,
+        prompt_logprobs=_prompt_logprobs(group, finished),
         error=error,
     )
+
+
+def _prompt_logprobs(group: Group, finished: bool) -> list[dict[int, Logprob] | None] | None:
+    """The prompt logprobs in the first output after the prompt is computed, and in the last output (the
+    one offline callers keep); None in the others, so a long prompt's list is not handed out every step.
+    Complete lists never change again (a recompute skips known positions), so no copy is needed."""
+    collected = group.children[0].prompt_logprobs
+    if collected is None or len(collected) < len(group.prompt_token_ids):
+        return None
+    if group.prompt_logprobs_sent and not finished:
+        return None
+    group.prompt_logprobs_sent = True
+    return collected
 
 
 def _completion(group: Group, child: Request, finished: bool) -> CompletionOutput:

@@ -106,6 +106,10 @@ class Request:
     error: str | None = None  # why it FINISHED_ERROR (e.g. its adapter could not be loaded)
     # One dict {token_id: logprob} per output token when params.logprobs is set.
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    # params.prompt_logprobs set: per prompt position so far, the prompt token and the top-k (None for the
+    # first token, which has no context). Only the first sample of a group collects them (n > 1 shares
+    # the prompt); None when not collected.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     # Sampler state (a torch.Generator for seeded requests); opaque here so this module stays torch-free.
     generator: Any = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
@@ -126,6 +130,13 @@ class Request:
         self.plain_greedy = (
             self.greedy and not self.has_penalties and not params.min_tokens and params.logprobs is None
         )
+        if params.prompt_logprobs is not None and self.index == 0 and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def skips_prefix_cache(self) -> bool:
+        """A request collecting prompt logprobs computes its whole prompt: cached blocks have no logits."""
+        return self.prompt_logprobs is not None
 
     @property
     def num_tokens(self) -> int:
@@ -160,6 +171,14 @@ class Request:
         self.all_token_ids.append(token_id)
 
 
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    """One token's log-probability at one prompt position, and its rank there (1 = most likely)."""
+
+    logprob: float
+    rank: int
+
+
 @dataclass(slots=True)
 class CompletionOutput:
     index: int
@@ -185,4 +204,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     prompt: str | None = None
+    # params.prompt_logprobs set: one entry per prompt token (None for the first), filled once the
+    # prompt is computed; None before that and when not asked for.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     error: str | None = None  # set when the request failed (finish_reason "error"), e.g. its adapter

@@ -51,24 +51,27 @@ def _pick(n, p0, p1, p2):
     return p
 
 
-@triton.jit
+# split_k is a plain argument, never specialized: it follows the number of adapters in a step (1-8), and
+# as a constexpr each new value compiled a kernel variant in the middle of a serving step (H200,
+# 2026-12-03: 16 compiles, 5.6 s, in workload e's cold run; the slowest steps 0.7-1.1 s).
+@triton.jit(do_not_specialize=["split_k"])
 def _shrink_kernel(
     x_ptr, a0_ptr, a1_ptr, a2_ptr, out_ptr,
     sorted_ids_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, ranks_ptr,
-    hidden, max_rank, k_per_split, num_tokens, max_segments,
+    hidden, max_rank, k_per_split, num_tokens, max_segments, split_k,
     stride_xt, stride_xh, stride_as, stride_ar, stride_ah, stride_on, stride_ot, stride_or,
-    HAS_RANKS: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     # Program (lane, segment, slice x split): lane j takes the segment's token blocks j, j + lanes, ...
     lane, seg, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     lanes = tl.num_programs(0)
-    n, split = pid_z // SPLIT_K, pid_z % SPLIT_K
+    n, split = pid_z // split_k, pid_z % split_k
     offs_r = tl.arange(0, BLOCK_R)
     if seg == max_segments:
         # One extra segment index writes the zero rows of slot -1 tokens (sorted after all others), so
         # an unsplit launch needs no memset. Split launches get a zeroed `out` from the wrapper instead.
-        if SPLIT_K == 1:
+        if split_k == 1:
             offs_s = tl.arange(0, BLOCK_S)
             used = tl.sum(tl.load(seg_lens_ptr + offs_s, mask=offs_s < max_segments, other=0))
             for m0 in range(used + lane * BLOCK_M, num_tokens, lanes * BLOCK_M):
@@ -118,7 +121,7 @@ def _shrink_kernel(
             out_ptr + n * stride_on + tok[:, None].to(tl.int64) * stride_ot + offs_r[None, :] * stride_or
         )
         out_mask = m_mask[:, None] & (offs_r < max_rank)[None, :]
-        if SPLIT_K == 1:
+        if split_k == 1:
             tl.store(out_ptrs, acc, mask=out_mask)
         else:
             tl.atomic_add(out_ptrs, acc, mask=out_mask)
@@ -313,10 +316,10 @@ def lora_shrink(
             x, a0, a1, a2, part,
             meta.sorted_token_ids, meta.seg_slots, meta.seg_starts, meta.seg_lens,
             ranks if ranks is not None else meta.seg_lens,
-            hidden, max_rank, k_per_split, num_tokens, max_segments,
+            hidden, max_rank, k_per_split, num_tokens, max_segments, split_k,
             x.stride(0), x.stride(1), a0.stride(0), a0.stride(1), a0.stride(2),
             part.stride(0), part.stride(1), part.stride(2),
-            HAS_RANKS=ranks is not None, SPLIT_K=split_k, PRECISION=_precision(x.dtype),
+            HAS_RANKS=ranks is not None, PRECISION=_precision(x.dtype),
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
             BLOCK_S=triton.next_power_of_2(max_segments), num_warps=cfg.num_warps, num_stages=stages,
         )  # fmt: skip

@@ -138,11 +138,14 @@ class RayEngineClient:
     def vocab_size(self) -> int:
         return self._ready()[1].vocab_size
 
-    def encode(self, text: str) -> list[int]:
-        return self._ready()[2].encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._ready()[2].encode(text, add_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         return self._ready()[2].apply_chat_template(messages)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._ready()[2].decode(token_ids)
 
     def decode_token(self, token_id: int) -> str:
         return self._ready()[2].decode([token_id])

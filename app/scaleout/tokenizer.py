@@ -15,8 +15,8 @@ class ApiTokenizer:
         # Never run code shipped in a model folder.
         self._tok: Any = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 
-    def encode(self, text: str) -> list[int]:
-        return [int(t) for t in self._tok.encode(text)]
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [int(t) for t in self._tok.encode(text, add_special_tokens=add_special_tokens)]
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self._tok.decode(token_ids, skip_special_tokens=False))

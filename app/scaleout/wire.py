@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.request import CompletionOutput, RequestMetrics, RequestOutput
+from engine.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,10 @@ class Delta:
     num_cached_tokens: int
     metrics: RequestMetrics | None
     error: str | None
+    # The engine hands its (never changing) prompt logprobs out in some outputs: the list travels once, the
+    # flag says which rebuilt outputs carry it.
+    has_prompt_logprobs: bool = False
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class Encode:
@@ -38,6 +42,7 @@ class Encode:
 
     def __init__(self) -> None:
         self._logprobs_sent: dict[int, int] = {}
+        self._prompt_logprobs_sent = False
 
     def __call__(self, out: RequestOutput) -> Delta:
         choices = []
@@ -52,7 +57,13 @@ class Encode:
                     o.index, o.delta_text, o.delta_token_ids, logprobs, o.finish_reason, o.stop_reason
                 )
             )
-        return Delta(choices, out.finished, out.num_cached_tokens, out.metrics, out.error)
+        has = out.prompt_logprobs is not None
+        prompt_logprobs = None
+        if has and not self._prompt_logprobs_sent:
+            prompt_logprobs, self._prompt_logprobs_sent = out.prompt_logprobs, True
+        return Delta(
+            choices, out.finished, out.num_cached_tokens, out.metrics, out.error, has, prompt_logprobs
+        )
 
 
 class Rebuild:
@@ -62,8 +73,11 @@ class Rebuild:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self._choices: dict[int, CompletionOutput] = {}
+        self._prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     def __call__(self, delta: Delta) -> RequestOutput:
+        if delta.prompt_logprobs is not None:
+            self._prompt_logprobs = delta.prompt_logprobs
         outputs = []
         for d in delta.choices:
             prev = self._choices.get(d.index)
@@ -89,5 +103,6 @@ class Rebuild:
             finished=delta.finished,
             num_cached_tokens=delta.num_cached_tokens,
             metrics=delta.metrics,
+            prompt_logprobs=self._prompt_logprobs if delta.has_prompt_logprobs else None,
             error=delta.error,
         )

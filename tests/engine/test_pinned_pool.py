@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.adapter_cache import AdapterCache, AdapterLoadError
+from engine.adapter_setup import POOL_MAX_AUTO_MB, auto_pool_mb
 from engine.demo import demo_config, write_adapter
 from engine.lora import LoRAAdapter, load_adapter, module_shapes
 from engine.lora_slots import LoRASlots
@@ -272,3 +273,13 @@ def test_cuda_pool_is_pinned_and_batched_copies_match(dirs: dict[str, Path]) -> 
         assert cache.stats()["pool_misses"] == 0
     finally:
         cache.close()
+
+
+def test_the_automatic_pool_holds_the_cpu_tier_within_its_caps() -> None:
+    mib, gib = 1 << 20, 1 << 30
+    # 8 adapters of 84 MB (rank 16, all seven modules of a Llama-3-8B): 672 MiB, rounded up to 1 GiB
+    assert auto_pool_mb(8, 84 * mib, 128 * gib) == 1024
+    assert auto_pool_mb(1, 1, 128 * gib) == 1  # never 0: a pool of one MiB
+    # 512 of them would be 42 GiB: capped at 16 GiB, and at a quarter of a small host's memory
+    assert auto_pool_mb(512, 84 * mib, 512 * gib) == POOL_MAX_AUTO_MB
+    assert auto_pool_mb(512, 84 * mib, 24 * gib) == 4096  # a quarter of 24 GiB is 6 GiB: 4 GiB

@@ -29,7 +29,7 @@ def chat(**body: object) -> ChatCompletionRequest:
         ("top_p", 1.5),
         ("n", 0),
         ("n", 17),
-        ("max_tokens", 0),
+        ("max_tokens", -1),
         ("min_p", 1.1),
         ("top_k", -2),
         ("logprobs", 21),
@@ -54,7 +54,7 @@ def test_unknown_fields_are_ignored_like_openai_servers_do() -> None:
         ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": [""]}, "stop"),
-        ({"echo": True}, "echo"),
+        ({"max_tokens": 0}, "max_tokens"),
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 3}, "best_of"),
         ({"logit_bias": {"1": 5.0}}, "logit_bias"),
@@ -125,14 +125,24 @@ def test_spec_carries_every_sampling_field() -> None:
 
 
 def test_prompt_forms() -> None:
-    assert params.normalize_prompt("hello") == params.TextPrompt("hello")
-    assert params.normalize_prompt(["hello"]) == params.TextPrompt("hello")
-    assert params.normalize_prompt([1, 2, 3]) == params.TokenPrompt([1, 2, 3])
-    assert params.normalize_prompt([[4, 5]]) == params.TokenPrompt([4, 5])
-    for bad in ([], ["a", "b"], [[1], [2]], [[]]):
+    text, tokens = params.TextPrompt, params.TokenPrompt
+    assert params.normalize_prompts("hello") == [text("hello")]
+    assert params.normalize_prompts(["hello"]) == [text("hello")]
+    assert params.normalize_prompts([1, 2, 3]) == [tokens([1, 2, 3])]
+    assert params.normalize_prompts([[4, 5]]) == [tokens([4, 5])]
+    assert params.normalize_prompts(["a", "b"]) == [text("a"), text("b")]
+    assert params.normalize_prompts([[1], "b"]) == [tokens([1]), text("b")]
+    for bad, param in (
+        ([], "prompt"),
+        ([[]], "prompt[0]"),
+        (["a", [], "c"], "prompt[1]"),
+        (["a"] * 5, "prompt"),
+    ):
         with pytest.raises(params.RequestError) as err:
-            params.normalize_prompt(bad)
-        assert err.value.param == "prompt"
+            params.normalize_prompts(bad, max_prompts=4)
+        assert err.value.param == param
+    with pytest.raises(params.RequestError, match="together"):
+        params.normalize_prompts(["x" * (params.MAX_PROMPT_CHARS // 2 + 1)] * 2)
 
 
 def test_token_ids_outside_the_vocabulary_are_refused() -> None:

@@ -4,9 +4,10 @@ for two choices finishing at different steps, with logprobs."""
 from __future__ import annotations
 
 from app.scaleout.wire import Encode, Rebuild
-from engine.request import CompletionOutput, RequestMetrics, RequestOutput
+from engine.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 PROMPT = [1, 2, 3]
+PROMPT_LOGPROBS = [None, {2: Logprob(-1.0, 1)}, {3: Logprob(-2.0, 2), 4: Logprob(-0.5, 1)}]
 
 
 def snapshots() -> list[RequestOutput]:
@@ -36,13 +37,28 @@ def snapshots() -> list[RequestOutput]:
             )
             prev[index] = (ids, text)
         metrics = RequestMetrics(arrival_time=1.0, first_scheduled_time=1.5)
-        outs.append(RequestOutput("r", PROMPT, choices, finished=last, num_cached_tokens=2, metrics=metrics))
+        # As the engine does: prompt logprobs in the first output and the last, None in between.
+        prompt_logprobs = PROMPT_LOGPROBS if n in (0, len(steps) - 1) else None
+        outs.append(
+            RequestOutput(
+                "r",
+                PROMPT,
+                choices,
+                finished=last,
+                num_cached_tokens=2,
+                metrics=metrics,
+                prompt_logprobs=prompt_logprobs,
+            )
+        )
     return outs
 
 
 def test_deltas_rebuild_the_engine_outputs() -> None:
     encode, rebuild = Encode(), Rebuild("r", PROMPT)
+    sent = []
     for original in snapshots():
         delta = encode(original)
         assert all(len(c.delta_token_ids) <= 1 for c in delta.choices)  # only what changed travels
         assert rebuild(delta) == original
+        sent.append(delta.prompt_logprobs is not None)
+    assert sent == [True, False, False]  # the prompt logprobs travel once

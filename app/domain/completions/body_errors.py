@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import msgspec
 from litestar.exceptions import ValidationException
 
 from app.errors import ApiError
@@ -16,6 +17,7 @@ from app.errors import ApiError
 _MISSING = re.compile(r"missing required field `([^`]{1,100})`")
 _WRONG_TYPE = re.compile(r"^Expected `([^`]{1,200})`, got `([^`]{1,50})`$")
 _OUT_OF_RANGE = re.compile(r"^Expected `([^`]{1,200})` (.{1,100})$")
+_AT_PATH = re.compile(r"^(.*) - at `\$\.?([^`]*)`$")
 _BODY = "data"  # msgspec's (and Litestar's) name for the whole body
 _TYPE_WORDS = {
     "str": "a string",
@@ -45,6 +47,14 @@ def body_error(exc: ValidationException) -> ApiError:
     if "JSON" in exc.detail or "decode" in exc.detail.lower():
         return ApiError(400, "Malformed JSON body", code="invalid_json")
     return ApiError(400, "The request body is not valid for this endpoint", code="invalid_request")
+
+
+def strict_error(exc: msgspec.ValidationError) -> ApiError:
+    """The 400 for msgspec's strict conversion of a /v1 body ("Expected `int`, got `str` - at `$.n`")."""
+    text = str(exc)
+    at = _AT_PATH.match(text)
+    message, path = (at.group(1), at.group(2)) if at else (text, "")
+    return _one(path or _BODY, message)
 
 
 def _one(path: str, message: str) -> ApiError:

@@ -20,7 +20,8 @@ T = TypeVar("T")
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
-MAX_PROMPT_CHARS = 1_000_000
+MAX_PROMPT_CHARS = 1_000_000  # of one request, all its prompts together
+MAX_PROMPTS = 64  # prompts in one completion request; LORAPLEX_MAX_PROMPTS_PER_REQUEST sets the server's
 
 
 class RequestError(Exception):
@@ -83,6 +84,18 @@ class SamplingSpec:
     logprobs: int | None = None  # top-n logprobs to render, None when not asked for
     # The request's name for a SamplingParams field where they differ (chat's top_logprobs, ...).
     names: dict[str, str] = field(default_factory=dict)
+    echo: bool = False  # completions: the prompt's text (and logprobs) before each choice's
+    prompt_logprobs: int | None = None  # completions: top-k to render per prompt token
+    # max_tokens 0: the answer is the prompt alone. The engine still runs the prompt (its logprobs, the
+    # usage row) and makes one token, which no client sees and no bill counts.
+    prompt_only: bool = False
+    continuous_usage: bool = False  # every stream chunk carries the usage so far
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """What the engine computes: prompt_logprobs' top-k, or logprobs' for an echoed prompt."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
 
     @property
     def max_tokens(self) -> int | None:
@@ -94,10 +107,15 @@ class SamplingSpec:
 
     def fit(self, max_tokens: int, vocab_size: int) -> None:
         """The final params: generate `max_tokens`, and the checks that need the model's vocabulary."""
+        if self.prompt_only:
+            max_tokens = 1
         if self.params.min_tokens > max_tokens:
             raise invalid("min_tokens", f"min_tokens exceeds the {max_tokens} tokens left in the context")
         self.params = _engine_params(
-            lambda: dataclasses.replace(self.params, max_tokens=max_tokens), self.names
+            lambda: dataclasses.replace(
+                self.params, max_tokens=max_tokens, prompt_logprobs=self.engine_prompt_logprobs
+            ),
+            self.names,
         )
         _engine_params(lambda: self.params.check_vocab(vocab_size), self.names)
 
@@ -153,17 +171,27 @@ def _common(
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     params = _engine_params(lambda: SamplingParams(**kwargs), names)
-    return SamplingSpec(params, req.stream, include_usage, logprobs, names)
+    spec = SamplingSpec(params, req.stream, include_usage, logprobs, names)
+    spec.continuous_usage = include_usage and bool(
+        req.stream_options and req.stream_options.continuous_usage_stats
+    )
+    return spec
 
 
 def completion_spec(req: CompletionRequest) -> SamplingSpec:
-    if req.echo:
-        raise invalid("echo", "echo is not supported", code="unsupported_parameter")
+    if req.max_tokens == 0 and not (req.echo or req.prompt_logprobs is not None):
+        raise invalid(
+            "max_tokens",
+            "Invalid value for 'max_tokens': expected an integer >= 1 (0 only with echo or prompt_logprobs)",
+        )
     if req.suffix:
         raise invalid("suffix", "suffix is not supported", code="unsupported_parameter")
     if req.best_of is not None and req.best_of != req.n:
         raise invalid("best_of", "best_of must equal n when set", code="unsupported_parameter")
-    return _common(req, req.max_tokens, req.logprobs, {})
+    prompt_only = req.max_tokens == 0
+    spec = _common(req, None if prompt_only else req.max_tokens, req.logprobs, {})
+    spec.echo, spec.prompt_logprobs, spec.prompt_only = req.echo, req.prompt_logprobs, prompt_only
+    return spec
 
 
 def chat_spec(req: ChatCompletionRequest) -> SamplingSpec:
@@ -188,22 +216,30 @@ def chat_spec(req: ChatCompletionRequest) -> SamplingSpec:
     return _common(req, req.max_completion_tokens or req.max_tokens, logprobs, names)
 
 
-def normalize_prompt(prompt: str | list[Any]) -> TextPrompt | TokenPrompt:
-    """One prompt per request: a string, token ids, or a one-element list of either."""
+def normalize_prompts(
+    prompt: str | list[Any], max_prompts: int = MAX_PROMPTS
+) -> list[TextPrompt | TokenPrompt]:
+    """OpenAI's prompt forms: a string, token ids, or a list of strings or of token-id lists (one
+    completion per prompt, at most `max_prompts`; all texts together at most MAX_PROMPT_CHARS)."""
     if isinstance(prompt, str):
-        return _text(prompt)
+        return [_text(prompt)]
     if not prompt:
         raise invalid("prompt", "prompt must not be empty")
     if all(isinstance(p, int) for p in prompt):
-        return TokenPrompt(list(prompt))
-    if len(prompt) > 1:
-        raise invalid("prompt", "send one prompt per request (batched prompts are not supported)")
-    only = prompt[0]
-    if isinstance(only, str):
-        return _text(only)
-    if isinstance(only, list) and only:
-        return TokenPrompt(list(only))
-    raise invalid("prompt", "prompt must be a string or a non-empty list of token ids")
+        return [TokenPrompt(list(prompt))]
+    if len(prompt) > max_prompts:
+        raise invalid("prompt", f"at most {max_prompts} prompts are allowed in one request")
+    out: list[TextPrompt | TokenPrompt] = []
+    for i, one in enumerate(prompt):
+        if isinstance(one, str):
+            out.append(_text(one))
+        elif isinstance(one, list) and one:
+            out.append(TokenPrompt(list(one)))
+        else:
+            raise invalid(f"prompt[{i}]", "each prompt must be a string or a non-empty list of token ids")
+    if sum(len(p.text) for p in out if isinstance(p, TextPrompt)) > MAX_PROMPT_CHARS:
+        raise invalid("prompt", f"prompts are longer than {MAX_PROMPT_CHARS} characters together")
+    return out
 
 
 def _text(text: str) -> TextPrompt:

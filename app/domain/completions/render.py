@@ -60,7 +60,10 @@ def completion_logprobs(
     text_offset: int = 0,
 ) -> CompletionLogprobs:
     """The legacy completions shape: parallel lists, top_logprobs keyed by token text."""
-    tokens, token_lps, tops, offsets = [], [], [], []
+    tokens: list[str] = []
+    token_lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
     offset = text_offset
     for tid, entry in zip(token_ids, entries, strict=False):
         text = decode(tid)

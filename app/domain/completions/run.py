@@ -9,6 +9,7 @@ path can call it from a `finally` while its task is being cancelled by a disconn
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -19,7 +20,7 @@ import anyio
 
 from app.domain.completions.params import RequestError, SamplingSpec
 from app.engine_client import EngineClient, EngineUnavailable
-from engine.request import CompletionOutput, LoRARequest, RequestOutput
+from engine.request import CompletionOutput, Logprob, LoRARequest, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,20 @@ class CompletionRun:
     # asks for the next frame. A stream cut off by its client is billed these, never tokens the engine
     # made that no frame carried (the frame being sent at the cut, if any, is not billed).
     streamed_tokens: int | None = None
+    # A list of prompts: the ones after prompt_ids. Each is its own engine request ("{id}-{p}") with n
+    # choices, indexed p * n + i as OpenAI does; one usage row (this request_id) bills them all.
+    extra_prompts: list[list[int]] = field(default_factory=list)
+    prompt_texts: list[str] = field(default_factory=list)  # echo: each prompt's text
+    # The newest engine output of each prompt, and each prompt's logprobs once the engine sent them.
+    lasts: dict[int, RequestOutput] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[dict[int, Logprob] | None]] = field(default_factory=dict)
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [self.prompt_ids, *self.extra_prompts]
+
+    def engine_id(self, p: int) -> str:
+        return self.request_id if p == 0 else f"{self.request_id}-{p}"
 
     # ---- what metering and responses read ----------------------------------------------------------
     @property
@@ -119,21 +134,27 @@ class CompletionRun:
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
+        return len(self.prompt_ids) + sum(len(p) for p in self.extra_prompts)
 
     @property
     def completion_tokens(self) -> int:
+        if self.spec.prompt_only:
+            return 0  # the engine's one token is never shown, so never billed
         if self.streamed_tokens is not None:
             return self.streamed_tokens
         return sum(len(o.token_ids) for o in self.choices.values())
 
     @property
     def cached_tokens(self) -> int:
-        return max(self.last.num_cached_tokens, 0) if self.last is not None else 0
+        if not self.extra_prompts:
+            return max(self.last.num_cached_tokens, 0) if self.last is not None else 0
+        return sum(max(o.num_cached_tokens, 0) for o in self.lasts.values())
 
     @property
     def finished(self) -> bool:
-        return self.last is not None and self.last.finished
+        if not self.extra_prompts:
+            return self.last is not None and self.last.finished
+        return len(self.lasts) == len(self.prompts) and all(o.finished for o in self.lasts.values())
 
     @property
     def finish_reason(self) -> str | None:
@@ -141,8 +162,12 @@ class CompletionRun:
         return reasons[0] if reasons else None
 
     @property
+    def num_choices(self) -> int:
+        return self.spec.n * len(self.prompts)
+
+    @property
     def reserve_tokens(self) -> int:
-        return self.prompt_tokens + self.max_tokens * self.spec.n
+        return self.prompt_tokens + self.max_tokens * self.num_choices
 
     def timings(self) -> dict[str, float | None]:
         m = self.last.metrics if self.last is not None else None
@@ -168,7 +193,8 @@ class RunDriver:
         self._state = state
         self._settling: set[asyncio.Future[None]] = set()  # referenced until done, so none is collected
         self.capacity = capacity
-        self.active: set[str] = set()  # request ids between begin() and their settlement
+        # Engine request ids between begin() and their settlement (a list of prompts holds one per prompt).
+        self.active: set[str] = set()
 
     @property
     def limiter(self) -> Limits | None:
@@ -192,11 +218,12 @@ class RunDriver:
                 type_="server_error",
                 headers={"Retry-After": "1"},
             )
-        self.active.add(run.request_id)
+        engine_ids = {run.engine_id(p) for p in range(len(run.prompts))}
+        self.active.update(engine_ids)
         try:
             await self._admit(run)
         except BaseException:
-            self.active.discard(run.request_id)
+            self.active.difference_update(engine_ids)
             raise
 
     async def _admit(self, run: CompletionRun) -> None:
@@ -226,26 +253,26 @@ class RunDriver:
                     int(adapter.version) if adapter is not None else None,
                     run.target.model,
                     run.prompt_tokens,
-                    run.max_tokens * run.spec.n,
+                    run.max_tokens * run.num_choices,
                 )
             except BaseException:
                 await self._release(run)
                 raise
 
     async def outputs(self, run: CompletionRun) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs for this run; EngineUnavailable when the engine is or goes down."""
+        """The engine's outputs for this run (the choices of prompt p re-indexed p * n + i);
+        EngineUnavailable when the engine is or goes down."""
         try:
-            stream = self.engine.generate(
-                run.request_id,
-                run.prompt_ids,
-                run.spec.params,
-                run.target.lora,
-                run.cache_salt,
-                run.caller.tenant_id,
-            )
-            async for out in stream:
+            async for p, out in self._merged(run):
+                if p:
+                    shift = p * run.spec.n
+                    out = dataclasses.replace(
+                        out, outputs=[dataclasses.replace(o, index=o.index + shift) for o in out.outputs]
+                    )
+                if out.prompt_logprobs is not None:
+                    run.prompt_logprobs[p] = out.prompt_logprobs
                 self._observe(run, out)
-                run.last = out
+                run.last = run.lasts[p] = out
                 run.choices.update({o.index: o for o in out.outputs})
                 yield out
         except EngineUnavailable as exc:
@@ -262,6 +289,48 @@ class RunDriver:
             run.error = f"{type(exc).__name__}: {exc}"
             log.warning("engine failed request %s: %s", run.request_id, run.error)
             raise EngineUnavailable(run.error) from exc
+
+    def _generate(self, run: CompletionRun, p: int) -> AsyncIterator[RequestOutput]:
+        return self.engine.generate(
+            run.engine_id(p),
+            run.prompts[p],
+            run.spec.params,
+            run.target.lora,
+            run.cache_salt,
+            run.caller.tenant_id,
+        )
+
+    async def _merged(self, run: CompletionRun) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) of every prompt's engine request, in the order they come."""
+        if not run.extra_prompts:
+            async for out in self._generate(run, 0):
+                yield 0, out
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput | None, Exception | None]] = asyncio.Queue()
+
+        async def pump(p: int) -> None:
+            try:
+                async for out in self._generate(run, p):
+                    queue.put_nowait((p, out, None))
+                queue.put_nowait((p, None, None))
+            except Exception as exc:
+                queue.put_nowait((p, None, exc))
+
+        tasks = [asyncio.ensure_future(pump(p)) for p in range(len(run.prompts))]
+        try:
+            running = len(tasks)
+            while running:
+                p, item, exc = await queue.get()
+                if exc is not None:
+                    raise exc
+                if item is None:
+                    running -= 1
+                else:
+                    yield p, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _observe(self, run: CompletionRun, out: RequestOutput) -> None:
         now = time.monotonic()
@@ -290,7 +359,8 @@ class RunDriver:
             return
         run.settled = True
         if not run.finished:
-            self.engine.abort(run.request_id)
+            for p in range(len(run.prompts)):
+                self.engine.abort(run.engine_id(p))
         task = asyncio.ensure_future(self._settle(run))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
@@ -326,7 +396,7 @@ class RunDriver:
         try:
             await self._release(run)
         finally:
-            self.active.discard(run.request_id)
+            self.active.difference_update(run.engine_id(p) for p in range(len(run.prompts)))
 
     async def _release(self, run: CompletionRun) -> None:
         limiter = self.limiter

@@ -32,6 +32,8 @@ MAX_STOP_TOKEN_IDS = 64
 
 class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk carries the usage so far.
+    continuous_usage_stats: bool = False
 
 
 class _SamplingFields(msgspec.Struct, kw_only=True):
@@ -62,9 +64,12 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
 
 class CompletionRequest(_SamplingFields, kw_only=True):
     prompt: Prompt
-    max_tokens: MaxTokens | None = 16
+    # 0: the prompt alone (with echo or prompt_logprobs), as vLLM and OpenAI answer it.
+    max_tokens: Annotated[int, Meta(ge=0)] | None = 16
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     echo: bool = False
+    # vLLM's: the top-k logprobs of every prompt token (the first has none).
+    prompt_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     best_of: int | None = None
     suffix: str | None = None
 
@@ -104,9 +109,16 @@ class Usage(msgspec.Struct, kw_only=True):
 
 class CompletionLogprobs(msgspec.Struct, kw_only=True):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    # null for an echoed prompt's first token, which has no context
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
+
+
+class PromptLogprob(msgspec.Struct, kw_only=True):
+    logprob: float
+    rank: int
+    decoded_token: str
 
 
 class CompletionChoice(msgspec.Struct, kw_only=True):
@@ -114,6 +126,8 @@ class CompletionChoice(msgspec.Struct, kw_only=True):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    # vLLM's shape: per prompt token (null for the first) {token id: logprob}; only when asked for.
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(msgspec.Struct, kw_only=True):

@@ -33,9 +33,15 @@ def cache_salt(secret: str, tenant_id: str) -> str:
 
 class CompletionService:
     def __init__(
-        self, engine: EngineClient, files: AdapterFiles | None, secret: str, resolve: Resolver
+        self,
+        engine: EngineClient,
+        files: AdapterFiles | None,
+        secret: str,
+        resolve: Resolver,
+        max_prompts: int = params.MAX_PROMPTS,
     ) -> None:
         self.engine = engine
+        self.max_prompts = max_prompts
         self.files = files
         self.secret = secret
         self.resolve = resolve
@@ -66,14 +72,29 @@ class CompletionService:
 
     async def prepare_completion(self, caller: Caller, req: CompletionRequest) -> CompletionRun:
         spec = params.completion_spec(req)
-        prompt = params.normalize_prompt(req.prompt)
+        prompts = params.normalize_prompts(req.prompt, self.max_prompts)
         target = await self.target(caller, req.model)
-        if isinstance(prompt, params.TokenPrompt):
-            params.check_tokens(prompt.token_ids, self.engine.vocab_size)
-            ids = prompt.token_ids
-        else:
-            ids = await self.tokenizer.encode(prompt.text)
-        return self._run("cmpl", caller, target, ids, spec, "prompt")
+        all_ids: list[list[int]] = []
+        texts: list[str] = []
+        for i, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            if isinstance(prompt, params.TokenPrompt):
+                params.check_tokens(prompt.token_ids, self.engine.vocab_size, param)
+                ids = prompt.token_ids
+                if spec.echo:
+                    texts.append(await self.tokenizer.decode(ids))
+            else:
+                ids = await self.tokenizer.encode(prompt.text)
+                texts.append(prompt.text)
+            # Each prompt must fit the context on its own, as a request of its own would.
+            params.fit_context(len(ids), spec.max_tokens, self.engine.max_model_len, param)
+            all_ids.append(ids)
+        # max_tokens left unset: up to the context of the shortest prompt; the engine stops each
+        # prompt's choices at its own context.
+        run = self._run("cmpl", caller, target, min(all_ids, key=len), spec, "prompt")
+        run.prompt_ids, run.extra_prompts = all_ids[0], all_ids[1:]
+        run.prompt_texts = texts if spec.echo else []
+        return run
 
     async def prepare_chat(self, caller: Caller, req: ChatCompletionRequest) -> CompletionRun:
         spec = params.chat_spec(req)

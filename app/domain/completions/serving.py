@@ -33,7 +33,9 @@ class Serving:
         self.engine = engine_client(settings)
         self.files: AdapterFiles | None = None
         self.driver = RunDriver(self.engine, {})  # rebound to the app's state when the app starts
-        self.service = CompletionService(self.engine, None, settings.secret, self._resolve)
+        self.service = CompletionService(
+            self.engine, None, settings.secret, self._resolve, settings.max_prompts_per_request
+        )
         self._app: Litestar | None = None
         self._session_maker: Any = None
         self._last_reason: str | None = None

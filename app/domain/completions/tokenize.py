@@ -41,9 +41,14 @@ class Tokenizer:
         self.threads = threads
         self._limiter: anyio.CapacityLimiter | None = None
 
-    async def encode(self, text: str) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         await self._refuse_far_too_long(text, "prompt")
+        if not add_special_tokens:
+            return await self._run(lambda t: self.engine.encode(t, False), text)
         return await self._run(self.engine.encode, text)
+
+    async def decode(self, token_ids: list[int]) -> str:
+        return await self._run(self.engine.decode, token_ids)
 
     async def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         # The template only adds tokens around the contents, so the contents alone are a lower bound.
