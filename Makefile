@@ -26,3 +26,7 @@ test: lint ## lint, the docker checks and every test (needs PostgreSQL and Redis
 
 test-fast: bootstrap ## the quick loop: unit, engine and kernel tests without servers or slow runs
 	.venv/bin/python -m pytest $(FAST_PATHS) -m "$(FAST_MARKERS)" -q
+
+.PHONY: test-ray
+test-ray: bootstrap ## the Ray Serve scale-out tests alone (a local Ray cluster on loopback, ~2 min)
+	.venv/bin/python -m pytest tests/ray -m ray -q

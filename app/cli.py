@@ -27,6 +27,11 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings()
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = dataclasses.replace(settings, **overrides)
+    if args.ray:
+        settings = dataclasses.replace(settings, ray=True)
+    if settings.ray and not _has_ray():
+        print("loraplex: serve --ray needs Ray Serve: pip install 'loraplex[ray]'", file=sys.stderr)
+        return 1
     settings.validate()
     configure_logging(settings)
     for name in unknown_variables():
@@ -50,6 +55,12 @@ def _serve(args: argparse.Namespace) -> int:
         )
     settings = ensure_model(settings)
     return serve(create_app(settings), settings)
+
+
+def _has_ray() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
 
 
 def _migrate(_: argparse.Namespace) -> int:
@@ -118,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on (default LORAPLEX_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default LORAPLEX_PORT or 8000)")
+    serve.add_argument(
+        "--ray",
+        action="store_true",
+        help="run the engine as Ray Serve replicas (LORAPLEX_ENGINE_REPLICAS; LORAPLEX_RAY_ADDRESS joins "
+        "an existing cluster, else a local one starts); see docs/scale-out.md",
+    )
     serve.set_defaults(func=_serve)
 
     migrate = commands.add_parser(

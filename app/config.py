@@ -109,6 +109,13 @@ class Settings:
     # Tool calling with tool_choice auto (docs/serving.md): the model family's tool-call format, hermes
     # or llama3_json; None = guessed from the tokenizer's chat template.
     tool_call_parser: str | None = None
+    # Scale-out on Ray Serve (docs/scale-out.md). ray: set by `serve --ray`. engine_replicas None = the
+    # cluster's GPUs (or 1); engine_replica_gpus None = 1 on a cluster with GPUs (device not cpu), else 0.
+    ray: bool = False
+    ray_address: str | None = None
+    engine_replicas: int | None = None
+    engine_replica_gpus: float | None = None
+    engine_replica_cpus: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -246,6 +253,9 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
         ("db_pool_size", s.db_pool_size is None or 1 <= s.db_pool_size <= 500, "expected 1..500"),
         ("db_pool_timeout_seconds", 0.0 < s.db_pool_timeout_seconds <= 60.0, "expected 0..60 seconds"),
         ("log_format", s.log_format in ("auto", "json", "console"), "expected auto, json or console"),
+        ("engine_replicas", s.engine_replicas is None or 1 <= s.engine_replicas <= 1024, "expected 1..1024"),
+        ("engine_replica_gpus", s.engine_replica_gpus is None or s.engine_replica_gpus >= 0, "expected >= 0"),
+        ("engine_replica_cpus", s.engine_replica_cpus >= 0, "expected a number >= 0"),
         (
             "log_level",
             s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),

@@ -1,5 +1,10 @@
 """The app's handle on the inference engine: started in the lifespan, asked by /ready, fed adapters.
 
+`EngineClient` is the seam the completion path types against; two implementations sit behind it, picked
+once at start by `engine_client(settings)`: `LocalEngineClient` here (the engine in this process, what
+`loraplex serve` runs) and app/scaleout/client.py's `RayEngineClient` (engine replicas on Ray Serve,
+`loraplex serve --ray`).
+
 Only the engine's torch-free public types (engine.request, engine.sampling_params) are imported up front;
 the engine proper (and with it torch) only when the engine starts, so the API package stays importable
 and quick to test without it. Loading runs in a worker thread: /health answers at once and
@@ -24,6 +29,9 @@ if TYPE_CHECKING:  # the engine proper needs torch: imported only when it starts
 
 from engine.config import EngineConfig
 
+if TYPE_CHECKING:
+    from app.config import Settings
+
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +45,56 @@ class AdapterSource(Protocol):
     def local_folder(self, content_hash: str) -> str: ...
 
 
-class EngineClient:
+class EngineClient(Protocol):
+    """What the app asks of an engine, wherever it runs. Errors: EngineUnavailable (a 503), ValueError
+    from generate for a request the engine refuses (a 400), anything else from generate = the engine
+    failed this request (a 503)."""
+
+    config: EngineConfig | None
+
+    def attach_adapters(self, adapters: AdapterSource) -> None: ...
+    def start_loading(self) -> None: ...
+    async def wait_loaded(self, timeout: float | None = None) -> None: ...
+    async def shutdown(self) -> None: ...
+    def readiness(self) -> tuple[bool, str]: ...
+    def live_replicas(self) -> int | None: ...
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def max_model_len(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...
+    def decode(self, token_ids: list[int]) -> str: ...
+    def decode_token(self, token_id: int) -> str: ...
+    def lora_request(self, name: str, folder: Path, content_hash: str) -> LoRARequest: ...
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lora: LoRARequest | None,
+        cache_salt: str,
+        fairness_key: str,
+    ) -> AsyncIterator[RequestOutput]: ...
+    def abort(self, request_id: str) -> None: ...
+    def evict_adapter(self, content_hash: str) -> None: ...
+    def stats(self) -> EngineStats | None: ...
+
+
+def engine_client(settings: Settings) -> EngineClient:
+    """The in-process engine, or with `serve --ray` (settings.ray) the Ray Serve engine tier."""
+    if settings.ray:
+        from app.scaleout.client import RayEngineClient
+
+        return RayEngineClient(settings)
+    return LocalEngineClient(settings.engine_config())
+
+
+class LocalEngineClient:
+    """The engine in this process (`loraplex serve`)."""
+
     def __init__(
         self,
         config: EngineConfig | None,
@@ -130,6 +187,10 @@ class EngineClient:
         if not ready or self._engine is None:
             raise EngineUnavailable(reason)
         return self._engine
+
+    def live_replicas(self) -> int | None:
+        """Only the Ray tier has replicas; /ready shows none for the in-process engine."""
+        return None
 
     # ---- what the completion path uses ------------------------------------------------------------
     @property

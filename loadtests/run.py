@@ -3,8 +3,10 @@
     python -m loadtests.run --host http://127.0.0.1:8000 --admin-key "$LORAPLEX_ADMIN_KEY" \\
         --adapter-dir data/demo-model/adapters/demo-a --run-time 60 --users 20
 
-Exit status is non-zero when Locust saw any failure, or when the usage rows written during the run do
-not equal the completions Locust counted as successful (every successful request is billed exactly once).
+Against the engine on Ray Serve, point --host at `loraplex serve --ray` (same checks;
+tests/ray/test_loadtest.py runs it there). Exit status is non-zero when Locust saw any failure, or when
+the usage rows written during the run do not equal the completions Locust counted as successful (every
+successful request is billed exactly once).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""EngineClient's readiness rules (what /ready says about the engine), over an engine-shaped object."""
+"""LocalEngineClient's readiness rules (what /ready says about the engine), over an engine-shaped object."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from app.engine_client import EngineClient, EngineUnavailable
+from app.engine_client import EngineUnavailable, LocalEngineClient
 from engine.config import EngineConfig
 
 
-def client(model: str | None = "m", stall_seconds: float = 30.0) -> EngineClient:
-    return EngineClient(None if model is None else EngineConfig(model=model), stall_seconds=stall_seconds)
+def client(model: str | None = "m", stall_seconds: float = 30.0) -> LocalEngineClient:
+    return LocalEngineClient(
+        None if model is None else EngineConfig(model=model), stall_seconds=stall_seconds
+    )
 
 
-def loaded(c: EngineClient, **state: object) -> EngineClient:
+def loaded(c: LocalEngineClient, **state: object) -> LocalEngineClient:
     fields = {"is_healthy": True, "dead_error": None, "last_tick": time.monotonic(), "model_name": "m"}
     c._engine = SimpleNamespace(**{**fields, **state})
     return c

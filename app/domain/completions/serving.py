@@ -19,7 +19,7 @@ from app.domain.completions.adapter_files import AdapterFiles
 from app.domain.completions.run import RunDriver
 from app.domain.completions.service import CompletionService
 from app.domain.usage.metering import database_down, db_unavailable
-from app.engine_client import EngineClient
+from app.engine_client import engine_client
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class Serving:
     def __init__(self, settings: Settings) -> None:
         assert settings.secret is not None
         self.settings = settings
-        self.engine = EngineClient(settings.engine_config())
+        self.engine = engine_client(settings)
         self.files: AdapterFiles | None = None
         self.driver = RunDriver(self.engine, {})  # rebound to the app's state when the app starts
         self.service = CompletionService(

@@ -1,4 +1,5 @@
-"""/health: the process answers. /ready: every readiness check passes (database, later the model)."""
+"""/health: the process answers. /ready: every readiness check passes (database, model); with the engine on
+Ray Serve (`serve --ray`) it also says how many engine replicas are live."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from sqlalchemy import text
 
 from app.db.session import session_maker
 
+SERVING_STATE_KEY = "serving"  # app/domain/completions/serving.py's Serving, which holds the engine client
+
 log = logging.getLogger(__name__)
 
 # A readiness check returns None when fine, else a short reason shown in /ready's body.
@@ -23,9 +26,10 @@ class Health(msgspec.Struct):
     status: str
 
 
-class Readiness(msgspec.Struct):
+class Readiness(msgspec.Struct, omit_defaults=True):
     status: str
     checks: dict[str, str]
+    engine_replicas: int | None = None  # live Ray Serve engine replicas; absent for the in-process engine
 
 
 async def database_check(app: Litestar) -> str | None:
@@ -60,6 +64,9 @@ async def ready(request: Request[Any, Any, Any]) -> Response[Readiness]:
     checks: dict[str, ReadyCheck] = request.app.state[READY_CHECKS_STATE_KEY]
     results = {name: (await check(request.app)) or "ok" for name, check in checks.items()}
     ok = all(v == "ok" for v in results.values())
+    serving = request.app.state.get(SERVING_STATE_KEY)
+    replicas = serving.engine.live_replicas() if serving is not None else None
     return Response(
-        Readiness(status="ready" if ok else "not_ready", checks=results), status_code=200 if ok else 503
+        Readiness(status="ready" if ok else "not_ready", checks=results, engine_replicas=replicas),
+        status_code=200 if ok else 503,
     )
