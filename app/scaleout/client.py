@@ -24,7 +24,7 @@ from app.scaleout.tokenizer import ApiTokenizer
 from app.scaleout.wire import Rebuild
 from engine.config import EngineConfig
 from engine.request import LoRARequest, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, SamplingParamsError, StructuredSpec
 
 if TYPE_CHECKING:
     from engine.engine import EngineStats
@@ -141,8 +141,23 @@ class RayEngineClient:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._ready()[2].encode(text, add_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        return self._ready()[2].apply_chat_template(messages)
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        return self._ready()[2].apply_chat_template(messages, tools)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._ready()[2].chat_template
+
+    async def compile_grammar(self, spec: StructuredSpec) -> None:
+        """Compiled on a replica (the grammar library and the engine's tokenizer live there; the replica
+        that serves the request compiles it again from its cache or anew); a spec that cannot compile is
+        the same SamplingParamsError as in-process."""
+        handle = self._ready()[0]
+        error = await handle.compile_grammar.remote(spec)
+        if error is not None:
+            raise SamplingParamsError("structured", error)
 
     def decode(self, token_ids: list[int]) -> str:
         return self._ready()[2].decode(token_ids)

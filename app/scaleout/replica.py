@@ -29,6 +29,7 @@ from app.scaleout.replica_metrics import ReplicaMetrics
 from app.scaleout.wire import Delta, Encode
 from engine.config import EngineConfig
 from engine.request import LoRARequest, RequestOutput
+from engine.sampling_params import SamplingParamsError, StructuredSpec
 
 if TYPE_CHECKING:
     from engine.async_engine import AsyncLLMEngine
@@ -89,6 +90,14 @@ class EngineReplica:
         return EngineInfo(
             self.engine.model_name, self.engine.max_model_len, self.engine.vocab_size, self.max_loras
         )
+
+    async def compile_grammar(self, spec: StructuredSpec) -> str | None:
+        """The API tier's check of a structured-output spec: None, or why it does not compile."""
+        try:
+            await self.engine.compile_grammar(spec)
+        except SamplingParamsError as exc:
+            return str(exc).removeprefix(f"{exc.param} ")
+        return None
 
     async def generate(self, call: EngineCall) -> AsyncIterator[list[Delta]]:
         """A streaming method: the request's outputs as deltas (app/scaleout/wire.py), each message holding

@@ -21,8 +21,15 @@ class ApiTokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return str(self._tok.decode(token_ids, skip_special_tokens=False))
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self._tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        ids = self._tok.apply_chat_template(messages, tools=tools, tokenize=True, add_generation_prompt=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return [int(t) for t in ids]
+
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self._tok, "chat_template", None)
+        return template if isinstance(template, str) else None

@@ -83,3 +83,26 @@ def test_ready_reports_live_engine_replicas(ray_server: Any, local_server: Any) 
     assert ready.json()["engine_replicas"] == REPLICAS
     # The in-process engine has no replicas to count: the field is absent.
     assert "engine_replicas" not in local_server.admin.get("/ready").json()
+
+
+def test_structured_outputs_through_the_ray_tier(ray_server: Any, local_server: Any) -> None:
+    """A constrained request answers the same through the replicas as in-process, and a schema that does
+    not compile is the same 400 (checked on a replica before any limit or usage row)."""
+    tenant = ray_server.tenant()
+    key = ray_server.key(tenant["id"])
+    headers = {"Authorization": f"Bearer {key}"}
+    model = httpx.get(ray_server.url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    body = {"model": model, "prompt": "pick one:", "max_tokens": 8, "temperature": 0.0,
+            "guided_choice": ["alpha", "beta", "gamma"]}  # fmt: skip
+    answers = []
+    for url in (ray_server.url, local_server.url):
+        r = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0]["text"])
+    assert answers[0] == answers[1] and answers[0] in {"alpha", "beta", "gamma"}
+    bad = {**body, "guided_choice": None, "guided_regex": "(unclosed"}
+    codes = []
+    for url in (ray_server.url, local_server.url):
+        r = httpx.post(url + "/v1/completions", json=bad, headers=headers, timeout=60)
+        codes.append((r.status_code, r.json()["error"]["code"]))
+    assert codes[0] == codes[1] == (400, "invalid_schema")
