@@ -25,7 +25,7 @@ test: lint ## lint, the docker checks and every test (needs PostgreSQL and Redis
 	.venv/bin/python -m pytest
 
 test-fast: bootstrap ## the quick loop: unit, engine and kernel tests without servers or slow runs
-	.venv/bin/python -m pytest $(FAST_PATHS) -m "$(FAST_MARKERS)" -q
+	.venv/bin/python -m pytest $(FAST_PATHS) -m "$(FAST_MARKERS)" -q -n auto
 
 .PHONY: test-ray
 test-ray: bootstrap ## the Ray Serve scale-out tests alone (a local Ray cluster on loopback, ~2 min)
