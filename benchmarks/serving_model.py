@@ -15,9 +15,10 @@ from torch import nn
 from engine.adapter_cache import AdapterCache
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.model_loader import LoadedModel, load_config, load_tokenizer
+from engine.model_loader import LoadedModel, load_config
 from engine.model_runner import ModelRunner
 from engine.models.causal_lm import CausalLM
+from engine.tokenizer import load_tokenizer
 
 LLAMA3_8B: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],

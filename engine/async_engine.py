@@ -24,6 +24,7 @@ from engine.engine import EngineStats, LLMEngine
 from engine.request import LoRARequest, RequestOutput
 from engine.sampling_params import SamplingParams, StructuredSpec
 from engine.step_guard import StepGuard
+from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class _Stream:
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        self.text = Tokenizer(engine.tokenizer)
         self.model_name: str = engine.model_name
         self.max_model_len: int = engine.max_model_len
         self.vocab_size: int = engine.vocab_size
@@ -80,28 +82,21 @@ class AsyncLLMEngine:
             self._thread = None
         self.engine.close()
 
-    # ---- tokenizer-facing ----
+    # ---- tokenizer-facing (engine/tokenizer.py) ----
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return self.text.encode(text, add_special_tokens)
 
     def decode(self, token_ids: list[int]) -> str:
-        return str(self.engine.tokenizer.decode(token_ids, skip_special_tokens=False))
+        return self.text.decode(token_ids)
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
     ) -> list[int]:
-        """The prompt of a chat; `tools` (OpenAI's form) are rendered by the template, if it knows how."""
-        ids = self.engine.tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=True, add_generation_prompt=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+        return self.text.apply_chat_template(messages, tools)
 
     @property
     def chat_template(self) -> str | None:
-        template = getattr(self.engine.tokenizer, "chat_template", None)
-        return template if isinstance(template, str) else None
+        return self.text.chat_template
 
     # ---- requests ----
     async def generate(

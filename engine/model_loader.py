@@ -18,6 +18,7 @@ from engine.config import EngineConfig
 from engine.model_config import FULL, SLIDING, ModelConfig
 from engine.models import MODEL_REGISTRY
 from engine.models.rope import ROPE_TYPES, inv_freq_and_scale, rope_type
+from engine.tokenizer import load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -218,13 +219,6 @@ def iter_weights(model_dir: str | Path) -> Any:
         with safe_open(str(f), framework="pt") as shard:
             for name in shard.keys():  # noqa: SIM118 - safe_open is not a mapping
                 yield name, shard.get_tensor(name)
-
-
-def load_tokenizer(model_dir: str | Path) -> Any:
-    from transformers import AutoTokenizer
-
-    # Never run code shipped in a model folder.
-    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -2,7 +2,7 @@
 
 Each request is one streaming handle call, `multiplexed_model_id` = the adapter's content hash, so Serve
 routes it to a replica holding that adapter (base-model requests carry none and go anywhere). Tokenizing
-stays here (app/scaleout/tokenizer.py). A replica lost before any output reached us is retried on another
+stays here (engine/tokenizer.py). A replica lost before any output reached us is retried on another
 (`retries` times); lost after, the request fails with EngineUnavailable (a 503 in the error envelope, and
 usage settled by the completion path for what was delivered). Limits and usage stay in this tier.
 """
@@ -20,11 +20,11 @@ from app.config import Settings
 from app.engine_client import AdapterSource, EngineUnavailable
 from app.scaleout.adapter_store import read_adapter_files
 from app.scaleout.calls import AdapterFilesRef, EngineCall, EngineInfo
-from app.scaleout.tokenizer import ApiTokenizer
 from app.scaleout.wire import Rebuild
 from engine.config import EngineConfig
 from engine.request import LoRARequest, RequestOutput
 from engine.sampling_params import SamplingParams, SamplingParamsError, StructuredSpec
+from engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from engine.engine import EngineStats
@@ -42,7 +42,7 @@ class RayEngineClient:
         self.retries = retries
         self._handle: Any = None
         self._info: EngineInfo | None = None
-        self._tokenizer: ApiTokenizer | None = None
+        self._tokenizer: Tokenizer | None = None
         self._load_error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -71,7 +71,7 @@ class RayEngineClient:
         assert self.config is not None
         try:
             await asyncio.to_thread(deploy_engine, self.settings)
-            self._tokenizer = await asyncio.to_thread(ApiTokenizer, self.config.model)
+            self._tokenizer = await asyncio.to_thread(Tokenizer.load, self.config.model)
             handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
             self._info = await handle.info.remote()
             await self._poll_replicas()
@@ -120,7 +120,7 @@ class RayEngineClient:
     def live_replicas(self) -> int | None:
         return self._live
 
-    def _ready(self) -> tuple[Any, EngineInfo, ApiTokenizer]:
+    def _ready(self) -> tuple[Any, EngineInfo, Tokenizer]:
         ready, reason = self.readiness()
         if not ready or self._info is None or self._tokenizer is None:
             raise EngineUnavailable(reason)
