@@ -142,11 +142,17 @@ def make_peft_adapter(
 
 
 def load_hf(base_dir: str | Path, adapters: dict[str, Path] | None = None) -> Any:
-    """transformers model (float32, eval), wrapped in PEFT with every adapter loaded by name."""
+    """transformers model (float32, eval), wrapped in PEFT with every adapter loaded by name.
+
+    Eager attention: the plain reference on every transformers version (some versions' SDPA path drops
+    Gemma 2's attention soft-cap, which made the reference, not the engine, differ on the GPU image).
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     if not adapters:
         return model
     items = list(adapters.items())
