@@ -122,9 +122,10 @@ def test_prompt_logprobs_survive_preemption(demo: Path, hf: Any, one_torch_threa
 def test_prompt_logprobs_on_the_gpu_equal_transformers(demo: Path, hf: Any, cuda_graphs: bool) -> None:
     """The device path (Triton kernels, CUDA graphs and async scheduling on for the decode steps around
     the prefills) against transformers on the CPU, float32."""
+    # A fixed KV cache: the other parametrisation's engine may still hold device memory.
     llm = LLM(
         str(demo), device="cuda", dtype="float32", max_model_len=256, block_size=16, kernel_backend="triton",
-        cuda_graphs=cuda_graphs, async_scheduling=True, max_num_batched_tokens=32,
+        cuda_graphs=cuda_graphs, async_scheduling=True, max_num_batched_tokens=32, num_kv_blocks=64,
     )  # fmt: skip
     adapters = demo / "adapters"
     prompts = [_prompt(40 + i, 50, llm.engine.vocab_size) for i in range(3)]

@@ -144,8 +144,9 @@ def make_peft_adapter(
 def load_hf(base_dir: str | Path, adapters: dict[str, Path] | None = None) -> Any:
     """transformers model (float32, eval), wrapped in PEFT with every adapter loaded by name.
 
-    Eager attention: the plain reference on every transformers version (some versions' SDPA path drops
-    Gemma 2's attention soft-cap, which made the reference, not the engine, differ on the GPU image).
+    Eager attention: the plain reference on every transformers version (with SDPA, which has no soft-cap
+    argument, the GPU image's transformers 5.17 gave other Gemma 2 tokens than the engine; with eager
+    attention they agree).
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
