@@ -67,6 +67,9 @@ class Settings:
     enable_prefix_caching: bool = _engine_default("enable_prefix_caching")
     cuda_graphs: bool = _engine_default("cuda_graphs")
     async_scheduling: bool = _engine_default("async_scheduling")
+    # FP8 base weights (unset: as the checkpoint stores them) and deterministic mode (docs/quantization.md).
+    quantization: str | None = _engine_default("quantization")
+    deterministic: bool = _engine_default("deterministic")
     # Adapter files fetched for the engine under data_dir/adapter-cache; least recently used go past this.
     adapter_disk_cache_bytes: int = 20 * 1024**3
 
@@ -210,6 +213,7 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
             "expected auto, float32, float16 or bfloat16",
         ),
         ("adapter_disk_cache_bytes", s.adapter_disk_cache_bytes >= 1 << 20, "expected at least 1 MiB"),
+        ("quantization", s.quantization in (None, "fp8"), "expected fp8 (or unset: the checkpoint's own)"),
         (
             "kv_cache_bytes",
             s.kv_cache_bytes is None or s.kv_cache_bytes >= 1 << 20,

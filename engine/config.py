@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
 _KERNEL_BACKENDS = ("auto", "triton", "ref")
+_QUANTIZATIONS = (None, "fp8")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,13 @@ class EngineConfig:
     async_scheduling: bool = True
     # Seed for requests without their own seed (sampling) and for random init in demos.
     seed: int = 0
+    # Base-model weights: None = as the checkpoint stores them (an FP8 checkpoint's quantization_config is
+    # followed); "fp8" = float8_e4m3fn with one scale per output row, quantized at load from a float
+    # checkpoint. LoRA adapters stay in `dtype` (docs/quantization.md).
+    quantization: str | None = None
+    # Same request, same tokens, whatever else is in the batch and from run to run: batch-invariant
+    # products, no split reductions (docs/quantization.md has the cost).
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -91,3 +99,5 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.kernel_backend not in _KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {_KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        if self.quantization not in _QUANTIZATIONS:
+            raise ValueError(f"quantization must be None or 'fp8', got {self.quantization!r}")

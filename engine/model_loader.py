@@ -14,10 +14,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from engine import quant
 from engine.config import EngineConfig
 from engine.model_config import FULL, SLIDING, ModelConfig
 from engine.models import MODEL_REGISTRY
 from engine.models.rope import ROPE_TYPES, inv_freq_and_scale, rope_type
+from engine.quant.checkpoint import ScaleCollector, module_scales, parse_scheme
 from engine.tokenizer import load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -177,12 +179,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def load_config(model_dir: str | Path) -> ModelConfig:
+def _config_json(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{path} is not a Hugging Face model folder: no config.json")
-    config = parse_config(_read_json(cfg_file))
+    return _read_json(cfg_file)
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    path = Path(model_dir)
+    config = parse_config(_config_json(path))
     gen_file = path / "generation_config.json"
     if gen_file.is_file():
         # generation_config.json often lists more stop ids than config.json (Llama 3 chat turns).
@@ -252,6 +259,8 @@ class LoadedModel:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
+    # "fp8" when the projections hold FP8 weights (quantized at load or an FP8 checkpoint), else None.
+    quantization: str | None = None
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -266,7 +275,24 @@ def load_model(config: EngineConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device)
     model_config = load_config(config.model)
     model_cls = MODEL_REGISTRY[model_config.architecture].model
-    model = model_cls.from_weights(model_config, iter_weights(config.model), dtype=dtype, device=device)
+    scheme = parse_scheme(_config_json(config.model))
+    collector = ScaleCollector()
+    weights = iter_weights(config.model)
+    if scheme is not None:
+        weights = collector.weights(
+            weights
+        )  # FP8 values reach the model exactly (e4m3 fits every float dtype)
+    model = model_cls.from_weights(model_config, weights, dtype=dtype, device=device)
+    scales = None if scheme is None else module_scales(collector, model_config, scheme)
+    quant.prepare(
+        model,
+        quantize=config.quantization == "fp8",
+        checkpoint_scales=scales,
+        deterministic=config.deterministic,
+        device=device,
+        dtype=dtype,
+    )
+    fp8 = scheme is not None or config.quantization == "fp8"
     return LoadedModel(
         name=Path(config.model).resolve().name,
         path=str(config.model),
@@ -275,4 +301,5 @@ def load_model(config: EngineConfig) -> LoadedModel:
         tokenizer=load_tokenizer(config.model),
         device=device,
         dtype=dtype,
+        quantization="fp8" if fp8 else None,
     )

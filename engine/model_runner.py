@@ -81,7 +81,7 @@ class ModelRunner:
         self.adapter_cache = adapter_cache
         self.device = model.device
         self.block_size = config.block_size
-        self.ops = get_ops(config.kernel_backend, self.device)
+        self.ops = get_ops(config.kernel_backend, self.device, config.deterministic)
         cuda_mem = torch.cuda.mem_get_info(self.device) if self.device.type == "cuda" else None
         self.num_kv_blocks = decide_num_kv_blocks(config, model, cuda_mem)
         cfg = model.config

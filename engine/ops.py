@@ -6,6 +6,7 @@ code. The choice comes from `EngineConfig.kernel_backend` (never from the enviro
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,10 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kernels import attention, fused, lora
-from kernels.lora import LoRAMeta, make_lora_meta
+from kernels import attention, batch_invariant, fused, lora
+from kernels.lora import LoRALaunch, LoRAMeta, make_lora_meta
 
 BACKENDS = ("auto", "triton", "ref")
+# Deterministic mode (docs/quantization.md): launch shapes fixed whatever the batch, no split-K atomics in
+# the shrink, no split of the attention's context (its merge order would follow the batch size).
+DETERMINISTIC_LORA = LoRALaunch(block_m=16, block_k=128, split_k=1, block_n=128, tiles_per_program=2)
+DETERMINISTIC_ATTENTION_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -42,28 +47,35 @@ def _triton_fn(module: Any, name: str) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
-def get_ops(backend: str, device: torch.device) -> Ops:
-    """`auto` = Triton on CUDA, references on CPU; `triton` on a CPU only works under TRITON_INTERPRET=1."""
+def get_ops(backend: str, device: torch.device, deterministic: bool = False) -> Ops:
+    """`auto` = Triton on CUDA, references on CPU; `triton` on a CPU only works under TRITON_INTERPRET=1.
+    deterministic: every kernel sums a token's values in an order that does not depend on the batch."""
     if backend not in BACKENDS:
         raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {backend!r}")
     use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda")
     if not use_triton:
         return Ops(
             name="ref",
-            lora_shrink=lora.lora_shrink_ref,
-            lora_expand=lora.lora_expand_ref,
+            lora_shrink=batch_invariant.lora_shrink_rows_ref if deterministic else lora.lora_shrink_ref,
+            lora_expand=batch_invariant.lora_expand_rows_ref if deterministic else lora.lora_expand_ref,
             write_kv=attention.write_kv_ref,
-            paged_attention=attention.paged_attention_ref,
+            paged_attention=attention.paged_attention_ref,  # one sequence at a time already
             rms_norm=fused.rms_norm_ref,
             rope_write_kv=fused.rope_write_kv_ref,
             silu_mul=fused.silu_mul_ref,
         )
+    shrink, expand = _triton_fn(lora, "lora_shrink"), _triton_fn(lora, "lora_expand")
+    paged = _triton_fn(attention, "paged_attention")
+    if deterministic:
+        shrink = functools.partial(shrink, launch=DETERMINISTIC_LORA)
+        expand = functools.partial(expand, launch=DETERMINISTIC_LORA)
+        paged = functools.partial(paged, num_splits=1, block_rows=DETERMINISTIC_ATTENTION_ROWS)
     return Ops(
         name="triton",
-        lora_shrink=_triton_fn(lora, "lora_shrink"),
-        lora_expand=_triton_fn(lora, "lora_expand"),
+        lora_shrink=shrink,
+        lora_expand=expand,
         write_kv=_triton_fn(attention, "write_kv"),
-        paged_attention=_triton_fn(attention, "paged_attention"),
+        paged_attention=paged,
         rms_norm=_triton_fn(fused, "rms_norm"),
         rope_write_kv=_triton_fn(fused, "rope_write_kv"),
         silu_mul=_triton_fn(fused, "silu_mul"),

@@ -262,6 +262,7 @@ def paged_attention(
     window: int = 0,
     softcap: float = 0.0,
     num_splits: int | None = None,
+    block_rows: int | None = None,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -276,6 +277,7 @@ def paged_attention(
     Returns [T, Hq, D] in q's dtype. Block ids outside [0, num_blocks) are read as absent keys (a caller
     bug, but never a read outside the cache). The launch grid depends only on shapes (CUDA-graph safe);
     num_splits (None: picked from shapes) splits long contexts across programs, merged afterwards.
+    block_rows (None: 16 for decode batches, 64 otherwise) query rows per tile, GQA group included.
     window > 0: sliding-window attention, query at position p sees keys p - window + 1 .. p only (and
     reads nothing older); softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2). Both are
     compile-time switches of the kernel, so layers without them run the plain causal code.
@@ -296,7 +298,7 @@ def paged_attention(
     group = num_q_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     # Decode batches (about one token per sequence) want few rows per tile, prefill many.
-    rows = 16 if num_tokens <= num_seqs else 64
+    rows = block_rows or (16 if num_tokens <= num_seqs else 64)
     block_t = max(1, rows // group_pad)
     tiles = num_tokens // block_t + num_seqs
     max_context = block_tables.shape[1] * block_size

@@ -7,7 +7,7 @@ norms get their 1 added once, tied heads read the embedding.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ class CausalLM(nn.Module):
             None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
         freqs, mults, self.rope_scales, self.rope_index = _ropes(cfg)
+        # (hidden, weight) -> logits; deterministic mode puts a batch-invariant product here (engine/quant/).
+        self.logits_matmul: Callable[[Tensor, Tensor], Tensor] = F.linear
         self.register_buffer("rope_freqs", freqs, persistent=False)
         self.register_buffer("rope_mults", mults, persistent=False)
 
@@ -68,7 +70,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [B, H] -> float32 logits [B, V]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
+        logits = self.logits_matmul(hidden, weight)
         cap = self.config.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap
