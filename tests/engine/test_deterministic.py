@@ -42,12 +42,10 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pat
     return base, adapters
 
 
-def _run(base: Path, adapters: dict[str, Path], mixed: bool, **config: Any) -> tuple[list[int], Any]:
+def run_target(base: Path, adapters: dict[str, Path], mixed: bool, **config: Any) -> tuple[list[int], Any]:
     """The target request's (tokens, logprobs), alone or between three others with other adapters."""
-    llm = LLM(
-        str(base), device="cpu", dtype="float32", block_size=4, num_kv_blocks=64, max_lora_rank=8,
-        max_num_batched_tokens=12, **config,
-    )  # fmt: skip
+    defaults: dict[str, Any] = {"device": "cpu", "dtype": "float32", "block_size": 4, "num_kv_blocks": 64}
+    llm = LLM(str(base), max_lora_rank=8, max_num_batched_tokens=12, **{**defaults, **config})
     lora_a = LoRARequest("a", str(adapters["a"]))
     if not mixed:
         out = llm.generate([TARGET], PARAMS, lora_request=lora_a)[0].outputs[0]
@@ -65,9 +63,9 @@ def _bits(logprobs: Any) -> list[list[tuple[int, float]]]:
 
 def test_alone_mixed_and_again_are_identical(model: tuple[Path, dict[str, Path]]) -> None:
     base, adapters = model
-    alone = _run(base, adapters, mixed=False, deterministic=True)
-    mixed = _run(base, adapters, mixed=True, deterministic=True)
-    again = _run(base, adapters, mixed=True, deterministic=True)
+    alone = run_target(base, adapters, mixed=False, deterministic=True)
+    mixed = run_target(base, adapters, mixed=True, deterministic=True)
+    again = run_target(base, adapters, mixed=True, deterministic=True)
     assert alone[0] == mixed[0] == again[0]
     assert _bits(alone[1]) == _bits(mixed[1]) == _bits(again[1])
 
@@ -75,22 +73,25 @@ def test_alone_mixed_and_again_are_identical(model: tuple[Path, dict[str, Path]]
 def test_fp8_deterministic_alone_and_mixed(model: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
     base, adapters = model
     fp8 = write_fp8_checkpoint(base, tmp_path / "fp8")
-    alone = _run(fp8, adapters, mixed=False, deterministic=True)
-    mixed = _run(fp8, adapters, mixed=True, deterministic=True)
+    alone = run_target(fp8, adapters, mixed=False, deterministic=True)
+    mixed = run_target(fp8, adapters, mixed=True, deterministic=True)
     assert alone[0] == mixed[0] and _bits(alone[1]) == _bits(mixed[1])
 
 
 def test_deterministic_changes_no_tokens(model: tuple[Path, dict[str, Path]]) -> None:
     """Same tokens as the default mode (float32 here: only the last bits may move)."""
     base, adapters = model
-    assert _run(base, adapters, mixed=True, deterministic=True)[0] == _run(base, adapters, mixed=True)[0]
+    assert (
+        run_target(base, adapters, mixed=True, deterministic=True)[0]
+        == run_target(base, adapters, mixed=True)[0]
+    )
 
 
 def test_default_mode_is_batch_dependent_here(model: tuple[Path, dict[str, Path]]) -> None:
     """What deterministic mode fixes: without it, the logprob bits follow the batch on this CPU."""
     base, adapters = model
-    alone = _run(base, adapters, mixed=False)
-    mixed = _run(base, adapters, mixed=True)
+    alone = run_target(base, adapters, mixed=False)
+    mixed = run_target(base, adapters, mixed=True)
     if _bits(alone[1]) == _bits(mixed[1]):
         pytest.skip("this CPU's BLAS gives the same bits for these batch shapes")
     assert alone[0] == mixed[0]  # tokens agree all the same (float32, no near-ties)

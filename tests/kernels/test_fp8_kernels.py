@@ -1,0 +1,57 @@
+"""kernels/fp8.py: per-row weight quantization everywhere; on a GPU with FP8 (compute capability >= 8.9)
+the per-token activation kernel and the row-wise-scaled FP8 product."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import fp8
+
+needs_fp8 = pytest.mark.skipif(
+    not torch.cuda.is_available() or not fp8.fp8_gemm_supported(torch.device("cuda")),
+    reason="needs a CUDA GPU with compute capability >= 8.9",
+)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_token_quantization_reference() -> None:
+    x = torch.randn(5, 64) * torch.tensor([1e-3, 1.0, 30.0, 0.0, 500.0])[:, None]
+    q, scale = fp8.quantize_tokens_ref(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (5, 1)
+    assert torch.equal(q[3].float(), torch.zeros(64))
+    back = q.float() * scale
+    assert rel(back[[0, 1, 2, 4]], x[[0, 1, 2, 4]]) < 0.05
+    qs, ss = fp8.quantize_tokens_ref(x, torch.tensor([0.5]))
+    assert torch.equal(ss, torch.full((5, 1), 0.5)) and qs.float().abs().max() == 448  # clipped, not inf
+
+
+@pytest.mark.gpu
+@needs_fp8
+@pytest.mark.parametrize("static", [False, True])
+def test_token_kernel_equals_reference(static: bool) -> None:
+    x = torch.randn(33, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    s = torch.tensor([0.02], device="cuda") if static else None
+    q, scale = fp8.quantize_tokens(x, s)
+    q_ref, scale_ref = fp8.quantize_tokens_ref(x, s)
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@needs_fp8
+@pytest.mark.parametrize("tokens", [1, 32, 128, 500])
+def test_fp8_linear_close_to_dequantized(tokens: int) -> None:
+    w = torch.randn(1024, 4096, device="cuda") / 64
+    w8, scale = fp8.quantize_rows(w)
+    x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    got = fp8.fp8_linear(x, w8, scale[None, :].contiguous(), bias, None)
+    want = F.linear(x.float(), fp8.dequantize(w8, scale, torch.float32), bias.float())
+    err = rel(got, want)
+    print(f"T={tokens}: FP8 product vs dequantized float32: relative error {err:.2e}")
+    assert got.dtype == torch.bfloat16 and err < 0.05
