@@ -9,7 +9,8 @@ the memory roofline, transformers + PEFT, the base model and a cold prefix cache
 Workloads: a decode step vs roofline at B=1..128; b 64 distinct adapters (q/k/v/o, then all seven) vs no
 LoRA; c transformers + PEFT on the same mixed batch; d prefix-cache TTFT warm vs cold; e 1,000 adapters,
 Zipf popularity, Poisson arrivals vs the base model; f adapter load times; s (not in the default set)
-B=64 requests constrained by a 20-field JSON schema vs unconstrained, and the schemas' compile times. Writes serving.json and
+B=64 requests constrained by a 20-field JSON schema vs unconstrained, and the schemas' compile times; q and r
+(not in the default set either) FP8 base weights and deterministic mode (benchmarks/serving_fp8.py). Writes serving.json and
 serving.png under --out and prints a table.
 """
 
@@ -32,6 +33,7 @@ import torch
 
 from benchmarks.serving_adapters import ALL_SEVEN, FUSED_NAMES, QKVO, SeededAdapters
 from benchmarks.serving_e import workload_e
+from benchmarks.serving_fp8 import workload_q, workload_r
 from benchmarks.serving_hf import workload_c
 from benchmarks.serving_model import make_engine, model_config, random_model, write_model_folder
 from benchmarks.serving_profile import workload_p
@@ -59,6 +61,8 @@ WORKLOADS = {
     "f": workload_f,
     "g": workload_g,  # baseline: the elementwise ops unfused, in plain torch (GPU only)
     "p": workload_p,  # not in the default set: per-kernel GPU time of a decode step
+    "q": workload_q,  # not in the default set: FP8 base weights vs bf16 (--memory-fraction 0.4 on a GPU)
+    "r": workload_r,  # not in the default set: deterministic mode on vs off (--memory-fraction 0.4 on a GPU)
     "s": workload_s,  # not in the default set: structured outputs (constrained decoding) vs free
 }
 

@@ -51,6 +51,7 @@ def _quantize_tokens_kernel(
     STATIC: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # One program per token: pass 1 finds the row's absolute max, pass 2 scales, rounds and stores.
+    # div_rn: IEEE division, as torch's, so the kernel and quantize_tokens_ref agree bit for bit.
     row = tl.program_id(0).to(tl.int64)
     if STATIC:
         scale = tl.load(static_ptr).to(tl.float32)
@@ -60,11 +61,11 @@ def _quantize_tokens_kernel(
             offs = c + tl.arange(0, BLOCK)
             v = tl.load(x_ptr + row * stride_x + offs, mask=offs < cols, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(v))
-        scale = tl.maximum(tl.max(amax, 0) / FP8_MAX_C, MIN_SCALE)
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, 0), FP8_MAX_C), MIN_SCALE)
     for c in range(0, cols, BLOCK):
         offs = c + tl.arange(0, BLOCK)
         v = tl.load(x_ptr + row * stride_x + offs, mask=offs < cols, other=0.0).to(tl.float32)
-        q = tl.clamp(v / scale, -FP8_MAX_C, FP8_MAX_C)
+        q = tl.clamp(tl.math.div_rn(v, scale), -FP8_MAX_C, FP8_MAX_C)
         tl.store(out_ptr + row * stride_o + offs, q.to(out_ptr.dtype.element_ty), mask=offs < cols)
     tl.store(scale_ptr + row, scale)
 

@@ -56,6 +56,8 @@ def prepare(
         if new is not None:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the float weights just replaced: free for the KV cache's sizing
     if deterministic:
         # compute_logits' product [B, H] x [V, H]: the same batch-invariant kernel.
         model.logits_matmul = lambda hidden, weight: matmul(hidden, weight, None)  # type: ignore[assignment]

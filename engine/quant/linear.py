@@ -28,9 +28,9 @@ class Fp8Linear(nn.Module):
     model dtype and multiplied by `matmul`: memory stays at one byte a weight (the point of FP8), and
     the temporary costs one layer's worth of float weights at a time."""
 
-    weight: Tensor  # [O, I] float8_e4m3fn
-    weight_scale: Tensor  # [O] float32
-    scale_row: Tensor  # [1, O] float32: torch._scaled_mm's row-wise layout
+    # Parameters (frozen), so that whatever counts a model's weight bytes counts one byte a weight here.
+    weight: nn.Parameter  # [O, I] float8_e4m3fn
+    weight_scale: nn.Parameter  # [O] float32
 
     def __init__(
         self,
@@ -44,9 +44,9 @@ class Fp8Linear(nn.Module):
         super().__init__()
         assert weight.dtype == fp8.FP8 and weight.dim() == 2 and weight_scale.shape == weight.shape[:1]
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.contiguous())
-        self.register_buffer("weight_scale", weight_scale.float().contiguous())
-        self.register_buffer("scale_row", self.weight_scale[None, :].contiguous())
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.weight_scale = nn.Parameter(weight_scale.float().contiguous(), requires_grad=False)
+        self.scale_row = self.weight_scale.data[None, :]  # [1, O], a view: torch._scaled_mm's row-wise layout
         self.bias = bias
         self.input_scale = None if input_scale is None else input_scale.float().reshape(1)
         self.fp8_gemm = fp8_gemm

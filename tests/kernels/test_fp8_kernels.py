@@ -55,3 +55,25 @@ def test_fp8_linear_close_to_dequantized(tokens: int) -> None:
     err = rel(got, want)
     print(f"T={tokens}: FP8 product vs dequantized float32: relative error {err:.2e}")
     assert got.dtype == torch.bfloat16 and err < 0.05
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_token_kernel_logic_in_float32(device: str, static: bool) -> None:
+    """The per-token kernel's two passes, masks and static branch with a float32 output (the interpreter
+    has no FP8; the FP8 store itself is checked on a GPU above)."""
+    x = (
+        torch.randn(5, 3000, device=device)
+        * torch.tensor([1e-3, 1.0, 30.0, 0.0, 500.0], device=device)[:, None]
+    )
+    s = torch.tensor([0.02], device=device) if static else None
+    out = torch.empty_like(x)
+    scale = torch.empty(5, 1, device=device)
+    fp8._quantize_tokens_kernel[(5,)](
+        x, out, scale, s if s is not None else scale, x.shape[1], x.stride(0), out.stride(0),
+        STATIC=static, FP8_MAX_C=fp8.FP8_MAX, MIN_SCALE=fp8._MIN_SCALE, BLOCK=1024,
+    )  # fmt: skip
+    want_scale = (
+        s.expand(5, 1) if s is not None else (x.abs().amax(1, keepdim=True) / fp8.FP8_MAX).clamp(min=1e-12)
+    )
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(out, (x / want_scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX))
