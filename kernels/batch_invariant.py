@@ -18,8 +18,10 @@ from torch import Tensor
 
 from kernels.lora_ref import LoRAMeta, _segments
 
-# Fixed tiles (never chosen from the batch): 32 x 32 keeps enough programs for decode's skinny products.
-BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 128
+# Fixed tiles (never chosen from the batch). 64 rows: a decode batch up to 64 reads each weight tile once
+# (program_id 0 walks the row tiles, so a larger batch re-reads a tile while it is still in L2); 32 columns
+# keep enough programs for the skinny products of small batches.
+BLOCK_M, BLOCK_N, BLOCK_K = 64, 32, 128
 
 
 @triton.jit

@@ -110,6 +110,8 @@ def fp8_linear(
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, weight.shape[0])
     xq, x_scale = quantize_tokens(x2, input_scale)  # [T, I] fp8, [T, 1] float32
     # weight.t() is [I, O] column-major: the layout _scaled_mm wants for its second operand.
     y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=torch.bfloat16)

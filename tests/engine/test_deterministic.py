@@ -95,3 +95,14 @@ def test_default_mode_is_batch_dependent_here(model: tuple[Path, dict[str, Path]
     if _bits(alone[1]) == _bits(mixed[1]):
         pytest.skip("this CPU's BLAS gives the same bits for these batch shapes")
     assert alone[0] == mixed[0]  # tokens agree all the same (float32, no near-ties)
+
+
+@pytest.mark.slow
+def test_triton_kernels_in_deterministic_launches(model: tuple[Path, dict[str, Path]]) -> None:
+    """The Triton path's fixed launches (LoRA without split-K, attention without a split) run in the
+    engine and give the reference path's tokens. The interpreter's products are numpy's, so the bits
+    are checked on a GPU (test_deterministic_gpu.py), not here."""
+    base, adapters = model
+    ref = run_target(base, adapters, mixed=True, deterministic=True)
+    triton = run_target(base, adapters, mixed=True, deterministic=True, kernel_backend="triton")
+    assert triton[0] == ref[0]

@@ -243,3 +243,15 @@ def test_bad_configuration_errors(models: dict[str, Path], tmp_path: Path) -> No
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quant_method"):
         LLM(str(bad), device="cpu", dtype="float32")
+
+
+def test_settings_from_the_environment() -> None:
+    from app.config import Settings, SettingsError
+
+    env = {"LORAPLEX_MODEL": "/m", "LORAPLEX_QUANTIZATION": "fp8", "LORAPLEX_DETERMINISTIC": "true"}
+    config = Settings.from_env(env).engine_config()
+    assert config is not None and (config.quantization, config.deterministic) == ("fp8", True)
+    config = Settings.from_env({"LORAPLEX_MODEL": "/m"}).engine_config()
+    assert config is not None and (config.quantization, config.deterministic) == (None, False)
+    with pytest.raises(SettingsError, match="LORAPLEX_QUANTIZATION"):
+        Settings.from_env({**env, "LORAPLEX_QUANTIZATION": "int4"})
