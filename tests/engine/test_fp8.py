@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from engine import LLM, LoRARequest, SamplingParams
 from engine.config import EngineConfig
-from engine.model_loader import load_model
+from engine.model_loader import LoadedModel, load_model
 from engine.ops import AttentionBatch, get_ops
 from engine.quant.checkpoint import parse_scheme
 from engine.quant.linear import Fp8Linear
@@ -60,13 +61,21 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def engine_logits(model_dir: Path, ids: list[int], **config: object) -> torch.Tensor:
+def engine_logits(model_dir: Path, ids: list[int], **config: Any) -> torch.Tensor:
     """Our float32 logits at every position of one sequence, prefilled in one step."""
-    loaded = load_model(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", **config))  # type: ignore[arg-type]
+    return forward_logits(
+        load_model(EngineConfig(model=str(model_dir), device="cpu", **{"dtype": "float32", **config})), ids
+    )
+
+
+def forward_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
     cfg, n, block_size = loaded.config, len(ids), 16
     blocks = -(-n // block_size)
     shape = (blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
+    kv = [
+        (torch.zeros(shape, dtype=loaded.dtype), torch.zeros(shape, dtype=loaded.dtype))
+        for _ in range(cfg.num_layers)
+    ]
     attn = AttentionBatch(
         slot_mapping=torch.arange(n),
         block_tables=torch.arange(blocks, dtype=torch.int32)[None],
@@ -126,6 +135,27 @@ def test_phi4_mini_fused_checkpoint_with_partial_rotary(tmp_path: Path) -> None:
     err = relative_error(ours, hf_logits(load_hf(write_dequantized(quantized, tmp_path / "deq")), ids))
     print(f"phi3 fused + partial rotary: relative error vs the dequantized float model: {err:.2e}")
     assert err < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["channel-dynamic", "tensor-static"])
+def test_fp8_product_path_in_the_model(models: dict[str, Path], scheme: str) -> None:
+    """Fp8Linear's FP8 branch (activations rounded per token or with the static input scale, then
+    torch._scaled_mm) inside the whole bf16 model, where this torch runs it on CPU: close to the
+    dequantize branch. On a GPU the same branch is chosen at load (tests/engine/test_fp8_gpu.py)."""
+    from tests.kernels.test_fp8_kernels import _scaled_mm_runs
+
+    if not _scaled_mm_runs("cpu"):
+        pytest.skip("torch._scaled_mm with row-wise scales does not run on this CPU build")
+    loaded = load_model(EngineConfig(model=str(models[scheme]), device="cpu", dtype="bfloat16"))
+    layers = [m for m in loaded.model.modules() if isinstance(m, Fp8Linear)]
+    assert len(layers) == 8 and all(m.input_scale is not None for m in layers) == (scheme == "tensor-static")
+    dequantized = forward_logits(loaded, PROMPTS[1])
+    for m in layers:
+        m.fp8_gemm = True
+    fp8_products = forward_logits(loaded, PROMPTS[1])
+    err = relative_error(fp8_products, dequantized)
+    print(f"{scheme}: FP8 products vs dequantized bf16 products, relative error of the logits {err:.2e}")
+    assert 0 < err < 0.1
 
 
 def test_checkpoint_projections_stay_fp8(models: dict[str, Path]) -> None:

@@ -77,3 +77,39 @@ def test_token_kernel_logic_in_float32(device: str, static: bool) -> None:
     )
     assert torch.equal(scale, want_scale)
     assert torch.equal(out, (x / want_scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX))
+
+
+def _scaled_mm_runs(device: str) -> bool:
+    try:
+        a = torch.zeros(1, 16, device=device).to(fp8.FP8)
+        b = torch.zeros(16, 16, device=device).to(fp8.FP8)
+        one = torch.ones(1, 1, device=device)
+        torch._scaled_mm(
+            a, b.t(), scale_a=one, scale_b=torch.ones(1, 16, device=device), out_dtype=torch.bfloat16
+        )
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_linear_semantics(device: str, static: bool) -> None:
+    """Row-wise scales on both sides, bias after, static or dynamic activation scales: wherever this
+    torch runs torch._scaled_mm (CPU builds do too), against the dequantized float32 product."""
+    if not _scaled_mm_runs(device):
+        pytest.skip("torch._scaled_mm with row-wise scales does not run here")
+    w = torch.randn(96, 256, device=device) / 16 * torch.linspace(0.1, 3, 96, device=device)[:, None]
+    w8, scale = fp8.quantize_rows(w)
+    x = torch.randn(2, 3, 256, device=device).bfloat16()  # a leading batch shape too
+    bias = torch.randn(96, device=device).bfloat16()
+    s = torch.tensor([0.01], device=device) if static else None
+    got = fp8.fp8_linear(x, w8, scale[None, :], bias, s)
+    assert got.shape == (2, 3, 96) and got.dtype == torch.bfloat16
+    want = F.linear(x.float(), fp8.dequantize(w8, scale, torch.float32), bias.float())
+    assert rel(got, want) < 0.06
+    # The activation rounding is what separates them: with x on the FP8 grid the product is (nearly) exact.
+    xq, xs = fp8.quantize_tokens_ref(x.reshape(6, 256), s)
+    exact = F.linear(
+        (xq.float() * xs).reshape(2, 3, 256), fp8.dequantize(w8, scale, torch.float32), bias.float()
+    )
+    assert rel(got, exact) < 0.01
