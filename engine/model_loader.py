@@ -279,9 +279,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     collector = ScaleCollector()
     weights = iter_weights(config.model)
     if scheme is not None:
-        weights = collector.weights(
-            weights
-        )  # FP8 values reach the model exactly (e4m3 fits every float dtype)
+        # Scales go to the collector; FP8 weights reach the model exactly (e4m3 fits every float dtype).
+        weights = collector.weights(weights)
     model = model_cls.from_weights(model_config, weights, dtype=dtype, device=device)
     scales = None if scheme is None else module_scales(collector, model_config, scheme)
     quant.prepare(

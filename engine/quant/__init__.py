@@ -44,9 +44,8 @@ def prepare(
         weight, bias = module.weight.data, None if module.bias is None else module.bias.data
         if checkpoint_scales is not None and name in checkpoint_scales:
             scales = checkpoint_scales[name]
-            w8 = weight.to(
-                fp8.FP8
-            )  # exact: the checkpoint's FP8 values went through the float dtype unchanged
+            # Exact: the checkpoint's FP8 values went through the float dtype unchanged.
+            w8 = weight.to(fp8.FP8)
             new = _fp8(w8, scales.weight.to(device), bias, scales.input, deterministic, matmul, device, dtype)
         elif quantize and checkpoint_scales is None:
             w8, scale = fp8.quantize_rows(weight)

@@ -162,10 +162,13 @@ def module_scales(collected: ScaleCollector, cfg: ModelConfig, scheme: Fp8Scheme
                     raise ValueError(f"{n}.weight has a weight_scale but is not stored in float8_e4m3fn")
             rows = torch.cat([_rows(scales.pop(f"{n}.weight_scale"), w, n) for n, w in named])
             inputs = [scales.pop(f"{n}.input_scale", None) for n, _ in named]
-            if scheme.activations == "static" and any(i is None for i in inputs):
-                raise ValueError(f"{fused}: static activation scheme but no input_scale")
-            # One input feeds the fused product: the largest part's scale clips none of them.
-            static = None if inputs[0] is None else torch.stack([i.reshape(()) for i in inputs]).max()  # type: ignore[union-attr]
+            static = None  # dynamic schemes: any input_scale in the file is not used
+            if scheme.activations == "static":
+                found = [i.reshape(()) for i in inputs if i is not None]
+                if len(found) != len(inputs):
+                    raise ValueError(f"{fused}: static activation scheme but no input_scale")
+                # One input feeds the fused product: the largest part's scale clips none of them.
+                static = torch.stack(found).max()
             if ours == "self_attn.qkv_proj" and cfg.rotary_dim not in (None, cfg.head_dim):
                 rows = rows[_rotary_rows(cfg)]  # the weight rows were reordered the same way at load
             out[f"layers.{layer}.{ours}"] = ModuleScales(rows, None if static is None else static.reshape(1))

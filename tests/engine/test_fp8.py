@@ -285,3 +285,28 @@ def test_settings_from_the_environment() -> None:
     assert config is not None and (config.quantization, config.deterministic) == (None, False)
     with pytest.raises(SettingsError, match="LORAPLEX_QUANTIZATION"):
         Settings.from_env({**env, "LORAPLEX_QUANTIZATION": "int4"})
+
+
+def test_static_input_scales_of_fused_parts(models: dict[str, Path], tmp_path: Path) -> None:
+    """q, k and v feed one fused product: its static input scale is the largest of theirs; a static
+    scheme without an input_scale is refused."""
+    from safetensors.torch import load_file, save_file
+
+    src = models["tensor-static"]
+    bad = tmp_path / "m"
+    bad.mkdir()
+    for f in src.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(src / "model.safetensors"))
+    prefix = "model.layers.1.self_attn"
+    for part, value in (("q_proj", 0.01), ("k_proj", 0.07), ("v_proj", 0.03)):
+        tensors[f"{prefix}.{part}.input_scale"] = torch.tensor([value])
+    save_file(tensors, str(bad / "model.safetensors"))
+    loaded = load_model(EngineConfig(model=str(bad), device="cpu", dtype="float32"))
+    qkv = loaded.model.layers[1].self_attn.qkv_proj
+    assert isinstance(qkv, Fp8Linear) and qkv.input_scale is not None
+    assert torch.equal(qkv.input_scale, torch.tensor([0.07]))
+    del tensors[f"{prefix}.k_proj.input_scale"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match="no input_scale"):
+        load_model(EngineConfig(model=str(bad), device="cpu", dtype="float32"))
