@@ -126,6 +126,67 @@ def logit_errors(bench: Bench, fp8_engine: LLMEngine) -> dict[str, Any]:
     }
 
 
+def _time_ms(fn: Any, cuda: bool, reps: int) -> float:
+    """Median ms of fn() after two warm-up calls (CUDA events on a GPU, the host clock elsewhere)."""
+    import statistics
+    import time
+
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def gemm_table(bench: Bench, fp8_engine: LLMEngine) -> dict[str, Any]:
+    """Each projection of layer 0 alone at each batch size: the bf16 product (F.linear), the FP8 layer
+    (per-token activation quantization + torch._scaled_mm, or its fallback) and the activation
+    quantization alone, with the weight bytes per microsecond each reaches: what the forward is made of."""
+    import torch.nn.functional as F
+
+    from kernels import fp8
+
+    cuda = bench.cuda
+    reps = 50 if cuda else 3
+    ours, theirs = fp8_engine.model.model.layers[0], bench.engine.model.model.layers[0]
+    pairs = {
+        "qkv_proj": (ours.self_attn.qkv_proj, theirs.self_attn.qkv_proj),
+        "o_proj": (ours.self_attn.o_proj, theirs.self_attn.o_proj),
+        "gate_up_proj": (ours.mlp.gate_up_proj, theirs.mlp.gate_up_proj),
+        "down_proj": (ours.mlp.down_proj, theirs.mlp.down_proj),
+    }
+    out: dict[str, Any] = {}
+    for name, (q_layer, b_layer) in pairs.items():
+        rows = {}
+        weight = b_layer.weight
+        for batch in _batches(bench):
+            x = torch.randn(batch, weight.shape[1], device=weight.device, dtype=weight.dtype)
+            bf16_ms = _time_ms(lambda x=x, w=weight: F.linear(x, w), cuda, reps)
+            fp8_ms = _time_ms(lambda x=x, layer=q_layer: layer(x), cuda, reps)
+            quant_ms = _time_ms(lambda x=x: fp8.quantize_tokens(x), cuda, reps)
+            rows[str(batch)] = {
+                "bf16_us": bf16_ms * 1e3,
+                "fp8_us": fp8_ms * 1e3,
+                "activation_quant_us": quant_ms * 1e3,
+                "bf16_GBps": weight.numel() * weight.element_size() / bf16_ms / 1e6,
+                "fp8_GBps": weight.numel() / fp8_ms / 1e6,
+            }
+        out[name] = rows
+    return out
+
+
 def _weight_bytes(loaded: LoadedModel) -> int:
     return sum(p.numel() * p.element_size() for p in loaded.model.parameters())
 
@@ -142,6 +203,7 @@ def workload_q(bench: Bench) -> dict[str, Any]:
         base = decode(fp8_bench, b, None)
         mixed = decode(fp8_bench, b, qkvo)
         errors = logit_errors(bench, engine)
+        gemms = gemm_table(bench, engine)
         weights = {"bf16": _weight_bytes(bench.engine.model), "fp8": _weight_bytes(engine.model)}
     finally:
         _free(engine)
@@ -156,6 +218,7 @@ def workload_q(bench: Bench) -> dict[str, Any]:
         "fp8_qkvo_over_base_throughput": mixed["tokens_per_s"] / base["tokens_per_s"],
         "logits": errors,
         "weight_bytes": weights,
+        "gemm": gemms,
     }
     for k in fp8:
         print(
@@ -164,6 +227,12 @@ def workload_q(bench: Bench) -> dict[str, Any]:
             f"= {fp8[k]['forward_over_roofline']:.2f}x its roofline",
             flush=True,
         )
+    for name, by_batch in gemms.items():
+        cells = ", ".join(
+            f"B={k} bf16 {v['bf16_us']:.0f} / fp8 {v['fp8_us']:.0f} us (quant {v['activation_quant_us']:.0f})"
+            for k, v in by_batch.items()
+        )
+        print(f"q {name}: {cells}", flush=True)
     print(
         f"q B={b}: {b} distinct q/k/v/o adapters on fp8 {result['fp8_qkvo_over_base_throughput']:.3f}x fp8 base; "
         f"logits rel err vs dequantized bf16 {errors['rel_err_vs_dequantized_bf16']:.2e}, vs original bf16 "
