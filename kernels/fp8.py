@@ -78,11 +78,15 @@ def quantize_tokens(x: Tensor, static_scale: Tensor | None = None) -> tuple[Tens
     out = torch.empty(x.shape, dtype=FP8, device=x.device)
     scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
     if x.shape[0]:
+        # A whole row in one block up to 16K columns (Llama-3-8B's widest input is 14,336): each loop
+        # runs once and the second pass re-reads the row from cache, so decode (one program per token)
+        # pays one row's latency, not a chain of chunks. More warps for wider rows keep registers low.
+        block = min(16384, triton.next_power_of_2(x.shape[1]))
         _quantize_tokens_kernel[(x.shape[0],)](
             x, out, scale, static_scale if static_scale is not None else scale, x.shape[1],
             x.stride(0), out.stride(0),
             STATIC=static_scale is not None, FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE,
-            BLOCK=min(2048, triton.next_power_of_2(x.shape[1])), num_warps=4,
+            BLOCK=block, num_warps=max(4, min(16, block // 1024)),
         )  # fmt: skip
     return out, scale
 

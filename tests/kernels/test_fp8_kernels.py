@@ -32,9 +32,10 @@ def test_token_quantization_reference() -> None:
 
 @pytest.mark.gpu
 @needs_fp8
+@pytest.mark.parametrize("cols", [4096, 14336, 20000])
 @pytest.mark.parametrize("static", [False, True])
-def test_token_kernel_equals_reference(static: bool) -> None:
-    x = torch.randn(33, 4096, device="cuda", dtype=torch.bfloat16) * 3
+def test_token_kernel_equals_reference(static: bool, cols: int) -> None:
+    x = torch.randn(33, cols, device="cuda", dtype=torch.bfloat16) * 3
     s = torch.tensor([0.02], device="cuda") if static else None
     q, scale = fp8.quantize_tokens(x, s)
     q_ref, scale_ref = fp8.quantize_tokens_ref(x, s)
@@ -57,8 +58,9 @@ def test_fp8_linear_close_to_dequantized(tokens: int) -> None:
     assert got.dtype == torch.bfloat16 and err < 0.05
 
 
+@pytest.mark.parametrize("block", [1024, 4096], ids=["chunked", "one-block"])
 @pytest.mark.parametrize("static", [False, True])
-def test_token_kernel_logic_in_float32(device: str, static: bool) -> None:
+def test_token_kernel_logic_in_float32(device: str, static: bool, block: int) -> None:
     """The per-token kernel's two passes, masks and static branch with a float32 output (the interpreter
     has no FP8; the FP8 store itself is checked on a GPU above)."""
     x = (
@@ -70,7 +72,7 @@ def test_token_kernel_logic_in_float32(device: str, static: bool) -> None:
     scale = torch.empty(5, 1, device=device)
     fp8._quantize_tokens_kernel[(5,)](
         x, out, scale, s if s is not None else scale, x.shape[1], x.stride(0), out.stride(0),
-        STATIC=static, FP8_MAX_C=fp8.FP8_MAX, MIN_SCALE=fp8._MIN_SCALE, BLOCK=1024,
+        STATIC=static, FP8_MAX_C=fp8.FP8_MAX, MIN_SCALE=fp8._MIN_SCALE, BLOCK=block,
     )  # fmt: skip
     want_scale = (
         s.expand(5, 1) if s is not None else (x.abs().amax(1, keepdim=True) / fp8.FP8_MAX).clamp(min=1e-12)
