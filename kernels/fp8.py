@@ -19,6 +19,10 @@ from torch import Tensor
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
+# Activation scales are amax * (1 / 448), a multiplication: torch on CUDA divides a tensor by a Python
+# scalar as a multiplication by its reciprocal and on the CPU as a division, so only the product is the
+# same number on every device, in the kernel and in its reference.
+INV_FP8_MAX = 1.0 / FP8_MAX
 # Smallest scale: an all-zero row or token must not divide by zero.
 _MIN_SCALE = 1e-12
 
@@ -39,7 +43,7 @@ def quantize_tokens_ref(x: Tensor, static_scale: Tensor | None = None) -> tuple[
     """x [T, I] -> (fp8 [T, I], float32 scale [T, 1]): per token (dynamic) or one given scale (static)."""
     xf = x.float()
     if static_scale is None:
-        scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)  # [T, 1]
+        scale = (xf.abs().amax(dim=1, keepdim=True) * INV_FP8_MAX).clamp(min=_MIN_SCALE)  # [T, 1]
     else:
         scale = static_scale.float().reshape(1, 1).expand(x.shape[0], 1)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale.contiguous()
@@ -48,10 +52,12 @@ def quantize_tokens_ref(x: Tensor, static_scale: Tensor | None = None) -> tuple[
 @triton.jit
 def _quantize_tokens_kernel(
     x_ptr, out_ptr, scale_ptr, static_ptr, cols, stride_x, stride_o,
-    STATIC: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    STATIC: tl.constexpr, FP8_MAX_C: tl.constexpr, INV_FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     # One program per token: pass 1 finds the row's absolute max, pass 2 scales, rounds and stores.
-    # div_rn: IEEE division, as torch's, so the kernel and quantize_tokens_ref agree bit for bit.
+    # div_rn: IEEE division, as torch's tensor / tensor, so the kernel and quantize_tokens_ref agree bit
+    # for bit (the scale is a product for the same reason: see INV_FP8_MAX).
     row = tl.program_id(0).to(tl.int64)
     if STATIC:
         scale = tl.load(static_ptr).to(tl.float32)
@@ -61,7 +67,7 @@ def _quantize_tokens_kernel(
             offs = c + tl.arange(0, BLOCK)
             v = tl.load(x_ptr + row * stride_x + offs, mask=offs < cols, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(v))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, 0), FP8_MAX_C), MIN_SCALE)
+        scale = tl.maximum(tl.max(amax, 0) * INV_FP8_MAX_C, MIN_SCALE)
     for c in range(0, cols, BLOCK):
         offs = c + tl.arange(0, BLOCK)
         v = tl.load(x_ptr + row * stride_x + offs, mask=offs < cols, other=0.0).to(tl.float32)
@@ -85,7 +91,8 @@ def quantize_tokens(x: Tensor, static_scale: Tensor | None = None) -> tuple[Tens
         _quantize_tokens_kernel[(x.shape[0],)](
             x, out, scale, static_scale if static_scale is not None else scale, x.shape[1],
             x.stride(0), out.stride(0),
-            STATIC=static_scale is not None, FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE,
+            STATIC=static_scale is not None, FP8_MAX_C=FP8_MAX, INV_FP8_MAX_C=INV_FP8_MAX,
+            MIN_SCALE=_MIN_SCALE,
             BLOCK=block, num_warps=max(4, min(16, block // 1024)),
         )  # fmt: skip
     return out, scale

@@ -72,10 +72,13 @@ def test_token_kernel_logic_in_float32(device: str, static: bool, block: int) ->
     scale = torch.empty(5, 1, device=device)
     fp8._quantize_tokens_kernel[(5,)](
         x, out, scale, s if s is not None else scale, x.shape[1], x.stride(0), out.stride(0),
-        STATIC=static, FP8_MAX_C=fp8.FP8_MAX, MIN_SCALE=fp8._MIN_SCALE, BLOCK=block,
+        STATIC=static, FP8_MAX_C=fp8.FP8_MAX, INV_FP8_MAX_C=fp8.INV_FP8_MAX, MIN_SCALE=fp8._MIN_SCALE,
+        BLOCK=block,
     )  # fmt: skip
     want_scale = (
-        s.expand(5, 1) if s is not None else (x.abs().amax(1, keepdim=True) / fp8.FP8_MAX).clamp(min=1e-12)
+        s.expand(5, 1)
+        if s is not None
+        else (x.abs().amax(1, keepdim=True) * fp8.INV_FP8_MAX).clamp(min=1e-12)
     )
     assert torch.equal(scale, want_scale)
     assert torch.equal(out, (x / want_scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX))
