@@ -67,11 +67,16 @@ class AsyncScheduling:
         self.in_flight: InFlight | None = None
         self._launched: InFlight | None = None  # launched by advance(), in flight after settle()
         self.num_steps_ahead = 0  # steps launched before the previous one's tokens were read
+        # Speculative decoding (engine/spec/decoder.py's SpecDecoder), None when off: steps go ahead only
+        # while it is switched off, since a proposer needs the latest tokens on the host.
+        self.spec: Any = None
 
     def start(self, ready: list[Request], num_scheduled: int, logits: Any) -> bool:
         """After a synchronous step's forward: sample on the device and put the step in flight, when
         every scheduled request samples in it and no row needs the host (False: sample synchronously)."""
         if not self.enabled or len(ready) != num_scheduled or not can_sample_ahead(ready):
+            return False
+        if self.spec is not None and not self.spec.allows_ahead(self.scheduler.num_running, launching=False):
             return False
         self.in_flight = InFlight(ready, self.sampler.sample_tensor(logits, ready))
         return True
@@ -104,6 +109,8 @@ class AsyncScheduling:
     def _launch(self, live: list[Request], tokens: Any, rows: list[int]) -> InFlight | None:
         if not live or len(live) != self.scheduler.num_running:
             return None  # e.g. a request in chunked prefill is running too: schedule() decides
+        if self.spec is not None and not self.spec.allows_ahead(len(live), launching=True):
+            return None  # speculation is on again: the next step proposes, on the host
         keep = [j for j, r in enumerate(live) if not self._stops_by_length(r)]
         scheduled = self.scheduler.schedule_ahead([live[j] for j in keep])
         if scheduled is None:

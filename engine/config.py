@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from engine.spec.config import SpeculativeConfig
 
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
 _KERNEL_BACKENDS = ("auto", "triton", "ref")
@@ -69,6 +72,9 @@ class EngineConfig:
     # Same request, same tokens, whatever else is in the batch and from run to run: batch-invariant
     # products, no split reductions (docs/quantization.md has the cost).
     deterministic: bool = False
+    # Speculative decoding, vLLM's dict shape (docs/speculative.md): {"method": "ngram" | "draft_model",
+    # "num_speculative_tokens": k, ...}; a dict is checked and turned into a SpeculativeConfig. None: off.
+    speculative_config: SpeculativeConfig | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -101,3 +107,10 @@ class EngineConfig:
             raise ValueError(f"kernel_backend must be one of {_KERNEL_BACKENDS}, got {self.kernel_backend!r}")
         if self.quantization not in _QUANTIZATIONS:
             raise ValueError(f"quantization must be None or 'fp8', got {self.quantization!r}")
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        """speculative_config, checked (__post_init__ turned a dict into this)."""
+        assert not isinstance(self.speculative_config, dict)
+        return self.speculative_config

@@ -21,6 +21,7 @@ from engine.request import LoRARequest, Request, RequestOutput, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.spec.decoder import Run, SpecDecoder
 from engine.structured import GrammarCompiler
 
 
@@ -37,6 +38,8 @@ class EngineStats:
     adapter_cache: dict[str, float] = field(default_factory=dict)
     running_adapters: list[str] = field(default_factory=list)  # adapter display names, one per request
     waiting_adapters: list[str] = field(default_factory=list)
+    # Speculative decoding counters (engine/spec/stats.py's SpecStats.as_dict); empty when it is off.
+    spec_decode: dict[str, Any] = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -72,6 +75,20 @@ class LLMEngine:
             Sampler(runner.device, config.seed),
             self.max_model_len,
         )
+        # Speculative decoding (engine/spec/), None when off. A proposer other than the configured one
+        # (a benchmark's oracle) may be set on it after start.
+        self.spec: SpecDecoder | None = None
+        spec_config = config.speculative
+        if spec_config is not None:
+            self.spec = SpecDecoder(spec_config, self.max_model_len, self._make_proposer(spec_config))
+            self.ahead.spec = self.spec
+
+    def _make_proposer(self, spec_config: Any) -> Any:
+        if spec_config.method != "draft_model":
+            return None  # the decoder's default: n-gram
+        from engine.spec.draft_model import DraftModelProposer
+
+        return DraftModelProposer.from_config(self.config, spec_config, self.max_model_len)
 
     @property
     def sampler(self) -> Sampler:
@@ -221,8 +238,14 @@ class LLMEngine:
         (engine/async_scheduling.py)."""
         if self.ahead.in_flight is not None:
             return self._advance_in_flight([])
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         scheduled = batch.scheduled
+        if self.spec is not None and self.spec.has_drafts(scheduled):
+            if not wants_prompt_logprobs(scheduled):
+                return self._spec_step(batch)
+            batch.scheduled = scheduled = self.spec.drop_drafts(scheduled)  # that path samples last rows
         logits = self._forward(scheduled) if scheduled else None
         self.scheduler.advance(batch)
         ready = [r for r, _ in scheduled if r.num_computed_tokens == len(r.all_token_ids)]
@@ -232,6 +255,17 @@ class LLMEngine:
             self._postprocess(ready, self.sampler(self._rows_of(logits, scheduled, ready), ready))
         elif not scheduled and not batch.failed:
             self._wait_idle()
+        return self._collect([*ready, *batch.failed])
+
+    def _spec_step(self, batch: Any) -> list[RequestOutput]:
+        """A step in which some sequences verify drafts (engine/spec/decoder.py): each emits 1 to k + 1
+        tokens; never goes in flight (the next proposal needs them on the host)."""
+        assert self.spec is not None
+        logits, owners = self.spec.forward(self.runner, batch.scheduled)
+        self.scheduler.advance(batch)
+        runs = self.spec.verify(self.sampler, logits, owners)
+        ready = [r for r, _, _ in owners]
+        self._postprocess_runs(ready, runs)
         return self._collect([*ready, *batch.failed])
 
     def _forward(self, scheduled: list[tuple[Request, int]]) -> Any:
@@ -257,16 +291,29 @@ class LLMEngine:
 
     def _postprocess(self, requests: list[Request], sampled: Any) -> None:
         for request, token, logprobs in zip(requests, sampled.token_ids, sampled.logprobs, strict=True):
-            request.append_token(token)
-            if logprobs is not None:
-                request.logprobs.append(logprobs)
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = time.monotonic()
-            status = self._stop_status(request, token)
-            if request.grammar is not None:
-                status = self._grammar_status(request, token, status)
-            if status is not None:
-                self.scheduler.finish(request, status)
+            self._emit(request, token, logprobs)
+
+    def _postprocess_runs(self, requests: list[Request], runs: list[Run]) -> None:
+        """Several tokens per sequence (a speculative step): a stop on one drops the tokens after it."""
+        for request, (tokens, logprobs) in zip(requests, runs, strict=True):
+            for token, entry in zip(tokens, logprobs, strict=True):
+                if self._emit(request, token, entry):
+                    break
+
+    def _emit(self, request: Request, token: int, logprobs: dict[int, float] | None) -> bool:
+        """Append one sampled token and apply the stop rules; True when the request finished."""
+        request.append_token(token)
+        if logprobs is not None:
+            request.logprobs.append(logprobs)
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = time.monotonic()
+        status = self._stop_status(request, token)
+        if request.grammar is not None:
+            status = self._grammar_status(request, token, status)
+        if status is not None:
+            self.scheduler.finish(request, status)
+            return True
+        return False
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
         # Runs for every sequence on every step: lengths read once, no property calls.
@@ -341,6 +388,7 @@ class LLMEngine:
             adapter_cache=dict(self.adapter_cache.stats()) if self.adapter_cache is not None else {},
             running_adapters=[r.lora.lora_name for r in running if r.lora is not None],
             waiting_adapters=[r.lora.lora_name for r in self.scheduler.waiting() if r.lora is not None],
+            spec_decode=self.spec.stats.as_dict() if self.spec is not None else {},
         )
 
     def close(self) -> None:

@@ -112,7 +112,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if config.cuda_graphs and self.device.type == "cuda" and self.ops.name == "triton":
             # The torch references sync on the host: graphs need the Triton kernels.
-            self.graphs = self.make_graphs()
+            spec = config.speculative  # verify steps of k + 1 tokens per sequence get graphs too
+            self.graphs = self.make_graphs(verify_lens=(spec.num_speculative_tokens + 1,) if spec else ())
             masks: list[GroupMask] = [None]
             if adapter_cache.slots.num_slots > 0:
                 masks += [all_groups_mask(), ATTENTION_ONLY]

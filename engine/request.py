@@ -121,6 +121,12 @@ class Request:
     greedy: bool = field(init=False, default=False)
     has_penalties: bool = field(init=False, default=False)
     plain_greedy: bool = field(init=False, default=False)
+    # Speculative decoding (engine/spec/): the tokens drafted for this step, verified with it; empty when
+    # the sequence does not speculate this step. Never part of all_token_ids outside the verify forward.
+    spec_token_ids: list[int] = field(default_factory=list)
+    # Whether drafts can be verified row by row with the sampler: nothing in its sampling depends on the
+    # tokens before (penalties, min_tokens and a grammar do).
+    can_speculate: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -137,6 +143,9 @@ class Request:
             and params.logprobs is None
             and not params.logit_bias
             and params.structured is None
+        )
+        self.can_speculate = (
+            not self.has_penalties and not params.min_tokens and params.structured is None
         )
         if params.prompt_logprobs is not None and self.index == 0 and self.prompt_logprobs is None:
             self.prompt_logprobs = [None]

@@ -179,11 +179,7 @@ class Sampler:
         for j, request in enumerate(requests):
             if request.params.seed is None:
                 continue
-            if request.generator is None:
-                request.generator = torch.Generator(device=logits.device)
-                # Any Python int is a valid seed; torch takes [0, 2**64).
-                request.generator.manual_seed(request.params.seed % (1 << 64))
-            q[j].exponential_(generator=request.generator)
+            q[j].exponential_(generator=request_generator(request, logits.device))
         return (probs / q.clamp_min_(1e-20)).argmax(dim=-1)
 
     def _logprobs(
@@ -210,6 +206,23 @@ class Sampler:
                     entry.setdefault(tid, val)
             out[row] = entry
         return out
+
+
+def request_generator(request: Request, device: torch.device) -> torch.Generator:
+    """A seeded request's own generator, made on its first draw."""
+    if request.generator is None:
+        request.generator = torch.Generator(device=device)
+        # Any Python int is a valid seed; torch takes [0, 2**64).
+        request.generator.manual_seed(request.params.seed % (1 << 64))
+    return request.generator  # type: ignore[no-any-return]
+
+
+def skip_draws(generator: torch.Generator, rows: int, vocab: int, device: torch.device) -> None:
+    """Advance a seeded request's generator past `rows` draws of Sampler._draw (one [V] row each), e.g.
+    after speculative decoding rewound it to before the rows it drew but did not emit."""
+    row = torch.empty(vocab, dtype=torch.float32, device=device)
+    for _ in range(rows):
+        row.exponential_(generator=generator)
 
 
 def _apply_logit_bias(logits: Tensor, requests: list[Request]) -> None:

@@ -149,6 +149,7 @@ class Scheduler:
         """Recompute later: drop the KV (cached full blocks stay findable) and requeue at the front."""
         self._release(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(request, front=True)
@@ -180,6 +181,15 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(len(request.all_token_ids) - request.num_computed_tokens, budget)
+            drafts = request.spec_token_ids
+            if drafts:
+                # Verify the drafts in this step (engine/spec/): k + 1 query tokens, blocks for all of
+                # them; only blocks of real tokens are ever hashed (the block manager hashes all_token_ids,
+                # which never holds drafts here). Short of budget or blocks, the sequence just decodes.
+                if n == 1 and budget > len(drafts) and allocate_slots(request, 1 + len(drafts)):
+                    n = 1 + len(drafts)
+                else:
+                    request.spec_token_ids = []
             while not allocate_slots(request, n):
                 victim = self._pick_victim()
                 budget += self._unschedule(out, victim)
