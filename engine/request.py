@@ -144,9 +144,7 @@ class Request:
             and not params.logit_bias
             and params.structured is None
         )
-        self.can_speculate = (
-            not self.has_penalties and not params.min_tokens and params.structured is None
-        )
+        self.can_speculate = not self.has_penalties and not params.min_tokens and params.structured is None
         if params.prompt_logprobs is not None and self.index == 0 and self.prompt_logprobs is None:
             self.prompt_logprobs = [None]
 

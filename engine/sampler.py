@@ -211,6 +211,7 @@ class Sampler:
 def request_generator(request: Request, device: torch.device) -> torch.Generator:
     """A seeded request's own generator, made on its first draw."""
     if request.generator is None:
+        assert request.params.seed is not None
         request.generator = torch.Generator(device=device)
         # Any Python int is a valid seed; torch takes [0, 2**64).
         request.generator.manual_seed(request.params.seed % (1 << 64))

@@ -33,7 +33,9 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config.method must be one of {METHODS}, got {self.method!r}")
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
-            raise ValueError(f"speculative_config.num_speculative_tokens must be an int in [1, 16], got {k!r}")
+            raise ValueError(
+                f"speculative_config.num_speculative_tokens must be an int in [1, 16], got {k!r}"
+            )
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         if not isinstance(lo, int) or not isinstance(hi, int) or not 1 <= lo <= hi:
             raise ValueError(
@@ -41,7 +43,9 @@ class SpeculativeConfig:
                 f"1 <= min <= max, got {lo!r} and {hi!r}"
             )
         if self.method == "draft_model" and not self.model:
-            raise ValueError("speculative_config.model (the draft model's folder) is required for draft_model")
+            raise ValueError(
+                "speculative_config.model (the draft model's folder) is required for draft_model"
+            )
         if self.method == "ngram" and self.model is not None:
             raise ValueError("speculative_config.model is only for method 'draft_model'")
         if self.disable_by_batch_size is not None and (

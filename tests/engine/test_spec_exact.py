@@ -33,7 +33,9 @@ def one_torch_thread():
 def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
     root = tmp_path_factory.mktemp("spec-llama")
     base = make_tiny_model(root / "base", "llama")
-    adapters = {n: make_peft_adapter(base, root / n, seed=i, **kw) for i, (n, kw) in enumerate(ADAPTERS.items())}
+    adapters = {
+        n: make_peft_adapter(base, root / n, seed=i, **kw) for i, (n, kw) in enumerate(ADAPTERS.items())
+    }
     return base, adapters
 
 
@@ -99,7 +101,9 @@ def test_prefix_hits_and_cache_holds_only_accepted_tokens(llama):
     assert cached
     for block in cached:  # every cached block is a block of some real sequence
         assert any(
-            tuple(seq[i * 4 : i * 4 + 4]) == block.token_ids for seq in sequences for i in range(len(seq) // 4)
+            tuple(seq[i * 4 : i * 4 + 4]) == block.token_ids
+            for seq in sequences
+            for i in range(len(seq) // 4)
         ), block.token_ids
     # Prompts extended by their outputs hit the cache (output blocks included) and decode the same.
     longer = [seq[:20] for seq in sequences]
@@ -172,7 +176,9 @@ def test_seeded_sampling_gives_the_text_it_gives_without_speculation(llama):
     assert tokens(got) == tokens(expected)
     assert spec.engine.spec.stats.num_accepted_tokens > 0
     # Positive control: the seed matters (a different one gives other text).
-    other = make_llm(base).generate(ps[:1], SamplingParams(max_tokens=12, temperature=0.9, seed=70, ignore_eos=True))
+    other = make_llm(base).generate(
+        ps[:1], SamplingParams(max_tokens=12, temperature=0.9, seed=70, ignore_eos=True)
+    )
     assert tokens(other) != tokens(got[:1])
 
 

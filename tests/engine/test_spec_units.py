@@ -16,7 +16,9 @@ def test_off_by_default_and_a_dict_becomes_a_checked_config():
     cfg = EngineConfig(model="m", speculative_config={"method": "ngram", "num_speculative_tokens": 4,
                                                        "prompt_lookup_min": 2, "prompt_lookup_max": 5})  # fmt: skip
     assert cfg.speculative == SpeculativeConfig("ngram", 4, 2, 5)
-    draft = EngineConfig(model="m", speculative_config={"method": "draft_model", "model": "d", "num_speculative_tokens": 2})
+    draft = EngineConfig(
+        model="m", speculative_config={"method": "draft_model", "model": "d", "num_speculative_tokens": 2}
+    )
     assert draft.speculative is not None and draft.speculative.model == "d"
 
 
@@ -27,11 +29,16 @@ def test_off_by_default_and_a_dict_becomes_a_checked_config():
         ({"method": "ngram"}, "num_speculative_tokens"),
         ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
         ({"method": "ngram", "num_speculative_tokens": True}, "num_speculative_tokens"),
-        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
-         "prompt_lookup_min"),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+            "prompt_lookup_min",
+        ),
         ({"method": "draft_model", "num_speculative_tokens": 2}, "model"),
         ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "model"),
-        ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0}, "disable_by_batch_size"),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0},
+            "disable_by_batch_size",
+        ),
         ({"method": "ngram", "num_speculative_tokens": 2, "min_acceptance_rate": 2.0}, "min_acceptance_rate"),
         ({"method": "ngram", "num_speculative_tokens": 2, "window_steps": 0}, "window_steps"),
         ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "typo"),
