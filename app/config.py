@@ -8,6 +8,7 @@ matters). Defaults make `loraplex serve` work on a laptop with nothing else runn
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import secrets
 import types
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import EngineConfig
+from engine.spec.config import SpeculativeConfig
 
 ENV_PREFIX = "LORAPLEX_"
 SECRET_FILE = "secret"
@@ -70,6 +72,9 @@ class Settings:
     # FP8 base weights (unset: as the checkpoint stores them) and deterministic mode (docs/quantization.md).
     quantization: str | None = _engine_default("quantization")
     deterministic: bool = _engine_default("deterministic")
+    # Speculative decoding (docs/speculative.md): JSON in vLLM's shape, e.g.
+    # {"method": "ngram", "num_speculative_tokens": 4}; unset = off.
+    speculative_config: dict[str, Any] | None = None
     # Adapter files fetched for the engine under data_dir/adapter-cache; least recently used go past this.
     adapter_disk_cache_bytes: int = 20 * 1024**3
 
@@ -145,6 +150,10 @@ class Settings:
             if not ok:
                 value = getattr(self, msg_field)
                 raise SettingsError(f"{ENV_PREFIX}{msg_field.upper()}: {expect}, got {value!r}")
+        try:
+            SpeculativeConfig.parse(self.speculative_config)
+        except (ValueError, TypeError) as exc:
+            raise SettingsError(f"{ENV_PREFIX}SPECULATIVE_CONFIG: {exc}") from None
         self.engine_config()
 
     def engine_config(self) -> EngineConfig | None:
@@ -283,6 +292,14 @@ def _parse(name: str, raw: str, hint: Any) -> Any:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
         hint = inner[0]
+    if typing.get_origin(hint) is dict:  # a JSON object, e.g. LORAPLEX_SPECULATIVE_CONFIG
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise SettingsError(f"{name}: expected a JSON object, got {raw!r}")
+        return value
     try:
         if hint is bool:
             lowered = raw.lower()

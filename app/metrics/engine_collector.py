@@ -55,6 +55,7 @@ class EngineCollector(Collector):
         yield from self._gauges(stats)
         yield from self._prefix_cache(stats)
         yield from self._adapters(stats)
+        yield from self._spec_decode(stats)
 
     def _gauge(self, name: str, doc: str, value: Any) -> Iterator[Metric]:
         if value is None:
@@ -138,3 +139,25 @@ class EngineCollector(Collector):
             ("cpu_resident", "loraplex:adapters_cpu_resident", "Adapters resident in the CPU tier."),
         ):
             yield from self._gauge(name, doc, field(cache, key))
+
+    def _spec_decode(self, stats: Any) -> Iterator[Metric]:
+        """Speculative decoding counters under vLLM's names (absent while speculation is off)."""
+        spec = field(stats, "spec_decode")
+        if not spec:
+            return
+        for key, name, doc in (
+            ("num_drafts", "vllm:spec_decode_num_drafts", "Sequences x steps that verified drafted tokens."),
+            ("num_draft_tokens", "vllm:spec_decode_num_draft_tokens", "Drafted tokens verified."),
+            ("num_accepted_tokens", "vllm:spec_decode_num_accepted_tokens", "Drafted tokens accepted."),
+        ):
+            yield from self._counter(name, doc, field(spec, key))
+        per_pos = field(spec, "accepted_per_pos")
+        if per_pos is not None:
+            family = CounterMetricFamily(
+                "vllm:spec_decode_num_accepted_tokens_per_pos",
+                "Drafts whose token at this position was accepted.",
+                labels=["model_name", "position"],
+            )
+            for position, count in enumerate(per_pos):
+                family.add_metric([self._model, str(position)], float(count))
+            yield family
