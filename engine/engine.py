@@ -43,9 +43,12 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model: Any, runner: Any, adapter_cache: Any) -> None:
+    def __init__(
+        self, config: EngineConfig, model: Any, runner: Any, adapter_cache: Any, proposer: Any = None
+    ) -> None:
         """model: a LoadedModel (engine/model_loader.py) — name, tokenizer, eos_token_ids, config;
-        runner: ModelRunner (execute, num_kv_blocks, device); adapter_cache: AdapterCache."""
+        runner: ModelRunner (execute, num_kv_blocks, device); adapter_cache: AdapterCache; proposer: the
+        speculative drafts' source (engine/spec/proposer.py), None: n-gram when speculation is on."""
         self.config = config
         self.model = model
         self.runner = runner
@@ -80,15 +83,8 @@ class LLMEngine:
         self.spec: SpecDecoder | None = None
         spec_config = config.speculative
         if spec_config is not None:
-            self.spec = SpecDecoder(spec_config, self.max_model_len, self._make_proposer(spec_config))
+            self.spec = SpecDecoder(spec_config, self.max_model_len, proposer)
             self.ahead.spec = self.spec
-
-    def _make_proposer(self, spec_config: Any) -> Any:
-        if spec_config.method != "draft_model":
-            return None  # the decoder's default: n-gram
-        from engine.spec.draft_model import DraftModelProposer
-
-        return DraftModelProposer.from_config(self.config, spec_config, self.max_model_len)
 
     @property
     def sampler(self) -> Sampler:
@@ -119,7 +115,15 @@ class LLMEngine:
 
         loaded = load_model(config)
         cache = AdapterCache.for_model(config, loaded, adapter_loader)
-        return cls(config, loaded, ModelRunner(config, loaded, cache), cache)
+        spec = config.speculative
+        if spec is None or spec.method != "draft_model":
+            return cls(config, loaded, ModelRunner(config, loaded, cache), cache)
+        from engine.spec.draft_model import DraftModelProposer, load_draft
+
+        draft, blocks = load_draft(config, spec, loaded)  # weights first: the KV budget is split after
+        runner = ModelRunner(dataclasses.replace(config, num_kv_blocks=blocks), loaded, cache)
+        proposer = DraftModelProposer.build(config, spec, draft, runner.num_kv_blocks)
+        return cls(config, loaded, runner, cache, proposer)
 
     # ---- requests in ----
     def add_request(
