@@ -37,6 +37,7 @@ from benchmarks.serving_fp8 import workload_q, workload_r
 from benchmarks.serving_hf import workload_c
 from benchmarks.serving_model import make_engine, model_config, random_model, write_model_folder
 from benchmarks.serving_profile import workload_p
+from benchmarks.serving_spec import workload_v
 from benchmarks.serving_structured import workload_s
 from benchmarks.serving_traffic import workload_d, workload_f
 from benchmarks.serving_workloads import Bench, Sizes, workload_a, workload_b, workload_g
@@ -64,6 +65,7 @@ WORKLOADS = {
     "q": workload_q,  # not in the default set: FP8 base weights vs bf16 (--memory-fraction 0.4 on a GPU)
     "r": workload_r,  # not in the default set: deterministic mode on vs off (--memory-fraction 0.4 on a GPU)
     "s": workload_s,  # not in the default set: structured outputs (constrained decoding) vs free
+    "v": workload_v,  # not in the default set: speculative decoding (verify cost, oracle, n-gram, draft)
 }
 
 

@@ -24,8 +24,8 @@ class SpeculativeConfig:
     # over `window_steps` speculative steps, speculation pauses for `backoff_steps` steps (doubling while
     # it keeps failing, up to max_backoff_steps), then probes again. 0 disables the switch.
     min_acceptance_rate: float = 0.2
-    window_steps: int = 4
-    backoff_steps: int = 32
+    window_steps: int = 2
+    backoff_steps: int = 64
     max_backoff_steps: int = 1024
 
     def __post_init__(self) -> None:

@@ -69,8 +69,14 @@ class SpecDecoder:
                 lens.append(k)
         if not picked:
             return
+        found = False
         for request, k, drafts in zip(picked, lens, self.proposer.propose(picked, lens), strict=True):
             request.spec_token_ids = list(drafts[:k])
+            found = found or bool(drafts)
+        if not found:
+            # Nothing to verify costs no wide step, but speculating keeps steps from going ahead of the
+            # host (async scheduling): the switch counts it as a step that accepted nothing.
+            self.switch.record(len(picked), 0)
 
     def allows_ahead(self, num_running: int, launching: bool) -> bool:
         """Async scheduling asks before a step goes ahead of the host: only while speculation is off (a

@@ -77,3 +77,24 @@ def test_disable_by_batch_size(base, one_torch_thread):
     assert got == [o.outputs[0].token_ids for o in ref]
     assert calls and max(calls) <= 2  # never asked while 4 ran
     assert llm.engine.spec.stats.num_accepted_tokens > 0
+
+
+def test_a_proposer_that_finds_nothing_hands_the_steps_back_to_async_scheduling(base, one_torch_thread):
+    class Empty:
+        calls = 0
+
+        def propose(self, requests, max_lens):
+            Empty.calls += 1
+            return [[] for _ in requests]
+
+        def retain(self, running):
+            pass
+
+    ps = prompts(2, seed=24)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    _, expected = run(base, None, ps, params)
+    llm, got = run(base, spec_config(), ps, params, lambda _: Empty())
+    assert got == expected
+    assert llm.engine.spec.stats.num_drafts == 0
+    assert llm.engine.spec.switch.num_switch_offs >= 1
+    assert Empty.calls < 12 and llm.engine.num_steps_ahead > 20

@@ -1,0 +1,272 @@
+"""Workload v (issue 14): speculative decoding on the serving benchmark's model (Llama-3-8B-shaped, bf16,
+random weights). Random weights make real acceptance rates meaningless, so it measures what does not
+depend on them and bounds the rest:
+
+- verify_cost: one forward verifying k = 1, 2, 4, 8 drafted tokens (k + 1 query tokens per sequence, logits
+  of every token) at B = 1, 8, 32, 64, against a plain decode forward of the same sequences;
+- oracle: a proposer that returns the target's own greedy continuation, recorded in an earlier run
+  without speculation (the upper bound): decode tokens/s at B = 1 and 32 (16 distinct adapters at 32),
+  k = 4, with and without speculation;
+- ngram: prompt lookup on the same prompts (random models fall into loops that it catches): acceptance
+  and tokens/s, adaptive switch on;
+- draft: a random Llama-3.2-1B-shaped draft model (acceptance near zero), with the adaptive switch-off
+  (default settings) and without it (min_acceptance_rate 0): the switch-off should cost at most a few
+  percent against no speculation.
+
+    PYTHONPATH=. python3 -m benchmarks.serving --only v --out benchmarks/results          # H200
+    PYTHONPATH=. python3 -m benchmarks.serving --smoke --only v --out /tmp/spec-smoke     # CPU
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.serving_workloads import Bench, ForwardTimer, start_decoding
+from engine.request import LoRARequest, Request
+from engine.sampling_params import SamplingParams
+from engine.spec.config import SpeculativeConfig
+from engine.spec.decoder import SpecDecoder
+from engine.spec.proposer import NgramProposer
+
+K = 4
+VERIFY_KS = (1, 2, 4, 8)
+LLAMA32_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64}  # fmt: skip
+
+
+def key(request: Request) -> tuple[Any, ...]:
+    return (tuple(request.prompt_token_ids), request.adapter_hash)
+
+
+class OracleProposer:
+    """Drafts the continuation a run without speculation produced for the same prompt and adapter."""
+
+    def __init__(self, continuations: dict[tuple[Any, ...], list[int]]) -> None:
+        self.continuations = continuations
+
+    def propose(self, requests: list[Request], max_lens: list[int]) -> list[list[int]]:
+        out = []
+        for r, k in zip(requests, max_lens, strict=True):
+            done = r.num_output_tokens
+            out.append(self.continuations.get(key(r), [])[done : done + k])
+        return out
+
+    def retain(self, running: list[Request]) -> None:
+        pass
+
+
+def _sync(bench: Bench) -> None:
+    if bench.cuda:
+        torch.cuda.synchronize()
+
+
+# ---- verify-step cost ----
+def forward_ms(bench: Bench, requests: list[Request], q: int, reps: int) -> float:
+    """Median time of one forward computing q query tokens for each decoding request (q > 1: a verify
+    forward, logits of every token). The q - 1 extra tokens stand in for drafts; their KV lands past the
+    sequences' length (never read) and the blocks for them hold no cached hash (they are allocated before
+    the stand-ins are appended)."""
+    engine, runner = bench.engine, bench.engine.runner
+    for r in requests:
+        if not engine.block_manager.allocate_slots(r, q):
+            raise RuntimeError("KV cache too small for the verify measurement")
+        r.all_token_ids.extend([r.all_token_ids[-1]] * (q - 1))
+    batch = [(r, q) for r in requests]
+    times = []
+    try:
+        for i in range(reps + 3):
+            _sync(bench)
+            t = time.perf_counter()
+            runner.execute(batch, all_logits=q > 1)
+            _sync(bench)
+            if i >= 3:
+                times.append(time.perf_counter() - t)
+    finally:
+        for r in requests:
+            del r.all_token_ids[len(r.all_token_ids) - (q - 1) :]
+    return statistics.median(times) * 1e3
+
+
+def verify_costs(bench: Bench, batches: list[int], reps: int) -> list[dict[str, Any]]:
+    rows = []
+    engine = bench.engine
+    for b in batches:
+        engine.async_scheduling = False  # no step left in flight: every sequence at its last real token
+        try:
+            ids = start_decoding(bench, b, None, bench.tag("verify"))
+        finally:
+            engine.async_scheduling = True
+        requests = list(engine.scheduler.running)
+        plain = forward_ms(bench, requests, 1, reps)
+        row: dict[str, Any] = {"batch": b, "decode_ms": plain}
+        graphs = engine.runner.graphs
+        for k in VERIFY_KS:
+            ms = forward_ms(bench, requests, k + 1, reps)
+            row[f"k{k}_ms"] = ms
+            row[f"k{k}_over_decode"] = ms / plain
+            if graphs is not None:
+                row[f"k{k}_graph"] = graphs.bucket([(r, k + 1) for r in requests], True) is not None
+        for rid in ids:
+            engine.abort(rid)
+        rows.append(row)
+        print(f"verify cost B={b}: " + ", ".join(f"{k}={v:.3g}" for k, v in row.items() if k != "batch"))
+    return rows
+
+
+# ---- generation with and without speculation ----
+def generate(
+    bench: Bench,
+    prompts: list[list[int]],
+    loras: list[LoRARequest | None],
+    new_tokens: int,
+    spec: SpecDecoder | None,
+) -> dict[str, Any]:
+    """Greedy generation of new_tokens per prompt; tokens/s over the decode part (timed from the step
+    after every sequence has its first token to the last), and the outputs by (prompt, adapter)."""
+    engine = bench.engine
+    engine.spec, engine.ahead.spec = spec, spec
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    tag = bench.tag("gen")
+    latest: dict[str, list[int]] = {}
+    for i, (p, lora) in enumerate(zip(prompts, loras, strict=True)):
+        engine.add_request(f"{tag}-{i}", p, params, lora=lora, cache_salt=f"spec-{i}")
+    requests = {r.request_id: r for r in [*engine.scheduler.running, *engine.scheduler.waiting()]}
+    sched = engine.scheduler
+    while sched.num_waiting or any(r.num_output_tokens == 0 for r in sched.running):
+        for out in engine.step():
+            latest[out.request_id] = out.outputs[0].token_ids
+    start_tokens = sum(len(t) for t in latest.values())
+    steps = 0
+    _sync(bench)
+    t = time.perf_counter()
+    while engine.has_unfinished():
+        for out in engine.step():
+            latest[out.request_id] = out.outputs[0].token_ids
+        steps += 1
+    _sync(bench)
+    wall = time.perf_counter() - t
+    emitted = sum(len(v) for v in latest.values()) - start_tokens
+    engine.spec = engine.ahead.spec = None
+    return {
+        "tokens_per_s": emitted / wall,
+        "decode_steps": steps,
+        "tokens_per_step": emitted / max(steps, 1),
+        "outputs": {key(requests[rid]): tokens for rid, tokens in latest.items()},
+    }
+
+
+def spec_decoder(bench: Bench, config: dict[str, Any], proposer: Any) -> SpecDecoder:
+    return SpecDecoder(SpeculativeConfig(**config), bench.engine.max_model_len, proposer)
+
+
+def summary(run: dict[str, Any], base: dict[str, Any], spec: SpecDecoder | None) -> dict[str, Any]:
+    out = {k: v for k, v in run.items() if k != "outputs"}
+    out["speedup"] = run["tokens_per_s"] / base["tokens_per_s"]
+    out["same_tokens"] = run["outputs"] == base["outputs"]
+    if spec is not None:
+        stats = spec.stats
+        out["acceptance"] = stats.num_accepted_tokens / max(stats.num_draft_tokens, 1)
+        out["spec_stats"] = stats.as_dict()
+        out["switch_offs"] = spec.switch.num_switch_offs
+    return out
+
+
+def make_draft(bench: Bench, work: Path, blocks: int) -> Any:
+    """A random draft model: Llama-3.2-1B's shape on the GPU, the demo model with one layer on the CPU."""
+    from benchmarks.serving_model import random_model
+    from engine.spec.draft_model import DraftModelProposer
+
+    target = Path(bench.engine.model.path)
+    folder = work / "draft-1b"
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(target, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.json.index"))
+    raw = json.loads((target / "config.json").read_text())
+    raw.update(LLAMA32_1B if bench.cuda else {"num_hidden_layers": 1})
+    (folder / "config.json").write_text(json.dumps(raw))
+    loaded = random_model(folder, bench.engine.model.dtype, bench.engine.runner.device, seed=1)
+    config = SpeculativeConfig("draft_model", K, model=str(folder))
+    return DraftModelProposer.build(bench.engine.config, config, loaded, blocks), str(folder)
+
+
+def at_batch(bench: Bench, b: int, adapters: int, new_tokens: int, draft: Any) -> dict[str, Any]:
+    prompt_len = bench.sizes.decode_prompt
+    prompts = [bench.prompt(prompt_len) for _ in range(b)]
+    loras: list[LoRARequest | None] = [None] * b
+    if adapters:
+        bench.qkvo.prepare(list(range(adapters)))
+        loras = [bench.qkvo.lora(i % adapters) for i in range(b)]
+    warm = max(4, new_tokens // 8)
+    generate(bench, prompts, loras, warm, None)  # warm-up: prefix cache, graphs, adapters resident
+    base = generate(bench, prompts, loras, new_tokens, None)
+    oracle_cfg = {"method": "ngram", "num_speculative_tokens": K, "min_acceptance_rate": 0.0}
+    generate(bench, prompts, loras, warm, spec_decoder(bench, oracle_cfg, OracleProposer(base["outputs"])))
+    oracle_spec = spec_decoder(bench, oracle_cfg, OracleProposer(base["outputs"]))
+    oracle = generate(bench, prompts, loras, new_tokens, oracle_spec)
+    ngram_cfg = {"method": "ngram", "num_speculative_tokens": K}
+    ngram_spec = spec_decoder(bench, ngram_cfg, NgramProposer(2, 5))
+    ngram = generate(bench, prompts, loras, new_tokens, ngram_spec)
+    out: dict[str, Any] = {
+        "batch": b,
+        "adapters": adapters,
+        "new_tokens": new_tokens,
+        "base": summary(base, base, None),
+        "oracle": summary(oracle, base, oracle_spec),
+        "ngram": summary(ngram, base, ngram_spec),
+    }
+    if draft is not None:
+        draft_cfg = {"method": "ngram", "num_speculative_tokens": K}  # default switch-off settings
+        generate(bench, prompts, loras, warm, spec_decoder(bench, draft_cfg, draft))
+        adaptive = spec_decoder(bench, draft_cfg, draft)
+        out["draft_adaptive"] = summary(generate(bench, prompts, loras, new_tokens, adaptive), base, adaptive)
+        always = spec_decoder(bench, {**draft_cfg, "min_acceptance_rate": 0.0}, draft)
+        out["draft_always"] = summary(generate(bench, prompts, loras, new_tokens, always), base, always)
+    print(
+        f"B={b}: base {base['tokens_per_s']:.1f} tok/s; oracle x{out['oracle']['speedup']:.2f} "
+        f"(acceptance {out['oracle']['acceptance']:.2f}); ngram x{out['ngram']['speedup']:.2f} "
+        f"(acceptance {out['ngram']['acceptance']:.2f})"
+        + (
+            f"; draft adaptive x{out['draft_adaptive']['speedup']:.3f}, always x{out['draft_always']['speedup']:.3f}"
+            if draft is not None
+            else ""
+        ),
+        flush=True,
+    )
+    return out
+
+
+def workload_v(bench: Bench) -> dict[str, Any]:
+    engine, runner = bench.engine, bench.engine.runner
+    smoke = not bench.cuda
+    execute = runner.execute
+    inner = execute.inner if isinstance(execute, ForwardTimer) else execute  # all_logits passes through
+    graphs = runner.graphs
+    runner.execute = inner
+    if graphs is not None:  # a fresh set with verify buckets, captured on first use (workload g does too)
+        runner.graphs = runner.make_graphs(
+            max_batch=graphs.max_batch, verify_lens=tuple(k + 1 for k in VERIFY_KS)
+        )
+    work = Path(engine.model.path).parent
+    try:
+        out: dict[str, Any] = {
+            "k": K,
+            "verify_cost": verify_costs(bench, [1, 2] if smoke else [1, 8, 32, 64], 3 if smoke else 20),
+        }
+        batches = [(1, 0), (2, 2)] if smoke else [(1, 0), (32, 16)]
+        new_tokens = 8 if smoke else 128
+        longest = max(b for b, _ in batches) * (bench.sizes.decode_prompt + new_tokens + 2 * K + 16)
+        draft, draft_folder = make_draft(bench, work, 2 * -(-longest // engine.config.block_size))
+        out["draft_model"] = draft_folder
+        for b, adapters in batches:
+            out[f"b{b}"] = at_batch(bench, b, adapters, new_tokens, draft)
+        return out
+    finally:
+        engine.spec = engine.ahead.spec = None
+        runner.execute, runner.graphs = execute, graphs
