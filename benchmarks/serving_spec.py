@@ -163,7 +163,9 @@ def generate(
 
 
 def spec_decoder(bench: Bench, config: dict[str, Any], proposer: Any) -> SpecDecoder:
-    return SpecDecoder(SpeculativeConfig(**config), bench.engine.max_model_len, proposer)
+    spec = SpecDecoder(SpeculativeConfig(**config), bench.engine.max_model_len, proposer)
+    spec.pad = bench.engine.runner.graphs is not None  # as LLMEngine sets it
+    return spec
 
 
 def summary(run: dict[str, Any], base: dict[str, Any], spec: SpecDecoder | None) -> dict[str, Any]:

@@ -84,6 +84,7 @@ class LLMEngine:
         spec_config = config.speculative
         if spec_config is not None:
             self.spec = SpecDecoder(spec_config, self.max_model_len, proposer)
+            self.spec.pad = getattr(runner, "graphs", None) is not None
             self.ahead.spec = self.spec
 
     @property

@@ -45,11 +45,15 @@ class SpecDecoder:
         )
         self.switch = SpecSwitch(config)
         self.stats = SpecStats()
+        # Fill drafts up to k for uniform verify steps (the engine sets it when the runner has CUDA graphs).
+        self.pad = False
 
     # ---- before the schedule ----
     def propose(self, running: list[Request]) -> None:
-        """Draft for every running sequence that decodes and can be verified row by row. Drafts are kept
-        short enough that a fully accepted run never passes max_tokens or the context."""
+        """Draft for every running sequence that decodes and can be verified row by row. The proposer is
+        asked for at most what a fully accepted run can emit before max_tokens; with `pad`, every such
+        sequence's drafts are then filled up to k (the last token repeated), so that the verify step is
+        uniform (k + 1 tokens per row) and replays a CUDA graph instead of running eager."""
         for request in running:
             if request.spec_token_ids:
                 request.spec_token_ids = []
@@ -77,6 +81,17 @@ class SpecDecoder:
             # Nothing to verify costs no wide step, but speculating keeps steps from going ahead of the
             # host (async scheduling): the switch counts it as a step that accepted nothing.
             self.switch.record(len(picked), 0)
+            for request in picked:
+                request.spec_token_ids = []
+            return
+        if self.pad:
+            for request in running:
+                if not request.can_speculate or request.num_computed_tokens != len(request.all_token_ids) - 1:
+                    continue
+                width = min(self.k, self.max_model_len - len(request.all_token_ids))
+                drafts = request.spec_token_ids
+                filler = drafts[-1] if drafts else request.all_token_ids[-1]
+                drafts.extend([filler] * (width - len(drafts)))
 
     def allows_ahead(self, num_running: int, launching: bool) -> bool:
         """Async scheduling asks before a step goes ahead of the host: only while speculation is off (a

@@ -220,3 +220,32 @@ def test_requests_that_cannot_speculate_share_the_batch(llama):
     assert tokens(got) == tokens(expected)
     assert spec.engine.spec.stats.num_drafts > 0
     assert proposer.calls == spec.engine.spec.stats.num_drafts  # only the plain one was ever asked
+
+
+def test_padded_drafts_for_uniform_verify_steps_change_nothing(llama):
+    """With CUDA graphs every decoding sequence verifies k tokens (missing drafts filled in), also those
+    whose proposer found nothing and those a token or two from max_tokens."""
+    base, adapters = llama
+    ps = prompts(len(NAMES), seed=16)
+    lr = loras(adapters, NAMES)
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (5, 9, 14, 3, 11, 14)]
+    expected = make_llm(base).generate(ps, params, lora_request=lr)
+    spec = make_llm(base, ngram(k=3))
+    conts = continuations(spec, expected, ps, NAMES)
+    for i in (1, 3):  # these two never get a draft of their own
+        conts[(tuple(ps[i]), NAMES[i], 0)] = []
+    spec.engine.spec.proposer = ScriptedProposer(conts, wrong_every=3)
+    spec.engine.spec.pad = True
+    widths: list[set[int]] = []
+    execute = spec.engine.runner.execute
+
+    def record(batch, *args, **kwargs):
+        widths.append({n for _, n in batch})
+        return execute(batch, *args, **kwargs)
+
+    spec.engine.runner.execute = record
+    got = spec.generate(ps, params, lora_request=lr)
+    assert tokens(got) == tokens(expected)
+    assert [len(t) for t in tokens(got)] == [5, 9, 14, 3, 11, 14]
+    verify_steps = [w for w in widths if 4 in w]
+    assert verify_steps and all(w == {4} for w in verify_steps[1:])  # uniform once every row decodes
