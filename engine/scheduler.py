@@ -175,7 +175,9 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         allocate_slots = self.block_manager.allocate_slots
-        for request in list(self.running):
+        running = list(self.running)
+        reserve = self._blocks_after(running) if any(r.spec_token_ids for r in running) else []
+        for index, request in enumerate(running):
             if budget <= 0:
                 break
             if request.status is not RequestStatus.RUNNING:
@@ -185,8 +187,11 @@ class Scheduler:
             if drafts:
                 # Verify the drafts in this step (engine/spec/): k + 1 query tokens, blocks for all of
                 # them; only blocks of real tokens are ever hashed (the block manager hashes all_token_ids,
-                # which never holds drafts here). Short of budget or blocks, the sequence just decodes.
-                if n == 1 and budget > len(drafts) and allocate_slots(request, 1 + len(drafts)):
+                # which never holds drafts here). Short of budget or blocks, the sequence just decodes:
+                # blocks for drafts never come at the cost of a preemption (each request after this one
+                # may need a free block for its own next token).
+                if n == 1 and budget > len(drafts) and self._draft_blocks_fit(request, reserve[index]):
+                    allocate_slots(request, 1 + len(drafts))
                     n = 1 + len(drafts)
                 else:
                     request.spec_token_ids = []
@@ -207,6 +212,21 @@ class Scheduler:
         if not out.preempted:
             self._admit(out, budget)
         return out
+
+    def _blocks_after(self, running: list[Request]) -> list[int]:
+        """For each running request, the new blocks the requests after it need for their own tokens."""
+        bm = self.block_manager
+        needs = [max(bm.blocks_needed(r.num_tokens) - len(r.block_table), 0) for r in running]
+        after, total = [0] * len(running), 0
+        for i in range(len(running) - 1, -1, -1):
+            after[i] = total
+            total += needs[i]
+        return after
+
+    def _draft_blocks_fit(self, request: Request, reserved: int) -> bool:
+        bm = self.block_manager
+        upto = request.num_computed_tokens + 1 + len(request.spec_token_ids)
+        return bm.blocks_needed(upto) - len(request.block_table) <= bm.num_free_blocks - reserved
 
     def _pick_victim(self) -> Request:
         """Whom to preempt when blocks run out: the most recently admitted request of the key holding the

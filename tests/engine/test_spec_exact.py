@@ -249,3 +249,46 @@ def test_padded_drafts_for_uniform_verify_steps_change_nothing(llama):
     assert [len(t) for t in tokens(got)] == [5, 9, 14, 3, 11, 14]
     verify_steps = [w for w in widths if 4 in w]
     assert verify_steps and all(w == {4} for w in verify_steps[1:])  # uniform once every row decodes
+
+
+def test_a_late_arrival_collecting_prompt_logprobs_and_an_abort_mid_run(llama):
+    """A step that computes a prompt whose logprobs are wanted verifies no drafts; an abort between
+    speculative steps frees everything; the others' tokens do not change."""
+    base, _ = llama
+    ps = prompts(3, seed=17)
+    late = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+
+    def drive(llm):
+        engine = llm.engine
+        for i in range(2):
+            engine.add_request(f"r{i}", ps[i], GREEDY)
+        final = {}
+        for step in range(40):
+            if step == 3:
+                engine.add_request("late", ps[2], late)
+                engine.add_request("gone", ps[2], GREEDY)
+            if step == 5:
+                engine.abort("gone")
+            for out in engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+            if not engine.has_unfinished():
+                break
+        return final
+
+    expected = drive(make_llm(base))
+    spec = make_llm(base, ngram(k=3))
+    conts = {(tuple(ps[i]), None, 0): expected[f"r{i}"].outputs[0].token_ids for i in range(2)}
+    conts[(tuple(ps[2]), None, 0)] = expected["late"].outputs[0].token_ids
+    spec.engine.spec.proposer = ScriptedProposer(conts)
+    got = drive(spec)
+    assert set(got) == {"r0", "r1", "late"}
+    for rid in got:
+        assert got[rid].outputs[0].token_ids == expected[rid].outputs[0].token_ids
+    lp_got, lp_exp = got["late"].prompt_logprobs, expected["late"].prompt_logprobs
+    assert lp_got is not None and len(lp_got) == len(ps[2])
+    for a, b in zip(lp_got[1:], lp_exp[1:], strict=True):
+        assert a.keys() == b.keys()
+        assert all(a[t].logprob == pytest.approx(b[t].logprob, abs=1e-4) for t in a)
+    assert spec.engine.spec.stats.num_accepted_tokens > 0
+    assert spec.engine.block_manager.num_free_blocks == spec.engine.block_manager.num_blocks

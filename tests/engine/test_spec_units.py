@@ -113,3 +113,30 @@ def test_stats_count_drafts_tokens_and_positions():
     stats.record(4, 0)
     assert (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens) == (3, 11, 5)
     assert stats.accepted_per_pos == [2, 2, 1, 0]
+
+
+def test_drafts_never_take_blocks_another_running_request_needs():
+    from engine.block_manager import BlockManager
+    from engine.request import Request
+    from engine.sampling_params import SamplingParams
+    from engine.scheduler import Scheduler
+
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(bm, None, max_num_seqs=4, max_num_batched_tokens=64)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    a, b = Request("a", [1, 2, 3, 4], params), Request("b", [5, 6, 7, 8], params)
+    for r in (a, b):
+        sched.add(r)
+    sched.advance(sched.schedule())  # both prefilled: 2 blocks used, 2 free
+    for r in (a, b):
+        r.append_token(9)
+    a.spec_token_ids = [9, 9, 9, 9, 9]  # would need 2 more blocks: b's next token needs the last one
+    out = sched.schedule()
+    assert out.scheduled == [(a, 1), (b, 1)] and not out.preempted
+    assert a.spec_token_ids == []
+    sched.advance(out)
+    for r in (a, b):
+        r.append_token(9)
+    a.spec_token_ids = [9, 9]  # fits beside b's own block
+    out = sched.schedule()
+    assert out.scheduled == [(a, 3), (b, 1)] and not out.preempted
