@@ -1,0 +1,32 @@
+"""benchmarks/serving.py --only v on the CPU demo model: workload v runs end to end (the GPU run is the
+measurement; this keeps the code from rotting between device runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_spec_workload_runs(tmp_path: pytest.TempPathFactory) -> None:
+    import torch
+
+    from benchmarks.serving import main
+
+    threads = torch.get_num_threads()
+    try:
+        main(["--smoke", "--only", "v", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    finally:
+        torch.set_num_threads(threads)
+    v = json.loads((tmp_path / "serving.json").read_text())["v"]
+    assert "error" not in v, v
+    assert [row["batch"] for row in v["verify_cost"]] == [1, 2]
+    assert all(row["k8_ms"] > 0 for row in v["verify_cost"])
+    for b in ("b1", "b2"):
+        run = v[b]
+        # The oracle drafts the base run's own continuation: every draft accepted, the same tokens.
+        assert run["oracle"]["acceptance"] == 1.0 and run["oracle"]["same_tokens"]
+        assert run["oracle"]["tokens_per_step"] > run["base"]["tokens_per_step"]
+        for name in ("ngram", "draft_adaptive", "draft_always"):
+            assert run[name]["same_tokens"], name
