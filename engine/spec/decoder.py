@@ -14,6 +14,7 @@ its text equals the non-speculative one too.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -25,6 +26,9 @@ from engine.spec.config import SpeculativeConfig
 from engine.spec.proposer import NgramProposer, Proposer
 from engine.spec.stats import SpecStats
 from engine.spec.switch import SpecSwitch
+from engine.step_guard import is_engine_fault
+
+log = logging.getLogger(__name__)
 
 Batch = list[tuple[Request, int]]
 # (request, its first logits row, its number of rows): k + 1 for a verifying sequence, 1 for the others.
@@ -73,8 +77,16 @@ class SpecDecoder:
                 lens.append(k)
         if not picked:
             return
+        try:
+            proposals = self.proposer.propose(picked, lens)
+        except Exception as exc:
+            if is_engine_fault(exc):
+                raise
+            # Drafts are only guesses: a proposer that fails costs this step its drafts, never a request.
+            log.warning("speculative proposer failed; this step decodes without drafts", exc_info=exc)
+            return
         found = False
-        for request, k, drafts in zip(picked, lens, self.proposer.propose(picked, lens), strict=True):
+        for request, k, drafts in zip(picked, lens, proposals, strict=True):
             request.spec_token_ids = list(drafts[:k])
             found = found or bool(drafts)
         if not found:

@@ -67,6 +67,9 @@ class DraftModelProposer:
         """runner: a ModelRunner of the draft model (execute); block_manager over its KV blocks."""
         self.runner = runner
         self.block_manager = block_manager
+        # Longest sequence the draft can hold (its positions and its step input's block-table rows).
+        cfg = runner.model.config
+        self.max_len = min(cfg.max_position_embeddings, runner.input.max_blocks * block_manager.block_size)
         self.shadows: dict[str, tuple[Request, int]] = {}  # request id -> (shadow, real tokens it saw)
 
     @classmethod
@@ -110,6 +113,8 @@ class DraftModelProposer:
         drafts: list[list[int]] = [[] for _ in requests]
         rows: list[tuple[int, Request]] = []
         for i, request in enumerate(requests):
+            if len(request.all_token_ids) + max_lens[i] > self.max_len:
+                continue  # past what the draft can hold: no drafts, the target decodes as usual
             shadow = self._sync(request)
             self.shadows[request.request_id] = (shadow, len(request.all_token_ids))
             rows.append((i, shadow))

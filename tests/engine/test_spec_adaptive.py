@@ -98,3 +98,21 @@ def test_a_proposer_that_finds_nothing_hands_the_steps_back_to_async_scheduling(
     assert llm.engine.spec.stats.num_drafts == 0
     assert llm.engine.spec.switch.num_switch_offs >= 1
     assert Empty.calls < 12 and llm.engine.num_steps_ahead > 20
+
+
+def test_a_failing_proposer_costs_its_drafts_not_the_requests(base, one_torch_thread):
+    class Broken:
+        calls = 0
+
+        def propose(self, requests, max_lens):
+            Broken.calls += 1
+            raise ValueError("proposer bug")
+
+        def retain(self, running):
+            pass
+
+    ps = prompts(2, seed=25)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    _, expected = run(base, None, ps, params)
+    _, got = run(base, spec_config(min_acceptance_rate=0.0), ps, params, lambda _: Broken())
+    assert got == expected and Broken.calls > 0

@@ -69,3 +69,13 @@ def test_a_draft_with_another_vocabulary_is_refused(models, tmp_path):
     other = make_tiny_model(tmp_path / "other", "llama", vocab_size=256)
     with pytest.raises(ValueError, match="vocabulary"):
         make_llm(base, draft(other))
+
+
+def test_sequences_longer_than_the_draft_holds_decode_without_drafts(models, tmp_path, one_torch_thread):
+    base, _, _ = models
+    short = make_tiny_model(tmp_path / "short", "llama", num_hidden_layers=1, max_position_embeddings=16)
+    ps = prompts(2, seed=33, lengths=(5, 9))
+    expected = [o.outputs[0].token_ids for o in make_llm(base).generate(ps, GREEDY)]
+    llm = make_llm(base, draft(short))
+    assert [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY)] == expected
+    assert llm.engine.spec.stats.num_drafts > 0  # the short stretch still speculated
