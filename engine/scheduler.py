@@ -190,8 +190,12 @@ class Scheduler:
                 # which never holds drafts here). Short of budget or blocks, the sequence just decodes:
                 # blocks for drafts never come at the cost of a preemption (each request after this one
                 # may need a free block for its own next token).
-                if n == 1 and budget > len(drafts) and self._draft_blocks_fit(request, reserve[index]):
-                    allocate_slots(request, 1 + len(drafts))
+                if (
+                    n == 1
+                    and budget > len(drafts)
+                    and self._draft_blocks_fit(request, reserve[index])
+                    and allocate_slots(request, 1 + len(drafts))
+                ):
                     n = 1 + len(drafts)
                 else:
                     request.spec_token_ids = []
