@@ -108,37 +108,59 @@ class DraftModelProposer:
         tokens.extend(real[keep:])
         return shadow
 
+    def _allocate(self, shadow: Request, n: int) -> bool:
+        if self.block_manager.allocate_slots(shadow, n):
+            return True
+        self.block_manager.free(shadow)  # the draft's pool is full: this sequence goes without drafts
+        shadow.num_computed_tokens = 0
+        return False
+
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_lens: list[int]) -> list[list[int]]:
         drafts: list[list[int]] = [[] for _ in requests]
-        rows: list[tuple[int, Request]] = []
+        pending: list[tuple[int, Request]] = []
         for i, request in enumerate(requests):
             if len(request.all_token_ids) + max_lens[i] > self.max_len:
                 continue  # past what the draft can hold: no drafts, the target decodes as usual
-            shadow = self._sync(request)
-            self.shadows[request.request_id] = (shadow, len(request.all_token_ids))
-            rows.append((i, shadow))
-        step = 0
+            pending.append((i, self._sync(request)))
+            self.shadows[request.request_id] = (pending[-1][1], len(request.all_token_ids))
+        # Catch up, in chunks within the step input's token budget; a row whose last real token is
+        # computed has its first draft.
+        rows: list[tuple[int, Request]] = []
+        budget = self.runner.input.max_tokens
+        while pending:
+            batch: list[tuple[int, Request, int]] = []
+            rest: list[tuple[int, Request]] = []
+            room = budget
+            for i, shadow in pending:
+                if room <= 0:
+                    rest.append((i, shadow))  # the next chunk
+                    continue
+                n = min(len(shadow.all_token_ids) - shadow.num_computed_tokens, room)  # >= 1 (_sync)
+                if self._allocate(shadow, n):
+                    batch.append((i, shadow, n))
+                    room -= n
+            pending = rest
+            if not batch:
+                break
+            tokens = self.runner.execute([(s, n) for _, s, n in batch]).argmax(dim=-1).tolist()  # [B]
+            for (i, shadow, n), token in zip(batch, tokens, strict=True):
+                shadow.num_computed_tokens += n
+                if shadow.num_computed_tokens < len(shadow.all_token_ids):
+                    pending.append((i, shadow))  # mid catch-up: this row's logits are not a draft
+                else:
+                    drafts[i].append(token)
+                    rows.append((i, shadow))
+        # Then one greedy token a forward, each row up to its own max length.
         while rows:
-            batch = [(s, len(s.all_token_ids) - s.num_computed_tokens) for _, s in rows]
-            fits = [self.block_manager.allocate_slots(s, n) for s, n in batch]
-            for (i, shadow), ok in zip(list(rows), fits, strict=True):
-                if not ok:  # the draft's pool is full: this sequence goes without drafts for now
-                    self.block_manager.free(shadow)
-                    shadow.num_computed_tokens = 0
-                    drafts[i] = []
-            rows = [row for row, ok in zip(rows, fits, strict=True) if ok]
-            batch = [b for b, ok in zip(batch, fits, strict=True) if ok]
+            rows = [(i, s) for i, s in rows if len(drafts[i]) < max_lens[i]]
+            for i, shadow in rows:
+                shadow.all_token_ids.append(drafts[i][-1])  # fed to the next forward
+            rows = [(i, s) for i, s in rows if self._allocate(s, 1)]
             if not rows:
                 break
-            tokens = self.runner.execute(batch).argmax(dim=-1).tolist()  # [B] greedy drafts
-            step += 1
-            going = []
-            for (i, shadow), (_, n), token in zip(rows, batch, tokens, strict=True):
-                shadow.num_computed_tokens += n
+            tokens = self.runner.execute([(s, 1) for _, s in rows]).argmax(dim=-1).tolist()
+            for (i, shadow), token in zip(rows, tokens, strict=True):
+                shadow.num_computed_tokens += 1
                 drafts[i].append(token)
-                if step < max_lens[i]:
-                    shadow.all_token_ids.append(token)  # fed to the next forward
-                    going.append((i, shadow))
-            rows = going
         return drafts

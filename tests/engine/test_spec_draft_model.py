@@ -79,3 +79,25 @@ def test_sequences_longer_than_the_draft_holds_decode_without_drafts(models, tmp
     llm = make_llm(base, draft(short))
     assert [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY)] == expected
     assert llm.engine.spec.stats.num_drafts > 0  # the short stretch still speculated
+
+
+def test_the_draft_catches_up_in_chunks_of_the_token_budget(models, one_torch_thread):
+    """Prompts longer than the step's token budget: the draft prefills them in several forwards (and the
+    target in chunks); the target as its own draft is still accepted whole."""
+    base, _, _ = models
+    ps = prompts(3, seed=34, lengths=(40, 50, 70))  # 160 tokens to catch up; 64 a forward
+    expected = [o.outputs[0].token_ids for o in make_llm(base).generate(ps, GREEDY)]
+    llm = make_llm(base, draft(base), max_num_batched_tokens=8)
+    calls: list[int] = []
+    runner = llm.engine.spec.proposer.runner
+    execute = runner.execute
+
+    def record(batch, *args, **kwargs):
+        calls.append(sum(n for _, n in batch))
+        return execute(batch, *args, **kwargs)
+
+    runner.execute = record
+    assert [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY)] == expected
+    stats = llm.engine.spec.stats
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+    assert max(calls) == runner.input.max_tokens == 64  # full chunks
