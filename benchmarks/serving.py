@@ -10,7 +10,8 @@ Workloads: a decode step vs roofline at B=1..128; b 64 distinct adapters (q/k/v/
 LoRA; c transformers + PEFT on the same mixed batch; d prefix-cache TTFT warm vs cold; e 1,000 adapters,
 Zipf popularity, Poisson arrivals vs the base model; f adapter load times; s (not in the default set)
 B=64 requests constrained by a 20-field JSON schema vs unconstrained, and the schemas' compile times; q and r
-(not in the default set either) FP8 base weights and deterministic mode (benchmarks/serving_fp8.py). Writes serving.json and
+(not in the default set either) FP8 base weights and deterministic mode (benchmarks/serving_fp8.py); v speculative decoding:
+verify cost, oracle / n-gram / random-draft tokens/s (benchmarks/serving_spec.py). Writes serving.json and
 serving.png under --out and prints a table.
 """
 

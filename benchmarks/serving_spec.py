@@ -273,7 +273,7 @@ def workload_v(bench: Bench) -> dict[str, Any]:
             "verify_cost": verify_costs(bench, [1, 2] if smoke else [1, 8, 32, 64], 3 if smoke else 20),
         }
         batches = [(1, 0), (2, 2)] if smoke else [(1, 0), (32, 16)]
-        new_tokens = 8 if smoke else 128
+        new_tokens = 8 if smoke else 256
         longest = max(b for b, _ in batches) * (bench.sizes.decode_prompt + new_tokens + 2 * K + 16)
         draft, draft_folder = make_draft(bench, work, 2 * -(-longest // engine.config.block_size))
         out["draft_model"] = draft_folder
