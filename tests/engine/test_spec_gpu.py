@@ -64,3 +64,19 @@ def test_greedy_with_speculation_equals_without_on_cuda(models, method):
     assert engine.spec.pad and engine.spec.stats.num_accepted_tokens > 0
     assert 4 in engine.runner.graphs.verify
     assert any(key[2] == 4 for key in llm.replayed)  # verify steps replayed a k + 1 = 4 bucket
+
+
+def test_seeded_sampling_gives_the_same_text_on_cuda(models):
+    """A seeded request's CUDA generator is rewound past the rows it did not emit (Philox offsets)."""
+    base, _ = models
+    gen = torch.Generator().manual_seed(4)
+    ps = [[0, *torch.randint(4, 512, (8,), generator=gen).tolist()] for _ in range(3)]
+    params = [SamplingParams(max_tokens=20, temperature=0.8, seed=s, ignore_eos=True) for s in (1, 2, 3)]
+    outs = []
+    for spec in (None, {"method": "draft_model", "model": str(base), "num_speculative_tokens": 3,
+                        "min_acceptance_rate": 0.0}):  # fmt: skip
+        llm = LLM(str(base), device="cuda", dtype="float32", max_lora_rank=8, speculative_config=spec)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(ps, params)])
+        if spec is not None:
+            assert llm.engine.spec.stats.num_accepted_tokens > 0
+    assert outs[0] == outs[1]
