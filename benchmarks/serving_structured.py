@@ -5,7 +5,8 @@ schemas' compile time, cold and cached.
 The benchmark model's word-level tokenizer ("t17") cannot spell JSON, so this workload swaps in a
 byte-level BPE of the model's full vocabulary (128,256 ids on the GPU), built here in seconds from
 deterministic merges of common characters: a mask step then walks a realistic 128k-token trie.
-Steps with a constrained row do not run ahead (async scheduling); `steps_ahead` shows it.
+Constrained steps run ahead (async scheduling) with their masks filled while the next forward runs;
+`steps_ahead` shows it.
 """
 
 from __future__ import annotations

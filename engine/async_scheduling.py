@@ -13,9 +13,15 @@ A request that stops on the token just read (EOS, stop string, abort) computed o
 launched step: that token is dropped. Its KV write landed in its own blocks, before any later step can
 reuse them (one device stream), so the results equal those of synchronous steps.
 
-A step goes in flight only when no row needs its tokens so far to sample (Sampler.sample_tensor's
-rows) and every scheduled request samples in it; anything else (a waiting request, a chunked prefill,
-blocks short) falls back to a synchronous schedule() step, after which the chain can start again.
+A step goes in flight only when no row needs its tokens so far on the device to sample
+(Sampler.sample_tensor's rows) and every scheduled request samples in it; anything else (a waiting
+request, a chunked prefill, blocks short) falls back to a synchronous schedule() step, after which the
+chain can start again.
+
+Structured outputs: a constrained row's mask depends on every token before, which the host accepts into
+the row's grammar only after reading them. So a step launched ahead with a constrained row is sampled in
+`settle`, after the host's work on the tokens read: its forward runs on the device while the host
+accepts the tokens and fills the next masks, and the sampling follows (`Launched.logits`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,15 @@ import torch
 from engine.request import Request
 from engine.sampler import Sampler, SamplerOutput, can_sample_ahead, to_device
 from engine.scheduler import Scheduler
+
+
+@dataclass(slots=True)
+class Launched:
+    """A step launched ahead whose rows cannot be sampled yet (a grammar row: its mask needs the tokens
+    being read). `settle` samples it."""
+
+    requests: list[Request]
+    logits: Any  # [B, V] on the device
 
 
 @dataclass(slots=True)
@@ -65,7 +80,7 @@ class AsyncScheduling:
         self.scheduler, self.runner, self.sampler = scheduler, runner, sampler
         self.max_model_len = max_model_len
         self.in_flight: InFlight | None = None
-        self._launched: InFlight | None = None  # launched by advance(), in flight after settle()
+        self._launched: InFlight | Launched | None = None  # launched by advance(), in flight after settle()
         self.num_steps_ahead = 0  # steps launched before the previous one's tokens were read
         # Speculative decoding (engine/spec/decoder.py's SpecDecoder), None when off: steps go ahead only
         # while it is switched off, since a proposer needs the latest tokens on the host.
@@ -100,13 +115,22 @@ class AsyncScheduling:
             return
         going = [r for r in launched.requests if not r.is_finished]
         self.scheduler.advance_ahead(going)
-        self.in_flight = launched if going else None
+        if not going:
+            self.in_flight = None
+        elif isinstance(launched, Launched):
+            # The grammars have the tokens just read now: fill the masks (while the forward may still run
+            # on the device) and sample. Rows of requests that just stopped are sampled unmasked and dropped.
+            self.in_flight = InFlight(
+                launched.requests, self.sampler.sample_tensor(launched.logits, launched.requests)
+            )
+        else:
+            self.in_flight = launched
 
     def drop(self) -> None:
         """Forget the steps in flight (a step raised: StepGuard preempts their requests, which recompute)."""
         self.in_flight = self._launched = None
 
-    def _launch(self, live: list[Request], tokens: Any, rows: list[int]) -> InFlight | None:
+    def _launch(self, live: list[Request], tokens: Any, rows: list[int]) -> InFlight | Launched | None:
         if not live or len(live) != self.scheduler.num_running:
             return None  # e.g. a request in chunked prefill is running too: schedule() decides
         if self.spec is not None and not self.spec.allows_ahead(len(live), launching=True):
@@ -123,6 +147,8 @@ class AsyncScheduling:
         logits = self.runner.execute(scheduled, input_ids=ids)
         self.num_steps_ahead += 1
         requests = [r for r, _ in scheduled]
+        if any(r.grammar is not None for r in requests):
+            return Launched(requests, logits)
         return InFlight(requests, self.sampler.sample_tensor(logits, requests))
 
     def _stops_by_length(self, request: Request) -> bool:

@@ -40,15 +40,11 @@ def greedy_tokens(logits: Tensor) -> Tensor:
 
 def can_sample_ahead(requests: list[Request]) -> bool:
     """Whether Sampler.sample_tensor covers these rows: nothing in them depends on the tokens sampled so
-    far (penalties, min_tokens and a grammar do) and nothing is read back (logprobs)."""
+    far on the device (penalties and min_tokens do) and nothing is read back (logprobs). A grammar row
+    qualifies: its mask comes from the host, once the tokens before are accepted (engine/async_scheduling.py
+    samples such a step after reading them)."""
     return all(
-        r.plain_greedy
-        or (
-            not r.has_penalties
-            and not r.params.min_tokens
-            and r.params.logprobs is None
-            and r.grammar is None
-        )
+        r.plain_greedy or (not r.has_penalties and not r.params.min_tokens and r.params.logprobs is None)
         for r in requests
     )
 
@@ -94,13 +90,17 @@ class Sampler:
         if all_plain_greedy(requests):
             return greedy_tokens(logits)
         assert can_sample_ahead(requests)
+        masks = self._grammar_masks(requests, logits.shape[1])
         logits = logits.to(torch.float32, copy=True)
+        if masks is not None:
+            apply_bitmask(logits, *masks)
         _apply_logit_bias(logits, requests)
         return self._choose(logits, requests)
 
     def _grammar_masks(self, requests: list[Request], vocab: int) -> tuple[list[int], Tensor] | None:
-        """The constrained rows and their bitmasks (host), or None when no row has a grammar."""
-        rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        """The constrained rows and their bitmasks (host), or None when no row has a grammar. A request
+        that finished meanwhile (a step ahead samples its row, then drops the token) is left unmasked."""
+        rows = [i for i, r in enumerate(requests) if r.grammar is not None and not r.is_finished]
         if not rows:
             return None
         if self.grammar_executor is None:

@@ -235,3 +235,36 @@ def test_the_step_ahead_takes_its_ids_from_the_device(demo: Path) -> None:
     with pytest.raises(ValueError, match="cannot compute"):
         req.all_token_ids.append(token)  # the token is known: an ahead step would skip a position
         runner.execute(batch, input_ids=torch.tensor([token]))
+
+
+def test_constrained_rows_go_ahead_with_the_same_text(demo: Path) -> None:
+    """Every row constrained (greedy and seeded sampling): a step is launched ahead and sampled once the
+    host has accepted the tokens before it into the grammars, so steps go ahead and the text is the same
+    as with synchronous steps, each following its grammar."""
+    import re
+
+    from engine.structured import StructuredSpec
+
+    choices = ("yes", "no", "maybe later")
+    specs = [
+        StructuredSpec("choice", choices),
+        StructuredSpec("regex", "[0-9]{3}-[a-z]{2}"),
+        StructuredSpec("json"),
+    ]
+
+    def params_of(i: int) -> SamplingParams:
+        sampled = {"temperature": 0.9, "seed": i} if i % 2 else {"temperature": 0.0}
+        return SamplingParams(max_tokens=20, structured=specs[i % 3], **sampled)
+
+    (sync, sync_ahead, _, _, _), (ahead, steps_ahead, _, free, total) = _both(demo, params_of)
+    assert ahead == sync
+    assert sync_ahead == 0 and steps_ahead > 5 and free == total
+    for rid, (seqs, _, error) in _finals(ahead).items():
+        text, kind = seqs[0][1], int(rid[1:]) % 3
+        assert error is None, (rid, error)
+        if kind == 0:
+            assert text in choices, text
+        elif kind == 1:
+            assert re.fullmatch("[0-9]{3}-[a-z]{2}", text), text
+        else:
+            assert text.startswith("{") or text.startswith("["), text

@@ -208,7 +208,9 @@ def test_async_engine_compiles_off_the_loop_and_fails_only_that_request(demo: Pa
     asyncio.run(run())
 
 
-def test_constrained_steps_are_not_run_ahead(demo: Path) -> None:
+def test_constrained_steps_run_ahead_and_stay_valid(demo: Path) -> None:
+    """A grammar row's step is launched before the host reads the tokens before it and sampled once they
+    are accepted (engine/async_scheduling.py): it goes ahead, and the answer still follows the schema."""
     llm = LLM(str(demo), device="cpu", dtype="float32", num_kv_blocks=64, async_scheduling=True)
     llm.generate([[0, 5, 6]], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     ahead = llm.engine.num_steps_ahead
@@ -216,7 +218,7 @@ def test_constrained_steps_are_not_run_ahead(demo: Path) -> None:
     (out,) = llm.generate(
         [[0, 5, 6]], SamplingParams(max_tokens=64, temperature=0.0, structured=schema_spec(SCHEMAS[5]))
     )
-    assert llm.engine.num_steps_ahead == ahead  # a step with a grammar row waits for its tokens
+    assert llm.engine.num_steps_ahead > ahead + 5
     jsonschema.validate(json.loads(out.outputs[0].text), SCHEMAS[5])
 
 
