@@ -90,9 +90,30 @@ def _timed(fn: Callable[..., Any], acc: dict[str, float], name: str) -> Callable
     return wrapper
 
 
+class _TimedSampler:
+    """The engine's Sampler with its two entry points timed (a call, and sample_tensor for steps run
+    ahead); everything else passes through. Installed wherever the engine holds its sampler."""
+
+    def __init__(self, inner: Any, acc: dict[str, float]) -> None:
+        self.inner = inner
+        self.sample_tensor = _timed(inner.sample_tensor, acc, "sampler")
+        self._call = _timed(inner.__call__, acc, "sampler")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.inner, attr)
+
+
 def _install_part_timers(engine: LLMEngine) -> dict[str, float]:
     acc = dict.fromkeys(PARTS, 0.0)
+    timed_sampler = _TimedSampler(engine.sampler, acc)
+    engine.sampler = timed_sampler  # type: ignore[assignment]
+    engine.ahead.sampler = timed_sampler  # type: ignore[assignment]
     for name in PARTS:
+        if name == "sampler":
+            continue
         owner: Any = engine
         attr = name
         if "." in name:
