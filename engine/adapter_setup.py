@@ -58,12 +58,16 @@ def default_load_processes(cuda: bool) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def cache_for_model(config: EngineConfig, loaded: Any, loader: AdapterLoader | None = None) -> AdapterCache:
+def cache_for_model(
+    config: EngineConfig, loaded: Any, loader: AdapterLoader | None = None, slots: LoRASlots | None = None
+) -> AdapterCache:
+    """slots: made by the caller (tensor parallel: each rank's part, engine/parallel/slots.py)."""
     cuda = loaded.device.type == "cuda"
     batched = config.adapter_batched_copy
-    slots = LoRASlots(
-        loaded.config, config.max_loras, config.max_lora_rank, loaded.dtype, loaded.device, batched
-    )
+    if slots is None:
+        slots = LoRASlots(
+            loaded.config, config.max_loras, config.max_lora_rank, loaded.dtype, loaded.device, batched
+        )
     pin = cuda  # page-locked only where an async device copy needs it
     per_thread = threading.local()  # each loader thread reuses its own read buffer
 

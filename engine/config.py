@@ -75,6 +75,9 @@ class EngineConfig:
     # Speculative decoding, vLLM's dict shape (docs/speculative.md): {"method": "ngram" | "draft_model",
     # "num_speculative_tokens": k, ...}; a dict is checked and turned into a SpeculativeConfig. None: off.
     speculative_config: SpeculativeConfig | dict[str, Any] | None = None
+    # Ranks (GPUs) one engine's model is split over, Megatron-style (docs/parallel.md): N - 1 worker
+    # processes beside this one, NCCL on CUDA, gloo on the CPU.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -103,6 +106,10 @@ class EngineConfig:
             raise ValueError(f"max_lora_rank must be positive, got {self.max_lora_rank}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}"
+            )
         if self.kernel_backend not in _KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {_KERNEL_BACKENDS}, got {self.kernel_backend!r}")
         if self.quantization not in _QUANTIZATIONS:

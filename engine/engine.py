@@ -114,6 +114,10 @@ class LLMEngine:
         from engine.model_loader import load_model
         from engine.model_runner import ModelRunner
 
+        if config.tensor_parallel_size > 1:
+            from engine.parallel.driver import build
+
+            return cls(config, *build(config, adapter_loader))
         loaded = load_model(config)
         cache = AdapterCache.for_model(config, loaded, adapter_loader)
         spec = config.speculative
@@ -400,3 +404,6 @@ class LLMEngine:
         self.grammars.close()
         if self.adapter_cache is not None:
             self.adapter_cache.close()
+        close_runner = getattr(self.runner, "close", None)  # tensor parallel: ends the workers
+        if close_runner is not None:
+            close_runner()

@@ -3,12 +3,14 @@
 It owns the KV cache (sized once, from the memory budget), the step input (engine/step_input.py: the
 scheduler's (request, n) pairs as token ids, positions, cache slots, block tables, sequence lengths, query
 offsets and the token -> adapter slot grouping) and the CUDA graphs that replay steps over that input.
+Under tensor parallelism (engine/parallel/) every rank has one over its part of the model; rank 0's
+sends each filled step to the others (`workers`) before its own forward.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -29,6 +31,10 @@ from engine.model_loader import LoadedModel
 from engine.ops import LoRABatch, get_ops
 from engine.sampler import to_device
 from engine.step_input import Batch, Layout, StepInput
+
+if TYPE_CHECKING:
+    from engine.parallel.driver import Workers
+    from engine.parallel.group import TPGroup
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +81,14 @@ def decide_num_kv_blocks(config: EngineConfig, model: LoadedModel, cuda_mem: tup
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: LoadedModel, adapter_cache: AdapterCache) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: LoadedModel,
+        adapter_cache: AdapterCache,
+        group: TPGroup | None = None,
+    ) -> None:
+        """group: this rank's tensor-parallel group (model.config is then the rank's part)."""
         self.config = config
         self.model = model
         self.adapter_cache = adapter_cache
@@ -84,6 +97,10 @@ class ModelRunner:
         self.ops = get_ops(config.kernel_backend, self.device, config.deterministic)
         cuda_mem = torch.cuda.mem_get_info(self.device) if self.device.type == "cuda" else None
         self.num_kv_blocks = decide_num_kv_blocks(config, model, cuda_mem)
+        if group is not None:  # block ids are shared: every rank holds the smallest count
+            self.num_kv_blocks = group.min_int(self.num_kv_blocks)
+        # Rank 0 of a tensor-parallel group: the workers each step is sent to (engine/parallel/driver.py).
+        self.workers: Workers | None = None
         cfg = model.config
         shape = (self.num_kv_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches: list[tuple[Tensor, Tensor]] = [
@@ -110,7 +127,8 @@ class ModelRunner:
         )
         # Last: the graphs' warm-up needs the KV cache, and the memory line reports everything above.
         self.graphs: DecodeGraphs | None = None
-        if config.cuda_graphs and self.device.type == "cuda" and self.ops.name == "triton":
+        # Not yet under tensor parallelism: a worker would have to replay the bucket rank 0 picks.
+        if config.cuda_graphs and self.device.type == "cuda" and self.ops.name == "triton" and group is None:
             # The torch references sync on the host: graphs need the Triton kernels.
             spec = config.speculative  # verify steps of k + 1 tokens per sequence get graphs too
             self.graphs = self.make_graphs(verify_lens=(spec.num_speculative_tokens + 1,) if spec else ())
@@ -121,8 +139,29 @@ class ModelRunner:
         if self.device.type == "cuda" and self.ops.name == "triton":
             # Eager steps' LoRA launch variants (engine/kernel_warmup.py): none compiles mid-step.
             warm_lora_kernels(adapter_cache.slots, self.ops, self.device)
+        if self.device.type == "cuda" and group is None:
+            self.log_memory()  # tensor parallel: one line per rank from engine/parallel/driver.py
+
+    def start_report(self, seconds: float) -> dict[str, float]:
+        """What this rank took at start (tensor parallel: logged per rank by rank 0)."""
+        params = self.model.model.parameters()
+        used = 0.0
         if self.device.type == "cuda":
-            self.log_memory()
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = (total - free) / 2**20
+        return {
+            "weights_mib": sum(p.numel() * p.element_size() for p in params) / 2**20,
+            "kv_mib": sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches) / 2**20,
+            "kv_blocks": float(self.num_kv_blocks),
+            "slots_mib": self.adapter_cache.slots.nbytes / 2**20,
+            "device_used_mib": used,
+            "seconds": seconds,
+        }
+
+    def close(self) -> None:
+        """End the tensor-parallel workers (a no-op on one rank)."""
+        if self.workers is not None:
+            self.workers.close()
 
     def make_graphs(
         self, capture: bool = True, max_batch: int | None = None, verify_lens: tuple[int, ...] = ()
@@ -185,8 +224,7 @@ class ModelRunner:
             if logits is not None:
                 return logits
         layout = self.input.fill(batch, input_ids, all_logits)
-        used = sorted({r.lora_slot for r, _ in batch if r.lora_slot >= 0})
-        return self._forward(layout, self.adapter_cache.slots.active_groups(used) if used else None)
+        return self.forward_layout(layout, sorted({r.lora_slot for r, _ in batch if r.lora_slot >= 0}))
 
     @torch.inference_mode()
     def execute_hidden(self, batch: Batch) -> Tensor:
@@ -197,14 +235,32 @@ class ModelRunner:
             raise ValueError("empty batch")
         layout = self.input.fill(batch, None, all_logits=True)
         used = sorted({r.lora_slot for r, _ in batch if r.lora_slot >= 0})
+        return self.forward_layout(layout, used, hidden_only=True)
+
+    def forward_layout(self, layout: Layout, used: list[int], hidden_only: bool = False) -> Tensor:
+        """The eager forward of the filled step input; `used`: the adapter slots of the step. On rank 0 of
+        a tensor-parallel group the step goes to the workers first, and any failure from there on is
+        the engine's (the ranks are out of step): EngineFault."""
         active = self.adapter_cache.slots.active_groups(used) if used else None
-        return self._forward(layout, active, hidden_only=True)
+        if self.workers is None:
+            return self._forward(layout, active, hidden_only)
+        self.workers.step(self.input.packed, layout, used, hidden_only)
+        try:
+            return self._forward(layout, active, hidden_only)
+        except Exception as exc:
+            raise self.workers.fault(exc) from exc
 
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [R, H] (from execute_hidden) -> float32 logits [R, V], as execute() makes them."""
         model: Any = self.model.model
-        return model.compute_logits(hidden)  # type: ignore[no-any-return]
+        if self.workers is None:
+            return model.compute_logits(hidden)  # type: ignore[no-any-return]
+        self.workers.logits(hidden)
+        try:
+            return model.compute_logits(hidden)  # type: ignore[no-any-return]
+        except Exception as exc:
+            raise self.workers.fault(exc) from exc
 
     def _replay(self, batch: Batch, input_ids: Tensor | None, all_logits: bool) -> Tensor | None:
         """The step from a graph bucket, or None (it fits none, or a capture failed: run eager)."""

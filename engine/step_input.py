@@ -66,30 +66,58 @@ class StepInput:
         self.num_slots = num_slots  # adapter slots in use; 0: no adapters
         self.num_segments_max = max(num_slots, 1)
         pin = device.type == "cuda"
+        t, r = max_tokens, max_rows
+        specs: list[tuple[str, tuple[int, ...], torch.dtype, int | None]] = [
+            ("ids", (t,), torch.int64, 0),
+            ("pos", (t,), torch.int64, 0),
+            ("slot_mapping", (t,), torch.int64, -1),
+            ("token_slots", (t,), torch.int32, -1),
+            ("sorted", (t,), torch.int32, None),
+            ("logit_idx", (max(t, r),), torch.int64, 0),
+            ("tables", (r, max_blocks), torch.int32, 0),
+            ("seq_lens", (r,), torch.int32, 1),
+            ("query_start", (r + 1,), torch.int32, None),
+            ("segs", (3, self.num_segments_max), torch.int32, 0),  # seg slots, starts, lens
+        ]
+        # Every buffer is a view of one byte buffer (host and device alike), so tensor-parallel workers get
+        # a whole step with one broadcast of `packed` (engine/parallel/).
+        offsets, size = [], 0
+        for _, shape, dtype, _ in specs:
+            offsets.append(size)
+            size += -(-int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size() // 8) * 8
+        host_bytes = torch.zeros(size, dtype=torch.uint8, pin_memory=pin)
         self._pairs: dict[str, tuple[Tensor, Tensor]] = {}
-
-        def pair(name: str, *shape: int, dtype: torch.dtype, fill: int | None = 0) -> np.ndarray:
+        views: dict[str, np.ndarray] = {}
+        for (name, shape, dtype, fill), offset in zip(specs, offsets, strict=True):
+            n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            host = host_bytes[offset : offset + n].view(dtype).view(shape)
             # fill None: 0, 1, 2, ... The start contents are a valid all-padding step (one token per
             # row, no KV write, no adapter): what graph captures at start run on.
-            host = torch.empty(shape, dtype=dtype, pin_memory=pin)
             if fill is None:
                 host.copy_(torch.arange(shape[0], dtype=dtype))
             else:
                 host.fill_(fill)
-            self._pairs[name] = (host, host.to(device))
-            return host.numpy()  # numpy views: element writes are far cheaper than on tensors
-
-        t, r = max_tokens, max_rows
-        self.ids = pair("ids", t, dtype=torch.int64)
-        self.pos = pair("pos", t, dtype=torch.int64)
-        self.slot_mapping = pair("slot_mapping", t, dtype=torch.int64, fill=-1)
-        self.token_slots = pair("token_slots", t, dtype=torch.int32, fill=-1)
-        self.sorted = pair("sorted", t, dtype=torch.int32, fill=None)
-        self.logit_idx = pair("logit_idx", max(t, r), dtype=torch.int64)
-        self.tables = pair("tables", r, max_blocks, dtype=torch.int32)
-        self.seq_lens = pair("seq_lens", r, dtype=torch.int32, fill=1)
-        self.query_start = pair("query_start", r + 1, dtype=torch.int32, fill=None)
-        self.segs = pair("segs", 3, self.num_segments_max, dtype=torch.int32)  # seg slots, starts, lens
+            self._pairs[name] = (host, host)
+            views[name] = host.numpy()  # numpy views: element writes are far cheaper than on tensors
+        self.packed = host_bytes.to(device)  # [bytes] uint8: the device twin of every buffer
+        for (name, shape, dtype, _), offset in zip(specs, offsets, strict=True):
+            n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            self._pairs[name] = (
+                self._pairs[name][0],
+                self.packed[offset : offset + n].view(dtype).view(shape),
+            )
+        self.ids, self.pos, self.slot_mapping = views["ids"], views["pos"], views["slot_mapping"]
+        self.token_slots, self.sorted, self.logit_idx = (
+            views["token_slots"],
+            views["sorted"],
+            views["logit_idx"],
+        )
+        self.tables, self.seq_lens, self.query_start = (
+            views["tables"],
+            views["seq_lens"],
+            views["query_start"],
+        )
+        self.segs = views["segs"]
         self.segs[0].fill(-1)  # no segment in use
         self._pairs["segs"][1][0].fill_(-1)
         self._copied: Any = None  # CUDA event of the last host -> device copy

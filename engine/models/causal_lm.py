@@ -8,6 +8,7 @@ norms get their 1 added once, tied heads read the embedding.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,19 +19,30 @@ from engine.models.layers import DecoderLayer
 from engine.models.rope import head_rows_perm, inv_freq_and_scale
 from engine.ops import AttentionBatch, LoRABatch, Ops
 
+if TYPE_CHECKING:
+    from engine.parallel.group import TPGroup
+    from engine.parallel.sharding import Shard
+
 
 class CausalLM(nn.Module):
     rope_freqs: Tensor  # [R, D/2] float32, one row per distinct rope of the layers (non-persistent)
     rope_mults: Tensor  # [R, D] float32, the cos/sin multipliers of each (non-persistent)
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: Shard | None = None) -> None:
+        """shard: build one tensor-parallel rank's part (engine/parallel/sharding.py): its heads, MLP
+        width and vocabulary rows; `cfg` is the whole model's config either way."""
         super().__init__()
-        self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if shard is not None:
+            cfg = shard.local_config()
+        self.config = cfg  # this rank's (the whole model's on one rank)
+        self.vocab_rows = cfg.vocab_size if shard is None else shard.vocab_rows
+        self.vocab_start = 0 if shard is None else shard.vocab_start
+        self.group: TPGroup | None = None  # set by from_weights when sharded
+        self.embed_tokens = nn.Embedding(self.vocab_rows, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.lm_head = (
-            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, self.vocab_rows, bias=False)
         )
         freqs, mults, self.rope_scales, self.rope_index = _ropes(cfg)
         # (hidden, weight) -> logits; deterministic mode puts a batch-invariant product here (engine/quant/).
@@ -48,7 +60,7 @@ class CausalLM(nn.Module):
         ops: Ops,
     ) -> Tensor:
         """input_ids, positions [T] int64 -> final hidden states [T, H]."""
-        x = self.embed_tokens(input_ids)  # [T, H]
+        x = self._embed(input_ids)  # [T, H]
         if self.config.scale_embeddings:
             # sqrt(hidden) rounded to the model's dtype first, as transformers does; a Python float, so a
             # CUDA-graph capture bakes it in.
@@ -67,10 +79,24 @@ class CausalLM(nn.Module):
             x, residual = layer(x, residual, cos, sin, kv_cache, attn, lora, ops)
         return ops.rms_norm(x, self.norm, self.config.rms_norm_eps, residual)[0]
 
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        if self.group is None:
+            return self.embed_tokens(input_ids)  # type: ignore[no-any-return]
+        # Vocab-parallel: each rank looks up the ids in its rows, zeros elsewhere; the sum is the lookup.
+        local = input_ids - self.vocab_start
+        inside = (local >= 0) & (local < self.vocab_rows)
+        x = self.embed_tokens(local.clamp(0, self.vocab_rows - 1)) * inside[:, None].to(self.norm.dtype)
+        return self.group.all_reduce(x)  # [T, H]
+
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        """hidden [B, H] -> float32 logits [B, V]."""
+        """hidden [B, H] -> float32 logits [B, V] (tensor parallel: on rank 0; other ranks get their own
+        vocabulary rows' logits back, which nobody reads)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = self.logits_matmul(hidden, weight)
+        logits = self.logits_matmul(hidden, weight)  # [B, V] ([B, V / ranks] on one of several ranks)
+        if self.group is not None:
+            logits = self.group.gather_last_dim(logits)
+            if self.group.rank == 0:
+                logits = logits[:, : self.config.vocab_size]
         cap = self.config.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -83,11 +109,17 @@ class CausalLM(nn.Module):
         weights: Iterable[tuple[str, Tensor]],
         dtype: torch.dtype,
         device: torch.device,
+        shard: Shard | None = None,
+        group: TPGroup | None = None,
     ) -> CausalLM:
-        """Build on the meta device (no random init), then take every tensor from `weights` (HF names)."""
+        """Build on the meta device (no random init), then take every tensor from `weights` (HF names).
+        shard and group: one tensor-parallel rank's part, each tensor cut as it is read."""
         with torch.device("meta"):
-            model = cls(cfg)
+            model = cls(cfg, shard)
         # Cast and move each tensor as it is read, so at most one copy of the weights is in host memory.
+        if shard is not None:
+            weights = ((name, shard.weight(name, t)) for name, t in weights)
+            cfg = shard.local_config()
         hf = {name: t.to(dtype=dtype, device=device) for name, t in weights}
         if cfg.tie_word_embeddings:
             hf.pop("lm_head.weight", None)  # some tied checkpoints still store the copy
@@ -116,6 +148,11 @@ class CausalLM(nn.Module):
         freqs, mults, _, _ = _ropes(cfg)
         model.rope_freqs, model.rope_mults = freqs.to(device), mults.to(device)
         model.requires_grad_(False)  # serving only: no autograd graph even outside inference_mode
+        if group is not None:
+            model.group = group
+            for layer in model.layers:
+                assert isinstance(layer, DecoderLayer)
+                layer.self_attn.reduce = layer.mlp.reduce = group.all_reduce
         return model.eval()
 
 

@@ -10,6 +10,8 @@ in float32). The elementwise parts (residual add + RMSNorm, RoPE + KV write, SiL
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,6 +34,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = nn.Parameter(torch.ones(cfg.head_dim)) if cfg.qk_norm else None
         self.k_norm = nn.Parameter(torch.ones(cfg.head_dim)) if cfg.qk_norm else None
+        # Tensor parallel (engine/parallel/): the all-reduce after the row-parallel o_proj; None: one rank.
+        self.reduce: Callable[[Tensor], Tensor] | None = None
 
     def forward(
         self,
@@ -61,7 +65,8 @@ class Attention(nn.Module):
             q, k_cache, v_cache, attn.block_tables, attn.seq_lens, attn.query_start_loc, self.scale, **extra
         )  # [T, Hq, D]
         out = out.reshape(tokens, self.q_size)  # [T, Hq*D]
-        return self.o_proj(out) if lora is None else lora.linear(self.index, O_PROJ, out, self.o_proj)
+        out = self.o_proj(out) if lora is None else lora.linear(self.index, O_PROJ, out, self.o_proj)
+        return out if self.reduce is None else self.reduce(out)  # tensor parallel: sum the partial outputs
 
     def _qk_norm(self, qkv: Tensor, ops: Ops) -> Tensor:
         """RMSNorm over each head of q and of k (Qwen3, Gemma 3), v untouched."""
@@ -80,6 +85,7 @@ class MLP(nn.Module):
         self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.reduce: Callable[[Tensor], Tensor] | None = None  # as Attention.reduce, after down_proj
 
     def forward(self, x: Tensor, lora: LoRABatch | None, ops: Ops) -> Tensor:
         up = self.gate_up_proj
@@ -89,7 +95,8 @@ class MLP(nn.Module):
             h = F.gelu(gate, approximate="tanh") * value  # [T, I]
         else:
             h = ops.silu_mul(gate_up)  # [T, I]
-        return self.down_proj(h) if lora is None else lora.linear(self.index, DOWN, h, self.down_proj)
+        out = self.down_proj(h) if lora is None else lora.linear(self.index, DOWN, h, self.down_proj)
+        return out if self.reduce is None else self.reduce(out)  # tensor parallel: sum the partial outputs
 
 
 class DecoderLayer(nn.Module):

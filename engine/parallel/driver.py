@@ -1,0 +1,253 @@
+"""The engine process's side of tensor parallelism: it is rank 0 (its own part of the model, KV cache
+and slots, and the only rank that samples), and it drives ranks 1..N-1 in worker processes.
+
+Rank 0 lives in the engine process rather than in a worker because the sampler, async scheduling and
+prompt logprobs then read rank 0's logits where they are, with no extra hop per step; the scheduler, block
+manager and adapter cache stay beside it, as with one GPU.
+
+A worker that dies is noticed three ways, whichever comes first: gloo fails a collective in flight when
+the peer's socket closes; a watcher thread waiting on the workers' process sentinels marks the group dead
+and aborts the groups (NCCL would otherwise wait for the lost peer); and every command checks the mark
+first. Each way ends in EngineFault, which the async engine turns into a dead engine (503, /ready fails).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import threading
+import time
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engine.config import EngineConfig
+from engine.lora import LoRAAdapter
+from engine.parallel import protocol
+from engine.parallel.group import TPGroup, make_store
+from engine.parallel.worker import worker_main
+from engine.step_guard import EngineFault
+from engine.step_input import Layout
+
+log = logging.getLogger(__name__)
+
+# Seconds a collective may wait: long enough for every rank to load a large model before the first one
+# (the KV block count), short enough that a hung (not dead) worker fails the engine; a dead one fails it
+# at once.
+COLLECTIVE_TIMEOUT_S = 300.0
+# Seconds close() waits for a worker to exit on its own before it is terminated, then killed.
+EXIT_WAIT_S = 5.0
+
+
+class Workers:
+    """Ranks 1..size-1 and the group they share with this process (rank 0)."""
+
+    def __init__(self, config: EngineConfig, device: torch.device, num_slots: int) -> None:
+        size = config.tensor_parallel_size
+        self.size = size
+        self.dead: str | None = None
+        self._slot_writes: list[tuple[Tensor, Tensor]] = []
+        self._head = protocol.header(num_slots)
+        ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads and CUDA state
+        store = make_store(0, size, 0, COLLECTIVE_TIMEOUT_S)
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
+        for rank in range(1, size):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(
+                target=worker_main,
+                args=(config, rank, size, store.port, theirs, COLLECTIVE_TIMEOUT_S),
+                name=f"loraplex-tp-rank{rank}",
+                daemon=True,  # multiprocessing's atexit hook ends it with us
+            )
+            proc.start()
+            theirs.close()
+            self.procs.append(proc)
+            self.conns.append(ours)
+        self._closed = threading.Event()
+        # Garbage collection and interpreter exit end the workers too, without close() being called.
+        self._finalizer = weakref.finalize(self, _end_processes, list(self.procs), list(self.conns))
+        try:
+            self.group = TPGroup(store, 0, size, device, COLLECTIVE_TIMEOUT_S)
+        except Exception as exc:
+            raise RuntimeError(
+                f"tensor-parallel workers did not join: {self._worker_errors() or exc}"
+            ) from exc
+        self._watcher = threading.Thread(target=self._watch, name="loraplex-tp-watch", daemon=True)
+        self._watcher.start()
+
+    # ---- start-up ----
+    def wait_ready(self, own_report: dict[str, float]) -> None:
+        """Every worker's start-up report (or its error), then one log line per rank."""
+        reports = [own_report]
+        for rank, conn in enumerate(self.conns, start=1):
+            if not conn.poll(COLLECTIVE_TIMEOUT_S):
+                raise RuntimeError(f"tensor-parallel rank {rank} sent no start-up report")
+            kind, payload = conn.recv()
+            if kind != "ready":
+                raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {payload}")
+            reports.append(payload)
+        for rank, r in enumerate(reports):
+            log.info(
+                "tensor-parallel rank %d/%d: weights %.1f MiB, KV cache %.1f MiB (%d blocks), adapter slots "
+                "%.1f MiB, device memory in use %.1f MiB, started in %.1f s",
+                rank, self.size, r["weights_mib"], r["kv_mib"], int(r["kv_blocks"]), r["slots_mib"],
+                r["device_used_mib"], r["seconds"],
+            )  # fmt: skip
+        self.reports = reports
+
+    # ---- commands ----
+    def queue_slot(self, slot: int, adapter: LoRAAdapter) -> None:
+        """An adapter written into `slot` on rank 0: sent before the next command."""
+        head = self._head.clone()
+        self._slot_writes.append((head, protocol.pack_adapter(slot, adapter, head)))
+
+    def step(self, packed: Tensor, layout: Layout, used: list[int], hidden_only: bool) -> None:
+        """Send one step: its header, then the step input's packed buffer (rank 0's, filled)."""
+        self._send_slot_writes()
+        head = self._head
+        head.zero_()
+        head[0] = protocol.STEP
+        head[1:9] = torch.tensor([
+            layout.tokens, layout.rows, layout.width, layout.num_logits, int(layout.gather),
+            layout.num_segments, int(hidden_only), len(used),
+        ])  # fmt: skip
+        head[protocol.HEADER_FIXED : protocol.HEADER_FIXED + len(used)] = torch.tensor(
+            used, dtype=torch.int64
+        )
+        self._send(head, packed)
+
+    def logits(self, hidden: Tensor) -> None:
+        """Send hidden rows [R, H] whose logits every rank computes its part of."""
+        self._send_slot_writes()
+        head = self._head
+        head.zero_()
+        head[0], head[1] = protocol.LOGITS, hidden.shape[0]
+        self._send(head, hidden.contiguous())
+
+    def _send_slot_writes(self) -> None:
+        writes, self._slot_writes = self._slot_writes, []
+        for head, flat in writes:
+            self._send(head, flat.to(self.group.device))
+
+    def _send(self, head: Tensor, payload: Tensor) -> None:
+        self.check()
+        try:
+            self.group.broadcast_header(head)
+            self.group.broadcast(payload)
+        except Exception as exc:
+            raise self.fault(exc) from exc
+
+    # ---- failure ----
+    def check(self) -> None:
+        """EngineFault when a worker has died (or the group was closed)."""
+        if self.dead is None:
+            for rank, proc in enumerate(self.procs, start=1):
+                if proc.exitcode is not None:
+                    self.dead = f"tensor-parallel rank {rank} exited (code {proc.exitcode})"
+        if self.dead is not None:
+            raise EngineFault(self.dead)
+
+    def fault(self, exc: BaseException) -> EngineFault:
+        """The EngineFault for an exception out of a collective (or of a forward between collectives:
+        the ranks are then out of step, and no later step can be trusted)."""
+        time.sleep(0.05)  # let a dying worker's exit code show, for a clearer message
+        try:
+            self.check()
+        except EngineFault as dead:
+            errors = self._worker_errors()
+            return EngineFault(f"{dead}{': ' + errors if errors else ''}")
+        self.dead = f"tensor-parallel step failed: {type(exc).__name__}: {exc}"
+        return EngineFault(self.dead)
+
+    def _worker_errors(self) -> str:
+        errors = []
+        for conn in self.conns:
+            try:
+                while conn.poll(0):
+                    kind, payload = conn.recv()
+                    if kind == "error":
+                        errors.append(str(payload).splitlines()[0])
+            except (EOFError, OSError):
+                continue
+        return "; ".join(errors)
+
+    def _watch(self) -> None:
+        sentinels = [p.sentinel for p in self.procs]
+        while not self._closed.is_set():
+            if multiprocessing.connection.wait(sentinels, timeout=0.5):
+                if not self._closed.is_set():
+                    for rank, proc in enumerate(self.procs, start=1):
+                        if proc.exitcode is not None and self.dead is None:
+                            self.dead = f"tensor-parallel rank {rank} exited (code {proc.exitcode})"
+                    log.error("%s: the engine cannot run any more steps", self.dead)
+                    if self.group.device.type == "cuda":
+                        self.group.abort()  # NCCL: fail the collective rank 0 may be waiting in
+                return
+
+    # ---- shutdown ----
+    def close(self) -> None:
+        """STOP to the workers, then wait for them; any left after EXIT_WAIT_S are terminated, then killed."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self.dead is None and all(p.exitcode is None for p in self.procs):
+            head = self._head
+            head.zero_()
+            head[0] = protocol.STOP
+            try:
+                self.group.broadcast_header(head)
+            except Exception:
+                log.warning("tensor-parallel workers did not take STOP; ending them")
+        self.dead = self.dead or "tensor-parallel workers were shut down"
+        deadline = time.monotonic() + EXIT_WAIT_S
+        for proc in self.procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._finalizer()  # any still running: terminated, then killed
+        self._watcher.join(timeout=2.0)
+
+
+def _end_processes(procs: list[Any], conns: list[Any]) -> None:
+    """Without STOP (garbage collection, interpreter exit, or after close()'s wait): end them now."""
+    for proc in procs:
+        if proc.exitcode is None:
+            proc.terminate()
+            proc.join(timeout=2.0)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(timeout=2.0)
+    for conn in conns:
+        conn.close()
+
+
+def build(config: EngineConfig, adapter_loader: Any = None) -> tuple[Any, Any, Any]:
+    """(the whole model's LoadedModel for the engine, rank 0's ModelRunner, the AdapterCache) with the
+    workers started and ready; the runner owns them (ModelRunner.close)."""
+    from engine.adapter_setup import cache_for_model
+    from engine.model_loader import load_config
+    from engine.model_runner import ModelRunner
+    from engine.parallel.loading import load_rank, rank_device
+    from engine.parallel.sharding import check_shardable
+    from engine.parallel.slots import ShardedSlots
+
+    started = time.monotonic()
+    full = load_config(config.model)
+    check_shardable(full, config.tensor_parallel_size)  # before any process starts
+    device = rank_device(config, 0)
+    workers = Workers(config, device, config.max_loras)
+    try:
+        local, shard = load_rank(config, workers.group, with_tokenizer=True)
+        whole = dataclasses.replace(local, config=full)
+        slots = ShardedSlots(shard, config.max_loras, config.max_lora_rank, local.dtype, device, workers)
+        cache = cache_for_model(config, whole, adapter_loader, slots=slots)
+        runner = ModelRunner(config, local, cache, group=workers.group)
+        runner.workers = workers
+        workers.wait_ready(runner.start_report(time.monotonic() - started))
+    except BaseException:
+        workers.close()
+        raise
+    return whole, runner, cache
