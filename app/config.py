@@ -75,6 +75,7 @@ class Settings:
     # Speculative decoding (docs/speculative.md): JSON in vLLM's shape, e.g.
     # {"method": "ngram", "num_speculative_tokens": 4}; unset = off.
     speculative_config: dict[str, Any] | None = None
+    tensor_parallel_size: int = _engine_default("tensor_parallel_size")  # GPUs per engine (docs/parallel.md)
     # Adapter files fetched for the engine under data_dir/adapter-cache; least recently used go past this.
     adapter_disk_cache_bytes: int = 20 * 1024**3
 
@@ -215,6 +216,7 @@ def _checks(s: Settings) -> list[tuple[str, bool, str]]:
         ("gpu_memory_fraction", 0.0 < s.gpu_memory_fraction <= 1.0, "expected a number in (0, 1]"),
         ("max_model_len", s.max_model_len is None or s.max_model_len >= 16, "expected an integer >= 16"),
         ("max_num_seqs", s.max_num_seqs >= 1, "expected an integer >= 1"),
+        ("tensor_parallel_size", s.tensor_parallel_size >= 1, "expected an integer >= 1"),
         ("max_num_batched_tokens", s.max_num_batched_tokens >= 1, "expected an integer >= 1"),
         (
             "dtype",

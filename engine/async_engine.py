@@ -217,6 +217,9 @@ class AsyncLLMEngine:
                 self._drain_inbox()
                 if not self.engine.has_unfinished():
                     self._stats = self.engine.stats()
+                    check = getattr(self.engine.runner, "check_workers", None)
+                    if check is not None:
+                        check()  # tensor parallel: a worker lost while idle -> EngineFault -> dead
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue

@@ -158,6 +158,11 @@ class ModelRunner:
             "seconds": seconds,
         }
 
+    def check_workers(self) -> None:
+        """EngineFault when a tensor-parallel worker has died (a no-op on one rank)."""
+        if self.workers is not None:
+            self.workers.check()
+
     def close(self) -> None:
         """End the tensor-parallel workers (a no-op on one rank)."""
         if self.workers is not None:
@@ -215,6 +220,7 @@ class ModelRunner:
         position num_computed_tokens == num_tokens, and its id comes from input_ids."""
         if not batch:
             raise ValueError("empty batch")
+        self.check_workers()  # a dead tensor-parallel group fails every step, before its input is built
         if input_ids is not None and (input_ids.shape != (len(batch),) or any(n != 1 for _, n in batch)):
             raise ValueError("input_ids needs a decode batch and one id per request")
         if self.graphs is not None:
@@ -233,6 +239,7 @@ class ModelRunner:
         (`logits`), so a long prefill chunk never holds [sum n, V] float32 logits on the device."""
         if not batch:
             raise ValueError("empty batch")
+        self.check_workers()
         layout = self.input.fill(batch, None, all_logits=True)
         used = sorted({r.lora_slot for r, _ in batch if r.lora_slot >= 0})
         return self.forward_layout(layout, used, hidden_only=True)

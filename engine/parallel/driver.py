@@ -77,7 +77,11 @@ class Workers:
             raise RuntimeError(
                 f"tensor-parallel workers did not join: {self._worker_errors() or exc}"
             ) from exc
-        self._watcher = threading.Thread(target=self._watch, name="loraplex-tp-watch", daemon=True)
+        # The thread holds only a weak reference, so an engine dropped without close() is still collected.
+        self._watcher = threading.Thread(
+            target=_watch, args=(weakref.ref(self), [p.sentinel for p in self.procs], self._closed),
+            name="loraplex-tp-watch", daemon=True,
+        )  # fmt: skip
         self._watcher.start()
 
     # ---- start-up ----
@@ -176,18 +180,16 @@ class Workers:
                 continue
         return "; ".join(errors)
 
-    def _watch(self) -> None:
-        sentinels = [p.sentinel for p in self.procs]
-        while not self._closed.is_set():
-            if multiprocessing.connection.wait(sentinels, timeout=0.5):
-                if not self._closed.is_set():
-                    for rank, proc in enumerate(self.procs, start=1):
-                        if proc.exitcode is not None and self.dead is None:
-                            self.dead = f"tensor-parallel rank {rank} exited (code {proc.exitcode})"
-                    log.error("%s: the engine cannot run any more steps", self.dead)
-                    if self.group.device.type == "cuda":
-                        self.group.abort()  # NCCL: fail the collective rank 0 may be waiting in
-                return
+    def _lost(self, ready: list[Any]) -> None:
+        """Called by the watcher thread when worker sentinels fire."""
+        for rank, proc in enumerate(self.procs, start=1):
+            if proc.sentinel in ready:
+                proc.join(timeout=1.0)  # its sentinel fires a moment before it can be reaped
+                if self.dead is None:
+                    self.dead = f"tensor-parallel rank {rank} exited (code {proc.exitcode})"
+        log.error("%s: the engine cannot run any more steps", self.dead)
+        if self.group.device.type == "cuda":
+            self.group.abort()  # NCCL: fail the collective rank 0 may be waiting in
 
     # ---- shutdown ----
     def close(self) -> None:
@@ -209,6 +211,18 @@ class Workers:
             proc.join(timeout=max(0.0, deadline - time.monotonic()))
         self._finalizer()  # any still running: terminated, then killed
         self._watcher.join(timeout=2.0)
+
+
+def _watch(workers: weakref.ref[Workers], sentinels: list[Any], closed: threading.Event) -> None:
+    while not closed.is_set():
+        ready = multiprocessing.connection.wait(sentinels, timeout=0.5)
+        owner = workers()
+        if owner is None:
+            return
+        if ready and not closed.is_set():
+            owner._lost(list(ready))
+            return
+        del owner
 
 
 def _end_processes(procs: list[Any], conns: list[Any]) -> None:

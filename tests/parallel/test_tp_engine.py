@@ -1,0 +1,55 @@
+"""tensor_parallel_size=2 (gloo, two processes, float32) against transformers + PEFT and against one
+rank, token for token, on batches that mix adapters of different ranks and targets with base requests,
+chunked prefill, preemption and prefix-cache hits (tests/helpers/hf_families.check_family)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import LoRARequest
+from tests.helpers.hf_families import GREEDY, check_family, make_family_model, make_llm, prompts
+from tests.helpers.hf_models import make_peft_adapter
+
+pytestmark = pytest.mark.slow
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_ALL = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def test_llama_tp2_equals_tp1_and_hf(tmp_path, one_torch_thread):
+    base = make_family_model(tmp_path / "base", "llama")
+    adapters = {
+        "a": make_peft_adapter(base, tmp_path / "a", r=8, target_modules=ALL, seed=1),
+        # another rank, attention only: row-parallel o_proj with a column-parallel q/v in one slot
+        "b": make_peft_adapter(base, tmp_path / "b", r=4, target_modules=("q_proj", "v_proj", "o_proj"), seed=2),
+    }
+    check_family(base, adapters, lengths=(11, 17, 23), tensor_parallel_size=2)
+    names = [*adapters, None]
+    ps = prompts(len(names), 5, (9, 13))
+    loras = [LoRARequest(n, str(adapters[n])) if n else None for n in names]
+    one, two = make_llm(base), make_llm(base, tensor_parallel_size=2)
+    try:
+        expected = [o.outputs[0].token_ids for o in one.generate(ps, GREEDY, lora_request=loras)]
+        assert [o.outputs[0].token_ids for o in two.generate(ps, GREEDY, lora_request=loras)] == expected
+    finally:
+        two.engine.close()
+
+
+def test_phi3_fused_tp2_with_fewer_kv_heads_than_ranks(tmp_path, one_torch_thread):
+    """Phi-3's fused qkv_proj / gate_up_proj are cut per part; one KV head is replicated on both ranks."""
+    base = make_family_model(tmp_path / "base", "phi3", num_key_value_heads=1)
+    adapters = {
+        "a": make_peft_adapter(base, tmp_path / "a", r=8, target_modules=FUSED_ALL, seed=1),
+        "b": make_peft_adapter(base, tmp_path / "b", r=4, target_modules=("qkv_proj",), seed=2),
+    }
+    check_family(base, adapters, lengths=(15, 22), tensor_parallel_size=2)
+
+
+def test_gemma2_tp2_tied_vocab_parallel_head_and_softcaps(tmp_path, one_torch_thread):
+    """Gemma 2: the tied embedding is the vocab-parallel head too; final logit softcap after the gather."""
+    base = make_family_model(tmp_path / "base", "gemma2")
+    adapters = {
+        "a": make_peft_adapter(base, tmp_path / "a", r=8, target_modules=ALL, seed=1),
+        "b": make_peft_adapter(base, tmp_path / "b", r=2, target_modules=("down_proj", "k_proj"), seed=2),
+    }
+    check_family(base, adapters, lengths=(12, 19), tensor_parallel_size=2)
