@@ -46,7 +46,9 @@ EXIT_WAIT_S = 5.0
 class Workers:
     """Ranks 1..size-1 and the group they share with this process (rank 0)."""
 
-    def __init__(self, config: EngineConfig, device: torch.device, num_slots: int) -> None:
+    def __init__(
+        self, config: EngineConfig, device: torch.device, num_slots: int, weights: Any = None
+    ) -> None:
         size = config.tensor_parallel_size
         self.size = size
         self.dead: str | None = None
@@ -60,7 +62,7 @@ class Workers:
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(
                 target=worker_main,
-                args=(config, rank, size, store.port, theirs, COLLECTIVE_TIMEOUT_S),
+                args=(config, rank, size, store.port, theirs, COLLECTIVE_TIMEOUT_S, weights),
                 name=f"loraplex-tp-rank{rank}",
                 daemon=True,  # multiprocessing's atexit hook ends it with us
             )
@@ -238,9 +240,10 @@ def _end_processes(procs: list[Any], conns: list[Any]) -> None:
         conn.close()
 
 
-def build(config: EngineConfig, adapter_loader: Any = None) -> tuple[Any, Any, Any]:
+def build(config: EngineConfig, adapter_loader: Any = None, weights: Any = None) -> tuple[Any, Any, Any]:
     """(the whole model's LoadedModel for the engine, rank 0's ModelRunner, the AdapterCache) with the
-    workers started and ready; the runner owns them (ModelRunner.close)."""
+    workers started and ready; the runner owns them (ModelRunner.close). weights: a WeightSource
+    (engine/parallel/loading.py) instead of the folder's safetensors (benchmarks' random weights)."""
     from engine.adapter_setup import cache_for_model
     from engine.model_loader import load_config
     from engine.model_runner import ModelRunner
@@ -252,9 +255,9 @@ def build(config: EngineConfig, adapter_loader: Any = None) -> tuple[Any, Any, A
     full = load_config(config.model)
     check_shardable(full, config.tensor_parallel_size)  # before any process starts
     device = rank_device(config, 0)
-    workers = Workers(config, device, config.max_loras)
+    workers = Workers(config, device, config.max_loras, weights)
     try:
-        local, shard = load_rank(config, workers.group, with_tokenizer=True)
+        local, shard = load_rank(config, workers.group, with_tokenizer=True, weights=weights)
         whole = dataclasses.replace(local, config=full)
         slots = ShardedSlots(shard, config.max_loras, config.max_lora_rank, local.dtype, device, workers)
         cache = cache_for_model(config, whole, adapter_loader, slots=slots)

@@ -3,11 +3,14 @@ is read (engine/parallel/sharding.py), then moved to the rank's device."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from engine.config import EngineConfig
+from engine.model_config import ModelConfig
 from engine.model_loader import LoadedModel, iter_weights, load_config, resolve_device, resolve_dtype
 from engine.models import MODEL_REGISTRY
 from engine.parallel.group import TPGroup
@@ -26,15 +29,23 @@ def rank_device(config: EngineConfig, rank: int) -> torch.device:
     return torch.device("cuda", rank)
 
 
-def load_rank(config: EngineConfig, group: TPGroup, with_tokenizer: bool) -> tuple[LoadedModel, Shard]:
+# (whole model config, device) -> (HF name, tensor) of every weight: a stand-in for the checkpoint (the
+# benchmarks' random weights); a module-level function or partial, so that it reaches spawned workers.
+WeightSource = Callable[[ModelConfig, torch.device], Iterable[tuple[str, Tensor]]]
+
+
+def load_rank(
+    config: EngineConfig, group: TPGroup, with_tokenizer: bool, weights: WeightSource | None = None
+) -> tuple[LoadedModel, Shard]:
     """This rank's LoadedModel: its `config` is the rank's (local heads, MLP width; the whole vocabulary
-    size), its model the rank's part; plus the Shard that cut it."""
+    size), its model the rank's part; plus the Shard that cut it. weights: instead of the folder's."""
     full = load_config(config.model)
     check_shardable(full, group.size)
     shard = Shard(full, group.rank, group.size)
     dtype = resolve_dtype(config.dtype, group.device)
     model_cls = MODEL_REGISTRY[full.architecture].model
-    model = model_cls.from_weights(full, iter_weights(config.model), dtype, group.device, shard, group)
+    source = iter_weights(config.model) if weights is None else weights(full, group.device)
+    model = model_cls.from_weights(full, source, dtype, group.device, shard, group)
     loaded = LoadedModel(
         name=Path(config.model).resolve().name,
         path=str(config.model),

@@ -27,7 +27,9 @@ from engine.parallel.sharding import Shard
 from engine.step_input import Layout
 
 
-def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Any, timeout_s: float) -> None:
+def worker_main(
+    config: EngineConfig, rank: int, size: int, port: int, conn: Any, timeout_s: float, weights: Any = None
+) -> None:
     """Process entry point (spawned): never returns; exit code 0 after STOP, 1 after an error."""
     threading.Thread(target=_exit_with_parent, args=(conn,), daemon=True).start()
     started = time.monotonic()
@@ -36,7 +38,7 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Any
         if device.type == "cuda":
             torch.cuda.set_device(device)
         group = TPGroup(make_store(rank, size, port, timeout_s), rank, size, device, timeout_s)
-        loaded, shard = load_rank(config, group, with_tokenizer=False)
+        loaded, shard = load_rank(config, group, with_tokenizer=False, weights=weights)
         slots = LoRASlots(loaded.config, config.max_loras, config.max_lora_rank, loaded.dtype, device)
         from engine.model_runner import ModelRunner
 

@@ -50,7 +50,10 @@ def test_attention_and_mlp_shards_compute_the_whole_layer(size):
     q, k, v = (x @ qkv.T).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     group = cfg.num_heads // cfg.num_kv_heads
     # Toy "attention" per head: q * (its KV head's k + v), enough to check which KV head each q head reads.
-    heads = [q[:, h * d : (h + 1) * d] * (k + v)[:, (h // group) * d : (h // group + 1) * d] for h in range(cfg.num_heads)]
+    heads = [
+        q[:, h * d : (h + 1) * d] * (k + v)[:, (h // group) * d : (h // group + 1) * d]
+        for h in range(cfg.num_heads)
+    ]
     whole = torch.cat(heads, dim=-1) @ o_w.T + o_b
     total = torch.zeros_like(whole)
     for rank in range(size):
@@ -73,7 +76,9 @@ def test_attention_and_mlp_shards_compute_the_whole_layer(size):
     for rank in range(size):
         shard = Shard(cfg, rank, size)
         lg, lu = (x @ shard.weight("model.layers.0.mlp.gate_up_proj.weight", gate_up).T).chunk(2, dim=-1)
-        parts += (torch.nn.functional.silu(lg) * lu) @ shard.weight("model.layers.0.mlp.down_proj.weight", down).T
+        parts += (torch.nn.functional.silu(lg) * lu) @ shard.weight(
+            "model.layers.0.mlp.down_proj.weight", down
+        ).T
     torch.testing.assert_close(parts, mlp)
 
 

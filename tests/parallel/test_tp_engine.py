@@ -21,7 +21,9 @@ def test_llama_tp2_equals_tp1_and_hf(tmp_path, one_torch_thread):
     adapters = {
         "a": make_peft_adapter(base, tmp_path / "a", r=8, target_modules=ALL, seed=1),
         # another rank, attention only: row-parallel o_proj with a column-parallel q/v in one slot
-        "b": make_peft_adapter(base, tmp_path / "b", r=4, target_modules=("q_proj", "v_proj", "o_proj"), seed=2),
+        "b": make_peft_adapter(
+            base, tmp_path / "b", r=4, target_modules=("q_proj", "v_proj", "o_proj"), seed=2
+        ),
     }
     check_family(base, adapters, lengths=(11, 17, 23), tensor_parallel_size=2)
     names = [*adapters, None]

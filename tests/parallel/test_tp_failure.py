@@ -26,14 +26,18 @@ LONG = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return make_family_model(tmp_path_factory.mktemp("tp-failure") / "base", "llama", max_position_embeddings=1024)
+    return make_family_model(
+        tmp_path_factory.mktemp("tp-failure") / "base", "llama", max_position_embeddings=1024
+    )
 
 
 def _gone(pids: list[int], within: float = 5.0) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         ours = {c.pid for c in psutil.Process().children(recursive=True)}
-        alive = [p for p in pids if p in ours or (psutil.pid_exists(p) and psutil.Process(p).status() != "zombie")]
+        alive = [
+            p for p in pids if p in ours or (psutil.pid_exists(p) and psutil.Process(p).status() != "zombie")
+        ]
         if not alive:
             return True
         time.sleep(0.1)
@@ -81,11 +85,8 @@ def test_idle_async_engine_reports_dead_after_a_worker_dies(base, one_torch_thre
     pids = [p.pid for p in engine.engine.runner.workers.procs]
 
     async def one() -> list[int]:
-        out = None
-        async for out in engine.generate("r", prompts(1, 2, (7,))[0], SamplingParams(max_tokens=4)):
-            pass
-        assert out is not None
-        return out.outputs[0].token_ids
+        outs = [o async for o in engine.generate("r", prompts(1, 2, (7,))[0], SamplingParams(max_tokens=4))]
+        return list(outs[-1].outputs[0].token_ids)
 
     assert len(asyncio.run(one())) == 4  # the engine works first
     assert engine.is_healthy
