@@ -20,6 +20,7 @@ import multiprocessing.connection
 import threading
 import time
 import weakref
+from collections import deque
 from typing import Any
 
 import torch
@@ -52,7 +53,8 @@ class Workers:
         size = config.tensor_parallel_size
         self.size = size
         self.dead: str | None = None
-        self._slot_writes: list[tuple[Tensor, Tensor]] = []
+        # deque: appends (adapter cache) and pops (the step) are each atomic, whatever thread writes a slot
+        self._slot_writes: deque[tuple[Tensor, Tensor]] = deque()
         self._head = protocol.header(num_slots)
         ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads and CUDA state
         store = make_store(0, size, 0, COLLECTIVE_TIMEOUT_S)
@@ -136,8 +138,8 @@ class Workers:
         self._send(head, hidden.contiguous())
 
     def _send_slot_writes(self) -> None:
-        writes, self._slot_writes = self._slot_writes, []
-        for head, flat in writes:
+        while self._slot_writes:
+            head, flat = self._slot_writes.popleft()
             self._send(head, flat.to(self.group.device))
 
     def _send(self, head: Tensor, payload: Tensor) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LoRARequest
+from engine import LoRARequest, SamplingParams
 from tests.helpers.hf_families import GREEDY, check_family, make_family_model, make_llm, prompts
 from tests.helpers.hf_models import make_peft_adapter
 
@@ -33,6 +33,17 @@ def test_llama_tp2_equals_tp1_and_hf(tmp_path, one_torch_thread):
     try:
         expected = [o.outputs[0].token_ids for o in one.generate(ps, GREEDY, lora_request=loras)]
         assert [o.outputs[0].token_ids for o in two.generate(ps, GREEDY, lora_request=loras)] == expected
+        # Prompt logprobs: a hidden-states step, then logits a slice at a time (the LOGITS command).
+        asking = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=3)
+        want = one.generate(ps, asking, lora_request=loras)
+        got = two.generate(ps, asking, lora_request=loras)
+        for w, g in zip(want, got, strict=True):
+            assert w.prompt_logprobs is not None and g.prompt_logprobs is not None
+            for we, ge in zip(w.prompt_logprobs[1:], g.prompt_logprobs[1:], strict=True):
+                assert we is not None and ge is not None and set(we) == set(ge)
+                assert [ge[t].logprob for t in we] == pytest.approx(
+                    [e.logprob for e in we.values()], abs=1e-4
+                )
     finally:
         two.engine.close()
 
