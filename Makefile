@@ -3,7 +3,7 @@
 .PHONY: help serve test test-fast lint bootstrap
 
 # Tests that need no server (PostgreSQL, Redis, S3, `loraplex serve`) and no slow engine-vs-HF run.
-FAST_PATHS = tests/unit tests/engine tests/kernels tests/benchmarks
+FAST_PATHS = tests/unit tests/engine tests/kernels tests/benchmarks tests/parallel
 FAST_MARKERS = not slow and not reliability and not gpu
 
 help: ## list the targets

@@ -38,7 +38,7 @@ from engine.adapter_format import (
     parse_tensor_name,
 )
 from engine.load_stages import StageClock
-from engine.model_loader import ModelConfig
+from engine.model_config import ModelConfig
 from engine.models.rope import head_rows_perm
 from engine.ops import LORA_MODULES, MODULE_GROUPS
 

@@ -37,6 +37,8 @@ def worker_main(
         device = rank_device(config, rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        else:  # the ranks share the host's cores: each its share, not all of them each
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
         group = TPGroup(make_store(rank, size, port, timeout_s), rank, size, device, timeout_s)
         loaded, shard = load_rank(config, group, with_tokenizer=False, weights=weights)
         slots = LoRASlots(loaded.config, config.max_loras, config.max_lora_rank, loaded.dtype, device)
