@@ -75,9 +75,11 @@ class Workers:
         self._closed = threading.Event()
         # Garbage collection and interpreter exit end the workers too, without close() being called.
         self._finalizer = weakref.finalize(self, _end_processes, list(self.procs), list(self.conns))
+        self._serving = False  # every worker reported ready and waits for commands (close() may send STOP)
         try:
             self.group = TPGroup(store, 0, size, device, COLLECTIVE_TIMEOUT_S)
         except Exception as exc:
+            self._finalizer()
             raise RuntimeError(
                 f"tensor-parallel workers did not join: {self._worker_errors() or exc}"
             ) from exc
@@ -99,6 +101,7 @@ class Workers:
             if kind != "ready":
                 raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {payload}")
             reports.append(payload)
+        self._serving = True
         for rank, r in enumerate(reports):
             log.info(
                 "tensor-parallel rank %d/%d: weights %.1f MiB, KV cache %.1f MiB (%d blocks), adapter slots "
@@ -173,6 +176,7 @@ class Workers:
         return EngineFault(self.dead)
 
     def _worker_errors(self) -> str:
+        """First lines of the errors workers sent (they send one before exiting on a failure)."""
         errors = []
         for conn in self.conns:
             try:
@@ -201,7 +205,8 @@ class Workers:
         if self._closed.is_set():
             return
         self._closed.set()
-        if self.dead is None and all(p.exitcode is None for p in self.procs):
+        # Before start-up ends the workers may be inside another collective: no STOP then, just the ending.
+        if self._serving and self.dead is None and all(p.exitcode is None for p in self.procs):
             head = self._head
             head.zero_()
             head[0] = protocol.STOP
@@ -257,7 +262,10 @@ def build(config: EngineConfig, adapter_loader: Any = None, weights: Any = None)
     full = load_config(config.model)
     check_shardable(full, config.tensor_parallel_size)  # before any process starts
     device = rank_device(config, 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's communicator binds the current device
     workers = Workers(config, device, config.max_loras, weights)
+    cache = None
     try:
         local, shard = load_rank(config, workers.group, with_tokenizer=True, weights=weights)
         whole = dataclasses.replace(local, config=full)
@@ -266,7 +274,12 @@ def build(config: EngineConfig, adapter_loader: Any = None, weights: Any = None)
         runner = ModelRunner(config, local, cache, group=workers.group)
         runner.workers = workers
         workers.wait_ready(runner.start_report(time.monotonic() - started))
-    except BaseException:
+    except BaseException as exc:
+        errors = workers._worker_errors()  # e.g. a worker's load failed, and rank 0's next collective
         workers.close()
+        if cache is not None:
+            cache.close()
+        if errors:
+            raise RuntimeError(f"tensor-parallel start-up failed: {errors}") from exc
         raise
     return whole, runner, cache

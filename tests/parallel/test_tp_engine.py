@@ -33,6 +33,7 @@ def test_llama_tp2_equals_tp1_and_hf(tmp_path, one_torch_thread):
     try:
         expected = [o.outputs[0].token_ids for o in one.generate(ps, GREEDY, lora_request=loras)]
         assert [o.outputs[0].token_ids for o in two.generate(ps, GREEDY, lora_request=loras)] == expected
+        assert two.engine.num_steps_ahead > 0  # async scheduling: sampled ids reach the workers in the buffer
         # Prompt logprobs: a hidden-states step, then logits a slice at a time (the LOGITS command).
         asking = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=3)
         want = one.generate(ps, asking, lora_request=loras)
@@ -66,3 +67,21 @@ def test_gemma2_tp2_tied_vocab_parallel_head_and_softcaps(tmp_path, one_torch_th
         "b": make_peft_adapter(base, tmp_path / "b", r=2, target_modules=("down_proj", "k_proj"), seed=2),
     }
     check_family(base, adapters, lengths=(12, 19), tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_qk_norm_families_tp2_equal_tp1(tmp_path, one_torch_thread, arch):
+    """Qwen3 and Gemma 3 (per-head q/k norms on each rank's heads; Gemma 3's sliding layers and local
+    rope): TP=2 equals TP=1 with an adapter on every projection, base rows beside it."""
+    base = make_family_model(tmp_path / "base", arch)
+    adapter = make_peft_adapter(base, tmp_path / "a", r=8, target_modules=ALL, seed=3)
+    ps = prompts(4, 7, (10, 21))
+    loras = [LoRARequest("a", str(adapter)), None] * 2
+    expected = [o.outputs[0].token_ids for o in make_llm(base).generate(ps, GREEDY, lora_request=loras)]
+    two = make_llm(base, tensor_parallel_size=2)
+    try:
+        assert [o.outputs[0].token_ids for o in two.generate(ps, GREEDY, lora_request=loras)] == expected
+    finally:
+        two.engine.close()
+    base_only = [o.outputs[0].token_ids for o in make_llm(base).generate(ps, GREEDY)]
+    assert base_only != expected  # the adapter changes the tokens

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import multiprocessing
 import os
 import signal
 import threading
@@ -16,6 +17,7 @@ import pytest
 from engine import SamplingParams
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig
+from engine.parallel.driver import build
 from engine.step_guard import EngineFault, is_engine_fault
 from tests.helpers.hf_families import make_family_model, make_llm, prompts
 
@@ -112,6 +114,27 @@ def test_close_and_garbage_collection_leave_no_worker(base, one_torch_thread):
     del llm
     gc.collect()
     assert _gone(pids)
+
+
+def _fail_on_workers(cfg, device):
+    """A WeightSource that fails in the worker processes only (rank 0 loads from the folder's weights)."""
+    if multiprocessing.current_process().name.startswith("loraplex-tp-rank"):
+        raise OSError("disk on fire")
+    from engine.model_loader import iter_weights
+
+    return iter_weights(_fail_on_workers.folder)  # type: ignore[attr-defined]
+
+
+def test_a_worker_that_fails_to_start_fails_the_start_with_its_error(base, one_torch_thread):
+    _fail_on_workers.folder = str(base)  # type: ignore[attr-defined]
+    config = EngineConfig(
+        model=str(base), device="cpu", dtype="float32", num_kv_blocks=64, tensor_parallel_size=2
+    )
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    with pytest.raises(RuntimeError, match=r"rank 1.*disk on fire"):
+        build(config, None, _fail_on_workers)
+    # Nothing new is left: the failed worker was reaped and no other was left running.
+    assert {c.pid for c in psutil.Process().children(recursive=True)} <= before
 
 
 def test_bad_sizes_are_refused_before_any_process_starts(base):
