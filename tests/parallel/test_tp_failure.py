@@ -33,6 +33,19 @@ def base(tmp_path_factory):
     )
 
 
+def _children() -> set[int]:
+    """Our child processes, without multiprocessing's own resource tracker (started by the first spawn,
+    it lives as long as this process and is no worker)."""
+    found = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if not any("resource_tracker" in part for part in child.cmdline()):
+                found.add(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 def _gone(pids: list[int], within: float = 5.0) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -130,17 +143,16 @@ def test_a_worker_that_fails_to_start_fails_the_start_with_its_error(base, one_t
     config = EngineConfig(
         model=str(base), device="cpu", dtype="float32", num_kv_blocks=64, tensor_parallel_size=2
     )
-    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    before = _children()
     with pytest.raises(RuntimeError, match=r"rank 1.*disk on fire"):
         build(config, None, _fail_on_workers)
-    # Nothing new is left: the failed worker was reaped and no other was left running.
-    assert {c.pid for c in psutil.Process().children(recursive=True)} <= before
+    assert _children() <= before  # the failed worker was reaped, nothing else left running
 
 
 def test_bad_sizes_are_refused_before_any_process_starts(base):
-    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    before = _children()
     with pytest.raises(ValueError, match="tensor_parallel_size=3"):
         make_llm(base, tensor_parallel_size=3)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         EngineConfig(model=str(base), tensor_parallel_size=0)
-    assert {c.pid for c in psutil.Process().children(recursive=True)} <= before
+    assert _children() <= before
