@@ -22,7 +22,13 @@ from typing import Any
 import torch
 
 from benchmarks.serving_adapters import QKVO, SeededAdapters
-from benchmarks.serving_model import model_config, random_weights, write_model_folder
+from benchmarks.serving_model import (
+    make_engine,
+    model_config,
+    random_model,
+    random_weights,
+    write_model_folder,
+)
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.model_config import ModelConfig
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-adapters", action="store_true")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--skip-one-gpu", action="store_true", help="no run of the one-GPU engine (graphs)")
     args = parser.parse_args(argv)
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -118,6 +125,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.no_adapters:
         n_adapters = 0
     results: dict[str, Any] = {"shape": "demo" if args.smoke else args.shape, "runs": []}
+    if 1 in args.tp and not args.skip_one_gpu:
+        # The one-GPU engine as served (CUDA graphs on CUDA): the baseline the targets name.
+        config = EngineConfig(model=str(folder), max_num_seqs=max(sizes), max_loras=1, **common)
+        loaded = random_model(folder, getattr(torch, dtype), torch.device(common["device"]), seed=0)
+        engine = make_engine(config, loaded, None)
+        run = {
+            "tp": 1,
+            "engine": "one GPU, as served",
+            "base": [decode(engine, b, prompt, steps, []) for b in sizes],
+        }
+        print(f"one-GPU engine: {run['base']}", flush=True)
+        engine.close()
+        del engine, loaded
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # its memory back before the tensor-parallel engines size their KV caches
+        results["runs"].append(run)
     for tp in args.tp:
         config = EngineConfig(
             model=str(folder), tensor_parallel_size=tp, max_num_seqs=max(sizes), max_loras=max(n_adapters, 1),
@@ -127,14 +150,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         adapters = None
         start = time.perf_counter()
-        # TP=1 goes through the parallel path too (a group of one, eager steps), so the comparison is
-        # eager against eager; the one-GPU engine's CUDA graphs are benchmarks/serving.py's business.
+        # TP=1 goes through the parallel path too (a group of one, eager steps): eager against eager,
+        # beside the one-GPU engine as served above.
         engine = LLMEngine(config, *build(config, None, weights))
         ready = time.perf_counter() - start
         cfg_full = engine.model.config
         if n_adapters:
             adapters = SeededAdapters(work / "adapters", cfg_full, 16, QKVO, "qkvo", n_adapters, str(folder))
-        run: dict[str, Any] = {"tp": tp, "ready_s": ready, "ranks": engine.runner.workers.reports, "base": []}
+        run: dict[str, Any] = {
+            "tp": tp,
+            "engine": "tensor parallel (eager)",
+            "ready_s": ready,
+            "ranks": engine.runner.workers.reports,
+            "base": [],
+        }
         for b in sizes:
             run["base"].append(decode(engine, b, prompt, steps, []))
             print(f"tp={tp} B={b} base: {run['base'][-1]}", flush=True)
