@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-adapters", action="store_true")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--no-graphs", action="store_true", help="every step eager (cuda_graphs=False)")
     parser.add_argument("--skip-one-gpu", action="store_true", help="no run of the one-GPU engine (graphs)")
     args = parser.parse_args(argv)
     work = Path(args.out)
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.adapters,
             "bfloat16",
         )
-        common = {"device": "cuda", "dtype": dtype, "max_lora_rank": 16, "max_model_len": 4096}
+        common = {"device": "cuda", "dtype": dtype, "max_lora_rank": 16, "max_model_len": 4096,
+                  "cuda_graphs": not args.no_graphs}  # fmt: skip
         weights = functools.partial(rank_weights, dtype=dtype, seed=0)
     if args.no_adapters:
         n_adapters = 0
@@ -150,8 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         adapters = None
         start = time.perf_counter()
-        # TP=1 goes through the parallel path too (a group of one, eager steps): eager against eager,
-        # beside the one-GPU engine as served above.
+        # TP=1 goes through the parallel path too (a group of one), beside the one-GPU engine as served.
         engine = LLMEngine(config, *build(config, None, weights))
         ready = time.perf_counter() - start
         cfg_full = engine.model.config
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             adapters = SeededAdapters(work / "adapters", cfg_full, 16, QKVO, "qkvo", n_adapters, str(folder))
         run: dict[str, Any] = {
             "tp": tp,
-            "engine": "tensor parallel (eager)",
+            "engine": "tensor parallel",
             "ready_s": ready,
             "ranks": engine.runner.workers.reports,
             "base": [],

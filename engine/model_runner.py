@@ -125,10 +125,14 @@ class ModelRunner:
             vocab_size=cfg.vocab_size,
             num_slots=adapter_cache.slots.num_slots,
         )
+        # Logits columns this rank's forward returns: the vocabulary, or on a tensor-parallel worker its rows.
+        vocab_rows = getattr(model.model, "vocab_rows", cfg.vocab_size)
+        self.logits_width = cfg.vocab_size if group is None or group.rank == 0 else vocab_rows
         # Last: the graphs' warm-up needs the KV cache, and the memory line reports everything above.
+        # Under tensor parallelism every rank captures the same graphs in the same order (their
+        # collectives pair up), and the workers replay the key rank 0 picks (engine/parallel/).
         self.graphs: DecodeGraphs | None = None
-        # Not yet under tensor parallelism: a worker would have to replay the bucket rank 0 picks.
-        if config.cuda_graphs and self.device.type == "cuda" and self.ops.name == "triton" and group is None:
+        if config.cuda_graphs and self.device.type == "cuda" and self.ops.name == "triton":
             # The torch references sync on the host: graphs need the Triton kernels.
             spec = config.speculative  # verify steps of k + 1 tokens per sequence get graphs too
             self.graphs = self.make_graphs(verify_lens=(spec.num_speculative_tokens + 1,) if spec else ())
@@ -177,7 +181,7 @@ class ModelRunner:
             self.input,
             self._graph_forward,
             max_batch or self.config.max_num_seqs,
-            self.model.config.vocab_size,
+            self.logits_width,
             capture=capture,
             verify_lens=verify_lens,
         )
@@ -277,7 +281,17 @@ class ModelRunner:
             return None
         key = self.graphs.pick(bucket, self._group_mask(batch))
         self.input.fill(batch, input_ids, all_logits, pad_to=key[:3])  # type: ignore[arg-type]
-        logits = self.graphs.replay(key, ahead=input_ids is not None)
+        ahead = input_ids is not None
+        if self.workers is None:
+            logits = self.graphs.replay(key, ahead)
+        else:
+            self.workers.replay(self.input.packed, key, ahead, self.input.num_segments)
+            try:
+                logits = self.graphs.replay(key, ahead)
+                if logits is None:  # the workers replayed: an eager rerun here would leave them behind
+                    raise RuntimeError(f"graph capture failed on rank 0 (key {key}); try cuda_graphs=False")
+            except Exception as exc:
+                raise self.workers.fault(exc) from exc
         return None if logits is None else logits[: sum(n for _, n in batch) if all_logits else len(batch)]
 
     def _group_mask(self, batch: Batch) -> GroupMask:

@@ -20,7 +20,7 @@ import multiprocessing.connection
 import threading
 import time
 import weakref
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import torch
@@ -56,6 +56,7 @@ class Workers:
         # deque: appends (adapter cache) and pops (the step) are each atomic, whatever thread writes a slot
         self._slot_writes: deque[tuple[Tensor, Tensor]] = deque()
         self._head = protocol.header(num_slots)
+        self.sent: Counter[int] = Counter()  # commands sent, by protocol number (tests, debugging)
         ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads and CUDA state
         store = make_store(0, size, 0, COLLECTIVE_TIMEOUT_S)
         self.procs: list[Any] = []
@@ -132,6 +133,17 @@ class Workers:
         )
         self._send(head, packed)
 
+    def replay(self, packed: Tensor, key: Any, ahead: bool, num_segments: int) -> None:
+        """Send a graph replay: the bucket rank 0 picked (cuda_graphs.GraphKey), then the packed buffer
+        filled for it."""
+        self._send_slot_writes()
+        tokens, seqs, q, mask = key
+        head = self._head
+        head.zero_()
+        head[0] = protocol.REPLAY
+        head[1:7] = torch.tensor([tokens, seqs, q, protocol.mask_code(mask), int(ahead), num_segments])
+        self._send(head, packed)
+
     def logits(self, hidden: Tensor) -> None:
         """Send hidden rows [R, H] whose logits every rank computes its part of."""
         self._send_slot_writes()
@@ -147,6 +159,7 @@ class Workers:
 
     def _send(self, head: Tensor, payload: Tensor) -> None:
         self.check()
+        self.sent[int(head[0])] += 1
         try:
             self.group.broadcast_header(head)
             self.group.broadcast(payload)

@@ -7,6 +7,8 @@ header: [command, args..., pad] then from HEADER_FIXED on, the step's used adapt
           input's packed buffer (engine/step_input.py)
   LOGITS: rows | + hidden states [rows, H]
   SLOT:   slot, nbytes, scaling (float64 bits), rank of each LORA_MODULES entry | + the adapter's bytes
+  REPLAY: tokens, sequences, query_len, mask (-1: None, else bits), ahead, num_segments | + the packed
+          buffer, filled for that graph bucket (engine/cuda_graphs.py)
   STOP
 """
 
@@ -19,12 +21,20 @@ from engine.lora import LoRAAdapter, module_shapes
 from engine.model_config import ModelConfig
 from engine.ops import LORA_MODULES, MODULE_GROUPS
 
-STOP, STEP, LOGITS, SLOT = 0, 1, 2, 3
+STOP, STEP, LOGITS, SLOT, REPLAY = 0, 1, 2, 3, 4
 HEADER_FIXED = 16
 
 
 def header(num_slots: int) -> Tensor:
     return torch.zeros(HEADER_FIXED + num_slots, dtype=torch.int64)
+
+
+def mask_code(mask: tuple[bool, ...] | None) -> int:
+    return -1 if mask is None else sum(1 << i for i, on in enumerate(mask) if on)
+
+
+def mask_of(code: int) -> tuple[bool, ...] | None:
+    return None if code < 0 else tuple(bool(code >> i & 1) for i in range(len(MODULE_GROUPS)))
 
 
 def pack_adapter(slot: int, adapter: LoRAAdapter, head: Tensor) -> Tensor:

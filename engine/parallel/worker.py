@@ -77,6 +77,14 @@ def _serve(runner: Any, slots: LoRASlots, shard: Shard, group: TPGroup) -> None:
             layout = Layout(tokens, rows, width, num_logits, bool(gather), segments)
             used = head[protocol.HEADER_FIXED : protocol.HEADER_FIXED + num_used].tolist()
             runner.forward_layout(layout, used, bool(hidden_only))
+        elif command == protocol.REPLAY:
+            group.broadcast(runner.input.packed)
+            tokens, seqs, q, mask, ahead, segments = head[1:7].tolist()
+            runner.input.num_segments = segments
+            if runner.graphs is None:  # rank 0 replays uncaptured graphs (CPU tests): mirror them
+                runner.graphs = runner.make_graphs(capture=False)
+            if runner.graphs.replay((tokens, seqs, q, protocol.mask_of(mask)), bool(ahead)) is None:
+                raise RuntimeError(f"graph capture failed (key {(tokens, seqs, q, mask)})")
         elif command == protocol.LOGITS:
             hidden = torch.empty(
                 int(head[1]), shard.cfg.hidden_size, dtype=runner.model.dtype, device=group.device

@@ -18,9 +18,9 @@ def test_serving_tp_smoke(tmp_path, one_torch_thread):
     runs = {(r["tp"], r["engine"]): r for r in result["runs"]}
     assert set(runs) == {
         (1, "one GPU, as served"),
-        (1, "tensor parallel (eager)"),
-        (2, "tensor parallel (eager)"),
+        (1, "tensor parallel"),
+        (2, "tensor parallel"),
     }
-    two = runs[(2, "tensor parallel (eager)")]
+    two = runs[(2, "tensor parallel")]
     assert [b["batch"] for b in two["base"]] == [1, 4] and two["qkvo"]["tokens_per_s"] > 0
     assert len(two["ranks"]) == 2 and all(r["kv_blocks"] == 256 for r in two["ranks"])

@@ -85,3 +85,27 @@ def test_qk_norm_families_tp2_equal_tp1(tmp_path, one_torch_thread, arch):
         two.engine.close()
     base_only = [o.outputs[0].token_ids for o in make_llm(base).generate(ps, GREEDY)]
     assert base_only != expected  # the adapter changes the tokens
+
+
+def test_graph_replays_reach_the_workers(tmp_path, one_torch_thread):
+    """Rank 0's graph buckets (uncaptured on the CPU: the same padded layouts, run eagerly) go to the
+    workers as REPLAY commands with the bucket's key; decode and extend steps equal one rank."""
+    from engine.parallel import protocol
+
+    base = make_family_model(tmp_path / "base", "llama")
+    adapter = make_peft_adapter(base, tmp_path / "a", r=8, target_modules=ALL, seed=4)
+    ps = prompts(5, 9, (6, 11, 17))
+    loras = [LoRARequest("a", str(adapter)), None, LoRARequest("a", str(adapter)), None, None]
+    expected = [o.outputs[0].token_ids for o in make_llm(base).generate(ps, GREEDY, lora_request=loras)]
+    two = make_llm(base, tensor_parallel_size=2, max_num_batched_tokens=24)
+    runner = two.engine.runner
+    try:
+        runner.graphs = runner.make_graphs(capture=False)
+        outs = two.generate(ps, GREEDY, lora_request=loras)
+        again = two.generate(ps, GREEDY, lora_request=loras)  # prefix hits: small extend steps
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        assert [o.outputs[0].token_ids for o in again] == expected
+        assert runner.workers.sent[protocol.REPLAY] > 0 and runner.graphs.extend_steps > 0
+        assert runner.graphs.ahead_steps > 0  # async scheduling's device ids through a replay
+    finally:
+        two.engine.close()
