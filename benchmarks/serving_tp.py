@@ -6,8 +6,9 @@ tensor-parallel size (each with its own worker processes). Random weights (std 0
 on every rank's GPU and cut there, so no checkpoint is written.
 
     python -m benchmarks.serving_tp --smoke --out /tmp/tp                          # CPU, gloo, ~1 min
-    python -m benchmarks.serving_tp --out /tmp/tp --tp 1 2                          # 2 GPUs, 8B shape
-    python -m benchmarks.serving_tp --out /tmp/tp70 --shape 70b --tp 4 --batch-sizes 32 --no-adapters
+    python -m benchmarks.serving_tp --out /tmp/tp --tp 2                            # 2 GPUs, 8B shape
+    python -m benchmarks.serving_tp --out /tmp/tp70 --shape 70b --tp 4 --batch-sizes 32 --no-adapters \
+        --skip-one-gpu                                                              # 4 GPUs, 70B shape
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--no-graphs", action="store_true", help="every step eager (cuda_graphs=False)")
-    parser.add_argument("--skip-one-gpu", action="store_true", help="no run of the one-GPU engine (graphs)")
+    parser.add_argument("--skip-one-gpu", action="store_true", help="no run of the one-GPU engine (as served)")
     args = parser.parse_args(argv)
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.no_adapters:
         n_adapters = 0
     results: dict[str, Any] = {"shape": "demo" if args.smoke else args.shape, "runs": []}
-    if 1 in args.tp and not args.skip_one_gpu:
+    if not args.skip_one_gpu:
         # The one-GPU engine as served (CUDA graphs on CUDA): the baseline the issue's targets name.
         config = EngineConfig(model=str(folder), max_num_seqs=max(sizes), max_loras=1, **common)
         loaded = random_model(folder, getattr(torch, dtype), torch.device(common["device"]), seed=0)

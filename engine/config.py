@@ -110,6 +110,10 @@ class EngineConfig:
             raise ValueError(
                 f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}"
             )
+        if self.tensor_parallel_size > 1 and (self.quantization is not None or self.deterministic):
+            raise ValueError(
+                "tensor_parallel_size > 1 does not combine with quantization or deterministic yet"
+            )
         if self.kernel_backend not in _KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {_KERNEL_BACKENDS}, got {self.kernel_backend!r}")
         if self.quantization not in _QUANTIZATIONS:

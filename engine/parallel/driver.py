@@ -14,6 +14,7 @@ first. Each way ends in EngineFault, which the async engine turns into a dead en
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -21,6 +22,7 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -274,6 +276,8 @@ def build(config: EngineConfig, adapter_loader: Any = None, weights: Any = None)
     started = time.monotonic()
     full = load_config(config.model)
     check_shardable(full, config.tensor_parallel_size)  # before any process starts
+    if "quantization_config" in json.loads((Path(config.model) / "config.json").read_text()):
+        raise ValueError("tensor_parallel_size > 1 does not load FP8 checkpoints yet (quantization_config)")
     device = rank_device(config, 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's communicator binds the current device
