@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--no-graphs", action="store_true", help="every step eager (cuda_graphs=False)")
-    parser.add_argument("--skip-one-gpu", action="store_true", help="no run of the one-GPU engine (as served)")
+    parser.add_argument(
+        "--skip-one-gpu", action="store_true", help="no run of the one-GPU engine (as served)"
+    )
     args = parser.parse_args(argv)
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
