@@ -19,6 +19,7 @@ of them, e.g. to verify drafts); no gather when every token is wanted.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,43 +81,39 @@ class StepInput:
             ("segs", (3, self.num_segments_max), torch.int32, 0),  # seg slots, starts, lens
         ]
         # Every buffer is a view of one byte buffer (host and device alike), so tensor-parallel workers get
-        # a whole step with one broadcast of `packed` (engine/parallel/).
-        offsets, size = [], 0
+        # a whole step with one broadcast of `packed` (engine/parallel/). Spans start 8-byte aligned.
+        spans, size = [], 0
         for _, shape, dtype, _ in specs:
-            offsets.append(size)
-            size += -(-int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size() // 8) * 8
+            nbytes = math.prod(shape) * dtype.itemsize
+            spans.append((size, nbytes))
+            size += -(-nbytes // 8) * 8
         host_bytes = torch.zeros(size, dtype=torch.uint8, pin_memory=pin)
-        self._pairs: dict[str, tuple[Tensor, Tensor]] = {}
         views: dict[str, np.ndarray] = {}
-        for (name, shape, dtype, fill), offset in zip(specs, offsets, strict=True):
-            n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-            host = host_bytes[offset : offset + n].view(dtype).view(shape)
+        for (name, shape, dtype, fill), (offset, nbytes) in zip(specs, spans, strict=True):
+            host = host_bytes[offset : offset + nbytes].view(dtype).view(shape)
             # fill None: 0, 1, 2, ... The start contents are a valid all-padding step (one token per
             # row, no KV write, no adapter): what graph captures at start run on.
             if fill is None:
                 host.copy_(torch.arange(shape[0], dtype=dtype))
             else:
                 host.fill_(fill)
-            self._pairs[name] = (host, host)
             views[name] = host.numpy()  # numpy views: element writes are far cheaper than on tensors
-        self.packed = host_bytes.to(device)  # [bytes] uint8: the device twin of every buffer
-        for (name, shape, dtype, _), offset in zip(specs, offsets, strict=True):
-            n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-            self._pairs[name] = (
-                self._pairs[name][0],
-                self.packed[offset : offset + n].view(dtype).view(shape),
+        self.packed = host_bytes.to(device)  # [bytes] uint8, the start contents too (on the CPU: itself)
+        self._pairs: dict[str, tuple[Tensor, Tensor]] = {}
+        for (name, shape, dtype, _), (offset, nbytes) in zip(specs, spans, strict=True):
+            host, dev = (
+                buf[offset : offset + nbytes].view(dtype).view(shape) for buf in (host_bytes, self.packed)
             )
-        self.ids, self.pos, self.slot_mapping = views["ids"], views["pos"], views["slot_mapping"]
-        self.token_slots, self.sorted, self.logit_idx = (
-            views["token_slots"],
-            views["sorted"],
-            views["logit_idx"],
-        )
-        self.tables, self.seq_lens, self.query_start = (
-            views["tables"],
-            views["seq_lens"],
-            views["query_start"],
-        )
+            self._pairs[name] = (host, dev)
+        self.ids = views["ids"]
+        self.pos = views["pos"]
+        self.slot_mapping = views["slot_mapping"]
+        self.token_slots = views["token_slots"]
+        self.sorted = views["sorted"]
+        self.logit_idx = views["logit_idx"]
+        self.tables = views["tables"]
+        self.seq_lens = views["seq_lens"]
+        self.query_start = views["query_start"]
         self.segs = views["segs"]
         self.segs[0].fill(-1)  # no segment in use
         self._pairs["segs"][1][0].fill_(-1)
