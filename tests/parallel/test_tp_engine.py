@@ -109,3 +109,26 @@ def test_graph_replays_reach_the_workers(tmp_path, one_torch_thread):
         assert runner.graphs.ahead_steps > 0  # async scheduling's device ids through a replay
     finally:
         two.engine.close()
+
+
+def test_phi4_partial_rotary_tp2_equals_tp1(tmp_path, one_torch_thread):
+    """Phi-4-mini's partial rotary: q/k rows reordered within each head after the cut (local head counts),
+    adapters' B rows reordered at load before theirs; LongRoPE past the original context."""
+    half = 4
+    rope = {
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [1.0 + 0.7 * i for i in range(half)],
+    }  # fmt: skip
+    base = make_family_model(
+        tmp_path / "base", "phi3", rope_parameters=rope, partial_rotary_factor=0.5,
+        original_max_position_embeddings=16, max_position_embeddings=128,
+    )  # fmt: skip
+    adapter = make_peft_adapter(base, tmp_path / "a", r=8, target_modules=FUSED_ALL, seed=5)
+    ps = prompts(3, 11, (18, 25))
+    loras = [LoRARequest("a", str(adapter)), None, LoRARequest("a", str(adapter))]
+    expected = [o.outputs[0].token_ids for o in make_llm(base).generate(ps, GREEDY, lora_request=loras)]
+    two = make_llm(base, tensor_parallel_size=2)
+    try:
+        assert [o.outputs[0].token_ids for o in two.generate(ps, GREEDY, lora_request=loras)] == expected
+    finally:
+        two.engine.close()
