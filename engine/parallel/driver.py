@@ -82,10 +82,9 @@ class Workers:
         try:
             self.group = TPGroup(store, 0, size, device, COLLECTIVE_TIMEOUT_S)
         except Exception as exc:
+            errors = self._worker_errors()  # before the pipes close
             self._finalizer()
-            raise RuntimeError(
-                f"tensor-parallel workers did not join: {self._worker_errors() or exc}"
-            ) from exc
+            raise RuntimeError(f"tensor-parallel workers did not join: {errors or exc}") from exc
         # The thread holds only a weak reference, so an engine dropped without close() is still collected.
         self._watcher = threading.Thread(
             target=_watch, args=(weakref.ref(self), [p.sentinel for p in self.procs], self._closed),
