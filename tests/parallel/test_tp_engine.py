@@ -8,7 +8,7 @@ import pytest
 
 from engine import LoRARequest, SamplingParams
 from tests.helpers.hf_families import GREEDY, check_family, make_family_model, make_llm, prompts
-from tests.helpers.hf_models import make_peft_adapter
+from tests.helpers.hf_models import hf_greedy, make_peft_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -130,5 +130,28 @@ def test_phi4_partial_rotary_tp2_equals_tp1(tmp_path, one_torch_thread):
     two = make_llm(base, tensor_parallel_size=2)
     try:
         assert [o.outputs[0].token_ids for o in two.generate(ps, GREEDY, lora_request=loras)] == expected
+    finally:
+        two.engine.close()
+
+
+def test_one_slot_rewritten_between_adapters_reaches_the_workers(tmp_path, one_torch_thread):
+    """max_loras=1: adapters of different ranks and targets take turns in the one slot; each rewrite (on
+    every rank, rows of a larger earlier adapter cleared) must land before the step that uses it."""
+    from engine.parallel import protocol
+
+    base = make_family_model(tmp_path / "base", "llama")
+    adapters = {
+        "a": make_peft_adapter(base, tmp_path / "a", r=8, target_modules=ALL, seed=6),
+        "b": make_peft_adapter(base, tmp_path / "b", r=2, target_modules=("o_proj", "down_proj"), seed=7),
+    }
+    names = ["a", "b", None, "a", "b"]
+    ps = prompts(len(names), 13, (8, 12))
+    loras = [LoRARequest(n, str(adapters[n])) if n else None for n in names]
+    settings = {"max_loras": 1, "max_cpu_loras": 2}
+    expected = hf_greedy(base, adapters, ps, names, 8)
+    two = make_llm(base, tensor_parallel_size=2, **settings)
+    try:
+        assert [o.outputs[0].token_ids for o in two.generate(ps, GREEDY, lora_request=loras)] == expected
+        assert two.engine.runner.workers.sent[protocol.SLOT] >= 3  # a, b, a again (at least)
     finally:
         two.engine.close()
