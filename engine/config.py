@@ -110,9 +110,12 @@ class EngineConfig:
             raise ValueError(
                 f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}"
             )
-        if self.tensor_parallel_size > 1 and (self.quantization is not None or self.deterministic):
+        if self.tensor_parallel_size > 1 and (
+            self.quantization is not None or self.deterministic or self.speculative_config is not None
+        ):
             raise ValueError(
-                "tensor_parallel_size > 1 does not combine with quantization or deterministic yet"
+                "tensor_parallel_size > 1 does not combine with quantization, deterministic or "
+                "speculative_config yet"
             )
         if self.kernel_backend not in _KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {_KERNEL_BACKENDS}, got {self.kernel_backend!r}")

@@ -155,6 +155,11 @@ def test_bad_sizes_are_refused_before_any_process_starts(base):
         make_llm(base, tensor_parallel_size=3)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         EngineConfig(model=str(base), tensor_parallel_size=0)
-    with pytest.raises(ValueError, match="tensor_parallel_size > 1 does not combine with quantization"):
-        EngineConfig(model=str(base), tensor_parallel_size=2, quantization="fp8")
+    for extra in (
+        {"quantization": "fp8"},
+        {"deterministic": True},
+        {"speculative_config": {"method": "ngram"}},
+    ):
+        with pytest.raises(ValueError, match="tensor_parallel_size > 1 does not combine with"):
+            EngineConfig(model=str(base), tensor_parallel_size=2, **extra)
     assert _children() <= before
