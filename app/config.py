@@ -76,6 +76,7 @@ class Settings:
     # {"method": "ngram", "num_speculative_tokens": 4}; unset = off.
     speculative_config: dict[str, Any] | None = None
     tensor_parallel_size: int = _engine_default("tensor_parallel_size")  # GPUs per engine (docs/parallel.md)
+    fully_sharded_loras: bool = _engine_default("fully_sharded_loras")  # shard LoRA A too (docs/parallel.md)
     # Adapter files fetched for the engine under data_dir/adapter-cache; least recently used go past this.
     adapter_disk_cache_bytes: int = 20 * 1024**3
 

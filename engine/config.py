@@ -78,6 +78,10 @@ class EngineConfig:
     # Ranks (GPUs) one engine's model is split over, Megatron-style (docs/parallel.md): N - 1 worker
     # processes beside this one, NCCL on CUDA, gloo on the CPU.
     tensor_parallel_size: int = 1
+    # vLLM's option (docs/parallel.md): column-parallel LoRA shrinks sharded too (each rank holds
+    # max_lora_rank / N rows of A, padded up to a multiple of N) plus one all-gather per such layer.
+    # Accepted and ignored at tensor_parallel_size 1, as vLLM does.
+    fully_sharded_loras: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -117,6 +121,8 @@ class EngineConfig:
                 "tensor_parallel_size > 1 does not combine with quantization, deterministic or "
                 "speculative_config yet"
             )
+        if not isinstance(self.fully_sharded_loras, bool):
+            raise ValueError(f"fully_sharded_loras must be a bool, got {self.fully_sharded_loras!r}")
         if self.kernel_backend not in _KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {_KERNEL_BACKENDS}, got {self.kernel_backend!r}")
         if self.quantization not in _QUANTIZATIONS:

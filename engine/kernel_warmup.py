@@ -28,9 +28,10 @@ WARM_SHAPES: tuple[tuple[int, int], ...] = (
 
 
 @torch.inference_mode()
-def warm_lora_kernels(slots: Any, ops: Any, device: torch.device) -> int:
+def warm_lora_kernels(slots: Any, ops: Any, device: torch.device, gather: Any = None) -> int:
     """Run every module group's LoRA launches once per shape of WARM_SHAPES on layer 0 of `slots`
-    (engine/lora_slots.py). Returns the launches made (0 without adapter slots)."""
+    (engine/lora_slots.py). Returns the launches made (0 without adapter slots). gather: the tensor-
+    parallel all-gather of fully_sharded_loras (every rank warms the same shapes in the same order)."""
     if slots.num_slots == 0:
         return 0
     start, launches = time.perf_counter(), 0
@@ -41,7 +42,9 @@ def warm_lora_kernels(slots: Any, ops: Any, device: torch.device) -> int:
         token_slots = (torch.arange(tokens) * adapters // tokens).to(torch.int32).to(device)
         meta = ops.make_lora_meta(token_slots, max_segments)
         active = [[True] * len(MODULE_GROUPS) for _ in range(layers)]
-        batch = LoRABatch(meta, slots.a, slots.b, slots.scales, slots.ranks, ops, active, None)
+        batch = LoRABatch(
+            meta, slots.a, slots.b, slots.scales, slots.ranks, ops, active, None, slots.shrink_ranks, gather
+        )
         for group, modules in enumerate(MODULE_GROUPS):
             d_in = slots.a[modules[0]].shape[-1]
             width = sum(slots.b[m].shape[-2] for m in modules)

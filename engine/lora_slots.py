@@ -10,7 +10,7 @@ from torch import Tensor
 
 from engine.lora import LoRAAdapter, module_shapes, stacked_sizes
 from engine.model_loader import ModelConfig
-from engine.ops import MODULE_GROUPS
+from engine.ops import COLUMN_GROUPS, COLUMN_MODULES, MODULE_GROUPS
 
 
 class LoRASlots:
@@ -28,18 +28,27 @@ class LoRASlots:
         dtype: torch.dtype,
         device: torch.device,
         batched: bool = False,
+        a_split: tuple[int, int] | None = None,
     ) -> None:
         """`batched`: write a slot with one host -> device copy of the adapter's whole stacked buffer into
-        a device staging buffer, then device-side copies (see `_write_batched`)."""
+        a device staging buffer, then device-side copies (see `_write_batched`).
+        `a_split` (k, n): tensor parallelism's fully_sharded_loras: the written adapters' column-parallel
+        A (q/k/v/gate/up) are rows [k * n, (k + 1) * n) of the whole A (engine/parallel/sharding.py), so
+        those A hold n rows and `shrink_ranks` counts this rank's rows of each slot."""
+        assert a_split is None or not batched, "a split A is written row by row (_write)"
         self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
+        self.a_split = a_split
         layers, s, r = cfg.num_layers, num_slots, max_rank
         self.a: dict[str, Tensor] = {}
         self.b: dict[str, Tensor] = {}
         for module, (d_in, d_out) in module_shapes(cfg).items():
-            self.a[module] = torch.zeros(layers, s, r, d_in, dtype=dtype, device=device)  # [L, S, R, in]
+            r_a = a_split[1] if a_split is not None and module in COLUMN_MODULES else r
+            self.a[module] = torch.zeros(layers, s, r_a, d_in, dtype=dtype, device=device)  # [L, S, R_a, in]
             self.b[module] = torch.zeros(layers, s, d_out, r, dtype=dtype, device=device)  # [L, S, out, R]
         self.scales = torch.zeros(s, dtype=torch.float32, device=device)  # [S]
         self.ranks = torch.zeros(layers, len(MODULE_GROUPS), s, dtype=torch.int32, device=device)  # [L, G, S]
+        # The shrink's ranks: this rank's rows of A per slot (split A), else the same tensor as `ranks`.
+        self.shrink_ranks = self.ranks if a_split is None else torch.zeros_like(self.ranks)  # [L, G, S]
         # Host copy of `ranks`, so a step can tell which launches it needs without a device sync.
         self.host_ranks = torch.zeros(layers, len(MODULE_GROUPS), s, dtype=torch.int32)
         # On CUDA, slot writes run on a side stream so that loading never stalls the running batch.
@@ -146,11 +155,17 @@ class LoRASlots:
         for module in self.a:
             self.a[module][:, slot].zero_()
             self.b[module][:, slot].zero_()
-            if module in adapter.a:
-                r = adapter.a[module].shape[1]
-                self.a[module][:, slot, :r].copy_(adapter.a[module], non_blocking=True)
-                self.b[module][:, slot, :, :r].copy_(adapter.b[module], non_blocking=True)
+            if module in adapter.a:  # A's rows and B's columns differ when A is split (a_split)
+                r_a, r_b = adapter.a[module].shape[1], adapter.b[module].shape[2]
+                self.a[module][:, slot, :r_a].copy_(adapter.a[module], non_blocking=True)
+                self.b[module][:, slot, :, :r_b].copy_(adapter.b[module], non_blocking=True)
         self.ranks[:, :, slot].copy_(adapter.ranks, non_blocking=True)
+        if self.a_split is not None:  # this rank's rows of each column-parallel group's rank
+            k, n = self.a_split
+            local = adapter.ranks.clone()  # [L, G]
+            for g in COLUMN_GROUPS:
+                local[:, g] = (adapter.ranks[:, g] - k * n).clamp(0, n)
+            self.shrink_ranks[:, :, slot].copy_(local)
         self.scales[slot] = adapter.scaling
 
 

@@ -101,6 +101,13 @@ class ModelRunner:
             self.num_kv_blocks = group.min_int(self.num_kv_blocks)
         # Rank 0 of a tensor-parallel group: the workers each step is sent to (engine/parallel/driver.py).
         self.workers: Workers | None = None
+        # fully_sharded_loras: each rank's column-parallel shrink is a slice of the rank dimension,
+        # all-gathered before the expand (engine/parallel/sharding.py); None: A whole on every rank.
+        self.lora_gather = (
+            group.all_gather_last_dim
+            if group is not None and group.size > 1 and config.fully_sharded_loras
+            else None
+        )
         cfg = model.config
         shape = (self.num_kv_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches: list[tuple[Tensor, Tensor]] = [
@@ -142,7 +149,7 @@ class ModelRunner:
             self.graphs.capture_all(masks)
         if self.device.type == "cuda" and self.ops.name == "triton":
             # Eager steps' LoRA launch variants (engine/kernel_warmup.py): none compiles mid-step.
-            warm_lora_kernels(adapter_cache.slots, self.ops, self.device)
+            warm_lora_kernels(adapter_cache.slots, self.ops, self.device, self.lora_gather)
         if self.device.type == "cuda" and group is None:
             self.log_memory()  # tensor parallel: one line per rank from engine/parallel/driver.py
 
@@ -342,7 +349,7 @@ class ModelRunner:
             weights = self.adapter_cache.slots
             lora = LoRABatch(
                 step.lora_meta(layout), weights.a, weights.b, weights.scales, weights.ranks, self.ops,
-                active, self.lora_stream,
+                active, self.lora_stream, weights.shrink_ranks, self.lora_gather,
             )  # fmt: skip
         ids = step.device_buffer("ids")[: layout.tokens]
         positions = step.device_buffer("pos")[: layout.tokens]

@@ -110,6 +110,11 @@ class LoRABatch:
     active: list[list[bool]]
     # CUDA: a second stream for the shrink, so that it runs beside the base projection (`linear`).
     stream: Any = None
+    # Tensor parallelism's fully_sharded_loras (engine/parallel/sharding.py): [L, G, S] this rank's rows
+    # of A per slot (None: `ranks`), and the all-gather of a column-parallel group's shrink over the rank
+    # dimension, [N, T, R / ranks] -> [N, T, R] (None: A is whole on this rank).
+    shrink_ranks: Tensor | None = None
+    gather: Callable[[Tensor], Tensor] | None = None
 
     def linear(self, layer: int, group: int, x: Tensor, proj: Any) -> Tensor:
         """proj(x) plus the LoRA delta of `group`. In a CUDA-graph capture with a side stream, the shrink
@@ -128,9 +133,10 @@ class LoRABatch:
         main = torch.cuda.current_stream(x.device)
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
-            self.ops.lora_shrink(x, weights_a, self.meta, buf, ranks)
+            self.ops.lora_shrink(x, weights_a, self.meta, buf, self._shrink_ranks(layer, group))
         y = proj(x)
         main.wait_stream(self.stream)
+        buf = self._gathered(group, buf)
         self.ops.lora_expand(buf, weights_b, self.meta, y, self.scales, ranks)
         return y  # type: ignore[no-any-return]
 
@@ -150,8 +156,18 @@ class LoRABatch:
         if not self.active[layer][group]:
             return
         buf, weights_a, weights_b, ranks = self._operands(layer, group, x)
-        self.ops.lora_shrink(x, weights_a, self.meta, buf, ranks)
+        self.ops.lora_shrink(x, weights_a, self.meta, buf, self._shrink_ranks(layer, group))
+        buf = self._gathered(group, buf)
         self.ops.lora_expand(buf, weights_b, self.meta, y, self.scales, ranks)
+
+    def _shrink_ranks(self, layer: int, group: int) -> Tensor:
+        return (self.ranks if self.shrink_ranks is None else self.shrink_ranks)[layer, group]  # [S]
+
+    def _gathered(self, group: int, buf: Tensor) -> Tensor:
+        """buf [N, T, R_local] -> [N, T, R]: every rank's slice of a split shrink, in rank order."""
+        if self.gather is None or group not in COLUMN_GROUPS:
+            return buf
+        return self.gather(buf)
 
 
 # One launch per group: q/k/v share the attention input, gate/up the MLP input.
@@ -162,4 +178,8 @@ MODULE_GROUPS: tuple[tuple[str, ...], ...] = (
     ("down_proj",),
 )
 QKV, O_PROJ, GATE_UP, DOWN = range(4)
+# Column-parallel under tensor parallelism (output rows split): their shrink is what fully_sharded_loras
+# splits over the ranks (engine/parallel/sharding.py).
+COLUMN_GROUPS: tuple[int, ...] = (QKV, GATE_UP)
+COLUMN_MODULES: tuple[str, ...] = tuple(m for g in COLUMN_GROUPS for m in MODULE_GROUPS[g])
 LORA_MODULES: tuple[str, ...] = tuple(m for group in MODULE_GROUPS for m in group)

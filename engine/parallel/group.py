@@ -74,6 +74,14 @@ class TPGroup:
         self.data.gather([parts], [t], opts).wait()
         return torch.cat(parts, dim=-1)
 
+    def all_gather_last_dim(self, t: Tensor) -> Tensor:
+        """Each rank's [..., n] part -> on every rank the [..., size * n] concatenation in rank order
+        (fully_sharded_loras: the column-parallel shrink's rank slices)."""
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        self.data.allgather([parts], [t]).wait()
+        return torch.cat(parts, dim=-1)
+
     def min_int(self, value: int) -> int:
         """The smallest `value` over the ranks (e.g. KV blocks: every rank must hold the same count)."""
         t = torch.tensor([value], dtype=torch.int64)

@@ -14,7 +14,7 @@ from engine.model_config import ModelConfig
 from engine.model_loader import LoadedModel, iter_weights, load_config, resolve_device, resolve_dtype
 from engine.models import MODEL_REGISTRY
 from engine.parallel.group import TPGroup
-from engine.parallel.sharding import Shard, check_shardable
+from engine.parallel.sharding import Shard, check_shardable, lora_rows
 from engine.tokenizer import load_tokenizer
 
 
@@ -41,7 +41,8 @@ def load_rank(
     size), its model the rank's part; plus the Shard that cut it. weights: instead of the folder's."""
     full = load_config(config.model)
     check_shardable(full, group.size)
-    shard = Shard(full, group.rank, group.size)
+    rows = lora_rows(config.max_lora_rank, group.size, config.fully_sharded_loras)
+    shard = Shard(full, group.rank, group.size, rows)
     dtype = resolve_dtype(config.dtype, group.device)
     model_cls = MODEL_REGISTRY[full.architecture].model
     source = iter_weights(config.model) if weights is None else weights(full, group.device)

@@ -7,6 +7,9 @@ vocabulary (embedding and untied or tied head) is split in rows, padded with zer
 the ranks. LoRA follows S-LoRA: A replicated and B split by output rows for column-parallel modules; A
 split by input columns and B whole for row-parallel ones, so each rank's expand of its partial shrink
 is a partial delta that the base all-reduce sums with the base output (no extra collective).
+With fully_sharded_loras (`lora_rows` > 0) a column-parallel module's A is split too, by rank rows: rank k
+holds rows [k * lora_rows, (k + 1) * lora_rows) of A padded to max_lora_rank rounded up to a multiple
+of the ranks; its shrink's [T, lora_rows] slices, all-gathered in rank order, are the whole [T, R] shrink.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Shard:
     cfg: ModelConfig
     rank: int
     size: int
+    lora_rows: int = 0  # fully_sharded_loras: rows of a column-parallel A per rank; 0: A replicated
 
     @property
     def heads(self) -> tuple[int, int]:
@@ -130,7 +134,18 @@ class Shard:
         for module, (lo, hi) in a_cols.items():
             if module in a:
                 a[module] = a[module][:, :, lo:hi].contiguous()
+        if self.lora_rows:  # rows past the adapter's rank are zeros in the slot: cut only real rows
+            lo = self.rank * self.lora_rows
+            for module in b_rows:
+                if module in a:
+                    a[module] = a[module][:, lo : lo + self.lora_rows].contiguous()  # [L, <= lora_rows, in]
         return dataclasses.replace(adapter, a=a, b=b)
+
+
+def lora_rows(max_lora_rank: int, size: int, fully_sharded: bool) -> int:
+    """Rows of a column-parallel A per rank (max_lora_rank rounded up to a multiple of `size`, split);
+    0 when A stays replicated (fully_sharded_loras off, or one rank)."""
+    return -(-max_lora_rank // size) if fully_sharded and size > 1 else 0
 
 
 def _scaled(span: tuple[int, int], by: int) -> tuple[int, int]:

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from engine.lora import LoRAAdapter, module_shapes
+from engine.lora_slots import LoRASlots
 from engine.model_config import ModelConfig
-from engine.ops import MODULE_GROUPS
+from engine.ops import COLUMN_GROUPS, MODULE_GROUPS, LoRABatch, get_ops
 from engine.parallel.protocol import header, pack_adapter, unpack_adapter
-from engine.parallel.sharding import Shard, check_shardable
+from engine.parallel.sharding import Shard, check_shardable, lora_rows
+from engine.parallel.slots import rank_slot_args
 
 CFG = ModelConfig(
     architecture="LlamaForCausalLM", vocab_size=37, hidden_size=16, intermediate_size=24, num_layers=2,
@@ -138,3 +140,84 @@ def test_adapter_bytes_round_trip():
     for m in adapter.a:
         assert torch.equal(back.a[m], adapter.a[m]) and torch.equal(back.b[m], adapter.b[m])
     assert torch.equal(back.ranks, adapter.ranks) and back.ranks.shape == (CFG.num_layers, len(MODULE_GROUPS))
+
+
+def _ranked(seed: int, r: int, targets: tuple[str, ...]) -> LoRAAdapter:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = module_shapes(CFG)
+    a = {m: torch.randn(CFG.num_layers, r, shapes[m][0], generator=gen) for m in targets}
+    b = {m: torch.randn(CFG.num_layers, shapes[m][1], r, generator=gen) for m in targets}
+    groups = [r if any(m in targets for m in g) else 0 for g in MODULE_GROUPS]
+    return LoRAAdapter(f"r{r}", r, 0.5, a, b, torch.tensor([groups] * CFG.num_layers, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("size", [2, 4])
+def test_fully_sharded_shrink_gathers_to_the_whole_delta(size, backend):
+    """fully_sharded_loras: each rank's slots hold its rows of the column-parallel A (max_lora_rank 5
+    padded to a multiple of the ranks); its shrink, all-gathered in rank order and expanded with its B
+    rows, is its columns of the whole delta, for a rank-5 adapter, a rank-3 one (some ranks hold none of
+    its rows) with other targets, and base tokens. Through LoRABatch.apply: a first pass collects every
+    rank's shrink (the all-gather's inputs), the second hands each rank their concatenation."""
+    max_rank, layer = 5, 1
+    rows = lora_rows(max_rank, size, True)
+    assert rows * size >= max_rank and lora_rows(max_rank, 1, True) == lora_rows(max_rank, size, False) == 0
+    adapters = [
+        _ranked(5, 5, ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")),
+        _ranked(6, 3, ("q_proj", "v_proj", "up_proj", "o_proj")),
+    ]
+    ops = get_ops(backend, torch.device("cpu"))
+    token_slots = torch.tensor([0, 0, 1, -1, 1, 0, -1], dtype=torch.int32)
+    meta = ops.make_lora_meta(token_slots, len(adapters))
+    shards = [Shard(CFG, k, size, rows) for k in range(size)]
+    slots = []
+    for shard in shards:
+        slot_rank, split = rank_slot_args(shard, max_rank)
+        s = LoRASlots(
+            shard.local_config(), len(adapters), slot_rank, torch.float32, torch.device("cpu"), a_split=split
+        )
+        for i, adapter in enumerate(adapters):
+            s.write(i, shard.adapter(adapter))
+        assert s.a["q_proj"].shape[2] == rows and s.b["q_proj"].shape[3] == rows * size
+        assert s.a["o_proj"].shape[2] == rows * size  # row-parallel A: split by columns, all its rows
+        slots.append(s)
+    active = [[True] * len(MODULE_GROUPS) for _ in range(CFG.num_layers)]
+    shapes = module_shapes(CFG)
+    torch.manual_seed(0)
+    for group in COLUMN_GROUPS:
+        modules = MODULE_GROUPS[group]
+        x = torch.randn(len(token_slots), shapes[modules[0]][0])
+        shrinks: list[torch.Tensor] = []
+
+        def collect(t: torch.Tensor, shrinks: list[torch.Tensor] = shrinks) -> torch.Tensor:
+            shrinks.append(t.clone())
+            return t.new_zeros(*t.shape[:-1], t.shape[-1] * size)
+
+        outs = []
+        for phase in ("collect", "gathered"):
+            outs = []
+            for k, s in enumerate(slots):
+
+                def gathered(
+                    t: torch.Tensor, k: int = k, shrinks: list[torch.Tensor] = shrinks
+                ) -> torch.Tensor:
+                    assert torch.equal(t, shrinks[k])
+                    return torch.cat(shrinks, dim=-1)
+
+                batch = LoRABatch(
+                    meta, s.a, s.b, s.scales, s.ranks, ops, active, None, s.shrink_ranks,
+                    collect if phase == "collect" else gathered,
+                )  # fmt: skip
+                y = torch.zeros(len(token_slots), sum(s.b[m].shape[2] for m in modules))
+                batch.apply(layer, group, x, y)
+                outs.append(y.split([s.b[m].shape[2] for m in modules], dim=-1))
+        for n, module in enumerate(modules):
+            whole = torch.zeros(len(token_slots), shapes[module][1])
+            for t, slot in enumerate(token_slots.tolist()):
+                if slot >= 0 and module in adapters[slot].a:
+                    ad = adapters[slot]
+                    whole[t] = ad.scaling * (x[t] @ ad.a[module][layer].T @ ad.b[module][layer].T)
+            cols = [out[n] for out in outs]
+            if module in ("k_proj", "v_proj") and size > CFG.num_kv_heads:  # replicated KV heads
+                cols = cols[:: size // CFG.num_kv_heads]
+            torch.testing.assert_close(torch.cat(cols, dim=-1), whole)

@@ -155,3 +155,32 @@ def test_one_slot_rewritten_between_adapters_reaches_the_workers(tmp_path, one_t
         assert two.engine.runner.workers.sent[protocol.SLOT] >= 3  # a, b, a again (at least)
     finally:
         two.engine.close()
+
+
+def test_fully_sharded_loras_tp2_equals_tp1_and_hf(tmp_path, one_torch_thread):
+    """fully_sharded_loras: q/k/v/gate/up A split by rank rows (max_lora_rank 7 padded to 8: 4 rows per
+    rank), their shrinks all-gathered; a rank-5 adapter (rows on both ranks) and a rank-3 one (rank 1
+    holds none of its rows) with other targets, base rows, chunked prefill, preemption and prefix hits
+    equal transformers + PEFT; TP=1 (where the option is ignored) equals TP=2."""
+    base = make_family_model(tmp_path / "base", "llama")
+    adapters = {
+        "a": make_peft_adapter(base, tmp_path / "a", r=5, target_modules=ALL, seed=8),
+        "b": make_peft_adapter(
+            base, tmp_path / "b", r=3, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"), seed=9
+        ),
+    }
+    sharded = {"tensor_parallel_size": 2, "fully_sharded_loras": True, "max_lora_rank": 7}
+    check_family(base, adapters, lengths=(11, 17, 23), **sharded)
+    names = [*adapters, None, "b"]
+    ps = prompts(len(names), 10, (9, 14))
+    loras = [LoRARequest(n, str(adapters[n])) if n else None for n in names]
+    one = make_llm(base, fully_sharded_loras=True, max_lora_rank=7)
+    expected = [o.outputs[0].token_ids for o in one.generate(ps, GREEDY, lora_request=loras)]
+    two = make_llm(base, **sharded)
+    try:
+        assert [o.outputs[0].token_ids for o in two.generate(ps, GREEDY, lora_request=loras)] == expected
+        slots = two.engine.runner.adapter_cache.slots
+        assert slots.a["q_proj"].shape[2] == 4 and slots.b["q_proj"].shape[3] == 8  # A's rows halved
+        assert slots.a["o_proj"].shape[2] == 8  # row-parallel A: split by columns as before
+    finally:
+        two.engine.close()
