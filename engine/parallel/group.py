@@ -78,9 +78,11 @@ class TPGroup:
         """Each rank's [..., n] part -> on every rank the [..., size * n] concatenation in rank order
         (fully_sharded_loras: the column-parallel shrink's rank slices)."""
         t = t.contiguous()
-        parts = [torch.empty_like(t) for _ in range(self.size)]
-        self.data.allgather([parts], [t]).wait()
-        return torch.cat(parts, dim=-1)
+        # One flat all-gather (allgather_into_tensor: NCCL's capturable path), ranks stacked in dim 0.
+        out = t.new_empty(self.size * t.shape[0], *t.shape[1:])  # [size * d0, ..., n]
+        self.data._allgather_base(out, t).wait()
+        parts = out.view(self.size, *t.shape)  # [size, ..., n]
+        return parts.movedim(0, -2).reshape(*t.shape[:-1], self.size * t.shape[-1])  # [..., size * n]
 
     def min_int(self, value: int) -> int:
         """The smallest `value` over the ranks (e.g. KV blocks: every rank must hold the same count)."""

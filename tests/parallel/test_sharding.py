@@ -221,3 +221,29 @@ def test_fully_sharded_shrink_gathers_to_the_whole_delta(size, backend):
             if module in ("k_proj", "v_proj") and size > CFG.num_kv_heads:  # replicated KV heads
                 cols = cols[:: size // CFG.num_kv_heads]
             torch.testing.assert_close(torch.cat(cols, dim=-1), whole)
+
+
+def test_all_gather_last_dim_puts_the_ranks_slices_in_rank_order():
+    """TPGroup.all_gather_last_dim over two gloo ranks (threads): [M, T, n] parts -> [M, T, 2n], rank 0's
+    columns first, on every rank."""
+    import threading
+
+    from engine.parallel.group import TPGroup, make_store
+
+    first = make_store(0, 2, 0, 30.0)
+    stores = [first, make_store(1, 2, first.port, 30.0)]
+    parts = [torch.arange(12.0).reshape(2, 3, 2) + 100 * k for k in range(2)]
+    got: list[torch.Tensor | None] = [None, None]
+
+    def run(k: int) -> None:
+        group = TPGroup(stores[k], k, 2, torch.device("cpu"), 30.0)
+        got[k] = group.all_gather_last_dim(parts[k])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    want = torch.cat(parts, dim=-1)
+    assert got[0] is not None and got[1] is not None
+    assert torch.equal(got[0], want) and torch.equal(got[1], want)
