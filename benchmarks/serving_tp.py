@@ -101,6 +101,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--no-graphs", action="store_true", help="every step eager (cuda_graphs=False)")
     parser.add_argument(
+        "--fully-sharded-loras",
+        action="store_true",
+        help="the TP engines shard LoRA A too (docs/parallel.md)",
+    )
+    parser.add_argument("--lora-rank", type=int, default=16, help="the adapters' rank and max_lora_rank")
+    parser.add_argument(
         "--skip-one-gpu", action="store_true", help="no run of the one-GPU engine (as served)"
     )
     args = parser.parse_args(argv)
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         folder = work / "demo"
         write_demo_model(folder)
         sizes, steps, prompt, n_adapters, dtype = [1, 4], 3, 16, 4, "float32"
-        common: dict[str, Any] = {"device": "cpu", "dtype": dtype, "num_kv_blocks": 256, "max_lora_rank": 16}
+        common: dict[str, Any] = {"device": "cpu", "dtype": dtype, "num_kv_blocks": 256}
         weights = None
     else:
         raw = {**model_config("llama"), **SHAPES[args.shape]}
@@ -124,12 +130,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.adapters,
             "bfloat16",
         )
-        common = {"device": "cuda", "dtype": dtype, "max_lora_rank": 16, "max_model_len": 4096,
+        common = {"device": "cuda", "dtype": dtype, "max_model_len": 4096,
                   "cuda_graphs": not args.no_graphs}  # fmt: skip
         weights = functools.partial(rank_weights, dtype=dtype, seed=0)
     if args.no_adapters:
         n_adapters = 0
-    results: dict[str, Any] = {"shape": "demo" if args.smoke else args.shape, "runs": []}
+    common["max_lora_rank"] = args.lora_rank
+    results: dict[str, Any] = {
+        "shape": "demo" if args.smoke else args.shape, "lora_rank": args.lora_rank,
+        "fully_sharded_loras": args.fully_sharded_loras, "runs": [],
+    }  # fmt: skip
     if not args.skip_one_gpu:
         # The one-GPU engine as served (CUDA graphs on CUDA): the baseline the issue's targets name.
         config = EngineConfig(model=str(folder), max_num_seqs=max(sizes), max_loras=1, **common)
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for tp in args.tp:
         config = EngineConfig(
             model=str(folder), tensor_parallel_size=tp, max_num_seqs=max(sizes), max_loras=max(n_adapters, 1),
-            max_cpu_loras=max(2 * n_adapters, 2), **common,
+            max_cpu_loras=max(2 * n_adapters, 2), fully_sharded_loras=args.fully_sharded_loras, **common,
         )  # fmt: skip
         from engine.parallel.driver import build
 
@@ -160,7 +170,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ready = time.perf_counter() - start
         cfg_full = engine.model.config
         if n_adapters:
-            adapters = SeededAdapters(work / "adapters", cfg_full, 16, QKVO, "qkvo", n_adapters, str(folder))
+            adapters = SeededAdapters(
+                work / "adapters", cfg_full, args.lora_rank, QKVO, "qkvo", n_adapters, str(folder)
+            )
         run: dict[str, Any] = {
             "tp": tp,
             "engine": "tensor parallel",

@@ -116,6 +116,14 @@ class Shard:
         return t
 
     # ---- adapters ----
+    def lora_slot_args(self, max_rank: int) -> tuple[int, tuple[int, int] | None]:
+        """(max_rank, a_split) of this rank's LoRASlots: with fully_sharded_loras (lora_rows) the slots'
+        rank is max_rank rounded up to a multiple of the ranks (B's columns, the gathered shrink) and A's
+        column-parallel rows are this rank's slice; else max_rank and A whole."""
+        if not self.lora_rows:
+            return max_rank, None
+        return self.lora_rows * self.size, (self.rank, self.lora_rows)
+
     def adapter(self, adapter: LoRAAdapter) -> LoRAAdapter:
         """This rank's part of a whole adapter (a [L, r, in], b [L, out, r] per module)."""
         d = self.cfg.head_dim

@@ -24,7 +24,7 @@ class ShardedSlots(LoRASlots):
         self, shard: Shard, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device,
         workers: Workers,
     ) -> None:  # fmt: skip
-        slot_rank, a_split = rank_slot_args(shard, max_rank)
+        slot_rank, a_split = shard.lora_slot_args(max_rank)
         super().__init__(shard.local_config(), num_slots, slot_rank, dtype, device, a_split=a_split)
         self.shard = shard
         self.workers = workers
@@ -34,12 +34,3 @@ class ShardedSlots(LoRASlots):
             raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
         self.workers.queue_slot(slot, adapter)
         return super().write(slot, self.shard.adapter(adapter))
-
-
-def rank_slot_args(shard: Shard, max_rank: int) -> tuple[int, tuple[int, int] | None]:
-    """(max_rank, a_split) of a rank's LoRASlots: with fully_sharded_loras (shard.lora_rows) the slots'
-    rank is max_rank rounded up to a multiple of the ranks (B's columns and the gathered shrink) and A's
-    column-parallel rows are this rank's slice; else max_rank and A whole."""
-    if not shard.lora_rows:
-        return max_rank, None
-    return shard.lora_rows * shard.size, (shard.rank, shard.lora_rows)

@@ -24,7 +24,6 @@ from engine.parallel import protocol
 from engine.parallel.group import TPGroup, make_store
 from engine.parallel.loading import load_rank, rank_device
 from engine.parallel.sharding import Shard
-from engine.parallel.slots import rank_slot_args
 from engine.step_input import Layout
 
 
@@ -42,7 +41,7 @@ def worker_main(
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
         group = TPGroup(make_store(rank, size, port, timeout_s), rank, size, device, timeout_s)
         loaded, shard = load_rank(config, group, with_tokenizer=False, weights=weights)
-        slot_rank, a_split = rank_slot_args(shard, config.max_lora_rank)
+        slot_rank, a_split = shard.lora_slot_args(config.max_lora_rank)
         slots = LoRASlots(loaded.config, config.max_loras, slot_rank, loaded.dtype, device, a_split=a_split)
         from engine.model_runner import ModelRunner
 

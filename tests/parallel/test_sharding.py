@@ -14,7 +14,6 @@ from engine.model_config import ModelConfig
 from engine.ops import COLUMN_GROUPS, MODULE_GROUPS, LoRABatch, get_ops
 from engine.parallel.protocol import header, pack_adapter, unpack_adapter
 from engine.parallel.sharding import Shard, check_shardable, lora_rows
-from engine.parallel.slots import rank_slot_args
 
 CFG = ModelConfig(
     architecture="LlamaForCausalLM", vocab_size=37, hidden_size=16, intermediate_size=24, num_layers=2,
@@ -172,7 +171,7 @@ def test_fully_sharded_shrink_gathers_to_the_whole_delta(size, backend):
     shards = [Shard(CFG, k, size, rows) for k in range(size)]
     slots = []
     for shard in shards:
-        slot_rank, split = rank_slot_args(shard, max_rank)
+        slot_rank, split = shard.lora_slot_args(max_rank)
         s = LoRASlots(
             shard.local_config(), len(adapters), slot_rank, torch.float32, torch.device("cpu"), a_split=split
         )

@@ -36,6 +36,21 @@ def test_tp2_on_two_gpus_equals_transformers_and_peft(arch, cuda_graphs, tmp_pat
     )
 
 
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_fully_sharded_loras_on_two_gpus_equals_transformers_and_peft(cuda_graphs, tmp_path):
+    """fully_sharded_loras over NCCL: the shrink's all-gather eager and inside captured graphs (and the
+    kernel warm-up's), max_lora_rank 7 padded to 8, adapters of rank 5 and 3."""
+    base = make_family_model(tmp_path / "base", "llama")
+    adapters = {
+        "a": make_peft_adapter(base, tmp_path / "a", r=5, target_modules=ALL_TARGETS, seed=1),
+        "b": make_peft_adapter(base, tmp_path / "b", r=3, target_modules=("q_proj", "up_proj"), seed=2),
+    }
+    check_family(
+        base, adapters, lengths=(11, 17, 23), device="cuda", tensor_parallel_size=2, cuda_graphs=cuda_graphs,
+        fully_sharded_loras=True, max_lora_rank=7,
+    )  # fmt: skip
+
+
 def test_killed_gpu_worker_fails_the_engine_within_seconds(tmp_path):
     """NCCL waits forever for a lost peer: the watcher's abort must end rank 0's collective."""
     base = make_family_model(tmp_path / "base", "llama", max_position_embeddings=1024)
