@@ -19,6 +19,7 @@ depend on them and bounds the rest:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import statistics
@@ -146,23 +147,54 @@ def generate(
         for out in engine.step():
             latest[out.request_id] = out.outputs[0].token_ids
     start_tokens = sum(len(t) for t in latest.values())
-    steps = 0
+    proposing: list[float] = []  # host seconds in the proposer (a draft model's forwards included)
+    if spec is not None:
+        spec.proposer = TimedProposer(spec.proposer, proposing)
+    step_times: list[float] = []
     _sync(bench)
     t = time.perf_counter()
-    while engine.has_unfinished():
-        for out in engine.step():
-            latest[out.request_id] = out.outputs[0].token_ids
-        steps += 1
-    _sync(bench)
+    try:
+        while engine.has_unfinished():
+            s = time.perf_counter()
+            for out in engine.step():
+                latest[out.request_id] = out.outputs[0].token_ids
+            step_times.append(time.perf_counter() - s)
+        _sync(bench)
+    finally:
+        if spec is not None:
+            spec.proposer = spec.proposer.inner
     wall = time.perf_counter() - t
     emitted = sum(len(v) for v in latest.values()) - start_tokens
     engine.spec = engine.ahead.spec = None
+    median = statistics.median(step_times)
     return {
         "tokens_per_s": emitted / wall,
-        "decode_steps": steps,
-        "tokens_per_step": emitted / max(steps, 1),
+        "decode_steps": len(step_times),
+        "tokens_per_step": emitted / max(len(step_times), 1),
+        # Where the time went: a typical step, the longest, the time above 2x the median, the proposer.
+        "step_ms_p50": median * 1e3,
+        "step_ms_max": max(step_times) * 1e3,
+        "slow_steps_extra_ms": sum(x - median for x in step_times if x > 2 * median) * 1e3,
+        "propose_ms": sum(proposing) * 1e3,
         "outputs": {key(requests[rid]): tokens for rid, tokens in latest.items()},
     }
+
+
+class TimedProposer:
+    """A proposer wrapped to add the host time of each proposal to `times`."""
+
+    def __init__(self, inner: Any, times: list[float]) -> None:
+        self.inner, self.times = inner, times
+
+    def propose(self, requests: list[Request], max_lens: list[int]) -> list[list[int]]:
+        start = time.perf_counter()
+        try:
+            return self.inner.propose(requests, max_lens)
+        finally:
+            self.times.append(time.perf_counter() - start)
+
+    def retain(self, running: list[Request]) -> None:
+        self.inner.retain(running)
 
 
 def spec_decoder(bench: Bench, config: dict[str, Any], proposer: Any) -> SpecDecoder:
@@ -201,19 +233,26 @@ def make_draft(bench: Bench, work: Path, blocks: int) -> Any:
     return DraftModelProposer.build(bench.engine.config, config, loaded, blocks), str(folder)
 
 
-def at_batch(bench: Bench, b: int, adapters: int, new_tokens: int, draft: Any) -> dict[str, Any]:
-    prompt_len = bench.sizes.decode_prompt
-    prompts = [bench.prompt(prompt_len) for _ in range(b)]
+def batch_of(bench: Bench, b: int, adapters: int) -> tuple[list[list[int]], list[LoRARequest | None]]:
+    """b prompts of the decode length; adapters > 0: that many distinct q/k/v/o adapters, in turn."""
+    prompts = [bench.prompt(bench.sizes.decode_prompt) for _ in range(b)]
     loras: list[LoRARequest | None] = [None] * b
     if adapters:
         bench.qkvo.prepare(list(range(adapters)))
         loras = [bench.qkvo.lora(i % adapters) for i in range(b)]
-    warm = max(4, new_tokens // 8)
-    generate(bench, prompts, loras, warm, None)  # warm-up: prefix cache, graphs, adapters resident
+    return prompts, loras
+
+
+def with_oracle(
+    bench: Bench, prompts: list[list[int]], loras: list[LoRARequest | None], new_tokens: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(base, oracle) summaries: generation without speculation, then with the oracle drafting it.
+    In bf16 a verify forward (k + 1 tokens a row) rounds differently from a decode forward, so a near-tie
+    of a random model can flip and the recorded continuation stops matching from there. Each pass
+    drafts the previous pass's own output, which was computed by verify forwards: the matched part grows
+    (at B = 1; in a batch the rows' acceptance changes the shapes, and so the rounding, from pass to pass)."""
+    generate(bench, prompts, loras, max(4, new_tokens // 8), None)  # warm-up: prefix cache, graphs, adapters
     base = generate(bench, prompts, loras, new_tokens, None)
-    # In bf16 a verify forward (k + 1 tokens a row) rounds differently from a decode forward, so a near-tie
-    # of a random model can flip and the recorded continuation stops matching from there. Each pass
-    # drafts the previous pass's own output, which was computed by verify forwards: the matched part grows.
     oracle_cfg = {"method": "ngram", "num_speculative_tokens": K, "min_acceptance_rate": 0.0}
     continuations, passes = base["outputs"], []
     for _ in range(4):
@@ -224,6 +263,13 @@ def at_batch(bench: Bench, b: int, adapters: int, new_tokens: int, draft: Any) -
         if passes[-1] > 0.99 or oracle["outputs"] == continuations:
             break
         continuations = oracle["outputs"]
+    return base, {**summary(oracle, base, oracle_spec), "acceptance_per_pass": passes}
+
+
+def at_batch(bench: Bench, b: int, adapters: int, new_tokens: int, draft: Any) -> dict[str, Any]:
+    prompts, loras = batch_of(bench, b, adapters)
+    warm = max(4, new_tokens // 8)
+    base, oracle = with_oracle(bench, prompts, loras, new_tokens)
     ngram_cfg = {"method": "ngram", "num_speculative_tokens": K}
     ngram_spec = spec_decoder(bench, ngram_cfg, NgramProposer(2, 5))
     ngram = generate(bench, prompts, loras, new_tokens, ngram_spec)
@@ -232,7 +278,7 @@ def at_batch(bench: Bench, b: int, adapters: int, new_tokens: int, draft: Any) -
         "adapters": adapters,
         "new_tokens": new_tokens,
         "base": summary(base, base, None),
-        "oracle": {**summary(oracle, base, oracle_spec), "acceptance_per_pass": passes},
+        "oracle": oracle,
         "ngram": summary(ngram, base, ngram_spec),
     }
     if draft is not None:
@@ -285,7 +331,35 @@ def workload_v(bench: Bench) -> dict[str, Any]:
         out["draft_model"] = draft_folder
         for b, adapters in batches:
             out[f"b{b}"] = at_batch(bench, b, adapters, new_tokens, draft)
+        b, adapters = batches[-1]
+        out[f"b{b}_deterministic"] = deterministic_oracle(bench, b, adapters, new_tokens)
         return out
     finally:
         engine.spec = engine.ahead.spec = None
         runner.execute, runner.graphs = execute, graphs
+
+
+def deterministic_oracle(bench: Bench, b: int, adapters: int, new_tokens: int) -> dict[str, Any]:
+    """The oracle on a second engine in deterministic mode (docs/quantization.md): each row is computed
+    the same way whatever the batch and however many query tokens its sequence has, so a verify forward
+    gives a decode forward's tokens and the recorded continuation is accepted whole. Both sides (with and
+    without speculation) run in that mode."""
+    from benchmarks.serving_fp8 import _free, second_engine
+
+    engine = second_engine(bench, deterministic=True)
+    try:
+        det = dataclasses.replace(bench, engine=engine)
+        runner = engine.runner
+        if runner.graphs is not None:
+            runner.graphs = runner.make_graphs(max_batch=b, verify_lens=(K + 1,))
+            runner.graphs.capture_all([None, ATTENTION_ONLY])
+        prompts, loras = batch_of(det, b, adapters)
+        base, oracle = with_oracle(det, prompts, loras, new_tokens)
+    finally:
+        _free(engine)
+    print(
+        f"B={b} deterministic mode: base {base['tokens_per_s']:.1f} tok/s; oracle x{oracle['speedup']:.2f} "
+        f"(acceptance {oracle['acceptance']:.2f})",
+        flush=True,
+    )
+    return {"batch": b, "adapters": adapters, "base": summary(base, base, None), "oracle": oracle}

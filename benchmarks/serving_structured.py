@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import time
 from typing import Any
 
+import torch
+
 from benchmarks.serving_workloads import Bench
 from engine.sampling_params import SamplingParams, StructuredSpec
-from engine.structured import GrammarCompiler
+from engine.structured import GrammarCompiler, MaskFiller, bitmask_width
 
 REPEATS = 3  # timed (unconstrained, constrained) pairs
 NEW_TOKENS = 64  # fewer than any answer to the 20-field schema needs: no constrained row ends early
@@ -65,25 +68,62 @@ def byte_bpe(vocab_size: int, eos_id: int, seed: int = 0) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos)
 
 
+# Host phases timed in every run (seconds summed over the run, reported per step): where a constrained
+# step's time goes. advance: launch the next step and wait for this one's tokens; postprocess: the
+# tokens' host work (grammar accepts, detokenizing, stops); masks: the bitmask fill; settle: masks and
+# the sampling launches of the step ahead.
+PHASES = {"advance": ("ahead", "advance"), "postprocess": (None, "_postprocess"),
+          "masks": ("sampler", "_grammar_masks"), "settle": ("ahead", "settle")}  # fmt: skip
+
+
+def _timed(engine: Any, totals: dict[str, float]) -> list[tuple[Any, str]]:
+    """Wrap each phase's method on its instance; returns what to delete afterwards."""
+    wrapped = []
+    for phase, (attr, method) in PHASES.items():
+        owner = engine if attr is None else getattr(engine, attr)
+        inner = getattr(owner, method)
+
+        def timer(*args: Any, _inner: Any = inner, _phase: str = phase, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                totals[_phase] += time.perf_counter() - start
+
+        setattr(owner, method, timer)
+        wrapped.append((owner, method))
+    return wrapped
+
+
 def _run(bench: Bench, params: list[SamplingParams]) -> dict[str, Any]:
     engine = bench.engine
     tag = bench.tag("s")
     ahead = engine.num_steps_ahead
+    totals = dict.fromkeys(PHASES, 0.0)
+    wrapped = _timed(engine, totals)
+    steps = 0
     start = time.perf_counter()
-    for i, p in enumerate(params):
-        engine.add_request(f"{tag}-{i}", bench.prompt(PROMPT), p)
-    outputs: dict[str, Any] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                outputs[out.request_id] = out
-    seconds = time.perf_counter() - start
+    try:
+        for i, p in enumerate(params):
+            engine.add_request(f"{tag}-{i}", bench.prompt(PROMPT), p)
+        outputs: dict[str, Any] = {}
+        while engine.has_unfinished():
+            steps += 1
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out
+        seconds = time.perf_counter() - start
+    finally:
+        for owner, method in wrapped:
+            delattr(owner, method)  # the class's method again
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs.values())
     return {
         "seconds": seconds,
         "tokens": tokens,
         "tokens_per_s": tokens / seconds,
+        "steps": steps,
         "steps_ahead": engine.num_steps_ahead - ahead,
+        "host_ms_per_step": {k: v * 1e3 / steps for k, v in totals.items()},
         "texts": [outputs[f"{tag}-{i}"].outputs[0].text for i in range(len(params))],
     }
 
@@ -91,6 +131,36 @@ def _run(bench: Bench, params: list[SamplingParams]) -> dict[str, Any]:
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
     return {**ordered[len(ordered) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]}
+
+
+def mask_costs(
+    grammars: GrammarCompiler, specs: list[StructuredSpec], batch: int, cuda: bool
+) -> dict[str, float]:
+    """Median ms, over 10 tries, of the host work of one constrained step's masks for `batch` fresh
+    matchers: pinning a new mask buffer (what each step paid before MaskFiller), MaskFiller.fill (the
+    thread pool, into reused buffers), and the same masks computed one after another on this thread."""
+    states = [grammars.matcher(specs[i % len(specs)]) for i in range(batch)]
+    vocab = grammars.vocab_size
+    filler = MaskFiller(vocab, pin=cuda)
+    one = torch.empty(bitmask_width(vocab), dtype=torch.int32)
+
+    def pinned() -> None:
+        torch.zeros((batch, bitmask_width(vocab)), dtype=torch.int32, pin_memory=cuda)
+
+    def serial() -> None:
+        for s in states:
+            s.matcher.unsafe_compute_mask_ptr(one.data_ptr(), one.numel() * 4)
+
+    out = {}
+    for name, fn in (("pin_new_buffer", pinned), ("fill_thread_pool", lambda: filler.fill(states)),
+                     ("fill_one_thread", serial)):  # fmt: skip
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        out[f"{name}_ms"] = statistics.median(times) * 1e3
+    return out
 
 
 def workload_s(bench: Bench) -> dict[str, Any]:
@@ -129,6 +199,7 @@ def workload_s(bench: Bench) -> dict[str, Any]:
 
         # Warm-up at the timed batch size (its prefill shapes compile kernels once), then alternating
         # timed pairs; each side's median run is reported, so neither pays the other's first-run costs.
+        masks = mask_costs(engine.grammars, specs, batch, bench.cuda)
         _run(bench, params(False))
         _run(bench, params(True))
         frees, constraineds = [], []
@@ -153,4 +224,5 @@ def workload_s(bench: Bench) -> dict[str, Any]:
         "constrained": constrained,
         "constrained_over_unconstrained": constrained["tokens_per_s"] / free["tokens_per_s"],
         "constrained_outputs_are_json_prefixes": prefixes_ok,
+        "mask_costs": masks,
     }

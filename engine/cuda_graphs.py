@@ -196,7 +196,9 @@ class DecodeGraphs:
     def capture_all(self, masks: list[GroupMask]) -> None:
         """Capture every decode and verify bucket and the one- and widest-sequence extend buckets for these
         group masks now (at start), largest first so that smaller graphs reuse the larger ones' pool
-        memory. Other variants are borrowed, then captured (`pick`)."""
+        memory. Other variants are borrowed, then captured (`pick`). Captures run on the step input's
+        start contents (an all-padding step), also after steps have filled it (a benchmark's late set)."""
+        self.input.reset()
         for mask in masks:
             widths = dict.fromkeys((self.extend_seqs[-1], 1))
             keys = [(t, b, 0, mask) for t in reversed(self.extend_tokens) for b in widths]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from engine.request import Request
-from engine.structured import apply_bitmask, fill_bitmask
+from engine.structured import MaskFiller, apply_bitmask
 
 _PLAIN_GREEDY = attrgetter("plain_greedy")
 
@@ -63,8 +63,8 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
-        # llguidance's thread pool that fills constrained rows' bitmasks; made for the first such row.
-        self.grammar_executor: Any = None
+        # Fills constrained rows' bitmasks (llguidance's thread pool); made for the first such row.
+        self.masks: MaskFiller | None = None
 
     @torch.inference_mode()
     def __call__(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
@@ -76,7 +76,7 @@ class Sampler:
         masks = self._grammar_masks(requests, logits.shape[1])  # host work first: the device may still run
         logits = logits.to(torch.float32, copy=True)
         if masks is not None:
-            apply_bitmask(logits, *masks)
+            self._apply_masks(logits, masks)
         _apply_logit_bias(logits, requests)
         self._apply_penalties(logits, requests)
         self._apply_min_tokens(logits, requests)
@@ -93,9 +93,14 @@ class Sampler:
         masks = self._grammar_masks(requests, logits.shape[1])
         logits = logits.to(torch.float32, copy=True)
         if masks is not None:
-            apply_bitmask(logits, *masks)
+            self._apply_masks(logits, masks)
         _apply_logit_bias(logits, requests)
         return self._choose(logits, requests)
+
+    def _apply_masks(self, logits: Tensor, masks: tuple[list[int], Tensor]) -> None:
+        apply_bitmask(logits, *masks)
+        assert self.masks is not None
+        self.masks.copied()
 
     def _grammar_masks(self, requests: list[Request], vocab: int) -> tuple[list[int], Tensor] | None:
         """The constrained rows and their bitmasks (host), or None when no row has a grammar. A request
@@ -103,11 +108,9 @@ class Sampler:
         rows = [i for i, r in enumerate(requests) if r.grammar is not None and not r.is_finished]
         if not rows:
             return None
-        if self.grammar_executor is None:
-            import llguidance
-
-            self.grammar_executor = llguidance.LLExecutor()
-        return rows, fill_bitmask([requests[i].grammar for i in rows], vocab, self.grammar_executor)
+        if self.masks is None:
+            self.masks = MaskFiller(vocab, pin=self.device.type == "cuda")
+        return rows, self.masks.fill([requests[i].grammar for i in rows])
 
     def _choose(self, logits: Tensor, requests: list[Request]) -> Tensor:
         """Temperature, top-k / top-p / min-p, then argmax or a draw per row: tokens [B] on the device.

@@ -117,7 +117,16 @@ class StepInput:
         self.segs = views["segs"]
         self.segs[0].fill(-1)  # no segment in use
         self._pairs["segs"][1][0].fill_(-1)
+        self._host_bytes, self._start = host_bytes, host_bytes.clone()  # the start contents (`reset`)
         self._copied: Any = None  # CUDA event of the last host -> device copy
+        self.num_segments = 0
+
+    def reset(self) -> None:
+        """Back to the start contents (a valid all-padding step), on the host and the device."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        self._host_bytes.copy_(self._start)
+        self.packed.copy_(self._start, non_blocking=False)
         self.num_segments = 0
 
     def device_buffer(self, name: str) -> Tensor:

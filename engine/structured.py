@@ -12,7 +12,7 @@ tokenizer; AsyncLLMEngine awaits it, with a time limit, before the request reach
 `matcher()` then finds it in the cache. A spec that cannot compile raises GrammarError (a ValueError
 naming `structured`): it fails that request alone.
 
-Per step the sampler asks `fill_bitmask` for the rows that have a grammar (host, in llguidance's own
+Per step the sampler asks `MaskFiller.fill` for the rows that have a grammar (host, in llguidance's own
 threads) and `apply_bitmask` sets the logits of every token the grammar forbids to -inf on the device,
 after the forward (CUDA graphs are unaffected), before sampling.
 """
@@ -204,19 +204,48 @@ def bitmask_width(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def fill_bitmask(states: list[GrammarState], vocab_size: int, executor: Any) -> Tensor:
-    """[len(states), ceil(V / 32)] int32 on the host: bit j of word w is set when token 32 * w + j is allowed.
-    executor: an llguidance.LLExecutor, its own threads filling the rows at once without the GIL. Pinned
-    on CUDA machines, so the copy to the device does not wait for the step."""
-    import llguidance.torch
+class MaskFiller:
+    """Fills the bitmasks of a step's constrained rows on the host: [rows, ceil(V / 32)] int32, bit j of word
+    w set when token 32 * w + j is allowed. llguidance's executor fills the rows at once on its own
+    threads, without the GIL. The host buffers are pinned (the copy to the device does not wait for the
+    step) and reused, two in turn: pinning memory anew each step costs milliseconds on a GPU machine. A
+    buffer is written again only once the copy that read it has finished (`copied`)."""
 
-    mask = torch.zeros(
-        (len(states), bitmask_width(vocab_size)), dtype=torch.int32, pin_memory=torch.cuda.is_available()
-    )
-    llguidance.torch.fill_next_token_bitmask_par(
-        executor, [(s.matcher, i) for i, s in enumerate(states)], mask
-    )
-    return mask
+    def __init__(self, vocab_size: int, pin: bool) -> None:
+        import llguidance
+
+        self.width = bitmask_width(vocab_size)
+        self.pin = pin
+        self.executor = llguidance.LLExecutor()
+        self._buffers: list[Tensor | None] = [None, None]
+        self._events: list[Any] = [None, None]
+        self._turn = 0
+
+    def fill(self, states: list[GrammarState]) -> Tensor:
+        import llguidance.torch
+
+        turn = self._turn = 1 - self._turn
+        if self._events[turn] is not None:
+            self._events[turn].synchronize()  # the copy two steps back has read this buffer
+            self._events[turn] = None
+        buffer = self._buffers[turn]
+        if buffer is None or buffer.shape[0] < len(states):
+            rows = max(64, 1 << (len(states) - 1).bit_length())
+            buffer = self._buffers[turn] = torch.empty(
+                (rows, self.width), dtype=torch.int32, pin_memory=self.pin
+            )
+        mask = buffer[: len(states)]
+        llguidance.torch.fill_next_token_bitmask_par(
+            self.executor, [(s.matcher, i) for i, s in enumerate(states)], mask
+        )
+        return mask
+
+    def copied(self) -> None:
+        """The last filled mask's copy to the device has been queued: reuse its buffer only after it."""
+        if self.pin:
+            event = torch.cuda.Event()
+            event.record()
+            self._events[self._turn] = event
 
 
 _BITS: dict[torch.device, Tensor] = {}

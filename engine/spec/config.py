@@ -25,8 +25,12 @@ class SpeculativeConfig:
     # it keeps failing, up to max_backoff_steps), then probes again. 0 disables the switch.
     min_acceptance_rate: float = 0.2
     window_steps: int = 2
-    backoff_steps: int = 64
+    backoff_steps: int = 128
     max_backoff_steps: int = 1024
+    # Until a window has shown that drafts are accepted (at start and after each failed window), at most
+    # this many sequences draft in a step (the longest running): a probe costs little on a big batch (a
+    # draft model catches up only on them). A good window lets every sequence draft.
+    probe_max_seqs: int = 4
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -58,7 +62,7 @@ class SpeculativeConfig:
             raise ValueError(
                 f"speculative_config.min_acceptance_rate must be in [0, 1], got {self.min_acceptance_rate!r}"
             )
-        for name in ("window_steps", "backoff_steps", "max_backoff_steps"):
+        for name in ("window_steps", "backoff_steps", "max_backoff_steps", "probe_max_seqs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"speculative_config.{name} must be a positive int, got {value!r}")

@@ -48,6 +48,8 @@ class SpecDecoder:
         )
         self.switch = SpecSwitch(config)
         self.stats = SpecStats()
+        # Drafts the proposer made this step, by request id (pad fillers are not drafts: never counted).
+        self.proposed: dict[str, int] = {}
         # Fill drafts up to k for uniform verify steps (the engine sets it when the runner has CUDA graphs).
         self.pad = False
 
@@ -60,6 +62,7 @@ class SpecDecoder:
         for request in running:
             if request.spec_token_ids:
                 request.spec_token_ids = []
+        self.proposed = {}
         self.proposer.retain(running)
         if not self.switch.on(len(running)):
             self.switch.tick()
@@ -76,6 +79,11 @@ class SpecDecoder:
                 lens.append(k)
         if not picked:
             return
+        limit = self.switch.probe_limit()
+        if (
+            limit is not None
+        ):  # probing: the longest-running few (a draft model keeps their KV between probes)
+            picked, lens = picked[:limit], lens[:limit]
         try:
             proposals = self.proposer.propose(picked, lens)
         except (ValueError, TypeError, KeyError, IndexError) as exc:
@@ -86,6 +94,7 @@ class SpecDecoder:
         found = False
         for request, k, drafts in zip(picked, lens, proposals, strict=True):
             request.spec_token_ids = list(drafts[:k])
+            self.proposed[request.request_id] = len(request.spec_token_ids)
             found = found or bool(drafts)
         if not found:
             # Nothing to verify costs no wide step, but speculating keeps steps from going ahead of the
@@ -184,9 +193,11 @@ class SpecDecoder:
                 a += 1
             r.num_computed_tokens -= len(drafts) - a  # back to the last accepted draft
             r.spec_token_ids = []
-            self.stats.record(len(drafts), a)
-            drafted += len(drafts)
-            accepted += a
+            real = min(self.proposed.get(r.request_id, len(drafts)), len(drafts))  # without pad fillers
+            if real:
+                self.stats.record(real, min(a, real))
+            drafted += real
+            accepted += min(a, real)
             state = states.get(id(r))
             if state is not None:  # as if it had drawn only for the tokens it emits
                 generator = r.generator

@@ -30,3 +30,8 @@ def test_spec_workload_runs(tmp_path: pytest.TempPathFactory) -> None:
         assert run["oracle"]["tokens_per_step"] > run["base"]["tokens_per_step"]
         for name in ("ngram", "draft_adaptive", "draft_always"):
             assert run[name]["same_tokens"], name
+        assert run["draft_always"]["propose_ms"] > 0 and run["base"]["propose_ms"] == 0
+        assert run["base"]["step_ms_p50"] > 0
+    # The last batch again on an engine in deterministic mode: the oracle's drafts all accepted there too.
+    det = v["b2_deterministic"]
+    assert det["oracle"]["acceptance"] == 1.0 and det["oracle"]["same_tokens"]

@@ -25,3 +25,7 @@ def test_structured_workload_runs(tmp_path: pytest.TempPathFactory) -> None:
     assert s["constrained_outputs_are_json_prefixes"]
     assert 0 < s["compile_cached_ms"] < s["compile_cold_ms"]
     assert s["constrained_over_unconstrained"] > 0
+    assert (
+        s["constrained"]["host_ms_per_step"]["masks"] > 0 == s["unconstrained"]["host_ms_per_step"]["masks"]
+    )
+    assert set(s["mask_costs"]) == {"pin_new_buffer_ms", "fill_thread_pool_ms", "fill_one_thread_ms"}

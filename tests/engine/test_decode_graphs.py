@@ -339,3 +339,22 @@ def test_no_extend_graphs_when_a_bucket_cannot_fit_a_table_row(model: tuple[Path
     engine.add_request("x", [0, 5, 6, 7], SamplingParams(max_tokens=2, temperature=0.0))
     ((req, n),) = engine.scheduler.schedule().scheduled
     assert n == 4 and graphs.accepts([(req, n)]) and not none.accepts([(req, n)])
+
+
+def test_reset_restores_the_all_padding_step_captures_run_on(model: tuple[Path, list[LoRARequest]]) -> None:
+    """capture_all runs on the step input's start contents; a set made after steps (a benchmark's) resets
+    them first: after real steps and a reset, every buffer equals a fresh StepInput's."""
+    base, loras = model
+    llm = make_llm(base, graphs=False)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    llm.generate([[0, 7, 8, 9, 10], [0, 11, 12]], params, lora_request=[loras[0], None])
+    step = llm.engine.runner.input
+    g = step
+    fresh = StepInput(
+        g.device, g.max_tokens, g.max_rows, g.max_blocks, g.block_size, g.num_kv_blocks, g.vocab_size,
+        g.num_slots,
+    )  # fmt: skip
+    assert not torch.equal(step.packed, fresh.packed)  # the steps left their data behind
+    step.reset()
+    assert torch.equal(step.packed, fresh.packed) and step.num_segments == 0
+    assert (step.segs[0] == -1).all() and (step.slot_mapping == -1).all()

@@ -116,3 +116,30 @@ def test_a_failing_proposer_costs_its_drafts_not_the_requests(base, one_torch_th
     _, expected = run(base, None, ps, params)
     _, got = run(base, spec_config(min_acceptance_rate=0.0), ps, params, lambda _: Broken())
     assert got == expected and Broken.calls > 0
+
+
+def test_probes_draft_a_few_sequences_in_turn_until_a_window_is_good(base, one_torch_thread):
+    """A probe on a big batch asks the proposer for probe_max_seqs sequences, the same few each step (a
+    draft model's KV of them stays warm); after a good window every sequence drafts; a proposer that is
+    never right is never asked for more."""
+    ps = prompts(6, seed=25)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    plain = make_llm(base)
+    ref = plain.generate(ps, params)
+    conts = continuations(None, ref, ps, [None] * 6)
+    for wrong in (False, True):
+        calls: list[list[str]] = []
+
+        class Counting(ScriptedProposer):
+            def propose(self, requests, max_lens, calls=calls):
+                calls.append([r.request_id for r in requests])
+                return super().propose(requests, max_lens)
+
+        cfg = spec_config(probe_max_seqs=2)
+        _, got = run(base, cfg, ps, params, lambda _, w=wrong: Counting(conts, wrong_all=w))
+        assert got == [o.outputs[0].token_ids for o in ref]
+        assert [len(c) for c in calls[:2]] == [2, 2] and calls[0] == calls[1]
+        if wrong:
+            assert max(len(c) for c in calls) == 2
+        else:
+            assert max(len(c) for c in calls) == 6  # the first window was good: everyone drafts

@@ -30,7 +30,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pa
 
 
 def run(base: Path, adapters: dict[str, Path], spec: dict | None) -> tuple[LLM, list[list[int]]]:
-    llm = LLM(str(base), device="cuda", dtype="float32", max_lora_rank=8, max_num_seqs=16,
+    llm = LLM(str(base), device="cuda", dtype="float32", max_lora_rank=8, max_num_seqs=16, num_kv_blocks=256,
               speculative_config=spec)  # fmt: skip
     graphs = llm.engine.runner.graphs
     assert graphs is not None
@@ -75,7 +75,14 @@ def test_seeded_sampling_gives_the_same_text_on_cuda(models):
     outs = []
     for spec in (None, {"method": "draft_model", "model": str(base), "num_speculative_tokens": 3,
                         "min_acceptance_rate": 0.0}):  # fmt: skip
-        llm = LLM(str(base), device="cuda", dtype="float32", max_lora_rank=8, speculative_config=spec)
+        llm = LLM(
+            str(base),
+            device="cuda",
+            dtype="float32",
+            max_lora_rank=8,
+            num_kv_blocks=256,
+            speculative_config=spec,
+        )
         outs.append([o.outputs[0].token_ids for o in llm.generate(ps, params)])
         if spec is not None:
             assert llm.engine.spec.stats.num_accepted_tokens > 0

@@ -187,6 +187,34 @@ def test_compiles_are_cached_and_time_bounded(demo: Path) -> None:
     compiler.close()
 
 
+def test_mask_buffers_are_reused_in_turn_and_each_fill_is_whole(demo: Path) -> None:
+    """MaskFiller fills into two host buffers used in turn (grown for a bigger batch); every row it
+    returns is the matcher's full mask, whatever the buffer held before."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from engine.structured import MaskFiller, bitmask_width
+
+    compiler = GrammarCompiler(AutoTokenizer.from_pretrained(str(demo)), 512, timeout_s=30)
+    specs = [schema_spec(SCHEMAS[i]) for i in range(3)]
+    one = torch.empty(bitmask_width(512), dtype=torch.int32)
+
+    def alone(state) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        state.matcher.unsafe_compute_mask_ptr(one.data_ptr(), one.numel() * 4)
+        return one.clone()
+
+    filler = MaskFiller(512, pin=False)
+    first = filler.fill([compiler.matcher(s) for s in specs])
+    first.fill_(-1)  # garbage left in buffer 0
+    second = filler.fill([compiler.matcher(specs[0])])
+    assert second.data_ptr() != first.data_ptr()  # the other buffer
+    states = [compiler.matcher(specs[i % 3]) for i in range(70)]
+    big = filler.fill(states)  # buffer 0 again, grown past its 64 rows
+    assert big.shape == (70, bitmask_width(512))
+    assert all(torch.equal(big[i], alone(s)) for i, s in enumerate(states))
+    compiler.close()
+
+
 def test_async_engine_compiles_off_the_loop_and_fails_only_that_request(demo: Path) -> None:
     config = EngineConfig(model=str(demo), device="cpu", dtype="float32", num_kv_blocks=64)
 
