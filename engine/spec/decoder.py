@@ -111,6 +111,7 @@ class SpecDecoder:
                 drafts = request.spec_token_ids
                 filler = drafts[-1] if drafts else request.all_token_ids[-1]
                 drafts.extend([filler] * (width - len(drafts)))
+                self.proposed.setdefault(request.request_id, 0)  # fillers only: no drafts of its own
 
     def allows_ahead(self, num_running: int, launching: bool) -> bool:
         """Async scheduling asks before a step goes ahead of the host: only while speculation is off (a

@@ -135,11 +135,16 @@ def test_probes_draft_a_few_sequences_in_turn_until_a_window_is_good(base, one_t
                 calls.append([r.request_id for r in requests])
                 return super().propose(requests, max_lens)
 
-        cfg = spec_config(probe_max_seqs=2)
-        _, got = run(base, cfg, ps, params, lambda _, w=wrong: Counting(conts, wrong_all=w))
+        def proposer(llm, w=wrong):  # type: ignore[no-untyped-def]
+            llm.engine.spec.pad = True  # as with CUDA graphs: the 4 others verify fillers
+            return Counting(conts, wrong_all=w)
+
+        llm, got = run(base, spec_config(probe_max_seqs=2), ps, params, proposer)
         assert got == [o.outputs[0].token_ids for o in ref]
         assert [len(c) for c in calls[:2]] == [2, 2] and calls[0] == calls[1]
         if wrong:
             assert max(len(c) for c in calls) == 2
+            # Only the proposer's drafts count (for the switch too), never the others' fillers.
+            assert llm.engine.spec.stats.num_drafts == 2 * len(calls)
         else:
             assert max(len(c) for c in calls) == 6  # the first window was good: everyone drafts
