@@ -11,10 +11,14 @@ depend on them and bounds the rest:
   and tokens/s, adaptive switch on;
 - draft: a random Llama-3.2-1B-shaped draft model (acceptance near zero), with the adaptive switch-off
   (default settings) and without it (min_acceptance_rate 0): the switch-off should cost at most a few
-  percent against no speculation.
+  percent against no speculation;
+- the last batch's oracle again on a second engine in deterministic mode, where verify forwards give
+  decode forwards' tokens, so the recording is accepted whole (`--memory-fraction 0.4` leaves it room).
+Each run reports where its time went: median and longest step, time in steps over twice the median, and
+the proposer's host time (a draft model's forwards included).
 
-    PYTHONPATH=. python3 -m benchmarks.serving --only v --out benchmarks/results          # H200
-    PYTHONPATH=. python3 -m benchmarks.serving --smoke --only v --out /tmp/spec-smoke     # CPU
+    PYTHONPATH=. python3 -m benchmarks.serving --only v --memory-fraction 0.4 --out benchmarks/results  # H200
+    PYTHONPATH=. python3 -m benchmarks.serving --smoke --only v --out /tmp/spec-smoke                   # CPU
 """
 
 from __future__ import annotations
