@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kernels import attention, batch_invariant, fused, lora
+from kernels import attention, fused, lora
 from kernels.lora import LoRALaunch, LoRAMeta, make_lora_meta
 
 BACKENDS = ("auto", "triton", "ref")
@@ -56,8 +56,8 @@ def get_ops(backend: str, device: torch.device, deterministic: bool = False) -> 
     if not use_triton:
         return Ops(
             name="ref",
-            lora_shrink=batch_invariant.lora_shrink_rows_ref if deterministic else lora.lora_shrink_ref,
-            lora_expand=batch_invariant.lora_expand_rows_ref if deterministic else lora.lora_expand_ref,
+            lora_shrink=functools.partial(lora.lora_shrink_ref, per_token=deterministic),
+            lora_expand=functools.partial(lora.lora_expand_ref, per_token=deterministic),
             write_kv=attention.write_kv_ref,
             paged_attention=attention.paged_attention_ref,  # one sequence at a time already
             rms_norm=fused.rms_norm_ref,

@@ -4,8 +4,8 @@ cuBLAS and the CPU BLAS pick their algorithm from the shapes (a [1, K] product t
 [64, K] one, and some split K across blocks), so the same row can round differently in different batches.
 Here every output element is summed in one fixed order whatever the batch:
 - `linear` (Triton): tiles of a fixed size, the whole K walked by one program in BLOCK_K steps, no split.
-- `linear_rows_ref` and the LoRA references below (CPU): one [1, K] product per token, on a fresh copy of
-  its row (so the BLAS sees the same shape and alignment every time).
+- `linear_rows_ref` (CPU): one [1, K] product per token, on a fresh copy of its row (so the BLAS sees the
+  same shape and alignment every time); the LoRA references do the same with `per_token=True`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from kernels.lora_ref import LoRAMeta, _segments
 
 # Fixed tiles (never chosen from the batch). 64 rows: a decode batch up to 64 reads each weight tile once
 # (program_id 0 walks the row tiles, so a larger batch re-reads a tile while it is still in L2); 32 columns
@@ -91,38 +89,3 @@ def linear_rows_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     for t in range(x2.shape[0]):
         out[t] = F.linear(x2[t : t + 1].clone(), weight, bias)[0]
     return out.reshape(*lead, weight.shape[0])
-
-
-def lora_shrink_rows_ref(
-    x: Tensor, weights_a: list[Tensor], meta: LoRAMeta, out: Tensor, ranks: Tensor | None = None
-) -> None:
-    """lora_shrink_ref one token at a time."""
-    out.zero_()
-    for slot, idx in _segments(meta):
-        rank = out.shape[2] if ranks is None else int(ranks[slot])
-        for n, a in enumerate(weights_a):
-            a_t = a[slot, :rank].float().T.contiguous()  # [H, r]
-            for t in idx.tolist():
-                out[n, t, :rank] = (x[t : t + 1].float().clone() @ a_t)[0]
-
-
-def lora_expand_rows_ref(
-    buf: Tensor,
-    weights_b: list[Tensor],
-    meta: LoRAMeta,
-    y: Tensor,
-    scales: Tensor,
-    ranks: Tensor | None = None,
-) -> None:
-    """lora_expand_ref one token at a time."""
-    for slot, idx in _segments(meta):
-        rank = buf.shape[2] if ranks is None else int(ranks[slot])
-        off = 0
-        for n, b in enumerate(weights_b):
-            width = b.shape[1]
-            b_t = b[slot, :, :rank].float().T.contiguous()  # [r, O_n]
-            cols = slice(off, off + width)
-            for t in idx.tolist():
-                delta = (buf[n, t : t + 1, :rank].clone() @ b_t)[0]  # [O_n]
-                y[t, cols] = (y[t, cols].float() + float(scales[slot]) * delta).to(y.dtype)
-            off += width

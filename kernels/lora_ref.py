@@ -80,8 +80,22 @@ def _segments(meta: LoRAMeta) -> list[tuple[int, Tensor]]:
     return out
 
 
+def _product(a: Tensor, b: Tensor, per_token: bool) -> Tensor:
+    """a @ b; per_token: one [1, K] product per row of a, each on a fresh copy of its row, so the BLAS
+    sees the same shape and alignment whatever the batch (deterministic mode, kernels/batch_invariant.py)."""
+    if not per_token or a.shape[0] == 0:
+        return a @ b
+    b = b.contiguous()
+    return torch.cat([a[i : i + 1].clone() @ b for i in range(a.shape[0])])
+
+
 def lora_shrink_ref(
-    x: Tensor, weights_a: list[Tensor], meta: LoRAMeta, out: Tensor, ranks: Tensor | None = None
+    x: Tensor,
+    weights_a: list[Tensor],
+    meta: LoRAMeta,
+    out: Tensor,
+    ranks: Tensor | None = None,
+    per_token: bool = False,
 ) -> None:
     """out[n, t, :] = x[t] @ A_n[slot(t)].T (float32); zeros for slot -1 tokens. See lora_shrink."""
     out.zero_()
@@ -89,7 +103,7 @@ def lora_shrink_ref(
         xs = x[idx].float()  # [t, H]
         rank = out.shape[2] if ranks is None else int(ranks[slot])
         for n, a in enumerate(weights_a):
-            out[n, idx, :rank] = xs @ a[slot, :rank].float().T
+            out[n, idx, :rank] = _product(xs, a[slot, :rank].float().T, per_token)
 
 
 def lora_expand_ref(
@@ -99,6 +113,7 @@ def lora_expand_ref(
     y: Tensor,
     scales: Tensor,
     ranks: Tensor | None = None,
+    per_token: bool = False,
 ) -> None:
     """y[t, off_n:off_n+O_n] += scales[slot(t)] * buf[n, t] @ B_n[slot(t)].T. See lora_expand."""
     for slot, idx in _segments(meta):
@@ -106,7 +121,7 @@ def lora_expand_ref(
         off = 0
         for n, b in enumerate(weights_b):
             width = b.shape[1]
-            delta = buf[n, idx, :rank] @ b[slot, :, :rank].float().T  # [t, O_n]
+            delta = _product(buf[n, idx, :rank], b[slot, :, :rank].float().T, per_token)  # [t, O_n]
             cols = slice(off, off + width)
             y[idx, cols] = (y[idx, cols].float() + float(scales[slot]) * delta).to(y.dtype)
             off += width

@@ -6,6 +6,7 @@ adapters' delta to whatever `proj(x)` returns, in the model dtype) are unchanged
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -86,25 +87,20 @@ def fp8_gemm_usable(device: torch.device, dtype: torch.dtype, out_features: int,
     return _trial(device, out_features, in_features)
 
 
-_TRIALS: dict[tuple[torch.device, int, int], bool] = {}
-
-
+@functools.lru_cache(maxsize=64)
 def _trial(device: torch.device, out_features: int, in_features: int) -> bool:
-    key = (device, out_features, in_features)
-    if key not in _TRIALS:
-        gen = torch.Generator(device=device).manual_seed(0)
-        w = torch.randn(out_features, in_features, device=device, generator=gen) / in_features**0.5
-        x = torch.randn(3, in_features, device=device, generator=gen).bfloat16()
-        w8, scale = fp8.quantize_rows(w)
-        try:
-            got = fp8.fp8_linear(x, w8, scale[None, :].contiguous(), None, None).float()
-            want = F.linear(x.float(), fp8.dequantize(w8, scale, torch.float32))
-            err = float((got - want).norm() / want.norm().clamp(min=1e-6))
-            ok = err < 0.1
-            if not ok:
-                log.warning("FP8 GEMM [%d x %d] off by %.3g: dequantize path", out_features, in_features, err)
-        except RuntimeError as exc:  # an older torch or a build without row-wise scaling
-            log.warning("FP8 GEMM unavailable (%s): dequantize path", exc)
-            ok = False
-        _TRIALS[key] = ok
-    return _TRIALS[key]
+    """One trial product per (device, shape), remembered for the process."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(out_features, in_features, device=device, generator=gen) / in_features**0.5
+    x = torch.randn(3, in_features, device=device, generator=gen).bfloat16()
+    w8, scale = fp8.quantize_rows(w)
+    try:
+        got = fp8.fp8_linear(x, w8, scale[None, :].contiguous(), None, None).float()
+    except RuntimeError as exc:  # an older torch or a build without row-wise scaling
+        log.warning("FP8 GEMM unavailable (%s): dequantize path", exc)
+        return False
+    want = F.linear(x.float(), fp8.dequantize(w8, scale, torch.float32))
+    err = float((got - want).norm() / want.norm().clamp(min=1e-6))
+    if err >= 0.1:
+        log.warning("FP8 GEMM [%d x %d] off by %.3g: dequantize path", out_features, in_features, err)
+    return err < 0.1

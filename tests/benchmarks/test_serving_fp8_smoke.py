@@ -3,21 +3,13 @@ report what they promise (the GPU run is the measurement; this keeps the code fr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from tests.benchmarks.smoke import run_smoke
 
 
 def test_fp8_and_deterministic_workloads_run(tmp_path: Path) -> None:
-    import torch
-
-    from benchmarks.serving import main
-
-    threads = torch.get_num_threads()
-    try:
-        main(["--smoke", "--only", "qr", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
-    finally:
-        torch.set_num_threads(threads)
-    result = json.loads((tmp_path / "serving.json").read_text())
+    result = run_smoke(tmp_path, "qr")
     q, r = result["q"], result["r"]
     assert "error" not in q, q
     assert "error" not in r, r

@@ -3,11 +3,12 @@ the GPU benchmark cannot rot between device runs."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 
 import pytest
+
+from tests.benchmarks.smoke import run_smoke
 
 
 def _positive(value: object) -> bool:
@@ -16,18 +17,10 @@ def _positive(value: object) -> bool:
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    import torch
-
-    from benchmarks.serving import main
-
     out = tmp_path_factory.mktemp("serving")
-    threads = torch.get_num_threads()
-    try:
-        main(["--smoke", "--out", str(out), "--work", str(out / "work")])
-    finally:
-        torch.set_num_threads(threads)
+    result = run_smoke(out)
     assert (out / "serving.png").stat().st_size > 10_000
-    return json.loads((out / "serving.json").read_text())
+    return result
 
 
 def test_every_workload_ran(result: dict) -> None:

@@ -3,23 +3,14 @@ measurement; this keeps the code from rotting between device runs)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
+
+from tests.benchmarks.smoke import run_smoke
 
 
 @pytest.mark.slow
 def test_spec_workload_runs(tmp_path: pytest.TempPathFactory) -> None:
-    import torch
-
-    from benchmarks.serving import main
-
-    threads = torch.get_num_threads()
-    try:
-        main(["--smoke", "--only", "v", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
-    finally:
-        torch.set_num_threads(threads)
-    v = json.loads((tmp_path / "serving.json").read_text())["v"]
+    v = run_smoke(tmp_path, "v")["v"]
     assert "error" not in v, v
     assert [row["batch"] for row in v["verify_cost"]] == [1, 2]
     assert all(row["k8_ms"] > 0 for row in v["verify_cost"])

@@ -3,22 +3,13 @@ run is the measurement; this keeps the code from rotting between device runs).""
 
 from __future__ import annotations
 
-import json
-
 import pytest
+
+from tests.benchmarks.smoke import run_smoke
 
 
 def test_structured_workload_runs(tmp_path: pytest.TempPathFactory) -> None:
-    import torch
-
-    from benchmarks.serving import main
-
-    threads = torch.get_num_threads()
-    try:
-        main(["--smoke", "--only", "s", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
-    finally:
-        torch.set_num_threads(threads)
-    s = json.loads((tmp_path / "serving.json").read_text())["s"]
+    s = run_smoke(tmp_path, "s")["s"]
     assert "error" not in s, s
     assert s["constrained"]["tokens"] == s["unconstrained"]["tokens"] == s["batch"] * s["new_tokens"]
     assert s["constrained"]["steps_ahead"] > 0 and s["unconstrained"]["steps_ahead"] > 0

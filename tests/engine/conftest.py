@@ -22,3 +22,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread_for_module():
+    """one_torch_thread for a whole module, its module-scoped models included (tiny shapes on a shared
+    2-core box: a second intra-op thread only adds spin-waiting)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,13 +19,7 @@ from engine.step_input import StepInput
 from kernels.lora import make_lora_meta
 from tests.helpers.hf_models import ALL_TARGETS, VOCAB_SIZE, make_peft_adapter, make_tiny_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_for_module")  # tests/engine/conftest.py
 
 
 @pytest.fixture(scope="module")

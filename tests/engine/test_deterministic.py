@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from engine import LLM, LoRARequest, SamplingParams
 from tests.helpers.fp8_checkpoint import write_fp8_checkpoint
@@ -23,12 +22,7 @@ TARGET = [0, 17, 99, 240, 31, 7, 8]
 OTHERS = [[0, 5, 6, 7, 300, 301, 302, 303, 12, 13, 14], [0, 400, 8], [0, 44, 45, 46, 47]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_for_module")  # tests/engine/conftest.py
 
 
 @pytest.fixture(scope="module")

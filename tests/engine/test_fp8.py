@@ -16,13 +16,12 @@ import torch
 
 from engine import LLM, LoRARequest, SamplingParams
 from engine.config import EngineConfig
-from engine.model_loader import LoadedModel, load_model
-from engine.ops import AttentionBatch, get_ops
+from engine.model_loader import load_model
 from engine.quant.checkpoint import parse_scheme
 from engine.quant.linear import Fp8Linear
 from kernels import fp8
 from tests.helpers.fp8_checkpoint import scheme_config, write_dequantized, write_fp8_checkpoint
-from tests.helpers.hf_families import make_family_model
+from tests.helpers.hf_families import loaded_prefill_logits, make_family_model
 from tests.helpers.hf_models import (
     ALL_TARGETS,
     hf_greedy,
@@ -41,12 +40,7 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_for_module")  # tests/engine/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -63,30 +57,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def engine_logits(model_dir: Path, ids: list[int], **config: Any) -> torch.Tensor:
     """Our float32 logits at every position of one sequence, prefilled in one step."""
-    return forward_logits(
+    return loaded_prefill_logits(
         load_model(EngineConfig(model=str(model_dir), device="cpu", **{"dtype": "float32", **config})), ids
     )
-
-
-def forward_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
-    cfg, n, block_size = loaded.config, len(ids), 16
-    blocks = -(-n // block_size)
-    shape = (blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    kv = [
-        (torch.zeros(shape, dtype=loaded.dtype), torch.zeros(shape, dtype=loaded.dtype))
-        for _ in range(cfg.num_layers)
-    ]
-    attn = AttentionBatch(
-        slot_mapping=torch.arange(n),
-        block_tables=torch.arange(blocks, dtype=torch.int32)[None],
-        seq_lens=torch.tensor([n], dtype=torch.int32),
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-    )
-    with torch.inference_mode():
-        hidden = loaded.model(
-            torch.tensor(ids), torch.arange(n), kv, attn, None, get_ops("ref", loaded.device)
-        )
-        return loaded.model.compute_logits(hidden)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -149,10 +122,10 @@ def test_fp8_product_path_in_the_model(models: dict[str, Path], scheme: str) -> 
     loaded = load_model(EngineConfig(model=str(models[scheme]), device="cpu", dtype="bfloat16"))
     layers = [m for m in loaded.model.modules() if isinstance(m, Fp8Linear)]
     assert len(layers) == 8 and all(m.input_scale is not None for m in layers) == (scheme == "tensor-static")
-    dequantized = forward_logits(loaded, PROMPTS[1])
+    dequantized = loaded_prefill_logits(loaded, PROMPTS[1])
     for m in layers:
         m.fp8_gemm = True
-    fp8_products = forward_logits(loaded, PROMPTS[1])
+    fp8_products = loaded_prefill_logits(loaded, PROMPTS[1])
     err = relative_error(fp8_products, dequantized)
     print(f"{scheme}: FP8 products vs dequantized bf16 products, relative error of the logits {err:.2e}")
     assert 0 < err < 0.1

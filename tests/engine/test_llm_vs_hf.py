@@ -40,15 +40,7 @@ def prompts(n: int, seed: int, lengths: tuple[int, ...] = (5, 9, 13, 17)) -> lis
     ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny shapes on a shared 2-core box: a second intra-op thread only adds spin-waiting (~20x slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_for_module")  # tests/engine/conftest.py
 
 
 @pytest.fixture(scope="module")

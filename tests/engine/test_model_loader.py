@@ -12,7 +12,8 @@ import torch
 from engine.config import EngineConfig
 from engine.model_loader import load_config, load_model, parse_config, resolve_device, weight_files
 from engine.model_runner import CPU_KV_CACHE_BYTES, decide_num_kv_blocks, kv_block_bytes
-from engine.ops import AttentionBatch, get_ops
+from engine.ops import get_ops
+from tests.helpers.hf_families import loaded_prefill_logits
 from tests.helpers.hf_models import hf_logits, load_hf, make_tiny_model
 
 
@@ -165,25 +166,6 @@ def test_kernel_dispatch() -> None:
         get_ops("cuda", torch.device("cpu"))
 
 
-def _prefill_logits(loaded, ids: list[int]) -> torch.Tensor:
-    """Our logits at every position of one sequence, prefilled in one step into 16-token blocks."""
-    n, block_size = len(ids), 16
-    blocks = -(-n // block_size)
-    shape = (blocks, block_size, loaded.config.num_kv_heads, loaded.config.head_dim)
-    kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(loaded.config.num_layers)]
-    attn = AttentionBatch(
-        slot_mapping=torch.arange(n),
-        block_tables=torch.arange(blocks, dtype=torch.int32)[None],
-        seq_lens=torch.tensor([n], dtype=torch.int32),
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-    )
-    with torch.inference_mode():
-        hidden = loaded.model(
-            torch.tensor(ids), torch.arange(n), kv, attn, None, get_ops("ref", loaded.device)
-        )
-        return loaded.model.compute_logits(hidden)
-
-
 def test_llama_attention_and_mlp_bias_match_hf(tmp_path: Path) -> None:
     folder = make_tiny_model(tmp_path / "bias", "llama", attention_bias=True, mlp_bias=True)
     loaded = load(folder)
@@ -192,7 +174,7 @@ def test_llama_attention_and_mlp_bias_match_hf(tmp_path: Path) -> None:
     assert not any(p.requires_grad for p in loaded.model.parameters())
     ids = [0, *range(20, 33)]
     torch.testing.assert_close(
-        _prefill_logits(loaded, ids), hf_logits(load_hf(folder), ids), atol=2e-4, rtol=0
+        loaded_prefill_logits(loaded, ids), hf_logits(load_hf(folder), ids), atol=2e-4, rtol=0
     )
 
 
@@ -203,7 +185,7 @@ def test_linear_rope_scaling_matches_hf(tmp_path: Path) -> None:
     assert loaded.config.rope_scaling is not None and loaded.config.rope_scaling["rope_type"] == "linear"
     ids = [0, *range(40, 80)]
     torch.testing.assert_close(
-        _prefill_logits(loaded, ids), hf_logits(load_hf(folder), ids), atol=2e-4, rtol=0
+        loaded_prefill_logits(loaded, ids), hf_logits(load_hf(folder), ids), atol=2e-4, rtol=0
     )
 
 

@@ -8,7 +8,7 @@ import pytest
 from engine.adapter_format import AdapterError
 from engine.lora import load_adapter
 from engine.model_loader import load_config, parse_config
-from tests.helpers.hf_families import check_family, make_family_model
+from tests.helpers.hf_families import check_family, make_family_model, make_partial_rotary_phi3
 from tests.helpers.hf_models import make_peft_adapter
 
 FUSED_ALL = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -50,15 +50,7 @@ def test_adapters_that_do_not_fit_phi3_are_refused_by_name(tmp_path, one_torch_t
 def test_phi4_mini_partial_rotary_with_fused_adapters(tmp_path, one_torch_thread):
     """Phi-4-mini rotates 3/4 of each head; here half (head_dim 16 -> 8 rotating dims), LongRoPE factors
     for those only, past the original context."""
-    half = 4
-    rope = {
-        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-        "short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [1.0 + 0.7 * i for i in range(half)],
-    }  # fmt: skip
-    base = make_family_model(
-        tmp_path / "base", "phi3", rope_parameters=rope, partial_rotary_factor=0.5,
-        original_max_position_embeddings=16, max_position_embeddings=128,
-    )  # fmt: skip
+    base = make_partial_rotary_phi3(tmp_path / "base")
     cfg = load_config(base)
     assert cfg.rotary_dim == 8 and cfg.head_dim == 16
     adapters = {

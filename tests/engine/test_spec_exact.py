@@ -19,14 +19,7 @@ ADAPTERS = {
 NAMES = ["r2-qv", None, "r8-all", None, "r2-qv", "r8-all"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_for_module")  # tests/engine/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,20 @@ def make_family_model(out_dir: str | Path, arch: str, *, seed: int = 0, **overri
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
+def make_partial_rotary_phi3(out_dir: Path) -> Path:
+    """Phi-4-mini's shape in small: half of each head rotates (head_dim 16 -> 8 rotating dims), LongRoPE
+    factors for those dims only, an original context of 16 that the tests' prompts pass."""
+    half = 4
+    rope = {
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [1.0 + 0.7 * i for i in range(half)],
+    }  # fmt: skip
+    return make_family_model(
+        out_dir, "phi3", rope_parameters=rope, partial_rotary_factor=0.5,
+        original_max_position_embeddings=16, max_position_embeddings=128,
+    )  # fmt: skip
+
+
 def prompts(n: int, seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
     rng = random.Random(seed)
     return [
@@ -107,13 +121,24 @@ def prefill_logits(base: Path, ids: list[int]) -> torch.Tensor:
     """Our float32 logits at every position of one sequence, prefilled in one step (reference kernels)."""
     from engine.config import EngineConfig
     from engine.model_loader import load_model
+
+    return loaded_prefill_logits(
+        load_model(EngineConfig(model=str(base), device="cpu", dtype="float32")), ids
+    )
+
+
+def loaded_prefill_logits(loaded: Any, ids: list[int]) -> torch.Tensor:
+    """prefill_logits of a loaded model (engine/model_loader.py's LoadedModel), in its dtype: one step
+    into 16-token blocks of a fresh KV cache."""
     from engine.ops import AttentionBatch, get_ops
 
-    loaded = load_model(EngineConfig(model=str(base), device="cpu", dtype="float32"))
     cfg, n, block_size = loaded.config, len(ids), 16
     blocks = -(-n // block_size)
     shape = (blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
+    kv = [
+        (torch.zeros(shape, dtype=loaded.dtype), torch.zeros(shape, dtype=loaded.dtype))
+        for _ in range(cfg.num_layers)
+    ]
     attn = AttentionBatch(
         slot_mapping=torch.arange(n),
         block_tables=torch.arange(blocks, dtype=torch.int32)[None],

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.ops import DETERMINISTIC_LORA
-from kernels.batch_invariant import linear, linear_rows_ref, lora_expand_rows_ref, lora_shrink_rows_ref
-from kernels.lora import lora_expand, lora_shrink, make_lora_meta
+from kernels.batch_invariant import linear, linear_rows_ref
+from kernels.lora import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref, make_lora_meta
 from tests.kernels.conftest import ON_GPU
 
 DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
@@ -62,8 +62,8 @@ def test_lora_token_alone_equals_token_in_batch(device: str, dtype: torch.dtype)
         buf = torch.empty(2, n, rank, device=device)
         y = y0[:n].clone()
         if device == "cpu":
-            lora_shrink_rows_ref(x[:n], a, meta, buf)
-            lora_expand_rows_ref(buf, b, meta, y, scales)
+            lora_shrink_ref(x[:n], a, meta, buf, per_token=True)
+            lora_expand_ref(buf, b, meta, y, scales, per_token=True)
         else:
             lora_shrink(x[:n], a, meta, buf, launch=DETERMINISTIC_LORA)
             lora_expand(buf, b, meta, y, scales, launch=DETERMINISTIC_LORA)
@@ -83,9 +83,9 @@ def test_deterministic_lora_launch_matches_reference(device: str) -> None:
     scales = torch.rand(slots, device=device)
     buf, ref_buf = torch.empty(1, tokens, rank, device=device), torch.empty(1, tokens, rank, device=device)
     lora_shrink(x, a, meta, buf, launch=DETERMINISTIC_LORA)
-    lora_shrink_rows_ref(x, a, meta, ref_buf)
+    lora_shrink_ref(x, a, meta, ref_buf, per_token=True)
     assert rel(buf, ref_buf) < 1e-5
     y, ref_y = torch.zeros(tokens, width, device=device), torch.zeros(tokens, width, device=device)
     lora_expand(buf, b, meta, y, scales, launch=DETERMINISTIC_LORA)
-    lora_expand_rows_ref(ref_buf, b, meta, ref_y, scales)
+    lora_expand_ref(ref_buf, b, meta, ref_y, scales, per_token=True)
     assert torch.allclose(y, ref_y, atol=1e-4)

@@ -7,13 +7,31 @@ from __future__ import annotations
 import pytest
 
 from engine import LoRARequest, SamplingParams
-from tests.helpers.hf_families import GREEDY, check_family, make_family_model, make_llm, prompts
+from tests.helpers.hf_families import (
+    GREEDY,
+    check_family,
+    make_family_model,
+    make_llm,
+    make_partial_rotary_phi3,
+    prompts,
+)
 from tests.helpers.hf_models import hf_greedy, make_peft_adapter
 
 pytestmark = pytest.mark.slow
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_ALL = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def tp2_equals_tp1(base, ps, loras) -> list[list[int]]:
+    """Greedy tokens at tensor_parallel_size=2 equal one rank's; returns them."""
+    expected = [o.outputs[0].token_ids for o in make_llm(base).generate(ps, GREEDY, lora_request=loras)]
+    two = make_llm(base, tensor_parallel_size=2)
+    try:
+        assert [o.outputs[0].token_ids for o in two.generate(ps, GREEDY, lora_request=loras)] == expected
+    finally:
+        two.engine.close()
+    return expected
 
 
 def test_llama_tp2_equals_tp1_and_hf(tmp_path, one_torch_thread):
@@ -77,12 +95,7 @@ def test_qk_norm_families_tp2_equal_tp1(tmp_path, one_torch_thread, arch):
     adapter = make_peft_adapter(base, tmp_path / "a", r=8, target_modules=ALL, seed=3)
     ps = prompts(4, 7, (10, 21))
     loras = [LoRARequest("a", str(adapter)), None] * 2
-    expected = [o.outputs[0].token_ids for o in make_llm(base).generate(ps, GREEDY, lora_request=loras)]
-    two = make_llm(base, tensor_parallel_size=2)
-    try:
-        assert [o.outputs[0].token_ids for o in two.generate(ps, GREEDY, lora_request=loras)] == expected
-    finally:
-        two.engine.close()
+    expected = tp2_equals_tp1(base, ps, loras)
     base_only = [o.outputs[0].token_ids for o in make_llm(base).generate(ps, GREEDY)]
     assert base_only != expected  # the adapter changes the tokens
 
@@ -114,24 +127,11 @@ def test_graph_replays_reach_the_workers(tmp_path, one_torch_thread):
 def test_phi4_partial_rotary_tp2_equals_tp1(tmp_path, one_torch_thread):
     """Phi-4-mini's partial rotary: q/k rows reordered within each head after the cut (local head counts),
     adapters' B rows reordered at load before theirs; LongRoPE past the original context."""
-    half = 4
-    rope = {
-        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-        "short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [1.0 + 0.7 * i for i in range(half)],
-    }  # fmt: skip
-    base = make_family_model(
-        tmp_path / "base", "phi3", rope_parameters=rope, partial_rotary_factor=0.5,
-        original_max_position_embeddings=16, max_position_embeddings=128,
-    )  # fmt: skip
+    base = make_partial_rotary_phi3(tmp_path / "base")
     adapter = make_peft_adapter(base, tmp_path / "a", r=8, target_modules=FUSED_ALL, seed=5)
     ps = prompts(3, 11, (18, 25))
     loras = [LoRARequest("a", str(adapter)), None, LoRARequest("a", str(adapter))]
-    expected = [o.outputs[0].token_ids for o in make_llm(base).generate(ps, GREEDY, lora_request=loras)]
-    two = make_llm(base, tensor_parallel_size=2)
-    try:
-        assert [o.outputs[0].token_ids for o in two.generate(ps, GREEDY, lora_request=loras)] == expected
-    finally:
-        two.engine.close()
+    tp2_equals_tp1(base, ps, loras)
 
 
 def test_one_slot_rewritten_between_adapters_reaches_the_workers(tmp_path, one_torch_thread):
