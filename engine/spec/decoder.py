@@ -79,10 +79,9 @@ class SpecDecoder:
                 lens.append(k)
         if not picked:
             return
+        # Probing: the longest-running few only (a draft model keeps their KV between probes).
         limit = self.switch.probe_limit()
-        if (
-            limit is not None
-        ):  # probing: the longest-running few (a draft model keeps their KV between probes)
+        if limit is not None:
             picked, lens = picked[:limit], lens[:limit]
         try:
             proposals = self.proposer.propose(picked, lens)
