@@ -1,6 +1,6 @@
 """What limits FP8 decode at small batches (issue 20): one Llama-3-8B projection at a time, T = 1 / 32 / 128
 tokens, each variant captured in a CUDA graph over enough weight sets to overflow L2 (as a model's layers
-do), replays timed with CUDA events (median of 20, after warm-up), per projection:
+do), replays timed by benchmarks/kernels.py's `bench` (triton's do_bench, median), per projection:
 
 - bf16: F.linear on the bf16 weight (cuBLAS), the engine's default;
 - fp8: the engine's FP8 product (kernels/fp8.py's fp8_linear: per-token activation quantization, then
@@ -19,8 +19,8 @@ measured in the same run (a 2 GiB device-to-device copy, bytes read + written).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.kernels import Env, bench
+from benchmarks.serving import copy_bandwidth
 from kernels import fp8
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -35,54 +37,9 @@ TOKENS = (1, 32, 128)
 L2_OVERFLOW_BYTES = 256 << 20  # weight bytes touched per replay: several times an H200's 50 MB L2
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a device-to-device copy, read + write."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() / statistics.median(times[1:])
-
-
-def time_us(fn: Callable[[], None], cuda: bool, reps: int = 20) -> float:
-    """Median microseconds of fn: replays of a CUDA graph of it on the GPU, plain calls on the CPU."""
-    if not cuda:
-        fn()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e6
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # warm-up outside the capture: compiles kernels, creates handles
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
-def projection(name: str, out_f: int, in_f: int, tokens: int, device: torch.device, bandwidth: float) -> dict:
-    cuda = device.type == "cuda"
-    sets = max(2, -(-L2_OVERFLOW_BYTES // (out_f * in_f))) if cuda else 1  # FP8 bytes; bf16 is twice
+def projection(name: str, out_f: int, in_f: int, tokens: int, env: Env, bandwidth: float) -> dict:
+    device = torch.device(env.device)
+    sets = 1 if env.dry else max(2, -(-L2_OVERFLOW_BYTES // (out_f * in_f)))  # FP8 bytes; bf16 is twice
     gen = torch.Generator(device=device).manual_seed(0)
     w = [
         torch.randn(out_f, in_f, device=device, generator=gen).div_(in_f**0.5).bfloat16() for _ in range(sets)
@@ -93,15 +50,7 @@ def projection(name: str, out_f: int, in_f: int, tokens: int, device: torch.devi
     cols = [s for _, s in q]
     x = torch.randn(tokens, in_f, device=device, generator=gen).bfloat16()
     xq, x_scale = fp8.quantize_tokens(x)
-
-    def run(one: Callable[[int], Any]) -> Callable[[], None]:
-        def body() -> None:
-            for i in range(sets):
-                one(i)
-
-        return body
-
-    variants = {
+    variants: dict[str, Callable[[int], Any]] = {
         "bf16": lambda i: F.linear(x, w[i]),
         "fp8": lambda i: fp8.fp8_linear(x, w8[i], rows[i], None, None),
         "fp8_mm": lambda i: torch._scaled_mm(
@@ -111,9 +60,12 @@ def projection(name: str, out_f: int, in_f: int, tokens: int, device: torch.devi
         "dequantize": lambda i: F.linear(x, fp8.dequantize(w8[i], cols[i], torch.bfloat16)),
     }
     row: dict[str, Any] = {"proj": name, "out": out_f, "in": in_f, "tokens": tokens}
+    # The FP8 product against the bf16 one on the same weights (its quantization error, ~2e-2).
+    want = F.linear(x.float(), w[0].float())
+    row["fp8_rel_err"] = float((variants["fp8"](0).float() - want).norm() / want.norm())
     for key, one in variants.items():
         try:
-            row[f"{key}_us"] = time_us(run(one), cuda) / sets
+            row[f"{key}_us"] = bench(env, lambda i, one=one: functools.partial(one, i), sets)
         except RuntimeError as exc:  # e.g. no row-wise _scaled_mm in this build
             row[f"{key}_us"] = None
             row[f"{key}_error"] = str(exc)[:200]
@@ -138,9 +90,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.dry
-    device = torch.device("cuda" if cuda else "cpu")
+    env = Env("cuda" if cuda else "cpu", dry=not cuda)
     shapes = SHAPES if cuda else {k: (o // 64, i // 64) for k, (o, i) in SHAPES.items()}
-    bandwidth = copy_bandwidth(device) if cuda else 10e9
+    bandwidth = copy_bandwidth(torch.device(env.device), 2 << 30 if cuda else 64 << 20)
     card = torch.cuda.get_device_name() if cuda else "cpu"
     print(
         f"fp8_gemm  {card}  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  copy {bandwidth / 1e9:.0f} GB/s"
@@ -148,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for tokens in TOKENS:
         for name, (out_f, in_f) in shapes.items():
-            row = projection(name, out_f, in_f, tokens, device, bandwidth)
+            row = projection(name, out_f, in_f, tokens, env, bandwidth)
             rows.append(row)
             print(
                 "  ".join(

@@ -79,7 +79,9 @@ def build_engine(model_dir: Path, batch: int, mix: str, seed: int = 0) -> LLMEng
     return engine
 
 
-def _timed(fn: Callable[..., Any], acc: dict[str, float], name: str) -> Callable[..., Any]:
+def timed(fn: Callable[..., Any], acc: dict[str, float], name: str) -> Callable[..., Any]:
+    """fn, adding the seconds of each call to acc[name]."""
+
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
@@ -96,8 +98,8 @@ class _TimedSampler:
 
     def __init__(self, inner: Any, acc: dict[str, float]) -> None:
         self.inner = inner
-        self.sample_tensor = _timed(inner.sample_tensor, acc, "sampler")
-        self._call = _timed(inner.__call__, acc, "sampler")
+        self.sample_tensor = timed(inner.sample_tensor, acc, "sampler")
+        self._call = timed(inner.__call__, acc, "sampler")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._call(*args, **kwargs)
@@ -121,7 +123,7 @@ def _install_part_timers(engine: LLMEngine) -> dict[str, float]:
             owner = getattr(engine, owner_name)
         fn = getattr(owner, attr, None)
         if fn is not None:
-            setattr(owner, attr, _timed(fn, acc, name))
+            setattr(owner, attr, timed(fn, acc, name))
     return acc
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.host_step import timed
 from benchmarks.serving_workloads import Bench, ForwardTimer, start_decoding
 from engine.cuda_graphs import ATTENTION_ONLY
 from engine.request import LoRARequest, Request
@@ -151,9 +152,9 @@ def generate(
         for out in engine.step():
             latest[out.request_id] = out.outputs[0].token_ids
     start_tokens = sum(len(t) for t in latest.values())
-    proposing: list[float] = []  # host seconds in the proposer (a draft model's forwards included)
+    proposing = {"propose": 0.0}  # host seconds in the proposer (a draft model's forwards included)
     if spec is not None:
-        spec.proposer = TimedProposer(spec.proposer, proposing)
+        spec.proposer.propose = timed(spec.proposer.propose, proposing, "propose")
     step_times: list[float] = []
     _sync(bench)
     t = time.perf_counter()
@@ -166,7 +167,7 @@ def generate(
         _sync(bench)
     finally:
         if spec is not None:
-            spec.proposer = spec.proposer.inner
+            del spec.proposer.propose  # the class's method again
     wall = time.perf_counter() - t
     emitted = sum(len(v) for v in latest.values()) - start_tokens
     engine.spec = engine.ahead.spec = None
@@ -179,26 +180,21 @@ def generate(
         "step_ms_p50": median * 1e3,
         "step_ms_max": max(step_times) * 1e3,
         "slow_steps_extra_ms": sum(x - median for x in step_times if x > 2 * median) * 1e3,
-        "propose_ms": sum(proposing) * 1e3,
+        "propose_ms": proposing["propose"] * 1e3,
         "outputs": {key(requests[rid]): tokens for rid, tokens in latest.items()},
     }
 
 
-class TimedProposer:
-    """A proposer wrapped to add the host time of each proposal to `times`."""
+def warm_tokens(new_tokens: int) -> int:
+    """New tokens of a warm-up run (prefix cache, graphs, adapters resident, a draft's shadows)."""
+    return max(4, new_tokens // 8)
 
-    def __init__(self, inner: Any, times: list[float]) -> None:
-        self.inner, self.times = inner, times
 
-    def propose(self, requests: list[Request], max_lens: list[int]) -> list[list[int]]:
-        start = time.perf_counter()
-        try:
-            return self.inner.propose(requests, max_lens)
-        finally:
-            self.times.append(time.perf_counter() - start)
-
-    def retain(self, running: list[Request]) -> None:
-        self.inner.retain(running)
+def capture_spec_graphs(runner: Any, max_batch: int) -> None:
+    """As an engine started with speculation has them: decode and k + 1 verify buckets captured up front,
+    without adapters and for q/k/v/o ones, so no capture lands in a timed run."""
+    runner.graphs = runner.make_graphs(max_batch=max_batch, verify_lens=(K + 1,))
+    runner.graphs.capture_all([None, ATTENTION_ONLY])
 
 
 def spec_decoder(bench: Bench, config: dict[str, Any], proposer: Any) -> SpecDecoder:
@@ -255,7 +251,7 @@ def with_oracle(
     of a random model can flip and the recorded continuation stops matching from there. Each pass
     drafts the previous pass's own output, which was computed by verify forwards: the matched part grows
     (at B = 1; in a batch the rows' acceptance changes the shapes, and so the rounding, from pass to pass)."""
-    generate(bench, prompts, loras, max(4, new_tokens // 8), None)  # warm-up: prefix cache, graphs, adapters
+    generate(bench, prompts, loras, warm_tokens(new_tokens), None)  # warm-up: prefix cache, graphs, adapters
     base = generate(bench, prompts, loras, new_tokens, None)
     oracle_cfg = {"method": "ngram", "num_speculative_tokens": K, "min_acceptance_rate": 0.0}
     continuations, passes = base["outputs"], []
@@ -272,7 +268,6 @@ def with_oracle(
 
 def at_batch(bench: Bench, b: int, adapters: int, new_tokens: int, draft: Any) -> dict[str, Any]:
     prompts, loras = batch_of(bench, b, adapters)
-    warm = max(4, new_tokens // 8)
     base, oracle = with_oracle(bench, prompts, loras, new_tokens)
     ngram_cfg = {"method": "ngram", "num_speculative_tokens": K}
     ngram_spec = spec_decoder(bench, ngram_cfg, NgramProposer(2, 5))
@@ -287,7 +282,7 @@ def at_batch(bench: Bench, b: int, adapters: int, new_tokens: int, draft: Any) -
     }
     if draft is not None:
         draft_cfg = {"method": "ngram", "num_speculative_tokens": K}  # default switch-off settings
-        generate(bench, prompts, loras, warm, spec_decoder(bench, draft_cfg, draft))
+        generate(bench, prompts, loras, warm_tokens(new_tokens), spec_decoder(bench, draft_cfg, draft))
         adaptive = spec_decoder(bench, draft_cfg, draft)
         out["draft_adaptive"] = summary(generate(bench, prompts, loras, new_tokens, adaptive), base, adaptive)
         always = spec_decoder(bench, {**draft_cfg, "min_acceptance_rate": 0.0}, draft)
@@ -323,11 +318,8 @@ def workload_v(bench: Bench) -> dict[str, Any]:
         }
         batches = [(1, 0), (2, 2)] if smoke else [(1, 0), (32, 16)]
         if graphs is not None:
-            # As an engine started with speculation has them: decode and k + 1 verify buckets captured
-            # up front, without adapters and for q/k/v/o ones, so no capture lands in a timed run.
             start = time.perf_counter()
-            runner.graphs = runner.make_graphs(max_batch=max(b for b, _ in batches), verify_lens=(K + 1,))
-            runner.graphs.capture_all([None, ATTENTION_ONLY])
+            capture_spec_graphs(runner, max(b for b, _ in batches))
             out["graph_capture_s"] = time.perf_counter() - start
         new_tokens = 8 if smoke else 256
         longest = max(b for b, _ in batches) * (bench.sizes.decode_prompt + new_tokens + 2 * K + 16)
@@ -355,8 +347,7 @@ def deterministic_oracle(bench: Bench, b: int, adapters: int, new_tokens: int) -
         det = dataclasses.replace(bench, engine=engine)
         runner = engine.runner
         if runner.graphs is not None:
-            runner.graphs = runner.make_graphs(max_batch=b, verify_lens=(K + 1,))
-            runner.graphs.capture_all([None, ATTENTION_ONLY])
+            capture_spec_graphs(runner, b)
         prompts, loras = batch_of(det, b, adapters)
         base, oracle = with_oracle(det, prompts, loras, new_tokens)
     finally:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.host_step import timed
 from benchmarks.serving_workloads import Bench
 from engine.sampling_params import SamplingParams, StructuredSpec
 from engine.structured import GrammarCompiler, MaskFiller, bitmask_width
@@ -76,21 +77,12 @@ PHASES = {"advance": ("ahead", "advance"), "postprocess": (None, "_postprocess")
           "masks": ("sampler", "_grammar_masks"), "settle": ("ahead", "settle")}  # fmt: skip
 
 
-def _timed(engine: Any, totals: dict[str, float]) -> list[tuple[Any, str]]:
-    """Wrap each phase's method on its instance; returns what to delete afterwards."""
+def _wrap_phases(engine: Any, totals: dict[str, float]) -> list[tuple[Any, str]]:
+    """Time each phase's method on its instance (host_step's `timed`); returns what to delete afterwards."""
     wrapped = []
     for phase, (attr, method) in PHASES.items():
         owner = engine if attr is None else getattr(engine, attr)
-        inner = getattr(owner, method)
-
-        def timer(*args: Any, _inner: Any = inner, _phase: str = phase, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return _inner(*args, **kwargs)
-            finally:
-                totals[_phase] += time.perf_counter() - start
-
-        setattr(owner, method, timer)
+        setattr(owner, method, timed(getattr(owner, method), totals, phase))
         wrapped.append((owner, method))
     return wrapped
 
@@ -100,7 +92,7 @@ def _run(bench: Bench, params: list[SamplingParams]) -> dict[str, Any]:
     tag = bench.tag("s")
     ahead = engine.num_steps_ahead
     totals = dict.fromkeys(PHASES, 0.0)
-    wrapped = _timed(engine, totals)
+    wrapped = _wrap_phases(engine, totals)
     steps = 0
     start = time.perf_counter()
     try:
@@ -141,7 +133,7 @@ def mask_costs(
     thread pool, into reused buffers), and the same masks computed one after another on this thread."""
     states = [grammars.matcher(specs[i % len(specs)]) for i in range(batch)]
     vocab = grammars.vocab_size
-    filler = MaskFiller(vocab, pin=cuda)
+    filler = MaskFiller(vocab, torch.device("cpu"))  # the host fill alone, no copy to the device
     one = torch.empty(bitmask_width(vocab), dtype=torch.int32)
 
     def pinned() -> None:

@@ -217,9 +217,8 @@ class AsyncLLMEngine:
                 self._drain_inbox()
                 if not self.engine.has_unfinished():
                     self._stats = self.engine.stats()
-                    check = getattr(self.engine.runner, "check_workers", None)
-                    if check is not None:
-                        check()  # tensor parallel: a worker lost while idle -> EngineFault -> dead
+                    # Tensor parallel: a worker lost while idle -> EngineFault -> dead.
+                    self.engine.runner.check_workers()
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue

@@ -404,6 +404,4 @@ class LLMEngine:
         self.grammars.close()
         if self.adapter_cache is not None:
             self.adapter_cache.close()
-        close_runner = getattr(self.runner, "close", None)  # tensor parallel: ends the workers
-        if close_runner is not None:
-            close_runner()
+        self.runner.close()  # tensor parallel: ends the workers

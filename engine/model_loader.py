@@ -179,7 +179,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def _config_json(model_dir: str | Path) -> dict[str, Any]:
+def config_json(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -189,7 +189,7 @@ def _config_json(model_dir: str | Path) -> dict[str, Any]:
 
 def load_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir)
-    config = parse_config(_config_json(path))
+    config = parse_config(config_json(path))
     gen_file = path / "generation_config.json"
     if gen_file.is_file():
         # generation_config.json often lists more stop ids than config.json (Llama 3 chat turns).
@@ -275,7 +275,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device)
     model_config = load_config(config.model)
     model_cls = MODEL_REGISTRY[model_config.architecture].model
-    scheme = parse_scheme(_config_json(config.model))
+    scheme = parse_scheme(config_json(config.model))
     collector = ScaleCollector()
     weights = iter_weights(config.model)
     if scheme is not None:

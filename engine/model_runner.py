@@ -103,11 +103,8 @@ class ModelRunner:
         self.workers: Workers | None = None
         # fully_sharded_loras: each rank's column-parallel shrink is a slice of the rank dimension,
         # all-gathered before the expand (engine/parallel/sharding.py); None: A whole on every rank.
-        self.lora_gather = (
-            group.all_gather_last_dim
-            if group is not None and group.size > 1 and config.fully_sharded_loras
-            else None
-        )
+        split = adapter_cache.slots.a_split is not None
+        self.lora_gather = group.all_gather_last_dim if group is not None and split else None
         cfg = model.config
         shape = (self.num_kv_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches: list[tuple[Tensor, Tensor]] = [
@@ -133,7 +130,7 @@ class ModelRunner:
             num_slots=adapter_cache.slots.num_slots,
         )
         # Logits columns this rank's forward returns: the vocabulary, or on a tensor-parallel worker its rows.
-        vocab_rows = getattr(model.model, "vocab_rows", cfg.vocab_size)
+        vocab_rows = int(model.model.vocab_rows)  # type: ignore[arg-type]
         self.logits_width = cfg.vocab_size if group is None or group.rank == 0 else vocab_rows
         # Last: the graphs' warm-up needs the KV cache, and the memory line reports everything above.
         # Under tensor parallelism every rank captures the same graphs in the same order (their
@@ -263,10 +260,8 @@ class ModelRunner:
         if self.workers is None:
             return self._forward(layout, active, hidden_only)
         self.workers.step(self.input.packed, layout, used, hidden_only)
-        try:
+        with self.workers.in_step():
             return self._forward(layout, active, hidden_only)
-        except Exception as exc:
-            raise self.workers.fault(exc) from exc
 
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
@@ -275,10 +270,8 @@ class ModelRunner:
         if self.workers is None:
             return model.compute_logits(hidden)  # type: ignore[no-any-return]
         self.workers.logits(hidden)
-        try:
+        with self.workers.in_step():
             return model.compute_logits(hidden)  # type: ignore[no-any-return]
-        except Exception as exc:
-            raise self.workers.fault(exc) from exc
 
     def _replay(self, batch: Batch, input_ids: Tensor | None, all_logits: bool) -> Tensor | None:
         """The step from a graph bucket, or None (it fits none, or a capture failed: run eager)."""
@@ -293,12 +286,10 @@ class ModelRunner:
             logits = self.graphs.replay(key, ahead)
         else:
             self.workers.replay(self.input.packed, key, ahead, self.input.num_segments)
-            try:
+            with self.workers.in_step():
                 logits = self.graphs.replay(key, ahead)
                 if logits is None:  # the workers replayed: an eager rerun here would leave them behind
                     raise RuntimeError(f"graph capture failed on rank 0 (key {key}); try cuda_graphs=False")
-            except Exception as exc:
-                raise self.workers.fault(exc) from exc
         return None if logits is None else logits[: sum(n for _, n in batch) if all_logits else len(batch)]
 
     def _group_mask(self, batch: Batch) -> GroupMask:

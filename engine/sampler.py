@@ -76,7 +76,7 @@ class Sampler:
         masks = self._grammar_masks(requests, logits.shape[1])  # host work first: the device may still run
         logits = logits.to(torch.float32, copy=True)
         if masks is not None:
-            self._apply_masks(logits, masks)
+            apply_bitmask(logits, *masks)
         _apply_logit_bias(logits, requests)
         self._apply_penalties(logits, requests)
         self._apply_min_tokens(logits, requests)
@@ -93,23 +93,18 @@ class Sampler:
         masks = self._grammar_masks(requests, logits.shape[1])
         logits = logits.to(torch.float32, copy=True)
         if masks is not None:
-            self._apply_masks(logits, masks)
+            apply_bitmask(logits, *masks)
         _apply_logit_bias(logits, requests)
         return self._choose(logits, requests)
 
-    def _apply_masks(self, logits: Tensor, masks: tuple[list[int], Tensor]) -> None:
-        apply_bitmask(logits, *masks)
-        assert self.masks is not None
-        self.masks.copied()
-
     def _grammar_masks(self, requests: list[Request], vocab: int) -> tuple[list[int], Tensor] | None:
-        """The constrained rows and their bitmasks (host), or None when no row has a grammar. A request
+        """The constrained rows and their bitmasks (device), or None when no row has a grammar. A request
         that finished meanwhile (a step ahead samples its row, then drops the token) is left unmasked."""
         rows = [i for i, r in enumerate(requests) if r.grammar is not None and not r.is_finished]
         if not rows:
             return None
         if self.masks is None:
-            self.masks = MaskFiller(vocab, pin=self.device.type == "cuda")
+            self.masks = MaskFiller(vocab, self.device)
         return rows, self.masks.fill([requests[i].grammar for i in rows])
 
     def _choose(self, logits: Tensor, requests: list[Request]) -> Tensor:

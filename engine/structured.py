@@ -205,61 +205,57 @@ def bitmask_width(vocab_size: int) -> int:
 
 
 class MaskFiller:
-    """Fills the bitmasks of a step's constrained rows on the host: [rows, ceil(V / 32)] int32, bit j of word
-    w set when token 32 * w + j is allowed. llguidance's executor fills the rows at once on its own
-    threads, without the GIL. The host buffers are pinned (the copy to the device does not wait for the
-    step) and reused, two in turn: pinning memory anew each step costs milliseconds on a GPU machine. A
-    buffer is written again only once the copy that read it has finished (`copied`)."""
+    """Fills the bitmasks of a step's constrained rows: [rows, ceil(V / 32)] int32, bit j of word w set when
+    token 32 * w + j is allowed. llguidance's executor fills the rows at once on its own threads, without
+    the GIL, into a host buffer, which is then copied to the device. The host buffers are pinned (the copy
+    does not wait for the step) and reused, two in turn, each written again only once its last copy has
+    finished: pinning memory anew each step cost milliseconds a step on a GPU machine."""
 
-    def __init__(self, vocab_size: int, pin: bool) -> None:
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
         import llguidance
 
         self.width = bitmask_width(vocab_size)
-        self.pin = pin
+        self.device = device
         self.executor = llguidance.LLExecutor()
         self._buffers: list[Tensor | None] = [None, None]
-        self._events: list[Any] = [None, None]
+        self._copies: list[Any] = [None, None]  # CUDA event of each buffer's last copy
         self._turn = 0
 
     def fill(self, states: list[GrammarState]) -> Tensor:
+        """The masks of `states`, on the device (on the CPU: a view of a reused buffer)."""
         import llguidance.torch
 
         turn = self._turn = 1 - self._turn
-        if self._events[turn] is not None:
-            self._events[turn].synchronize()  # the copy two steps back has read this buffer
-            self._events[turn] = None
+        if self._copies[turn] is not None:
+            self._copies[turn].synchronize()
         buffer = self._buffers[turn]
         if buffer is None or buffer.shape[0] < len(states):
             rows = max(64, 1 << (len(states) - 1).bit_length())
-            buffer = self._buffers[turn] = torch.empty(
-                (rows, self.width), dtype=torch.int32, pin_memory=self.pin
-            )
+            pin = self.device.type == "cuda"
+            buffer = self._buffers[turn] = torch.empty((rows, self.width), dtype=torch.int32, pin_memory=pin)
         mask = buffer[: len(states)]
         llguidance.torch.fill_next_token_bitmask_par(
             self.executor, [(s.matcher, i) for i, s in enumerate(states)], mask
         )
-        return mask
-
-    def copied(self) -> None:
-        """The last filled mask's copy to the device has been queued: reuse its buffer only after it."""
-        if self.pin:
-            event = torch.cuda.Event()
-            event.record()
-            self._events[self._turn] = event
+        if self.device.type != "cuda":
+            return mask
+        words = mask.to(self.device, non_blocking=True)
+        self._copies[turn] = torch.cuda.Event()
+        self._copies[turn].record()
+        return words
 
 
 _BITS: dict[torch.device, Tensor] = {}
 
 
-def apply_bitmask(logits: Tensor, rows: list[int], mask: Tensor) -> None:
-    """Set to -inf, in place, the logits of `rows` whose token the row's mask forbids. logits [B, V] on the
-    device; mask [len(rows), ceil(V / 32)] int32 on the host."""
+def apply_bitmask(logits: Tensor, rows: list[int], words: Tensor) -> None:
+    """Set to -inf, in place, the logits of `rows` whose token the row's mask forbids. logits [B, V] and
+    words [len(rows), ceil(V / 32)] int32 (MaskFiller.fill) on the same device."""
     device = logits.device
     vocab = logits.shape[1]
     bits = _BITS.get(device)
     if bits is None:
         bits = _BITS[device] = torch.arange(32, dtype=torch.int32, device=device)
-    words = mask.to(device, non_blocking=True)
     forbidden = ((words.unsqueeze(-1) >> bits) & 1).flatten(1)[:, :vocab] == 0  # [R, V]
     if len(rows) == logits.shape[0]:  # every row constrained: no gather
         logits.masked_fill_(forbidden, float("-inf"))

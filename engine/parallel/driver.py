@@ -13,8 +13,8 @@ first. Each way ends in EngineFault, which the async engine turns into a dead en
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -177,6 +177,14 @@ class Workers:
         if self.dead is not None:
             raise EngineFault(self.dead)
 
+    @contextlib.contextmanager
+    def in_step(self) -> Iterator[None]:
+        """Rank 0's part of a step the workers were sent: any failure in it is the engine's (`fault`)."""
+        try:
+            yield
+        except Exception as exc:
+            raise self.fault(exc) from exc
+
     def fault(self, exc: BaseException) -> EngineFault:
         """The EngineFault for an exception out of a collective (or of a forward between collectives:
         the ranks are then out of step, and no later step can be trusted)."""
@@ -266,7 +274,7 @@ def build(config: EngineConfig, adapter_loader: Any = None, weights: Any = None)
     workers started and ready; the runner owns them (ModelRunner.close). weights: a WeightSource
     (engine/parallel/loading.py) instead of the folder's safetensors (benchmarks' random weights)."""
     from engine.adapter_setup import cache_for_model
-    from engine.model_loader import load_config
+    from engine.model_loader import config_json, load_config
     from engine.model_runner import ModelRunner
     from engine.parallel.loading import load_rank, rank_device
     from engine.parallel.sharding import check_shardable
@@ -275,7 +283,7 @@ def build(config: EngineConfig, adapter_loader: Any = None, weights: Any = None)
     started = time.monotonic()
     full = load_config(config.model)
     check_shardable(full, config.tensor_parallel_size)  # before any process starts
-    if "quantization_config" in json.loads((Path(config.model) / "config.json").read_text()):
+    if "quantization_config" in config_json(config.model):
         raise ValueError("tensor_parallel_size > 1 does not load FP8 checkpoints yet (quantization_config)")
     device = rank_device(config, 0)
     if device.type == "cuda":

@@ -30,7 +30,6 @@ class ShardedSlots(LoRASlots):
         self.workers = workers
 
     def write(self, slot: int, adapter: LoRAAdapter) -> SlotCopy | None:
-        if not 0 <= slot < self.num_slots:
-            raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
-        self.workers.queue_slot(slot, adapter)
-        return super().write(slot, self.shard.adapter(adapter))
+        copy = super().write(slot, self.shard.adapter(adapter))  # checks the slot first
+        self.workers.queue_slot(slot, adapter)  # sent before the next command: before any step uses it
+        return copy

@@ -1,5 +1,5 @@
-"""benchmarks/fp8_gemm.py --dry: every variant of the per-projection FP8 table runs on the CPU, with its
-roofline (the GPU run is the measurement; this keeps the code from rotting)."""
+"""benchmarks/fp8_gemm.py --dry: every variant of the per-projection FP8 table runs on the CPU, and the
+FP8 product it times is the bf16 product within FP8's rounding (the GPU run is the measurement)."""
 
 from __future__ import annotations
 
@@ -16,4 +16,4 @@ def test_fp8_gemm_table_runs(tmp_path: Path) -> None:
     for r in rows:
         for key in ("bf16", "fp8", "fp8_mm", "quantize", "dequantize"):
             assert r[f"{key}_us"] > 0, (key, r)
-        assert r["roofline_fp8_us"] * 2 == r["roofline_bf16_us"]
+        assert 0 < r["fp8_rel_err"] < 0.1, r  # the FP8 product is the bf16 one, rounded

@@ -203,7 +203,7 @@ def test_mask_buffers_are_reused_in_turn_and_each_fill_is_whole(demo: Path) -> N
         state.matcher.unsafe_compute_mask_ptr(one.data_ptr(), one.numel() * 4)
         return one.clone()
 
-    filler = MaskFiller(512, pin=False)
+    filler = MaskFiller(512, torch.device("cpu"))
     first = filler.fill([compiler.matcher(s) for s in specs])
     first.fill_(-1)  # garbage left in buffer 0
     second = filler.fill([compiler.matcher(specs[0])])

@@ -128,25 +128,9 @@ def prefill_logits(base: Path, ids: list[int]) -> torch.Tensor:
 
 
 def loaded_prefill_logits(loaded: Any, ids: list[int]) -> torch.Tensor:
-    """prefill_logits of a loaded model (engine/model_loader.py's LoadedModel), in its dtype: one step
-    into 16-token blocks of a fresh KV cache."""
-    from engine.ops import AttentionBatch, get_ops
+    """prefill_logits of a loaded model (engine/model_loader.py's LoadedModel), in its dtype, with the
+    reference kernels (benchmarks/serving_fp8.py's prefill_logits)."""
+    from benchmarks.serving_fp8 import prefill_logits as prefill
+    from engine.ops import get_ops
 
-    cfg, n, block_size = loaded.config, len(ids), 16
-    blocks = -(-n // block_size)
-    shape = (blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    kv = [
-        (torch.zeros(shape, dtype=loaded.dtype), torch.zeros(shape, dtype=loaded.dtype))
-        for _ in range(cfg.num_layers)
-    ]
-    attn = AttentionBatch(
-        slot_mapping=torch.arange(n),
-        block_tables=torch.arange(blocks, dtype=torch.int32)[None],
-        seq_lens=torch.tensor([n], dtype=torch.int32),
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-    )
-    with torch.inference_mode():
-        hidden = loaded.model(
-            torch.tensor(ids), torch.arange(n), kv, attn, None, get_ops("ref", loaded.device)
-        )
-        return loaded.model.compute_logits(hidden)
+    return prefill(loaded, get_ops("ref", loaded.device), ids)
